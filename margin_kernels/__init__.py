@@ -1,0 +1,15 @@
+"""margin_kernels: margin-based softmax losses for large-identity classification without the B x C logits."""
+from . import losses, ops, reference  # noqa: F401  (ops registers the custom ops)
+from .backends import available_backends
+from .functional import margin_cross_entropy
+from .head import MarginHead
+from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
+                     MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
+    "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace", "available_backends",
+    "margin_cross_entropy", "reference",
+]

@@ -1,0 +1,17 @@
+"""One description per loss of LOSSES.md; every backend consumes these and none restates a formula."""
+from .adaface import AdaFace
+from .additive import ArcFace, CombinedMargin, CosFace
+from .base import MarginLoss, RowInputs
+from .circle import CircleLoss
+from .curricular import CurricularFace
+from .magface import MagFace
+from .multiplicative import LSoftmax, SphereFace
+from .mv_softmax import MVSoftmax
+from .negatives import NegativeKind, NegativeSpec
+from .plain import L2Softmax, NormFace, Softmax
+
+__all__ = [
+    "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
+    "MVSoftmax", "MagFace", "MarginLoss", "NegativeKind", "NegativeSpec", "NormFace", "RowInputs", "Softmax",
+    "SphereFace",
+]

@@ -1,0 +1,43 @@
+"""MagFace (Meng et al. 2021): the margin grows with the feature norm, plus a norm regulariser."""
+from __future__ import annotations
+
+import torch
+
+from .base import MarginLoss, RowInputs, _check_positive, arc_target
+
+
+class MagFace(MarginLoss):
+    """z_iy = s cos(theta_iy + m(a_i)), a_i = clamp(||x_i||, l_a, u_a), m(a) linear from l_m to u_m.
+
+    a_i is *not* detached: the norm receives gradient through the margin and through the regulariser
+    lambda_g (a_i / u_a^2 + 1 / a_i), added to each row's loss (so the mean adds lambda_g mean_i g(a_i)).
+    """
+
+    def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45,
+                 u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = True):
+        super().__init__(s)
+        for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m)):
+            _check_positive(name, value)
+        if not u_a > l_a:
+            raise ValueError(f"u_a must be greater than l_a, got l_a={l_a}, u_a={u_a}")
+        if lambda_g < 0:
+            raise ValueError(f"lambda_g must be >= 0, got {lambda_g}")
+        self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
+        self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin)
+
+    def magnitude(self, rows: RowInputs) -> torch.Tensor:
+        return rows.feature_norm.clamp(self.l_a, self.u_a)
+
+    def margin(self, a: torch.Tensor) -> torch.Tensor:
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+
+    def target_logit(self, rows: RowInputs):
+        return self.s * arc_target(rows.cos, self.margin(self.magnitude(rows)), self.easy_margin)
+
+    def regularizer(self, rows: RowInputs):
+        a = self.magnitude(rows)
+        return self.lambda_g * (a / self.u_a ** 2 + 1.0 / a)
+
+    def _hparams(self):
+        return {"s": self.s, "l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
+                "lambda_g": self.lambda_g, "easy_margin": self.easy_margin}

@@ -1,0 +1,84 @@
+"""The negative functions: how a non-target cosine c_ij becomes a logit z_ij = s * g(c_ij).
+
+Every loss in LOSSES.md uses one of six shapes of g. Each backend implements this same table once (here in
+PyTorch, in ``backends/triton_negatives.py`` for Triton, in ``csrc/margin_math.h`` for C++/CUDA); the kind is
+passed to kernels as an int and its parameters as two constants ``a, b`` and two per-row values:
+``T_i = row_params[i, 0]`` (a threshold derived from the row's target cosine, no gradient) and
+``U_i = row_params[i, 1]`` (an auxiliary per-row value, e.g. CurricularFace's t broadcast, no gradient).
+
+| kind        | g(c)                                        | dg/dc                         |
+|-------------|---------------------------------------------|-------------------------------|
+| IDENTITY    | c                                           | 1                             |
+| CLAMP       | clamp(c, a, b)                              | 1 if a <= c <= b else 0       |
+| CURRICULAR  | c if c <= T else c * (U + c)                | 1 or U + 2c                   |
+| MV          | c if c <= T else a*c + a - 1                | 1 or a                        |
+| CIRCLE      | relu(c + a) * (c - a)   (alpha detached)    | relu(c + a)                   |
+| FILTER      | c if c <= a else 0                          | 1 or 0                        |
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class NegativeKind(enum.IntEnum):
+    IDENTITY = 0
+    CLAMP = 1
+    CURRICULAR = 2
+    MV = 3
+    CIRCLE = 4
+    FILTER = 5
+
+
+@dataclass(frozen=True)
+class NegativeSpec:
+    """What a kernel needs to know to turn a tile of cosines into logits (besides per-row params)."""
+
+    kind: NegativeKind = NegativeKind.IDENTITY
+    scale: float = 1.0
+    a: float = 0.0
+    b: float = 0.0
+
+
+def negative_value(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
+    """g(c) for a (B, n) tile of cosines; row_params is (B, 2). Differentiable where the table says so."""
+    kind, a, b = spec.kind, spec.a, spec.b
+    if kind == NegativeKind.IDENTITY:
+        return c
+    if kind == NegativeKind.CLAMP:
+        return c.clamp(a, b)
+    threshold = row_params[:, 0:1]
+    if kind == NegativeKind.CURRICULAR:
+        return torch.where(c > threshold, c * (row_params[:, 1:2] + c), c)
+    if kind == NegativeKind.MV:
+        return torch.where(c > threshold, a * c + (a - 1.0), c)
+    if kind == NegativeKind.CIRCLE:
+        return torch.relu(c.detach() + a) * (c - a)
+    if kind == NegativeKind.FILTER:
+        return torch.where(c > a, torch.zeros_like(c), c)
+    raise ValueError(f"unknown negative kind {kind!r}")
+
+
+def negative_derivative(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
+    """dg/dc for the same tile (the hand-written backward's factor)."""
+    kind, a, b = spec.kind, spec.a, spec.b
+    if kind == NegativeKind.IDENTITY:
+        return torch.ones_like(c)
+    if kind == NegativeKind.CLAMP:
+        return ((c >= a) & (c <= b)).to(c.dtype)
+    threshold = row_params[:, 0:1]
+    if kind == NegativeKind.CURRICULAR:
+        return torch.where(c > threshold, row_params[:, 1:2] + 2.0 * c, torch.ones_like(c))
+    if kind == NegativeKind.MV:
+        return torch.where(c > threshold, torch.full_like(c, a), torch.ones_like(c))
+    if kind == NegativeKind.CIRCLE:
+        return torch.relu(c + a)
+    if kind == NegativeKind.FILTER:
+        return (c <= a).to(c.dtype)
+    raise ValueError(f"unknown negative kind {kind!r}")
+
+
+def negative_logits(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
+    return spec.scale * negative_value(c, spec, row_params)

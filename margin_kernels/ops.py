@@ -1,0 +1,97 @@
+"""The core op as a registered PyTorch custom op, so torch.compile sees one opaque node with a known
+backward instead of tracing (or breaking on) kernel launches.
+
+``margin_lse`` returns, per row: the log-sum-exp over the negative logits, the target pair's cosine and the
+target class's weight norm. The last two are B gathered dot products computed here, once for every backend;
+their gradients flow back through the same op, so dW is written by the backend in one place and never gets
+a dense zero tensor added to it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+from .losses.base import NORM_EPS
+from .losses.negatives import NegativeKind, NegativeSpec
+
+
+def _target_rows(labels: Tensor, class_index: Optional[Tensor]) -> Tensor:
+    rows = labels.clamp_min(0)
+    return rows if class_index is None else class_index[rows]
+
+
+def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
+                 acc_dtype: torch.dtype):
+    """(cos, ||w_y||) of each row's target pair; 0 and 1 on rows without a target (label -1)."""
+    valid = labels >= 0
+    w = weight.index_select(0, _target_rows(labels, class_index)).to(acc_dtype)
+    dot = (x.to(acc_dtype) * w).sum(dim=1)
+    norm = w.norm(dim=1)
+    cos = dot / norm.clamp_min(NORM_EPS) if normalize_weight else dot
+    return torch.where(valid, cos, torch.zeros_like(cos)), torch.where(valid, norm, torch.ones_like(norm))
+
+
+@torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
+def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
+               normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
+               chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
+                                           chunk_size)
+    cos, norm = target_pairs(x, weight, labels, class_index, normalize_weight, row_params.dtype)
+    return lse, cos, norm
+
+
+@margin_lse.register_fake
+def _margin_lse_fake(x, weight, labels, row_params, class_index, normalize_weight, kind, scale, a, b, backend,
+                     chunk_size):
+    shape = (x.shape[0],)
+    return (x.new_empty(shape, dtype=row_params.dtype), x.new_empty(shape, dtype=row_params.dtype),
+            x.new_empty(shape, dtype=row_params.dtype))
+
+
+@torch.library.custom_op("margin_kernels::margin_lse_backward", mutates_args=())
+def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor,
+                        class_index: Optional[Tensor], lse: Tensor, g_lse: Tensor, g_cos: Tensor, g_norm: Tensor,
+                        normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
+                        chunk_size: int) -> tuple[Tensor, Tensor]:
+    spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    valid = labels >= 0
+    g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
+    dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
+                                                    normalize_weight, lse, g_lse, g_cos, chunk_size)
+    # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
+    rows = _target_rows(labels, class_index)
+    w = weight.index_select(0, rows).to(g_norm.dtype)
+    coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / w.norm(dim=1).clamp_min(NORM_EPS)
+    dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
+    return dx, dweight
+
+
+@margin_lse_backward.register_fake
+def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
+                              normalize_weight, kind, scale, a, b, backend, chunk_size):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, labels, row_params, class_index, *constants = inputs
+    ctx.constants = constants
+    ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0])
+
+
+def _backward(ctx, g_lse, g_cos, g_norm):
+    x, weight, labels, row_params, class_index, lse = ctx.saved_tensors
+    zeros = lse.new_zeros(lse.shape)
+    g_lse = zeros if g_lse is None else g_lse
+    g_cos = zeros if g_cos is None else g_cos
+    g_norm = zeros if g_norm is None else g_norm
+    dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
+                                      *ctx.constants)
+    return dx, dweight, None, None, None, None, None, None, None, None, None, None
+
+
+margin_lse.register_autograd(_backward, setup_context=_setup_context)

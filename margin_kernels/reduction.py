@@ -1,0 +1,26 @@
+"""Turning per-row losses into the returned loss, shared by the reference and the fused driver."""
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Ignored rows contribute 0; 'mean' divides by the number of non-ignored rows (0 rows -> loss 0)."""
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def empty_batch_loss(features, weight, reduction):
+    """B = 0: loss 0 (or an empty vector) connected to both inputs, so backward gives zero gradients."""
+    acc = accumulation_dtype(features.dtype)
+    zero = (features.sum() * 0).to(acc) + (weight.sum() * 0).to(acc)
+    return zero.expand(0) if reduction == "none" else zero

@@ -1,0 +1,4 @@
+"""Build script. Pure-Python install for now; native extensions are added by the CUDA/C++ backend."""
+from setuptools import setup
+
+setup()
