@@ -57,7 +57,7 @@ def random_problem(batch, num_classes, dim, *, dtype=torch.float64, seed=0, igno
         labels[r] = -1
     # pull some features toward their class so targets span easy and hard pairs (all margin branches)
     with torch.no_grad():
-        pull = torch.empty(batch, 1, dtype=torch.float64).uniform_(-1.5, 2.0, generator=gen)
+        pull = torch.empty(batch, 1, dtype=torch.float64).uniform_(-3.0, 2.0, generator=gen)
         target_w = w[labels.clamp_min(0)]
         x = x + pull * target_w / target_w.norm(dim=1, keepdim=True) * norms.unsqueeze(1)
     return (x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), labels.to(device))
