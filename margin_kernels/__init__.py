@@ -1,6 +1,7 @@
 """margin_kernels: margin-based softmax losses for large-identity classification without the B x C logits."""
 from . import losses, ops, reference  # noqa: F401  (ops registers the custom ops)
 from .backends import available_backends
+from .backends.filter_stats import grad_filter_stats, reset_grad_filter_stats
 from .functional import margin_cross_entropy
 from .head import MarginHead
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
     "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace", "available_backends",
-    "margin_cross_entropy", "reference",
+    "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
 ]

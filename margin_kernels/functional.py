@@ -22,18 +22,20 @@ from .validation import check_arguments
 def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: MarginLoss, *,
                          backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                          chunk_size: Optional[int] = None, class_index: Optional[torch.Tensor] = None,
-                         check_values: bool = True) -> torch.Tensor:
+                         grad_filter: float = 0.0, check_values: bool = True) -> torch.Tensor:
     """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d).
 
     Never builds the B x C logits (except ``backend="reference"``, the full-logit ground truth). ``labels``
     are class ids in [0, C), or ``ignore_index`` for rows that contribute nothing. With ``class_index`` (K class
     ids, Partial FC) only those classes are used and ``labels`` index into ``class_index``. The loss is
-    returned in fp32 (fp64 for fp64 inputs). ``check_values=False`` skips the checks that need a device sync
+    returned in fp32 (fp64 for fp64 inputs). ``grad_filter > 0`` lets the backward skip the dx/dW products of a
+    class tile whose every |dL/dc_ij| is below it (Cut Cross-Entropy's gradient filtering; off by default; the
+    loss is unchanged, see ``margin_kernels.grad_filter_stats()``). ``check_values=False`` skips the checks that need a device sync
     (finite features, labels in range); they are skipped under torch.compile as well.
     """
     check_arguments(features, weight, labels, margin, backend=backend, reduction=reduction,
                     ignore_index=ignore_index, chunk_size=chunk_size, class_index=class_index,
-                    check_values=check_values)
+                    grad_filter=grad_filter, check_values=check_values)
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
                                               ignore_index=ignore_index, class_index=class_index)
@@ -54,7 +56,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     spec = margin.negative_spec()
     lse_neg, cos, weight_norm = torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, local, row_params, class_index, margin.normalize_weight, int(spec.kind),
-        spec.scale, spec.a, spec.b, backend, chunk_size or 0)
+        spec.scale, spec.a, spec.b, backend, chunk_size or 0, float(grad_filter))
     rows = RowInputs(cos, feature_norm, weight_norm, valid)
     target = margin.target_logit(rows)
     per_row = torch.logaddexp(lse_neg, target) - target

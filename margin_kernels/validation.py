@@ -22,7 +22,7 @@ def _is_compiling() -> bool:
 
 def check_arguments(features, weight, labels, margin, *, backend: str, reduction: str, ignore_index: int,
                     chunk_size: Optional[int], class_index: Optional[torch.Tensor] = None,
-                    check_values: bool = True) -> None:
+                    grad_filter: float = 0.0, check_values: bool = True) -> None:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if not isinstance(weight, torch.Tensor):
@@ -63,6 +63,8 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(grad_filter, (int, float)) or isinstance(grad_filter, bool) or not 0.0 <= grad_filter < 1.0:
+        raise ValueError(f"grad_filter must be a number in [0, 1), got {grad_filter!r}")
     num_columns = weight.shape[0]
     if class_index is not None:
         if not isinstance(class_index, torch.Tensor) or class_index.dim() != 1:

@@ -2,10 +2,11 @@
 
     lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size) -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                 g_cos_target, chunk_size) -> (dx, dweight)
+                 g_cos_target, chunk_size, grad_filter) -> (dx, dweight)
 
 ``lse`` is the per-row log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column
-indices into ``weight`` (or into ``class_index`` when given), -1 for rows without a target.
+indices into ``weight`` (or into ``class_index`` when given), -1 for rows without a target. ``grad_filter > 0``
+allows skipping the dx/dW products of tiles whose |dL/dcos| are all below it (count them in ``filter_stats``).
 """
 from __future__ import annotations
 

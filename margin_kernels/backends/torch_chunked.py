@@ -15,6 +15,7 @@ from typing import Optional, Protocol
 import torch
 
 from ..losses.base import NORM_EPS
+from . import filter_stats
 from ..losses.negatives import NegativeSpec, negative_derivative, negative_logits
 
 DEFAULT_CHUNK_SIZE = 8192
@@ -103,7 +104,7 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 
 
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue):
+                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0):
     acc = row_params.dtype
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     # with a class subset only the sampled rows are written; the rest of dW must read as zero
@@ -111,6 +112,7 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     x_acc = x if x.dtype == acc else None
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     num_cols = _num_columns(weight, class_index)
+    skipped = 0
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
         w = _chunk_rows(weight, class_index, col0, col1)
@@ -119,6 +121,11 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
             inv_norm = _inv_norms(w, acc)
             cos.mul_(inv_norm)
         dcos = epilogue.backward_tile(cos, labels, col0, row_params, spec, finite_lse, g_lse, g_cos_target)
+        if grad_filter > 0 and bool(dcos.abs().amax() < grad_filter):
+            skipped += 1
+            if class_index is None:
+                dweight[col0:col1].zero_()
+            continue
         if normalize_weight:
             # d cos_ij / d w_j = (x_i - cos_ij w_j/|w_j|) / |w_j|: fold 1/|w_j| into dcos, the rest into a
             # per-class correction of the dW rows
@@ -135,6 +142,8 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
             dweight[col0:col1].copy_(dw)
         else:
             dweight.index_copy_(0, class_index[col0:col1], dw.to(weight.dtype))
+    if grad_filter > 0:
+        filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), dweight
 
 
@@ -147,6 +156,6 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size):
+                 chunk_size, grad_filter=0.0):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                            g_cos_target, chunk_size or DEFAULT_CHUNK_SIZE, _TORCH_EPILOGUE)
+                            g_cos_target, chunk_size or DEFAULT_CHUNK_SIZE, _TORCH_EPILOGUE, grad_filter)
