@@ -81,6 +81,11 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
     # value checks need a device sync; they are O(B d) and O(K), never O(C d)
     if features.numel() and not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or Inf")
+    if class_index is not None:
+        if bool(((class_index < 0) | (class_index >= weight.shape[0])).any()):
+            raise ValueError(f"class_index values must be in [0, {weight.shape[0]})")
+        if torch.unique(class_index).numel() != class_index.numel():
+            raise ValueError("class_index must not contain duplicates")
     valid = labels != ignore_index
     if bool(valid.any()):
         bad = valid & ((labels < 0) | (labels >= num_columns))
@@ -89,8 +94,3 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
             what = "len(class_index)" if class_index is not None else "num_classes"
             raise ValueError(f"labels must be in [0, {num_columns}) ({what}) or equal ignore_index={ignore_index}; "
                              f"found {first}")
-    if class_index is not None:
-        if bool(((class_index < 0) | (class_index >= weight.shape[0])).any()):
-            raise ValueError(f"class_index values must be in [0, {weight.shape[0]})")
-        if torch.unique(class_index).numel() != class_index.numel():
-            raise ValueError("class_index must not contain duplicates")

@@ -1,0 +1,116 @@
+"""The portable chunked backend against the float64 full-logit reference, for every loss of LOSSES.md."""
+import pytest
+import torch
+
+import margin_kernels as mk
+from tests.helpers import LOSS_NAMES, loss_and_grads, make_loss, random_problem, rel_err, twin
+
+# (batch, classes, dim, chunk, ignored rows, duplicated labels): C not a multiple of the chunk, d not a power
+# of two, B = 1, duplicates, ignore_index rows, a single chunk, chunk of one class
+SHAPES = [
+    (9, 50, 96, 16, (2, 5), False),
+    (1, 37, 200, 8, (), False),
+    (12, 64, 40, 64, (), True),
+    (6, 23, 24, 1, (0,), True),
+]
+
+
+def _compare(name, dtype, shape, tol_loss, tol_grad, seed=0):
+    batch, classes, dim, chunk, ignored, dup = shape
+    x, w, labels = random_problem(batch, classes, dim, dtype=dtype, seed=seed, ignore_rows=ignored, duplicate=dup)
+    fused_loss = make_loss(name)
+    ref_loss = twin(fused_loss)
+    out = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, fused_loss, backend="torch",
+                                                              chunk_size=chunk), x, w)
+    # the reference always runs in float64 from the same (possibly rounded) inputs
+    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, ref_loss, backend="reference"),
+                         x.double(), w.double())
+    assert torch.isfinite(out[0]).all()
+    assert abs(out[0].item() - ref[0].item()) <= tol_loss * max(1.0, abs(ref[0].item()))
+    assert rel_err(out[1], ref[1]) < tol_grad, "features gradient"
+    assert rel_err(out[2], ref[2]) < tol_grad, "weight gradient"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}C{s[1]}d{s[2]}k{s[3]}")
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_float64_matches_reference(name, shape):
+    _compare(name, torch.float64, shape, 1e-12, 1e-10)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_float32_matches_reference(name):
+    _compare(name, torch.float32, SHAPES[0], 1e-5, 1e-5, seed=1)
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface", "magface", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_storage_accumulates_in_fp32(name, dtype):
+    # inputs are rounded to 8/11-bit mantissas; the reference sees the same rounded values in float64, so the
+    # remaining error is from fp32 accumulation and the low-precision x_eff (normalised features are stored
+    # back in the input dtype, ~2^-8 relative for bf16)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    _compare(name, dtype, SHAPES[0], tol, tol, seed=2)
+
+
+def test_reduction_none_and_sum_match_reference():
+    x, w, labels = random_problem(8, 30, 16, ignore_rows=(3,))
+    for reduction in ("none", "sum"):
+        fused = mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), backend="torch", reduction=reduction,
+                                        chunk_size=7)
+        ref = mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), backend="reference", reduction=reduction)
+        assert fused.shape == ref.shape
+        assert (fused - ref).abs().max().item() < 1e-12
+    per_row = mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), backend="torch", reduction="none")
+    assert per_row[3].item() == 0.0 and (per_row[torch.arange(8) != 3] > 0).all()
+
+
+def test_straight_through_arcface_changes_gradient_not_loss():
+    x, w, labels = random_problem(10, 40, 32, seed=3)
+    exact = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.ArcFace(), backend="torch"), x, w)
+    st = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.ArcFace(straight_through=True),
+                                                             backend="torch"), x, w)
+    assert abs(exact[0].item() - st[0].item()) < 1e-12
+    assert rel_err(st[1], exact[1]) > 1e-3
+    # straight-through: d z_iy / d c_iy = s exactly, as insightface's no_grad margin gives
+    c = torch.linspace(-0.99, 0.99, 11, dtype=torch.float64, requires_grad=True)
+    ones = torch.ones(11, dtype=torch.float64)
+    z = mk.ArcFace(straight_through=True).target_logit(mk.losses.RowInputs(c, ones, ones, ones.bool()))
+    (gz,) = torch.autograd.grad(z.sum(), [c])
+    assert torch.equal(gz, torch.full_like(gz, 64.0))
+
+
+def test_class_index_selects_a_subset():
+    x, w, labels_full = random_problem(8, 60, 24, seed=4)
+    class_index = torch.unique(torch.cat([labels_full, torch.tensor([1, 5, 17, 33, 59])]))
+    labels = torch.searchsorted(class_index, labels_full)
+    out = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.CosFace(), backend="torch",
+                                                              chunk_size=4, class_index=class_index), x, w)
+    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.CosFace(), backend="reference",
+                                                              class_index=class_index), x, w)
+    assert abs(out[0].item() - ref[0].item()) < 1e-12
+    assert rel_err(out[1], ref[1]) < 1e-10 and rel_err(out[2], ref[2]) < 1e-10
+    untouched = torch.ones(60, dtype=torch.bool)
+    untouched[class_index] = False
+    assert (out[2][untouched] == 0).all() and (out[2][class_index].abs().sum(dim=1) > 0).all()
+
+
+def test_grad_filter_keeps_loss_and_bounds_gradient_error():
+    # features near their class (labels in the first tile), 4 of them noisy: far tiles carry ~0 gradient, the
+    # first tile and the noisy rows' closest classes do not
+    x, w, _ = random_problem(16, 400, 32, seed=5)
+    labels = torch.arange(16) % 12
+    noise = torch.cat([torch.full((12, 1), 0.3), torch.full((4, 1), 20.0)]).double()
+    x = w[labels] / w[labels].norm(dim=1, keepdim=True) * 30.0 + noise * torch.randn(16, 32, dtype=torch.float64)
+    exact = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.ArcFace(), backend="torch",
+                                                                chunk_size=16), x, w)
+    mk.reset_grad_filter_stats()
+    threshold = 1e-4
+    filtered = loss_and_grads(lambda a, b: mk.margin_cross_entropy(
+        a, b, labels, mk.ArcFace(), backend="torch", chunk_size=16, grad_filter=threshold), x, w)
+    stats = mk.grad_filter_stats()
+    assert stats["total_tiles"] == 25 and 0 < stats["skipped_tiles"] < 25
+    assert filtered[0].item() == exact[0].item()
+    # each skipped dc_ij is below the threshold: |dx_i error| <= threshold * (#skipped columns) * ||w_hat|| = 1
+    bound = threshold * 400
+    assert (filtered[1] - exact[1]).norm(dim=1).max().item() <= bound
+    assert rel_err(filtered[1], exact[1]) < 1e-2 and rel_err(filtered[2], exact[2]) < 1e-2
