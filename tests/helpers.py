@@ -63,9 +63,11 @@ def random_problem(batch, num_classes, dim, *, dtype=torch.float64, seed=0, igno
     return (x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), labels.to(device))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||out - ref|| / ||ref||; ``floor`` bounds the denominator below for cases whose exact value is ~0
+    (then the error is absolute, measured against ``floor``)."""
     ref = ref.double()
-    denom = ref.norm().item()
+    denom = max(ref.norm().item(), floor)
     return (out.double() - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
