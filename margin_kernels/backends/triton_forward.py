@@ -1,0 +1,58 @@
+"""Forward kernel: per-row log-sum-exp of the negative logits, the B x C logits never leaving registers.
+
+Grid: (row blocks, class splits). A program owns BLOCK_B rows and a contiguous range of class tiles; for each
+class tile it runs a K loop over d (masked tail, any d) accumulating x . w with ``tl.dot`` in fp32 (fp64 for
+fp64 inputs) and ||w||^2 in the same loop from the same loaded W tile (storage dtype, never a normalised
+copy), divides by ||w||, applies the negative function and scale, drops the target and padded columns, and
+merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
+order ``logsumexp`` over a (splits, B) tensor, so the result is deterministic for a given config.
+"""
+import triton
+import triton.language as tl
+
+from .triton_tiles import (class_rows, inverse_norms, load_constants, load_row_inputs, load_tile, mma,
+                           negative_logits)
+
+
+@triton.jit
+def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
+                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS,
+                       KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
+                       UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    acc_dtype = rp_ptr.dtype.element_ty
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    x_off = rows.to(tl.int64) * stride_xb
+    labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
+    scale, a, b = load_constants(consts_ptr)
+
+    num_tiles = tl.cdiv(N, BLOCK_C)
+    per_split = tl.cdiv(num_tiles, SPLITS)
+    tile_end = tl.minimum(pid_s * per_split + per_split, num_tiles)
+    run_max = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
+    run_sum = tl.zeros((BLOCK_B,), acc_dtype)
+    for tile in range(pid_s * per_split, tile_end):
+        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < N
+        w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
+        dots = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
+        sumsq = tl.zeros((BLOCK_C,), acc_dtype)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            x = load_tile(x_ptr, x_off, stride_xd, ks, row_ok, k_ok)
+            w = load_tile(w_ptr, w_off, stride_wd, ks, col_ok, k_ok)
+            dots = mma(x, tl.trans(w), dots, UPCAST)
+            w_acc = w.to(acc_dtype)
+            sumsq += tl.sum(w_acc * w_acc, 1)
+        cos = dots * inverse_norms(sumsq, NORMALIZE)[None, :]
+        z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
+        new_max = tl.maximum(run_max, tl.max(z, 1))
+        # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+        run_max = new_max
+    tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)

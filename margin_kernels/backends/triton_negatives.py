@@ -1,0 +1,51 @@
+"""The six negative functions of ``losses/negatives.py`` as Triton device functions.
+
+Same table, same parameters: ``KIND`` is the ``NegativeKind`` value (a constexpr, so each kernel is compiled
+for one kind and the switch costs nothing), ``T`` and ``U`` are the per-row threshold and auxiliary value
+broadcast as (BLOCK_B, 1) columns, ``a`` and ``b`` the spec's constants (scalars in the accumulation dtype).
+``c`` is a (BLOCK_B, BLOCK_C) tile of cosines in the accumulation dtype.
+"""
+import triton
+import triton.language as tl
+
+# NegativeKind values (tests check they match the enum; Triton needs them as plain module constants)
+IDENTITY = tl.constexpr(0)
+CLAMP = tl.constexpr(1)
+CURRICULAR = tl.constexpr(2)
+MV = tl.constexpr(3)
+CIRCLE = tl.constexpr(4)
+FILTER = tl.constexpr(5)
+
+
+@triton.jit
+def negative_value(c, T, U, a, b, KIND: tl.constexpr):
+    """g(c)."""
+    if KIND == CLAMP:
+        return tl.minimum(tl.maximum(c, a), b)
+    elif KIND == CURRICULAR:
+        return tl.where(c > T, c * (U + c), c)
+    elif KIND == MV:
+        return tl.where(c > T, a * c + (a - 1.0), c)
+    elif KIND == CIRCLE:
+        return tl.maximum(c + a, 0.0) * (c - a)
+    elif KIND == FILTER:
+        return tl.where(c > a, 0.0, c)
+    else:
+        return c
+
+
+@triton.jit
+def negative_derivative(c, T, U, a, b, KIND: tl.constexpr):
+    """dg/dc (CIRCLE's alpha is detached, as in the PyTorch table)."""
+    if KIND == CLAMP:
+        return tl.where((c >= a) & (c <= b), 1.0, 0.0).to(c.dtype)
+    elif KIND == CURRICULAR:
+        return tl.where(c > T, U + 2.0 * c, 1.0).to(c.dtype)
+    elif KIND == MV:
+        return tl.where(c > T, a, 1.0).to(c.dtype)
+    elif KIND == CIRCLE:
+        return tl.maximum(c + a, 0.0)
+    elif KIND == FILTER:
+        return tl.where(c > a, 0.0, 1.0).to(c.dtype)
+    else:
+        return tl.full(c.shape, 1.0, c.dtype)

@@ -1,0 +1,114 @@
+"""Device functions shared by the forward and backward Triton kernels: loading row and class tiles, the
+tensor-core product, and the epilogue that turns a tile of cosines into logits or into dL/dcos.
+
+Conventions: ``rows`` / ``cols`` are int32 index vectors of a tile, ``cls`` the int64 weight rows of its
+columns (``class_index[cols]`` for Partial FC, else ``cols``); every pointer offset is formed in int64 so
+C * d > 2^31 elements is addressed correctly. Masked-out rows and columns load as zeros.
+"""
+import triton
+import triton.language as tl
+
+from .triton_negatives import negative_derivative, negative_value
+
+NORM_EPS = tl.constexpr(1e-12)  # losses.base.NORM_EPS: w / max(||w||, eps)
+
+
+@triton.jit
+def class_rows(index_ptr, cols, col_ok, HAS_INDEX: tl.constexpr):
+    """int64 weight row of each column: gathered from class_index inside the kernel (no W[index] copy)."""
+    if HAS_INDEX:
+        return tl.load(index_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+    else:
+        return cols.to(tl.int64)
+
+
+@triton.jit
+def load_row_inputs(labels_ptr, rp_ptr, rows, row_ok):
+    """Labels (-1 = none, so padded rows have no target) and the negative function's per-row T, U."""
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    threshold = tl.load(rp_ptr + rows * 2, mask=row_ok, other=0.0)
+    aux = tl.load(rp_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    return labels, threshold[:, None], aux[:, None]
+
+
+@triton.jit
+def load_constants(consts_ptr):
+    """(scale, a, b) in the accumulation dtype (a tensor, so fp64 runs get fp64 constants)."""
+    return tl.load(consts_ptr), tl.load(consts_ptr + 1), tl.load(consts_ptr + 2)
+
+
+@triton.jit
+def load_tile(ptr, row_off, stride_k, ks, row_ok, k_ok):
+    """(len(row_off), len(ks)) tile in storage dtype; row_off are int64 element offsets of the rows."""
+    offs = row_off[:, None] + ks.to(tl.int64)[None, :] * stride_k
+    return tl.load(ptr + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 (fp64) accumulation. fp32 inputs use exact IEEE products, not TF32.
+
+    UPCAST multiplies in fp32: the Triton interpreter's dot reads bf16 bit patterns as integers (triton 3.9),
+    so the backend sets it for bf16 under TRITON_INTERPRET; bf16 x bf16 products are exact in fp32 anyway.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32 or a.dtype == tl.float64:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def inverse_norms(sumsq, NORMALIZE: tl.constexpr):
+    """1 / max(||w||, eps) from the accumulated squared norms (1 when the loss keeps raw weights)."""
+    if NORMALIZE:
+        return 1.0 / tl.maximum(tl.sqrt(sumsq), NORM_EPS)
+    else:
+        return tl.full(sumsq.shape, 1.0, sumsq.dtype)
+
+
+@triton.jit
+def negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND: tl.constexpr):
+    """z = scale * g(cos) with the target column and padded columns set to -inf; also the target mask."""
+    is_target = cols[None, :] == labels[:, None]
+    z = scale * negative_value(cos, T, U, a, b, KIND)
+    return tl.where(col_ok[None, :] & (~is_target), z, float("-inf")), is_target
+
+
+@triton.jit
+def dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND: tl.constexpr):
+    """dL/dcos of a tile: scale * g'(c) * exp(z - lse) * g_lse, and g_target at the target column.
+
+    ``lse`` must be finite (rows without negatives pass 0: all their z are -inf, so p = 0)."""
+    z, is_target = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
+    p = tl.exp(z - lse[:, None]) * g_lse[:, None]
+    dc = p * (scale * negative_derivative(cos, T, U, a, b, KIND))
+    return tl.where(is_target, g_target[:, None], dc)
+
+
+@triton.jit
+def tile_is_active(dc, threshold, FILTER: tl.constexpr):
+    """Gradient filtering: False when every |dc| of the tile is below the threshold (its products are skipped)."""
+    if FILTER:
+        return tl.max(tl.max(tl.abs(dc), 1), 0) >= threshold
+    else:
+        return True
+
+
+@triton.jit
+def grad_mma(v, b, acc, UPCAST: tl.constexpr, RESCALE: tl.constexpr):
+    """acc + v @ b for a gradient tile ``v`` (accumulation dtype) and a storage-dtype tile ``b``.
+
+    ``v`` is rounded to b's dtype so the product runs on tensor cores (as Cut Cross-Entropy and
+    flash-attention do with their probability tiles). fp16 has 5 exponent bits: values like 1e-9 (large C,
+    small p) would flush to zero, so with RESCALE the tile is first multiplied by a power of two that puts its
+    largest |v| near 2^14 and the product is scaled back. bf16 shares fp32's range and needs none."""
+    if RESCALE:
+        amax = tl.max(tl.max(tl.abs(v), 1), 0)
+        exponent = tl.where(amax > 0, tl.ceil(tl.log2(amax)), 0.0)
+        factor = tl.exp2(14.0 - exponent)
+        product = mma((v * factor).to(b.dtype), b, tl.zeros(acc.shape, acc.dtype), UPCAST)
+        return acc + product * (1.0 / factor)
+    else:
+        return mma(v.to(b.dtype), b, acc, UPCAST)

@@ -1,0 +1,280 @@
+"""The Triton backend against the float64 reference.
+
+Without CUDA the kernels run in Triton's interpreter. Triton decides that when it is first imported (its own
+library functions are @triton.jit functions, decorated for the interpreter only if TRITON_INTERPRET=1 is set
+by then), so this module sets TRITON_INTERPRET=1 before it imports triton, and skips with the reason if the
+process imported triton earlier without it (then run this file on its own, or export TRITON_INTERPRET=1).
+With CUDA the same tests run the compiled kernels on the GPU. Shapes are tiny (the interpreter runs each
+program in numpy) and tiles are forced to 16 so that every case spans several class tiles, K steps and class
+splits, with C and d not multiples of the tile.
+
+Tolerances (relative L2 on gradients, max-abs relative to max(1, |loss|) on per-row losses):
+  fp64 1e-10, fp32 1e-5 (project standard);
+  bf16 3e-2 / fp16 4e-3 on gradients, 1e-3 / 2e-4 on losses, against the reference run in fp64 on the same
+  rounded inputs. Why: every backend's driver rounds x/||x|| to the storage dtype (relative 2^-8 for bf16,
+  2^-11 for fp16) and the logits multiply that by s (up to 64); the Triton backward also rounds dL/dcos to the
+  storage dtype for its tensor-core GEMMs. Observed worst cases on these problems: bf16 1.3e-2, fp16 1.2e-3
+  (gradients), 1.5e-4 / 3.4e-5 (losses). The forward accumulates in fp32 like the torch backend, so the low
+  precision losses must also agree with backend="torch" on the same inputs to 1e-5.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see the docstring)
+pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be tested")
+
+import margin_kernels as mk  # noqa: E402
+from margin_kernels.backends import available_backends, triton_backend  # noqa: E402
+from margin_kernels.backends import triton_configs as configs  # noqa: E402
+from margin_kernels.losses.negatives import NegativeKind  # noqa: E402
+from tests.helpers import LOSS_NAMES, loss_and_grads, make_loss, random_problem, rel_err, twin  # noqa: E402
+
+if triton_backend.unavailable_reason() is not None:
+    pytest.skip(f"the Triton backend cannot run in this process: {triton_backend.unavailable_reason()}",
+                allow_module_level=True)
+
+# rows without negatives take log(0) = -inf on purpose; numpy (the interpreter) warns about it
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+DEVICE = "cuda" if CUDA else "cpu"
+TILES = dict(forward=configs.ForwardTiles(16, 16, 16), backward=configs.BackwardTiles(16, 16), splits=2)
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+LOSS_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    with configs.fixed_configs(**TILES):
+        yield
+
+
+def _run(backend, margin, x, w, labels, **kwargs):
+    """(per-row losses, dx, dw) of one backend; the reference runs in float64."""
+    if backend == "reference":
+        x, w = x.double(), w.double()
+    return loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, margin, backend=backend,
+                                                               reduction="none", **kwargs), x, w)
+
+
+def _assert_close(out, ref, dtype, what=""):
+    loss, dx, dw = (t.cpu() for t in out)
+    ref_loss, ref_dx, ref_dw = (t.cpu() for t in ref)
+    loss_err = (loss.double() - ref_loss).abs().max().item() / max(1.0, ref_loss.abs().max().item())
+    assert loss_err <= LOSS_TOL[dtype], f"{what} loss error {loss_err:.2e}"
+    assert rel_err(dx, ref_dx) <= GRAD_TOL[dtype], f"{what} dx error {rel_err(dx, ref_dx):.2e}"
+    assert rel_err(dw, ref_dw) <= GRAD_TOL[dtype], f"{what} dw error {rel_err(dw, ref_dw):.2e}"
+
+
+def _compare(name, dtype, batch=12, num_classes=50, dim=24, **problem):
+    """Triton vs reference on one random problem (C=50, d=24: neither a multiple of the 16-wide tiles)."""
+    x, w, labels = random_problem(batch, num_classes, dim, dtype=dtype, device=DEVICE, **problem)
+    margin = make_loss(name)
+    ref_margin = twin(margin)
+    out = _run("triton", margin, x, w, labels)
+    ref = _run("reference", ref_margin, x, w, labels)
+    _assert_close(out, ref, dtype, f"{name} {dtype}")
+    return x, w, labels, out
+
+
+def test_negative_kinds_match_the_enum():
+    from margin_kernels.backends import triton_negatives as tn
+    for kind in NegativeKind:
+        assert getattr(tn, kind.name).value == int(kind)
+
+
+def test_registry_reports_triton_available():
+    assert available_backends()["triton"] is None
+    assert triton_backend.unavailable_reason() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_loss_matches_reference(name, dtype):
+    _compare(name, dtype, ignore_rows=(3,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_low_precision_storage(name, dtype):
+    x, w, labels, out = _compare(name, dtype, ignore_rows=(3,))
+    # the forward is fp32-accumulated like the torch backend on the same rounded inputs: losses agree tightly
+    torch_loss = _run("torch", twin(make_loss(name)), x, w, labels)[0]
+    assert (out[0] - torch_loss).abs().max().item() <= 1e-5 * max(1.0, torch_loss.abs().max().item())
+
+
+@pytest.mark.parametrize("dim, splits", [(17, 1), (40, 3), (24, 7)])
+@pytest.mark.parametrize("name", ["softmax", "arcface", "curricularface"])
+def test_tiling_edges(name, dim, splits):
+    """Two row blocks (B=20), C=37 (3 tiles, last partial), odd d (masked K tail and BLOCK_D padding), one to
+    seven class splits (7 > tiles: empty splits), duplicated labels and ignored rows."""
+    with configs.fixed_configs(**dict(TILES, splits=splits)):
+        _compare(name, torch.float32, batch=20, num_classes=37, dim=dim, ignore_rows=(0, 19), duplicate=True)
+
+
+def test_rows_without_negatives():
+    """C = 1: every labelled row has no negative (lse = -inf, loss 0); an ignored row has one."""
+    _compare("cosface", torch.float32, batch=5, num_classes=1, dim=24, ignore_rows=(2,))
+
+
+@pytest.mark.parametrize("name", ["arcface", "softmax"])
+def test_class_index_partial_fc(name):
+    """Labels index into a sampled class subset; only the sampled dW rows are written, the rest is zero."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, _ = random_problem(12, 80, 24, dtype=torch.float32, device=DEVICE)
+    class_index = torch.randperm(80, generator=gen)[:35].to(DEVICE)
+    labels = torch.randint(0, 35, (12,), generator=gen).to(DEVICE)
+    labels[4] = -1
+    margin = make_loss(name)
+    ref_margin = twin(margin)
+    out = _run("triton", margin, x, w, labels, class_index=class_index)
+    ref = _run("reference", ref_margin, x, w, labels, class_index=class_index)
+    _assert_close(out, ref, torch.float32, name)
+    untouched = torch.ones(80, dtype=torch.bool)
+    untouched[class_index.cpu()] = False
+    assert out[2].cpu()[untouched].abs().max().item() == 0.0
+    assert out[2].cpu()[~untouched].abs().amax(dim=1).min().item() > 0.0
+
+
+@pytest.mark.parametrize("use_index", [False, True], ids=["all", "class_index"])
+def test_offsets_beyond_int32(use_index):
+    """Weight rows at element offsets 0, S and 2S > 2^31 of an 8 GiB fp32 storage that is allocated but never
+    touched (torch.empty maps it lazily; only the three rows are written), so the kernels must form their
+    row offsets in int64. An int32 product wraps and reads the wrong memory (or faults)."""
+    stride = 2 ** 30 + 3
+    dim = 24
+    _, small_w, _ = random_problem(4, 3, dim, dtype=torch.float32)
+    storage = torch.empty(2 * stride + dim, dtype=torch.float32, device=DEVICE)
+    weight = storage.as_strided((3, dim), (stride, 1))
+    weight.copy_(small_w)
+    assert (weight.shape[0] - 1) * weight.stride(0) >= 2 ** 31
+    x, _, labels = random_problem(4, 3, dim, dtype=torch.float32, device=DEVICE, seed=1)
+    kwargs = {}
+    if use_index:
+        kwargs["class_index"] = torch.tensor([2, 0], device=DEVICE)
+        labels = torch.tensor([0, 1, 0, -1], device=DEVICE)
+    margin = make_loss("arcface")
+    ref_margin = twin(margin)
+    wl = weight.detach().requires_grad_(True)  # a leaf view: autograd must not clone the 8 GiB storage
+    xl = x.detach().clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xl, wl, labels, margin, backend="triton", reduction="none", **kwargs)
+    dx, dw = torch.autograd.grad(loss.sum(), [xl, wl])
+    ref = _run("reference", ref_margin, x, weight.contiguous(), labels, **kwargs)
+    _assert_close((loss.detach(), dx, dw), ref, torch.float32)
+
+
+def test_grad_filter_skips_far_classes():
+    """Every feature leans along one direction u and classes 32..63 point along -u (cos ~ -0.9, p ~ e^-50):
+    their two class tiles have |dL/dcos| far below tau and are skipped; the tiles holding the targets are not.
+    The loss is unchanged and the gradients are within the bound of triton_backend's docstring: per row
+    ||ddx_eff_i|| <= tau * (skipped columns) <= tau * C for unit weight rows, and d features / d x_eff has norm
+    <= 1/||x_i||; per class ||ddW_j|| <= 2 tau sum_i ||x_eff_i|| / ||w_j|| = 2 tau B / ||w_j||."""
+    tau = 1e-4
+    x, w, labels = random_problem(16, 64, 24, dtype=torch.float64, seed=5)
+    u = torch.randn(24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    u = u / u.norm()
+    x = x + 3.0 * x.norm(dim=1, keepdim=True) * u
+    w[32:] = -u * w[:32].norm(dim=1).mean() + 1e-3 * w[32:]
+    x, w, labels = x.float().to(DEVICE), w.float().to(DEVICE), (labels % 32).to(DEVICE)
+    margin = make_loss("normface")
+    exact = _run("triton", twin(margin), x, w, labels)
+    mk.reset_grad_filter_stats()
+    filtered = _run("triton", twin(margin), x, w, labels, grad_filter=tau)
+    assert isinstance(triton_backend.filter_stats._skipped, torch.Tensor)  # recorded without a device sync
+    stats = mk.grad_filter_stats()
+    assert stats["total_tiles"] == 4  # one row block x four class tiles of 16
+    assert stats["skipped_tiles"] == 2
+    assert torch.equal(filtered[0], exact[0])
+    feature_norms = x.double().norm(dim=1).cpu()
+    dx_err = (filtered[1] - exact[1]).double().norm(dim=1).cpu()
+    assert (dx_err <= tau * 64 / feature_norms).all()
+    dw_err = (filtered[2] - exact[2]).double().norm(dim=1).cpu()
+    assert (dw_err <= 2 * tau * 16 / w.double().norm(dim=1).cpu()).all()
+    assert dw_err[:32].max() == 0 and dw_err[32:].max() > 0  # only the far classes were skipped
+
+
+def test_backward_is_deterministic():
+    x, w, labels = random_problem(20, 50, 24, dtype=torch.float32, device=DEVICE, duplicate=True)
+    first = _run("triton", make_loss("arcface"), x, w, labels)
+    second = _run("triton", make_loss("arcface"), x, w, labels)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_changing_interpret_mode_after_import_is_reported(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if triton_backend.interpret_mode() else "1")
+    assert "before the first `import triton`" in triton_backend.unavailable_reason()
+    x, w, labels = random_problem(4, 8, 16, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_backend.lse_forward(x, w, labels, torch.zeros(4, 2, device=DEVICE), None,
+                                   make_loss("arcface").negative_spec(), True, None)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        mk.margin_cross_entropy(x, w, labels, make_loss("arcface"), backend="triton")
+
+
+def _run_script(args, timeout=300):
+    """A fresh Python without TRITON_INTERPRET (compiled mode), from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=root)
+
+
+def test_cpu_only_process_without_interpreter_explains():
+    if CUDA:
+        pytest.skip("a CUDA machine runs the compiled kernels; this checks the CPU-only error path")
+    code = ("import torch, margin_kernels as mk\n"
+            "from margin_kernels.backends import available_backends\n"
+            "print(available_backends()['triton'])\n"
+            "x = torch.randn(4, 16); w = torch.randn(8, 16); y = torch.tensor([1, 2, 3, 4])\n"
+            "mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend='triton')\n")
+    result = _run_script(["-c", code], timeout=120)
+    assert result.returncode != 0
+    assert "needs a CUDA device" in result.stdout  # the registry's reason
+    assert "needs a CUDA device" in result.stderr  # the RuntimeError of an explicit backend='triton'
+
+
+@pytest.mark.parametrize("dim", [64, 96, 128, 200, 256, 384, 512, 1024])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_gpu_tilings_fit_every_dim(dim, elem_bytes):
+    """The fixed GPU tilings (autotuning off) and at least one autotune candidate fit shared memory and the
+    register budget for every d users have, in bf16/fp16 and fp32."""
+    assert configs.forward_fits(configs.default_forward(elem_bytes), elem_bytes)
+    tiles = configs.default_backward(dim, elem_bytes)
+    assert configs.backward_fits(tiles, dim, elem_bytes)
+    assert configs.block_d(dim) >= dim and configs.block_d(dim) & (configs.block_d(dim) - 1) == 0
+
+
+def test_fp64_with_too_wide_rows_is_a_clear_error():
+    with pytest.raises(ValueError, match="d=1024"):
+        configs.default_backward(1024, 8)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100():
+    """The compiled kernels (not the interpreted ones tested above) build for sm_90 with the fixed GPU
+    tilings, within an H100's shared memory; the forward runs on wgmma, its K loop pipelined when d % 16 == 0."""
+    result = _run_script(["bench/triton_compile_check.py", "--dtypes", "bf16", "fp16", "--dims", "200", "512"])
+    if "ptxas" in result.stderr.lower() and result.returncode != 0:
+        pytest.skip(f"triton cannot compile for sm_90 here: {result.stderr[-300:]}")
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    forward = [line for line in result.stdout.splitlines() if "lse_forward_kernel" in line]
+    assert len(forward) == 4 and all("wgmma=True" in line for line in forward)
+    assert all("async_copy=True" in line for line in forward if "d=512" in line)
+    assert sum("dweight_kernel" in line for line in result.stdout.splitlines()) == 4
+
+
+def test_benchmark_script_explains_missing_cuda():
+    if CUDA:
+        pytest.skip("with CUDA the benchmark would run for minutes; run bench/bench_triton.py by hand")
+    result = _run_script(["bench/bench_triton.py"], timeout=120)
+    assert result.returncode != 0
+    assert "needs a CUDA device" in result.stderr
