@@ -1,0 +1,73 @@
+"""``--plot out.png``: total time and extra memory against C, log-log, one line per method (and curve).
+
+A method that ran out of memory gets an "x" at the C where it did, on the top edge of both panels. The memory
+panel also draws the size of dW (C x d in the storage dtype) for scale: every method must write it, the
+"extra" memory is what comes on top.
+"""
+from __future__ import annotations
+
+from .runner import Row, Sweep
+
+_MIB = float(1 << 20)
+_FLOOR_MIB = 0.1  # a log axis cannot show 0: workspaces below 0.1 MiB are drawn at 0.1
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'margin_kernels[plot]' (or pip install "
+                         "matplotlib)") from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _curves(rows: list[Row]) -> dict:
+    families = {r.problem.family_label() for r in rows}
+    out: dict = {}
+    for row in rows:
+        label = row.method if len(families) == 1 else f"{row.method} ({row.problem.family_label()})"
+        out.setdefault(label, []).append(row)
+    return out
+
+
+def write_plot(sweep: Sweep, path: str, title: str = "") -> None:
+    plt = _import_pyplot()
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
+    dw_points = {}
+    for label, rows in _curves(sweep.rows).items():
+        ok = [r for r in rows if r.status == "ok"]
+        if ok:
+            cs = [r.problem.classes for r in ok]
+            line, = ax_time.plot(cs, [r.total_ms() for r in ok], marker="o", label=label)
+            if ok[0].kind != "floor":
+                ax_mem.plot(cs, [max(r.result["extra_bytes"] / _MIB, _FLOOR_MIB) for r in ok], marker="o",
+                            label=label, color=line.get_color())
+            color = line.get_color()
+        else:
+            color = None
+        for r in rows:
+            if r.status == "ok":
+                dw_points[r.problem.classes] = r.result.get("grad_bytes", 0) / _MIB
+            if r.status in ("oom", "timeout"):
+                for ax in (ax_time, ax_mem):
+                    ax.plot([r.problem.classes], [1.0], marker="x", markersize=12, color=color or "red",
+                            transform=ax.get_xaxis_transform(), clip_on=False, linestyle="none",
+                            label=f"{label}: {r.status.upper()} at C={r.problem.classes:,}")
+    if dw_points:
+        cs = sorted(dw_points)
+        ax_mem.plot(cs, [dw_points[c] for c in cs], linestyle=":", color="gray", label="dx + dW (the gradients)")
+    for ax, ylabel in ((ax_time, "fwd+bwd time, median (ms)"),
+                       (ax_mem, "peak extra memory beyond inputs and gradients (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of classes C")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
