@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from margin_kernels.backends import BACKEND_NAMES
 
-from .config import LOSSES, Settings, parse_dtypes, parse_names, parse_sizes, problem_grid
+from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
 from .methods import BACKENDS, GEMM_FLOOR, all_methods
 from .peers import PEERS
 from .report import payload, markdown, print_report
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "Default: the device's memory (CPU: 90%% of MemAvailable, enforced so that the "
                           "kernel's OOM killer never fires)")
     how.add_argument("--no-check", action="store_true", help="skip the comparison with the float64 reference")
+    how.add_argument("--check-up-to", metavar="C", default=None,
+                     help="compare with the float64 reference only up to this C (it costs one run per method)")
     how.add_argument("--threads", type=int, default=None,
                      help="CPU threads per measuring process (default: PyTorch's; 1 is steadier on a busy machine)")
     how.add_argument("--timeout-s", type=float, default=None, help="stop a case after this long (a result)")
@@ -89,7 +91,9 @@ def _settings(args) -> Settings:
         raise ValueError("--mem-limit-gb must be positive")
     return Settings(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget_s,
                     mem_limit_bytes=None if args.mem_limit_gb is None else int(args.mem_limit_gb * (1 << 30)),
-                    check=not args.no_check, timeout_s=args.timeout_s, threads=args.threads)
+                    check=not args.no_check, timeout_s=args.timeout_s, threads=args.threads,
+                    check_max_classes=None if args.check_up_to is None else
+                    parse_count(args.check_up_to, "--check-up-to"))
 
 
 def _problems(args, device: str):
@@ -114,22 +118,24 @@ def _progress(console: Console, disabled: bool) -> Progress:
 
 
 def _write_outputs(args, sweep, settings, command: str, console: Console) -> None:
-    json_path, plot_path = args.json, args.plot
+    json_paths = [p for p in (args.json, args.record and args.record + ".json") if p]
+    plot_paths = [p for p in (args.plot, args.record and args.record + ".png") if p]
     if args.record:
-        json_path, plot_path = json_path or args.record + ".json", plot_path or args.record + ".png"
         with open(args.record + ".md", "w") as f:
             f.write(markdown(sweep, command))
-    if json_path:
-        text = json.dumps(payload(sweep, command, settings), indent=1)
-        if json_path == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            with open(json_path, "w") as f:
-                f.write(text + "\n")
-    if plot_path:
+    if json_paths:
+        text = json.dumps(payload(sweep, command, settings), indent=1) + "\n"
+        for path in json_paths:
+            if path == "-":
+                sys.stdout.write(text)
+                continue
+            with open(path, "w") as f:
+                f.write(text)
+    if plot_paths:
         from .plot import write_plot
-        write_plot(sweep, plot_path, title=command)
-        console.print(f"plot written to {plot_path}", markup=False, highlight=False)
+        for path in plot_paths:
+            write_plot(sweep, path, title=command)
+            console.print(f"plot written to {path}", markup=False, highlight=False)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -78,6 +78,7 @@ class Settings:
     budget_s: Optional[float] = None   # cut the repeats so one case takes about this long (at least 1 repeat)
     mem_limit_bytes: Optional[int] = None  # extra memory allowed above the inputs (None: what the device has)
     check: bool = True            # compare loss and gradients with the float64 reference where it fits
+    check_max_classes: Optional[int] = None  # ... and only up to this C (the check costs a run per method)
     timeout_s: Optional[float] = None  # a child that runs longer is stopped and reported as a timeout
     threads: Optional[int] = None  # torch.set_num_threads in each child (None: PyTorch's default)
 
@@ -105,9 +106,9 @@ def _series_125(low: int, high: int) -> list[int]:
     return sorted(out)
 
 
-def _log_points(low: int, high: int, n: int) -> list[int]:
+def _log_points(low: int, high: int, n: int, what: str) -> list[int]:
     if n < 2:
-        raise ValueError(f"a range with ':n' needs n >= 2, got {n}")
+        raise ValueError(f"{what}: a range with ':n' needs n >= 2, got {n}")
     out = set()
     for i in range(n):
         value = low * (high / low) ** (i / (n - 1))
@@ -129,7 +130,7 @@ def parse_sizes(text: str, what: str) -> list[int]:
             low, high = parse_count(low_text, what), parse_count(high_text, what)
             if low > high:
                 raise ValueError(f"{what}: range {item!r} goes down")
-            values.update(_log_points(low, high, parse_count(count, what)) if count else _series_125(low, high))
+            values.update(_log_points(low, high, parse_count(count, what), what) if count else _series_125(low, high))
         else:
             values.add(parse_count(item, what))
     return sorted(values)

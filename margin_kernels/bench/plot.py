@@ -6,10 +6,19 @@ panel also draws the size of dW (C x d in the storage dtype) for scale: every me
 """
 from __future__ import annotations
 
+import textwrap
+
 from .runner import Row, Sweep
 
 _MIB = float(1 << 20)
 _FLOOR_MIB = 0.1  # a log axis cannot show 0: workspaces below 0.1 MiB are drawn at 0.1
+
+
+def _short_count(value: float) -> str:
+    for suffix, size in (("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
 
 
 def _import_pyplot():
@@ -34,6 +43,7 @@ def _curves(rows: list[Row]) -> dict:
 
 def write_plot(sweep: Sweep, path: str, title: str = "") -> None:
     plt = _import_pyplot()
+    from matplotlib import ticker
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     dw_points = {}
     for label, rows in _curves(sweep.rows).items():
@@ -62,12 +72,15 @@ def write_plot(sweep: Sweep, path: str, title: str = "") -> None:
                        (ax_mem, "peak extra memory beyond inputs and gradients (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: _short_count(value)))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("number of classes C")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -89,13 +89,13 @@ def tables(sweep: Sweep) -> list[Table]:
 
 
 def summary_lines(sweep: Sweep) -> list[str]:
-    lines = []
+    lines = list(sweep.notes)
     for label, stopped in sweep.stopped.items():
         for name, where in stopped.items():
             lines.append(f"{label}: {name}: {where}")
     limits: dict = {}
     for row in sweep.rows:
-        if row.result.get("limit_bytes"):
+        if row.result.get("limit_bytes") and row.kind != "floor":  # the floor runs under the default limit
             limits.setdefault(row.result["limit_source"], []).append(row.result["limit_bytes"])
     for source, values in limits.items():
         low, high = fmt_bytes(min(values)), fmt_bytes(max(values))

@@ -48,8 +48,9 @@ class Sweep:
     rows: list = field(default_factory=list)
     #: family label -> {method: reason it was not run}
     skipped: dict = field(default_factory=dict)
-    #: family label -> {method: "oom at C=..."} (also "check")
+    #: family label -> {method: "OOM at C = ..."} (also "check")
     stopped: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
 
 _context = None
@@ -63,7 +64,9 @@ def _child_context():
         methods = multiprocessing.get_all_start_methods()
         _context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            _context.set_forkserver_preload(["margin_kernels.bench.worker"])
+            # torch._dynamo: a margin_kernels call imports it lazily (~2 s); import-only, so still fork-safe
+            _context.set_forkserver_preload(["margin_kernels.bench.cli", "margin_kernels.bench.worker",
+                                             "torch._dynamo"])
     return _context
 
 
@@ -125,14 +128,15 @@ def plan(problems: list[Problem], method_names: list[str]) -> tuple[dict, dict]:
     return runnable, skipped
 
 
-def count_steps(problems: list[Problem], runnable: dict, settings: Settings) -> int:
+def _checks(problem: Problem, names: list[str], settings: Settings) -> bool:
+    """Whether ``problem`` gets a float64 check (at most one per problem: one step of the progress bar)."""
     methods = all_methods()
-    steps = 0
-    for family, members in _families(problems).items():
-        names = runnable[family]
-        checkable = settings.check and any(methods[n].checkable for n in names)
-        steps += len(members) * (len(names) + int(checkable))
-    return steps
+    return (settings.check and any(methods[n].checkable for n in names)
+            and (settings.check_max_classes is None or problem.classes <= settings.check_max_classes))
+
+
+def count_steps(problems: list[Problem], runnable: dict, settings: Settings) -> int:
+    return sum(len(runnable[p.family()]) + int(_checks(p, runnable[p.family()], settings)) for p in problems)
 
 
 def _settings_for(kind: str, settings: Settings) -> dict:
@@ -158,6 +162,8 @@ def run_sweep(problems: list[Problem], method_names: list[str], settings: Settin
     methods = all_methods()
     runnable, skipped = plan(problems, method_names)
     sweep = Sweep(skipped=skipped)
+    if settings.check and settings.check_max_classes is not None:
+        sweep.notes.append(f"loss diff / grad err: checked up to C = {settings.check_max_classes:,} only")
     for family, members in _families(problems).items():
         label = members[0].family_label()
         stopped: dict = {}
@@ -184,7 +190,7 @@ def run_sweep(problems: list[Problem], method_names: list[str], settings: Settin
 def _check(problem: Problem, rows: list[Row], settings: Settings, stopped: dict, advance, child) -> None:
     methods = all_methods()
     names = [r.method for r in rows if r.status == "ok" and methods[r.method].checkable]
-    if not settings.check or not any(methods[r.method].checkable for r in rows):
+    if not _checks(problem, [r.method for r in rows], settings):
         return
     advance(f"C={problem.classes:,} check vs float64 reference")
     if "check" in stopped:
