@@ -162,6 +162,14 @@ def test_python_dash_m_prints_json_to_stdout():
 
 # ---- pieces that need no child process -----------------------------------------------------------------------
 
+def test_plot_without_matplotlib_is_refused_before_the_sweep(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "matplotlib_missing", lambda: True)
+    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: pytest.fail("the sweep must not start"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and "matplotlib" in capsys.readouterr().err
+
+
 def test_size_lists_and_ranges():
     assert parse_sizes("1e3..1e4", "C") == [1000, 2000, 5000, 10000]
     assert parse_sizes("1e3..4e6:7", "C") == [1000, 4000, 16000, 63000, 250000, 1000000, 4000000]

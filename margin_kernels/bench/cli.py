@@ -20,6 +20,7 @@ from margin_kernels.backends import BACKEND_NAMES
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
 from .methods import BACKENDS, GEMM_FLOOR, all_methods
 from .peers import PEERS
+from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
 from .report import payload, markdown, print_report
 from .runner import count_steps, plan, run_sweep
 
@@ -132,7 +133,6 @@ def _write_outputs(args, sweep, settings, command: str, console: Console) -> Non
             with open(path, "w") as f:
                 f.write(text)
     if plot_paths:
-        from .plot import write_plot
         for path in plot_paths:
             write_plot(sweep, path, title=command)
             console.print(f"plot written to {path}", markup=False, highlight=False)
@@ -150,6 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         names = _method_names(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if (args.plot or args.record) and matplotlib_missing():
+        parser.error(MISSING_MATPLOTLIB)
     # the table goes to stderr when stdout carries JSON
     console = Console(stderr=args.json == "-")
     if not console.is_terminal:  # logs and files: do not fold the table into 80 columns

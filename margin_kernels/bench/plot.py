@@ -21,12 +21,23 @@ def _short_count(value: float) -> str:
     return f"{value:g}"
 
 
-def _import_pyplot():
+MISSING_MATPLOTLIB = ("--plot and --record need matplotlib: pip install 'margin_kernels[plot]' (or pip install "
+                      "matplotlib)")
+
+
+def matplotlib_missing() -> bool:
+    """Checked before a sweep starts, so a long run never ends in an import error."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'margin_kernels[plot]' (or pip install "
-                         "matplotlib)") from None
+        return True
+    return False
+
+
+def _import_pyplot():
+    if matplotlib_missing():
+        raise SystemExit(MISSING_MATPLOTLIB)
+    import matplotlib
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
     return plt
