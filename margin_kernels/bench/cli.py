@@ -132,10 +132,9 @@ def _write_outputs(args, sweep, settings, command: str, console: Console) -> Non
                 continue
             with open(path, "w") as f:
                 f.write(text)
-    if plot_paths:
-        for path in plot_paths:
-            write_plot(sweep, path, title=command)
-            console.print(f"plot written to {path}", markup=False, highlight=False)
+    for path in plot_paths:
+        write_plot(sweep, path, title=command)
+        console.print(f"plot written to {path}", markup=False, highlight=False)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

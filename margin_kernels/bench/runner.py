@@ -37,7 +37,7 @@ class Row:
 
     def to_dict(self) -> dict:
         out = {**self.problem.to_dict(), "method": self.method, "kind": self.kind}
-        out.update({k: v for k, v in self.result.items() if k != "traceback"})
+        out.update(self.result)  # an error row keeps its traceback here (the table shows only the message)
         out.update(self.check)
         out["floor_ratio"] = self.floor_ratio
         return out
