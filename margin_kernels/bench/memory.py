@@ -67,14 +67,14 @@ class CpuMemory:
     """Peak RSS above a baseline, with an address-space limit above the same baseline."""
 
     def __init__(self):
-        self._baseline = 0
+        self._baseline: Optional[int] = None
         self._saved_limit = resource.getrlimit(resource.RLIMIT_AS)
         self.method = "VmHWM reset (/proc/self/clear_refs)"
 
     def begin(self) -> None:
         gc.collect()
         precise_allocator()
-        self._baseline = _status_kib("VmRSS") or 0
+        self._baseline = _status_kib("VmRSS")  # None without Linux's /proc: no memory column then
         try:
             with open(_CLEAR_REFS, "w") as f:
                 f.write("5")
@@ -83,9 +83,11 @@ class CpuMemory:
             self.method = "ru_maxrss (lifetime peak; a lower bound when earlier work peaked higher)"
 
     def peak_extra(self) -> Optional[int]:
+        if self._baseline is None:
+            return None
         peak = _status_kib("VmHWM")
         if peak is None or self.method.startswith("ru_maxrss"):
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         return peak - self._baseline
 
     def limit(self, extra_bytes: Optional[int]) -> tuple[Optional[int], str]:

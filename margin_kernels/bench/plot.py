@@ -62,8 +62,10 @@ def write_plot(sweep: Sweep, path: str, title: str = "") -> None:
         if ok:
             cs = [r.problem.classes for r in ok]
             line, = ax_time.plot(cs, [r.total_ms() for r in ok], marker="o", label=label)
-            if ok[0].kind != "floor":
-                ax_mem.plot(cs, [max(r.result["extra_bytes"] / _MIB, _FLOOR_MIB) for r in ok], marker="o",
+            measured = [r for r in ok if r.result.get("extra_bytes") is not None]
+            if measured and ok[0].kind != "floor":
+                ax_mem.plot([r.problem.classes for r in measured],
+                            [max(r.result["extra_bytes"] / _MIB, _FLOOR_MIB) for r in measured], marker="o",
                             label=label, color=line.get_color())
             color = line.get_color()
         else:

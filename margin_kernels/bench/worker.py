@@ -92,7 +92,7 @@ def measure(problem: Problem, method_name: str, settings: Settings) -> dict:
         out["peak_bytes"] = probe.peak_extra()
         first_run_s = time.perf_counter() - start
         out["grad_bytes"] = _tensor_bytes(run.grads())
-        out["extra_bytes"] = out["peak_bytes"] - out["grad_bytes"]
+        out["extra_bytes"] = None if out["peak_bytes"] is None else out["peak_bytes"] - out["grad_bytes"]
         out["loss_value"] = float(run.loss.detach()) if run.loss is not None else None
         run.reset()
         out["first_run_ms"] = first_run_s * 1e3
