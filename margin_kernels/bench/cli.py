@@ -1,0 +1,176 @@
+"""``margin-bench``: compare backends and peers on time, memory and accuracy, over sweeps.
+
+With no arguments: the quick comparison on the default device (ArcFace, B=256, d=512, C=2e4 and 5e4,
+float32; the reference against every margin_kernels backend usable there, plus the GEMM floor).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from margin_kernels.backends import BACKEND_NAMES
+
+from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
+from .methods import BACKENDS, GEMM_FLOOR, all_methods
+from .peers import PEERS
+from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
+from .report import payload, markdown, print_report
+from .runner import count_steps, plan, run_sweep
+
+DEFAULT_BACKENDS = "reference,torch,cpu,triton,cuda"
+_CONCRETE = [n for n in BACKEND_NAMES if n != "auto"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
+               "1000,5e4. Every (problem, method) runs in its own process; out-of-memory is a result.")
+    what = p.add_argument_group("what to run")
+    what.add_argument("--loss", default="arcface", help=f"loss(es): {', '.join(LOSSES)} (default arcface)")
+    what.add_argument("--batch", "-B", default="256", help="batch size(s) B (default 256)")
+    what.add_argument("--dim", "-d", default="512", help="embedding dim(s) d (default 512)")
+    what.add_argument("--classes", "-C", default="2e4,5e4", help="number(s) of classes C (default 2e4,5e4)")
+    what.add_argument("--dtype", default="float32", help="storage dtype(s): float32, bfloat16, float16, float64")
+    what.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                      help="default: cuda when available, else cpu")
+    what.add_argument("--backends", default=DEFAULT_BACKENDS,
+                      help=f"margin_kernels backends among {', '.join(BACKEND_NAMES)}, or 'all' "
+                           f"(default {DEFAULT_BACKENDS}: those unusable here are listed as not run)")
+    what.add_argument("--peers", default="none",
+                      help=f"other implementations: {', '.join(PEERS)}, 'all' or 'none' (default none); "
+                           "each runs only where it applies (the Softmax peers for --loss softmax)")
+    what.add_argument("--no-floor", action="store_true", help="skip the GEMM floor (no 'x floor' column)")
+    what.add_argument("--chunk-size", type=int, default=None, help="class chunk of the fused backends")
+    what.add_argument("--seed", type=int, default=0)
+    how = p.add_argument_group("how to measure")
+    how.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd repeats (default 3)")
+    how.add_argument("--warmup", type=int, default=1,
+                     help="untimed runs after the memory-measuring run, before the timed ones (default 1)")
+    how.add_argument("--budget-s", type=float, default=None,
+                     help="fewer repeats (at least 1) where one run is slow: about this many seconds per case")
+    how.add_argument("--mem-limit-gb", type=float, default=None,
+                     help="memory allowed above the inputs, gradients included (GiB); past it a run is OOM. "
+                          "Default: the device's memory (CPU: 90%% of MemAvailable, enforced so that the "
+                          "kernel's OOM killer never fires)")
+    how.add_argument("--no-check", action="store_true", help="skip the comparison with the float64 reference")
+    how.add_argument("--check-up-to", metavar="C", default=None,
+                     help="compare with the float64 reference only up to this C (it costs one run per method)")
+    how.add_argument("--threads", type=int, default=None,
+                     help="CPU threads per measuring process (default: PyTorch's; 1 is steadier on a busy machine)")
+    how.add_argument("--timeout-s", type=float, default=None, help="stop a case after this long (a result)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': to stdout, table to stderr)")
+    out.add_argument("--plot", metavar="PNG", help="time and memory against C, log-log (needs matplotlib)")
+    out.add_argument("--record", metavar="PREFIX",
+                     help="write PREFIX.json, PREFIX.md and PREFIX.png (e.g. bench/results/cpu_sweep)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--list", action="store_true", help="list the methods and whether they run here, then exit")
+    return p
+
+
+def _method_names(args) -> list[str]:
+    backends = _CONCRETE if args.backends == "all" else parse_names(args.backends, BACKENDS, "--backends")
+    peers = [] if args.peers == "none" else list(PEERS) if args.peers == "all" else \
+        parse_names(args.peers, PEERS, "--peers")
+    return backends + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
+
+
+def _settings(args) -> Settings:
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    if args.mem_limit_gb is not None and args.mem_limit_gb <= 0:
+        raise ValueError("--mem-limit-gb must be positive")
+    return Settings(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget_s,
+                    mem_limit_bytes=None if args.mem_limit_gb is None else int(args.mem_limit_gb * (1 << 30)),
+                    check=not args.no_check, timeout_s=args.timeout_s, threads=args.threads,
+                    check_max_classes=None if args.check_up_to is None else
+                    parse_count(args.check_up_to, "--check-up-to"))
+
+
+def _problems(args, device: str):
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ValueError("--chunk-size must be positive")
+    return problem_grid(parse_names(args.loss, LOSSES, "--loss"), parse_sizes(args.batch, "--batch"),
+                        parse_sizes(args.dim, "--dim"), parse_sizes(args.classes, "--classes"),
+                        parse_dtypes(args.dtype), device, args.seed, args.chunk_size)
+
+
+def _list_methods(problems, console: Console) -> None:
+    for name, method in all_methods().items():
+        reason = method.unavailable(problems[0])
+        console.print(f"{name:18s} {method.kind:8s} {'runs' if reason is None else 'not here: ' + reason}",
+                      markup=False, highlight=False)
+        console.print(f"{'':28s}{method.description}", style="dim", markup=False, highlight=False)
+
+
+def _progress(console: Console, disabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]margin-bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.description}"), console=console, disable=disabled, transient=True)
+
+
+def _write_outputs(args, sweep, settings, command: str, console: Console) -> None:
+    json_paths = [p for p in (args.json, args.record and args.record + ".json") if p]
+    plot_paths = [p for p in (args.plot, args.record and args.record + ".png") if p]
+    if args.record:
+        with open(args.record + ".md", "w") as f:
+            f.write(markdown(sweep, command))
+    if json_paths:
+        text = json.dumps(payload(sweep, command, settings), indent=1) + "\n"
+        for path in json_paths:
+            if path == "-":
+                sys.stdout.write(text)
+                continue
+            with open(path, "w") as f:
+                f.write(text)
+    for path in plot_paths:
+        write_plot(sweep, path, title=command)
+        console.print(f"plot written to {path}", markup=False, highlight=False)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to this torch build")
+    try:
+        problems = _problems(args, device)
+        settings = _settings(args)
+        names = _method_names(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (args.plot or args.record) and matplotlib_missing():
+        parser.error(MISSING_MATPLOTLIB)
+    # the table goes to stderr when stdout carries JSON
+    console = Console(stderr=args.json == "-")
+    if not console.is_terminal:  # logs and files: do not fold the table into 80 columns
+        console.width = max(console.width, 160)
+    if args.list:
+        _list_methods(problems, console)
+        return 0
+    command = "margin-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    runnable, _ = plan(problems, names)
+    with _progress(console, args.no_progress) as progress:
+        task = progress.add_task("", total=count_steps(problems, runnable, settings))
+        started = [False]
+
+        def advance(text: str) -> None:
+            if started[0]:
+                progress.advance(task)
+            started[0] = True
+            progress.update(task, description=text)
+        sweep = run_sweep(problems, names, settings, advance)
+        progress.update(task, completed=progress.tasks[0].total)
+    print_report(sweep, console)
+    _write_outputs(args, sweep, settings, command, console)
+    return 1 if any(row.status == "error" for row in sweep.rows) else 0

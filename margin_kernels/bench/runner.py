@@ -1,0 +1,215 @@
+"""The parent side of a sweep: one child process per (problem, method), then one accuracy check per problem.
+
+Within a curve (same loss, B, d, dtype; growing C) a method that ran out of memory or time at some C is not
+run again at larger C: its rows say where it stopped. Same for the float64 check once it no longer fits.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+from .config import Problem, Settings
+from .methods import all_methods
+from .worker import child_main
+
+_STOP_WORDS = {"oom": "OOM", "timeout": "timed out"}
+
+
+@dataclass
+class Row:
+    problem: Problem
+    method: str
+    kind: str
+    result: dict
+    check: dict = field(default_factory=dict)
+    floor_ratio: Optional[float] = None
+
+    @property
+    def status(self) -> str:
+        return self.result.get("status", "error")
+
+    def total_ms(self) -> Optional[float]:
+        return self.result["total"]["median_ms"] if self.status == "ok" else None
+
+    def to_dict(self) -> dict:
+        out = {**self.problem.to_dict(), "method": self.method, "kind": self.kind}
+        out.update(self.result)  # an error row keeps its traceback here (the table shows only the message)
+        out.update(self.check)
+        out["floor_ratio"] = self.floor_ratio
+        return out
+
+
+@dataclass
+class Sweep:
+    rows: list = field(default_factory=list)
+    #: family label -> {method: reason it was not run}
+    skipped: dict = field(default_factory=dict)
+    #: family label -> {method: "OOM at C = ..."} (also "check")
+    stopped: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+_context = None
+
+
+def _child_context():
+    """A forkserver whose server process has imported torch and the worker once: each child is a fork of
+    it (fast, and fresh: no thread pool, allocator cache or CUDA context inherited from this process)."""
+    global _context
+    if _context is None:
+        methods = multiprocessing.get_all_start_methods()
+        _context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            # torch._dynamo: a margin_kernels call imports it lazily (~2 s); import-only, so still fork-safe
+            _context.set_forkserver_preload(["margin_kernels.bench.cli", "margin_kernels.bench.worker",
+                                             "torch._dynamo"])
+    return _context
+
+
+def run_child(job: dict, timeout_s: Optional[float]) -> dict:
+    """Run one worker job in its own process; a dead, killed or silent child is a result too."""
+    ctx = _child_context()
+    receive, send = ctx.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(prefix="margin-bench-") as tmp:
+        log_path = os.path.join(tmp, "child.log")
+        proc = ctx.Process(target=child_main, args=(job, send, log_path), daemon=True)
+        proc.start()
+        send.close()  # ours: the child's copy is then the only writer, so its death reads as EOF
+        try:
+            if receive.poll(timeout_s):
+                return receive.recv()
+            proc.kill()
+            return {"status": "timeout", "notes": [f"stopped after {timeout_s:g} s (--timeout-s)"]}
+        except EOFError:  # died without a result
+            proc.join()
+            return _death_result(proc.exitcode, log_path)
+        finally:
+            proc.join()
+            receive.close()
+
+
+def _death_result(exitcode: Optional[int], log_path: str) -> dict:
+    try:
+        with open(log_path) as f:
+            tail = [line for line in f.read().strip().splitlines() if line.strip()][-3:]
+    except OSError:
+        tail = []
+    if exitcode == -signal.SIGKILL:
+        return {"status": "oom", "notes": ["child killed by SIGKILL: most likely the kernel's OOM killer"] + tail}
+    return {"status": "error", "notes": [f"child died (exit code {exitcode})"] + tail}
+
+
+def _families(problems: list[Problem]) -> dict:
+    out: dict = {}
+    for p in problems:
+        out.setdefault(p.family(), []).append(p)
+    return {k: sorted(v, key=lambda p: p.classes) for k, v in out.items()}
+
+
+def plan(problems: list[Problem], method_names: list[str]) -> tuple[dict, dict]:
+    """(family -> runnable method names, family label -> {method: reason}) decided before any child runs."""
+    methods = all_methods()
+    runnable, skipped = {}, {}
+    for family, members in _families(problems).items():
+        names, reasons = [], {}
+        for name in method_names:
+            reason = methods[name].unavailable(members[0])
+            if reason is None:
+                names.append(name)
+            else:
+                reasons[name] = reason
+        runnable[family] = names
+        if reasons:
+            skipped[members[0].family_label()] = reasons
+    return runnable, skipped
+
+
+def _checks(problem: Problem, names: list[str], settings: Settings) -> bool:
+    """Whether ``problem`` gets a float64 check (at most one per problem: one step of the progress bar)."""
+    methods = all_methods()
+    return (settings.check and any(methods[n].checkable for n in names)
+            and (settings.check_max_classes is None or problem.classes <= settings.check_max_classes))
+
+
+def count_steps(problems: list[Problem], runnable: dict, settings: Settings) -> int:
+    return sum(len(runnable[p.family()]) + int(_checks(p, runnable[p.family()], settings)) for p in problems)
+
+
+def _settings_for(kind: str, settings: Settings) -> dict:
+    """A forced memory limit is for the methods compared; the GEMM floor (a time yardstick) and the float64
+    check (a correctness yardstick) run under the default safety limit only."""
+    if kind in ("floor", "check"):
+        return replace(settings, mem_limit_bytes=None).to_dict()
+    return settings.to_dict()
+
+
+def _attach_floor_ratios(rows: list[Row]) -> None:
+    floor = next((r for r in rows if r.kind == "floor" and r.status == "ok"), None)
+    if floor is None:
+        return
+    for row in rows:
+        if row.status == "ok":
+            row.floor_ratio = row.total_ms() / floor.total_ms()
+
+
+def run_sweep(problems: list[Problem], method_names: list[str], settings: Settings,
+              advance: Callable[[str], None] = lambda text: None, child=run_child) -> Sweep:
+    """``advance(text)`` is called before each child (for a progress bar); ``child`` runs one job."""
+    methods = all_methods()
+    runnable, skipped = plan(problems, method_names)
+    sweep = Sweep(skipped=skipped)
+    if settings.check and settings.check_max_classes is not None:
+        sweep.notes.append(f"loss diff / grad err: checked up to C = {settings.check_max_classes:,} only")
+    for family, members in _families(problems).items():
+        label = members[0].family_label()
+        stopped: dict = {}
+        for problem in members:
+            rows = []
+            for name in runnable[family]:
+                advance(f"C={problem.classes:,} {name}")
+                if name in stopped:
+                    result = {"status": "skipped", "notes": [f"not run: {stopped[name]}"]}
+                else:
+                    result = child({"mode": "measure", "problem": problem.to_dict(), "method": name,
+                                    "settings": _settings_for(methods[name].kind, settings)}, settings.timeout_s)
+                    if result.get("status") in ("oom", "timeout"):
+                        stopped[name] = f"{_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
+                rows.append(Row(problem, name, methods[name].kind, result))
+            _attach_floor_ratios(rows)
+            _check(problem, rows, settings, stopped, advance, child)
+            sweep.rows.extend(rows)
+        if stopped:
+            sweep.stopped[label] = stopped
+    return sweep
+
+
+def _check(problem: Problem, rows: list[Row], settings: Settings, stopped: dict, advance, child) -> None:
+    methods = all_methods()
+    names = [r.method for r in rows if r.status == "ok" and methods[r.method].checkable]
+    if not _checks(problem, [r.method for r in rows], settings):
+        return
+    advance(f"C={problem.classes:,} check vs float64 reference")
+    if "check" in stopped:
+        note = f"check not run: {stopped['check']}"
+    elif not names:
+        note = "check not run: no method ran"
+    else:
+        result = child({"mode": "check", "problem": problem.to_dict(), "methods": names,
+                        "settings": _settings_for("check", settings)}, settings.timeout_s)
+        if result.get("status") == "ok":
+            for row in rows:
+                if row.method in result["methods"]:
+                    row.check = result["methods"][row.method]
+            return
+        if result.get("status") in ("oom", "timeout"):
+            stopped["check"] = f"float64 reference {_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
+            note = f"no check: float64 reference {_STOP_WORDS[result['status']]}"
+        else:
+            note = "check failed: " + "; ".join(result.get("notes", [])[:2])
+    for row in rows:
+        if row.method in names:
+            row.check = {"check_note": note}

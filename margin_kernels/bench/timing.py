@@ -1,0 +1,54 @@
+"""Timing of one forward+backward: device synchronised around each phase, warm-up runs excluded,
+median and spread over the timed repeats."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Optional, Protocol
+
+import torch
+
+
+class Run(Protocol):
+    """One measured computation on fixed inputs: ``forward`` then ``backward``, ``reset`` drops the outputs."""
+
+    def forward(self) -> None: ...
+
+    def backward(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_run(run: Run, device: torch.device) -> tuple[float, float]:
+    """(forward seconds, backward seconds) of one run; outputs are dropped afterwards."""
+    synchronize(device)
+    start = time.perf_counter()
+    run.forward()
+    synchronize(device)
+    middle = time.perf_counter()
+    run.backward()
+    synchronize(device)
+    end = time.perf_counter()
+    run.reset()
+    return middle - start, end - middle
+
+
+def repeats_within(budget_s: Optional[float], seconds_per_run: float, repeats: int) -> int:
+    """How many timed repeats fit ``budget_s`` (at least 1, at most ``repeats``); large C gets fewer."""
+    if budget_s is None or seconds_per_run <= 0:
+        return repeats
+    return max(1, min(repeats, int(math.floor(budget_s / seconds_per_run))))
+
+
+def summarize(seconds: list[float]) -> dict:
+    """Median and spread in milliseconds; ``spread`` is half the min..max range relative to the median."""
+    ms = [s * 1e3 for s in seconds]
+    median = statistics.median(ms)
+    return {"median_ms": median, "min_ms": min(ms), "max_ms": max(ms), "n": len(ms),
+            "spread": (max(ms) - min(ms)) / 2 / median if median > 0 else 0.0, "values_ms": ms}
