@@ -100,13 +100,15 @@ def _time_round_robin(methods: dict, warmup: int, repeats: int) -> dict:
 
 def run_config(batch, classes, dim, args) -> dict:
     x, w, y = _problem(batch, classes, dim)
-    chunk = args.chunk or cpu_native.DEFAULT_CHUNK_SIZE
+    chunk = cpu_native.default_chunk_size(batch)
     methods = {
         "floor_full": _floor_full(x, w),
         "floor_chunked": _floor_chunked(x, w, chunk),
-        "cpu": _loss_step("cpu", x, w, y, args.loss, args.chunk),
+        "cpu": _loss_step("cpu", x, w, y, args.loss, None),
         "torch": _loss_step("torch", x, w, y, args.loss, None),
     }
+    for other in args.chunk:  # other chunk sizes of the fused path, for tuning
+        methods[f"cpu@{other}"] = _loss_step("cpu", x, w, y, args.loss, other)
     # the naive path keeps several B x C tensors alive for autograd; skip it where that would crowd the machine
     naive_gib = args.naive_copies * batch * classes * 4 / 2 ** 30
     naive_note = None
@@ -129,13 +131,13 @@ def _fmt_row(row) -> str:
     ratio = row["vs_floor"]
     naive = f"{ratio['naive']:.2f}x" if "naive" in ratio else "—"
     naive_over_cpu = f"{row['median_s']['naive'] / row['median_s']['cpu']:.1f}x" if "naive" in ratio else "—"
-    return (f"| {row['B']} | {row['C']:.0e} | {row['d']} | {row['floor_s']:.3f} | {row['median_s']['cpu']:.3f} | "
+    return (f"| {row['B']} | {row['C']:.0e} | {row['d']} | {row['chunk']} | {row['floor_s']:.3f} | {row['median_s']['cpu']:.3f} | "
             f"**{ratio['cpu']:.2f}x** | {ratio['torch']:.2f}x | {naive} | {naive_over_cpu} | "
             f"{ratio['floor_full']:.2f} / {ratio['floor_chunked']:.2f} |")
 
 
-HEADER = ("| B | C | d | floor (s) | cpu (s) | cpu / floor | torch / floor | naive / floor | naive / cpu | "
-          "floor full / chunked |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| B | C | d | chunk | floor (s) | cpu (s) | cpu / floor | torch / floor | naive / floor | naive / cpu | "
+          "floor full / chunked |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None):
@@ -144,7 +146,8 @@ def main(argv=None):
     parser.add_argument("--classes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--loss", choices=sorted(LOSSES), default="arcface")
-    parser.add_argument("--chunk", type=int, default=None, help="chunk size of the cpu backend (its default)")
+    parser.add_argument("--chunk", type=int, nargs="*", default=[],
+                        help="also time the cpu backend at these chunk sizes (cpu@N columns of the JSON/stdout)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -167,7 +170,8 @@ def main(argv=None):
         for classes in args.classes:
             row = run_config(batch, int(classes), args.dim, args)
             rows.append(row)
-            print(_fmt_row(row) + (f" ({row['naive_note']})" if "naive_note" in row else ""), flush=True)
+            extra = "".join(f" {name}: {ratio:.2f}x" for name, ratio in row["vs_floor"].items() if "@" in name)
+            print(_fmt_row(row) + (f" ({row['naive_note']})" if "naive_note" in row else "") + extra, flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         lines = [f"fused CPU margin loss ({args.loss}), forward+backward, fp32, median of {args.repeats}",

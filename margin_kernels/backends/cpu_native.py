@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from .native_epilogue import NativeBackend
 
-#: a B x 4096 fp32 tile and a 4096-row chunk of W stay in the last-level cache between the GEMMs and the
-#: epilogue passes over them (bench/bench_cpu_native.py measures the alternatives)
-DEFAULT_CHUNK_SIZE = 4096
+#: elements of the B x chunk tile: 1 MiB of fp32 stays in L2 between the GEMM that writes it, the epilogue
+#: and the two GEMMs that read it (bench/bench_cpu_native.py --chunk compares sizes)
+TILE_ELEMENTS = 1 << 18
+MIN_CHUNK, MAX_CHUNK = 1024, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
 
-_BACKEND = NativeBackend("cpu", "cpu", DEFAULT_CHUNK_SIZE)
+
+def default_chunk_size(batch: int) -> int:
+    """TILE_ELEMENTS / batch rounded down to a power of two, within [MIN_CHUNK, MAX_CHUNK]."""
+    target = TILE_ELEMENTS // max(batch, 1)
+    return max(MIN_CHUNK, min(MAX_CHUNK, 1 << max(target, 1).bit_length() - 1))
+
+
+_BACKEND = NativeBackend("cpu", "cpu", default_chunk_size)
 unavailable_reason = _BACKEND.unavailable_reason
 lse_forward = _BACKEND.lse_forward
 lse_backward = _BACKEND.lse_backward

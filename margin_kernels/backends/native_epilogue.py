@@ -8,7 +8,7 @@ instances of ``NativeBackend``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -62,7 +62,8 @@ class NativeBackend:
     argument. Per-row inputs are made contiguous in the accumulation dtype once per call, not per tile.
     """
 
-    def __init__(self, name: str, device_type: str, default_chunk_size: int):
+    def __init__(self, name: str, device_type: str, default_chunk_size: Callable[[int], int]):
+        """``default_chunk_size(batch)`` is the chunk used when the caller passes none."""
         self.name, self.device_type, self.default_chunk_size = name, device_type, default_chunk_size
 
     def unavailable_reason(self) -> Optional[str]:
@@ -105,7 +106,7 @@ class NativeBackend:
         return torch_chunked.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
-            chunk_size or self.default_chunk_size, self._epilogue())
+            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                      g_cos_target, chunk_size, grad_filter=0.0):
@@ -116,4 +117,4 @@ class NativeBackend:
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
-            chunk_size or self.default_chunk_size, epilogue, grad_filter)
+            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter)
