@@ -95,6 +95,26 @@ def test_duplicate_labels(ext):
     assert max(rel_err(o, r) for o, r in zip(out, ref)) < 1e-5
 
 
+def test_non_contiguous_weight(ext):
+    # a transposed-storage weight: chunks are copied to unit stride, dW keeps the weight's layout
+    x, w, labels = random_problem(9, 120, 20, dtype=torch.float32, seed=4)
+    w_t = w.t().contiguous().t()
+    assert not w_t.is_contiguous()
+    margin = make_loss("curricularface")
+    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, twin(margin), backend="reference"),
+                         x.double(), w.double())
+    out = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, margin, backend="cpu", chunk_size=32),
+                         x, w_t)
+    assert max(rel_err(o, r) for o, r in zip(out, ref)) < 1e-5
+
+
+def test_default_chunk_keeps_the_tile_near_one_mib():
+    assert cpu_native.default_chunk_size(256) * 256 == cpu_native.TILE_ELEMENTS
+    assert cpu_native.default_chunk_size(4096) == cpu_native.MIN_CHUNK
+    assert cpu_native.default_chunk_size(1) == cpu_native.MAX_CHUNK
+    assert all(c & (c - 1) == 0 for c in map(cpu_native.default_chunk_size, range(1, 3000, 7)))
+
+
 def test_grad_filter_skips_the_same_tiles_as_torch(ext):
     # the same tiles fall below the threshold in both backends, and the kept ones give the same gradients
     x, w, labels = random_problem(4, 2000, 24, dtype=torch.float32, seed=3)
