@@ -64,6 +64,19 @@ def compare_with_reference(backend, name, dtype, *, device="cpu", batch=13, clas
     return errors
 
 
+# shapes and label patterns every backend must handle (keyword arguments of compare_with_reference)
+VARIANTS = {
+    "class_index_and_ignored_rows": dict(class_index=True, ignore_rows=(0, 5, 6)),
+    "odd_dim_one_chunk": dict(dim=33, classes=97, chunk_size=None),
+    "chunk_of_one_class": dict(classes=23, chunk_size=1),
+    "classes_not_multiple_of_chunk": dict(classes=257, chunk_size=50),
+    "single_row": dict(batch=1, ignore_rows=()),
+    "only_the_target_class": dict(classes=1, ignore_rows=(), chunk_size=None),  # no negatives: lse = -inf
+    "all_rows_ignored": dict(batch=4, ignore_rows=(0, 1, 2, 3)),
+    "wide_tile_many_strips": dict(batch=5, classes=1500, dim=8, chunk_size=700),
+}
+
+
 def assert_matches_reference(backend, name, dtype, **kwargs):
     errors = compare_with_reference(backend, name, dtype, **kwargs)
     tol = TOL.get(dtype)

@@ -19,7 +19,7 @@ from margin_kernels.backends import cpu_native, resolve_backend, unavailable_rea
 from margin_kernels.losses.negatives import NegativeKind, NegativeSpec, negative_derivative, negative_value
 
 from .helpers import LOSS_NAMES, loss_and_grads, make_loss, random_problem, rel_err, twin
-from .native_checks import SPECS, assert_matches_reference, compare_epilogues, compare_with_reference
+from .native_checks import SPECS, VARIANTS, assert_matches_reference, compare_epilogues, compare_with_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,16 +66,6 @@ def test_fp16_matches_reference(ext, name):
     assert_matches_reference("cpu", name, torch.float16)
 
 
-VARIANTS = {
-    "class_index_and_ignored_rows": dict(class_index=True, ignore_rows=(0, 5, 6)),
-    "odd_dim_one_chunk": dict(dim=33, classes=97, chunk_size=None),
-    "chunk_of_one_class": dict(classes=23, chunk_size=1),
-    "classes_not_multiple_of_chunk": dict(classes=257, chunk_size=50),
-    "single_row": dict(batch=1, ignore_rows=()),
-    "only_the_target_class": dict(classes=1, ignore_rows=(), chunk_size=None),  # no negatives: lse = -inf
-    "all_rows_ignored": dict(batch=4, ignore_rows=(0, 1, 2, 3)),
-    "wide_tile_many_strips": dict(batch=5, classes=1500, dim=8, chunk_size=700),
-}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

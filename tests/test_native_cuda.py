@@ -14,7 +14,7 @@ from margin_kernels.backends import resolve_backend, unavailable_reason
 from margin_kernels.losses.negatives import NegativeKind
 
 from .helpers import LOSS_NAMES, loss_and_grads, random_problem
-from .native_checks import assert_matches_reference, compare_epilogues
+from .native_checks import VARIANTS, assert_matches_reference, compare_epilogues
 
 pytestmark = [
     pytest.mark.cuda,
@@ -47,12 +47,10 @@ def test_every_loss_matches_reference(ext, name, dtype):
     assert_matches_reference("cuda", name, dtype, device="cuda")
 
 
-@pytest.mark.parametrize("variant", [dict(class_index=True, ignore_rows=(0, 5)), dict(dim=33, classes=97, chunk_size=None),
-                                     dict(classes=1, ignore_rows=(), chunk_size=None), dict(batch=1, ignore_rows=()),
-                                     dict(batch=5, classes=1500, dim=8, chunk_size=700)])
-@pytest.mark.parametrize("name", ["arcface", "curricularface", "softmax"])
-def test_shapes_and_label_cases(ext, name, variant):
-    assert_matches_reference("cuda", name, torch.float32, device="cuda", **variant)
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "softmax", "combined_filter"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_shapes_and_label_cases(ext, variant, name):
+    assert_matches_reference("cuda", name, torch.float32, device="cuda", **VARIANTS[variant])
 
 
 @pytest.mark.parametrize("normalized", [True, False], ids=["normalized", "raw"])
