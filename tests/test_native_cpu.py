@@ -310,3 +310,17 @@ def test_jit_build_from_sources(tmp_path):
     env = dict(os.environ, MARGIN_KERNELS_JIT="force", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bench_script_runs(ext, tmp_path):
+    # smoke test of bench/bench_cpu_native.py at a tiny size (the real sweep is a recorded run, not a test)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_cpu_native", ROOT / "bench" / "bench_cpu_native.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cpu_native.md"
+    rows = bench.main(["--batch", "8", "--classes", "300", "--dim", "16", "--repeats", "1", "--warmup", "0",
+                       "--chunk", "64", "--out", str(out)])
+    assert len(rows) == 1 and {"cpu", "torch", "naive", "cpu@64", "floor_full"} <= set(rows[0]["vs_floor"])
+    assert all(t > 0 for t in rows[0]["median_s"].values())
+    assert "| 8 | 3e+02 | 16 |" in out.read_text() and out.with_suffix(".json").is_file()
