@@ -98,7 +98,7 @@ def test_non_contiguous_weight(ext):
     assert max(rel_err(o, r) for o, r in zip(out, ref)) < 1e-5
 
 
-def test_default_chunk_keeps_the_tile_near_one_mib():
+def test_default_chunk_keeps_the_tile_near_two_mib():
     assert cpu_native.default_chunk_size(256) * 256 == cpu_native.TILE_ELEMENTS
     assert cpu_native.default_chunk_size(4096) == cpu_native.MIN_CHUNK
     assert cpu_native.default_chunk_size(1) == cpu_native.MAX_CHUNK
