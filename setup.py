@@ -1,4 +1,77 @@
-"""Build script. Pure-Python install for now; native extensions are added by the CUDA/C++ backend."""
+"""Build script: the pure-Python package plus the native epilogues of csrc/.
+
+* margin_kernels._C (CPU epilogues, OpenMP) whenever torch is importable at build time, which is why the
+  install command is ``pip install --no-build-isolation -e .`` (pyproject deliberately lists no torch: an
+  isolated build would download a multi-GB CUDA torch);
+* margin_kernels._C_cuda (the same plus the CUDA kernels) when torch is a CUDA build and nvcc is found.
+
+Both are optional: if one fails to compile the install goes on with a warning, and the package falls back to a
+JIT build at first use, then to the pure-torch backend. ``MARGIN_KERNELS_REQUIRE_NATIVE=1`` makes a failed
+build fatal (CI), ``MARGIN_KERNELS_NO_NATIVE=1`` skips the extensions, ``MARGIN_KERNELS_NO_CUDA=1`` the CUDA one.
+"""
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+
+
+def _native_build():
+    """margin_kernels/native_build.py, loaded by path: importing the package would need its dependencies."""
+    spec = importlib.util.spec_from_file_location("_margin_kernels_native_build",
+                                                  ROOT / "margin_kernels" / "native_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("MARGIN_KERNELS_NO_NATIVE"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("margin_kernels: torch is not importable at build time, so no native extension is built "
+              "(install with --no-build-isolation to build it; it is otherwise compiled at first use)")
+        return [], {}
+    build = _native_build()
+
+    def rel(paths):  # setuptools wants paths relative to setup.py
+        return [str(path.relative_to(ROOT)) for path in paths]
+
+    include = [str(build.csrc_dir().relative_to(ROOT))]
+    optional = not _flag("MARGIN_KERNELS_REQUIRE_NATIVE")
+    extensions = [cpp_extension.CppExtension(
+        f"margin_kernels.{build.CPU_MODULE}", rel(build.sources(False)), include_dirs=include,
+        extra_compile_args=build.cxx_flags(), extra_link_args=build.ld_flags(), optional=optional)]
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and not _flag("MARGIN_KERNELS_NO_CUDA"):
+        extensions.append(cpp_extension.CUDAExtension(
+            f"margin_kernels.{build.CUDA_MODULE}", rel(build.sources(True)), include_dirs=include,
+            extra_compile_args={"cxx": build.cxx_flags(True), "nvcc": build.nvcc_flags()},
+            extra_link_args=build.ld_flags(), optional=optional))
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """torch's builder (ninja, parallel), except that an optional extension that fails only warns:
+        torch raises RuntimeError for compiler errors, which setuptools' own `optional` does not catch."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any build failure of an optional extension
+                if not getattr(ext, "optional", False):
+                    raise
+                self.warn(f"margin_kernels: building {ext.name} failed ({type(exc).__name__}: {exc}); the package "
+                          "still works (JIT build at first use, else backend='torch')")
+
+    return extensions, {"build_ext": BuildExt}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -18,7 +18,12 @@ import torch
 #: every name a user may pass as ``backend=``; "reference" is the full-logit ground truth (margin_kernels.reference)
 BACKEND_NAMES = ("auto", "reference", "torch", "cpu", "triton", "cuda")
 
-_MODULES = {"torch": "margin_kernels.backends.torch_chunked", "triton": "margin_kernels.backends.triton_backend"}
+_MODULES = {
+    "torch": "margin_kernels.backends.torch_chunked",
+    "cpu": "margin_kernels.backends.cpu_native",
+    "triton": "margin_kernels.backends.triton_backend",
+    "cuda": "margin_kernels.backends.cuda_native",
+}
 _warned: set = set()
 
 

@@ -4,13 +4,15 @@ Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per ch
 B x C matrix and no normalised copy of W. Per chunk it runs two GEMMs in forward-recompute and two more in
 backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW).
 
-The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 logits.
-``TorchEpilogue`` does it with PyTorch ops over ``losses/negatives.py``; the native backends pass fused
-C++/CUDA epilogues to the same loop.
+The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 dot
+products (normalise, negatives, online log-sum-exp; in backward the gradient tile, the per-class sums of the
+normalisation backward and the dW correction). ``TorchEpilogue`` does it with PyTorch ops over
+``losses/negatives.py``; the native backends (cpu_native, cuda_native) pass fused C++/CUDA epilogues that read
+each tile once to the same loop.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 
@@ -21,15 +23,34 @@ from ..losses.negatives import NegativeSpec, negative_derivative, negative_logit
 DEFAULT_CHUNK_SIZE = 8192
 
 
+class TileGrad(NamedTuple):
+    """What the backward epilogue hands back to the loop for one tile."""
+
+    grad: torch.Tensor  #: dL/d(x_i . w_j), the operand of the dx and dW GEMMs (includes 1/|w_j| when normalised)
+    col_dot: Optional[torch.Tensor]  #: sum_i dL/dc_ij * c_ij per class (normalised weights only)
+    max_abs: Optional[torch.Tensor]  #: max |dL/dc_ij| over the tile (only when asked: gradient filtering)
+
+
 class Epilogue(Protocol):
-    def forward_tile(self, cos: torch.Tensor, labels: torch.Tensor, col0: int, row_params: torch.Tensor,
-                     spec: NegativeSpec, run_max: torch.Tensor, run_sum: torch.Tensor) -> None:
+    """The elementwise work of the loop. ``inv_norm`` is None when the loss uses raw weights; ``cos`` holds
+    the raw dot products x_i . w_j (the epilogue divides by |w_j| itself) and may be overwritten."""
+
+    def inv_norms(self, w: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+        """1 / max(|w_j|, eps) for the rows of a chunk of W, in acc_dtype."""
+
+    def forward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
+                     row_params: torch.Tensor, spec: NegativeSpec, run_max: torch.Tensor,
+                     run_sum: torch.Tensor) -> None:
         """Merge logits of the negatives of this tile into the running max/sum (in place)."""
 
-    def backward_tile(self, cos: torch.Tensor, labels: torch.Tensor, col0: int, row_params: torch.Tensor,
-                      spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
-                      g_cos_target: torch.Tensor) -> torch.Tensor:
-        """dL/dcos for this tile (target column: g_cos_target)."""
+    def backward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
+                      row_params: torch.Tensor, spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
+                      g_cos_target: torch.Tensor, want_max_abs: bool) -> TileGrad:
+        """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs."""
+
+    def finish_dw(self, dw: torch.Tensor, w_acc: torch.Tensor, col_dot: torch.Tensor,
+                  inv_norm: torch.Tensor) -> None:
+        """In place: the normalisation backward on the dW GEMM output, dw_j -= col_dot_j / |w_j|^2 * w_j."""
 
 
 def _target_columns(labels: torch.Tensor, col0: int, width: int):
@@ -40,7 +61,12 @@ def _target_columns(labels: torch.Tensor, col0: int, width: int):
 
 
 class TorchEpilogue:
-    def forward_tile(self, cos, labels, col0, row_params, spec, run_max, run_sum):
+    def inv_norms(self, w, acc_dtype):
+        return 1.0 / w.to(acc_dtype).norm(dim=1).clamp_min(NORM_EPS)
+
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
+        if inv_norm is not None:
+            cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
         z[rows, cols] = float("-inf")
@@ -50,20 +76,35 @@ class TorchEpilogue:
         run_sum.mul_(torch.exp(run_max - shift)).add_(torch.exp(z - shift.unsqueeze(1)).sum(dim=1))
         run_max.copy_(new_max)
 
-    def backward_tile(self, cos, labels, col0, row_params, spec, lse, g_lse, g_cos_target):
+    def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
+                      want_max_abs):
+        if inv_norm is not None:
+            cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
         z[rows, cols] = float("-inf")
         p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
         dcos = p.mul_(negative_derivative(cos, spec, row_params)).mul_(spec.scale)
         dcos[rows, cols] = g_cos_target[rows]
-        return dcos
+        max_abs = dcos.abs().amax() if want_max_abs else None
+        col_dot = None
+        if inv_norm is not None:
+            # d cos_ij / d w_j = (x_i - cos_ij w_j/|w_j|) / |w_j|: fold 1/|w_j| into dcos, the rest into a
+            # per-class correction of the dW rows (finish_dw)
+            col_dot = (dcos * cos).sum(dim=0)
+            dcos.mul_(inv_norm)
+        return TileGrad(dcos, col_dot, max_abs)
+
+    def finish_dw(self, dw, w_acc, col_dot, inv_norm):
+        dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w_acc)
 
 
-def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b_t in acc_dtype: low-precision storage is multiplied with fp32 accumulation and fp32 output."""
+def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b_t in acc_dtype: low-precision storage is multiplied with fp32 accumulation and fp32 output.
+    ``out`` (a reusable buffer of the result's shape) is used when no dtype conversion is involved."""
     if a.dtype == acc_dtype and b_t.dtype == acc_dtype:
-        return a @ b_t
+        return a @ b_t if out is None else torch.mm(a, b_t, out=out)
     if a.is_cuda and a.dtype == b_t.dtype:
         try:
             return torch.mm(a, b_t, out_dtype=acc_dtype)
@@ -72,20 +113,37 @@ def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype) -> t
     return a.to(acc_dtype) @ b_t.to(acc_dtype)
 
 
+def _gemm_operand(t: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """CPU GEMMs have no mixed-precision path: convert once and reuse the copy for every product of a chunk
+    (CUDA keeps the storage dtype and multiplies with fp32 output)."""
+    return t if t.is_cuda else t.to(acc_dtype)
+
+
+class _Scratch:
+    """Per-call reusable buffers (tile B x chunk, dW chunk x d): one allocation per call instead of one per
+    chunk; a shorter last chunk takes a contiguous view of the front of the same storage."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self._device, self._dtype, self._flat = device, dtype, {}
+
+    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < rows * cols:
+            flat = self._flat[name] = torch.empty(rows * cols, dtype=self._dtype, device=self._device)
+        return flat[: rows * cols].view(rows, cols)
+
+
 def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int) -> torch.Tensor:
     if class_index is None:
         return weight[col0:col1]
     return weight.index_select(0, class_index[col0:col1])
 
 
-def _inv_norms(w: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    return 1.0 / w.to(acc_dtype).norm(dim=1).clamp_min(NORM_EPS)
-
-
 def _num_columns(weight, class_index) -> int:
     return weight.shape[0] if class_index is None else class_index.shape[0]
 
 
+@torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                     chunk_size: int, epilogue: Epilogue) -> torch.Tensor:
     acc = row_params.dtype
@@ -93,51 +151,53 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
     num_cols = _num_columns(weight, class_index)
+    x_mm = _gemm_operand(x, acc)
+    scratch = _Scratch(x.device, acc)
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w = _chunk_rows(weight, class_index, col0, col1)
-        cos = _matmul_acc(x, w.t(), acc)
-        if normalize_weight:
-            cos.mul_(_inv_norms(w, acc))
-        epilogue.forward_tile(cos, labels, col0, row_params, spec, run_max, run_sum)
+        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
+        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
+        inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
+        epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
     return run_max + torch.log(run_sum)
 
 
+@torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                      lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0):
     acc = row_params.dtype
+    batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     # with a class subset only the sampled rows are written; the rest of dW must read as zero
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-    x_acc = x if x.dtype == acc else None
+    # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
+    dw_in_place = class_index is None and weight.dtype == acc and dweight.is_contiguous()
+    x_acc = x.to(acc)
+    x_mm = _gemm_operand(x, acc)
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     num_cols = _num_columns(weight, class_index)
+    scratch = _Scratch(x.device, acc)
     skipped = 0
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w = _chunk_rows(weight, class_index, col0, col1)
-        cos = _matmul_acc(x, w.t(), acc)
-        if normalize_weight:
-            inv_norm = _inv_norms(w, acc)
-            cos.mul_(inv_norm)
-        dcos = epilogue.backward_tile(cos, labels, col0, row_params, spec, finite_lse, g_lse, g_cos_target)
-        if grad_filter > 0 and bool(dcos.abs().amax() < grad_filter):
+        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
+        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
+        inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
+        tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, finite_lse, g_lse,
+                                      g_cos_target, grad_filter > 0)
+        if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
             if class_index is None:
                 dweight[col0:col1].zero_()
             continue
-        if normalize_weight:
-            # d cos_ij / d w_j = (x_i - cos_ij w_j/|w_j|) / |w_j|: fold 1/|w_j| into dcos, the rest into a
-            # per-class correction of the dW rows
-            col_dot = (dcos * cos).sum(dim=0)
-            dcos.mul_(inv_norm)
         w_acc = w.to(acc)
-        dx.addmm_(dcos, w_acc)
-        if x_acc is None:
-            x_acc = x.to(acc)
-        dw = dcos.t() @ x_acc
+        dx.addmm_(tile.grad, w_acc)
+        dw_out = dweight[col0:col1] if dw_in_place else scratch.get("dw", col1 - col0, dim)
+        dw = torch.mm(tile.grad.t(), x_acc, out=dw_out)
         if normalize_weight:
-            dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w_acc)
+            epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
+        if dw_in_place:
+            continue
         if class_index is None:
             dweight[col0:col1].copy_(dw)
         else:

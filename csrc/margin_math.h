@@ -1,0 +1,207 @@
+// Per-element math of the fused margin-softmax epilogues, shared by the CUDA kernels (margin_cuda.cu) and the
+// CPU kernels (margin_cpu.cpp): the six negative-function kinds of margin_kernels/losses/negatives.py (value
+// and derivative, same table, same kind numbers), exp, the online log-sum-exp merge, the per-element backward
+// (p -> dL/dcos) and the weight-normalisation backward. Written once so the math that runs on GPUs is the math
+// the CPU tests check. Plain C++17 without CUDA; __host__ __device__ under nvcc. No torch headers.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define MK_HD static __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU kernels are compiled in several ISA clones (target_clones); an out-of-line call would
+// run the baseline-ISA body from inside an AVX-512 loop and stop it from vectorising
+#define MK_HD static inline __attribute__((always_inline))
+#else
+#define MK_HD static inline
+#endif
+
+namespace mk {
+
+// must match margin_kernels.losses.negatives.NegativeKind
+enum NegativeKind : int {
+  kIdentity = 0,
+  kClamp = 1,
+  kCurricular = 2,
+  kMV = 3,
+  kCircle = 4,
+  kFilter = 5,
+};
+constexpr int kNumNegativeKinds = 6;
+
+// as margin_kernels.losses.base.NORM_EPS (F.normalize's eps): 1 / max(||w||, eps)
+constexpr double kNormEps = 1e-12;
+
+// bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
+constexpr int kAbiVersion = 1;
+
+// ---- exp --------------------------------------------------------------------------------------------------
+MK_HD float bits_as_float(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float out;
+  memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+// exp in float from a degree-6 polynomial (Cephes' expf, ~1 ulp) made only of arithmetic and a bit cast, so a
+// CPU loop calling it vectorises without -ffast-math or a vector libm, and the GPU computes the same values.
+// exp(-inf) and anything below the float range give exactly 0 (masked logits); NaN propagates.
+MK_HD float mk_exp(float x) {
+  const float lo = -87.33654f, hi = 88.37626f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick: no rounding-mode intrinsic, vectorises on every ISA
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;  // ln2 split in two for an exact first product
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float y = p * bits_as_float((static_cast<int32_t>(n) + 127) << 23);
+  return x < lo ? 0.0f : y;
+}
+
+MK_HD double mk_exp(double x) { return exp(x); }
+
+MK_HD float mk_sqrt(float x) { return sqrtf(x); }
+MK_HD double mk_sqrt(double x) { return sqrt(x); }
+
+template <typename T>
+MK_HD T neg_infinity() {
+  return static_cast<T>(-INFINITY);
+}
+
+template <typename T>
+MK_HD T max_of(T a, T b) {
+  return a > b ? a : b;
+}
+
+// ---- the negative functions g(c) and dg/dc (table in negatives.py) ------------------------------------------
+// thr = T_i = row_params[i, 0], aux = U_i = row_params[i, 1]; a, b the spec's constants.
+template <int KIND, typename T>
+MK_HD T negative_value(T c, T thr, T aux, T a, T b) {
+  if constexpr (KIND == kIdentity) {
+    return c;
+  } else if constexpr (KIND == kClamp) {
+    return c < a ? a : (c > b ? b : c);
+  } else if constexpr (KIND == kCurricular) {
+    return c > thr ? c * (aux + c) : c;
+  } else if constexpr (KIND == kMV) {
+    return c > thr ? a * c + (a - T(1)) : c;
+  } else if constexpr (KIND == kCircle) {
+    // the weight relu(c + a) is detached in the original: it scales the logit but is not differentiated
+    T alpha = c + a > T(0) ? c + a : T(0);
+    return alpha * (c - a);
+  } else {
+    static_assert(KIND == kFilter, "unknown negative kind");
+    return c > a ? T(0) : c;
+  }
+}
+
+template <int KIND, typename T>
+MK_HD T negative_derivative(T c, T thr, T aux, T a, T b) {
+  if constexpr (KIND == kIdentity) {
+    return T(1);
+  } else if constexpr (KIND == kClamp) {
+    return (c >= a && c <= b) ? T(1) : T(0);
+  } else if constexpr (KIND == kCurricular) {
+    return c > thr ? aux + T(2) * c : T(1);
+  } else if constexpr (KIND == kMV) {
+    return c > thr ? a : T(1);
+  } else if constexpr (KIND == kCircle) {
+    return c + a > T(0) ? c + a : T(0);
+  } else {
+    static_assert(KIND == kFilter, "unknown negative kind");
+    return c <= a ? T(1) : T(0);
+  }
+}
+
+// the spec of one call: kind is a template argument of every caller, the rest rides along
+template <typename T>
+struct NegativeConsts {
+  T scale, a, b;
+};
+
+template <int KIND, typename T>
+MK_HD T negative_logit(T c, T thr, T aux, NegativeConsts<T> k) {
+  return k.scale * negative_value<KIND>(c, thr, aux, k.a, k.b);
+}
+
+// backward of one negative pair: p = exp(z - lse) * g_lse is the softmax weight times the incoming gradient of
+// the row's lse; dL/dc = scale * g'(c) * p. ``lse`` must be finite (rows without negatives pass 0).
+template <int KIND, typename T>
+MK_HD T negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
+  T z = negative_logit<KIND>(c, thr, aux, k);
+  T p = mk_exp(z - lse) * g_lse;
+  return p * negative_derivative<KIND>(c, thr, aux, k.a, k.b) * k.scale;
+}
+
+// ---- online log-sum-exp -------------------------------------------------------------------------------------
+// A partial log-sum-exp is a pair (max, sum of exp(z - max)); (-inf, 0) is the empty set.
+template <typename T>
+MK_HD void lse_merge(T& run_max, T& run_sum, T other_max, T other_sum) {
+  T m = max_of(run_max, other_max);
+  if (m == neg_infinity<T>()) return;  // both empty: keep exp away from -inf - -inf
+  run_sum = run_sum * mk_exp(run_max - m) + other_sum * mk_exp(other_max - m);
+  run_max = m;
+}
+
+// one element into a running pair with a single exp (the per-thread step of the GPU reduction)
+template <typename T>
+MK_HD void lse_push(T& run_max, T& run_sum, T z) {
+  if (z > run_max) {
+    run_sum = run_sum * mk_exp(run_max - z) + T(1);
+    run_max = z;
+  } else if (z != neg_infinity<T>()) {
+    run_sum += mk_exp(z - run_max);
+  }
+}
+
+// ---- weight normalisation ---------------------------------------------------------------------------------
+template <typename T>
+MK_HD T inv_norm_from_sumsq(T sumsq) {
+  T norm = mk_sqrt(sumsq);
+  return T(1) / max_of(norm, T(kNormEps));
+}
+
+// c_ij = x_i.w_j / |w_j| gives dW_j = (sum_i dc_ij x_i - (sum_i dc_ij c_ij) w_j / |w_j|) / |w_j|. The kernels
+// fold one 1/|w_j| into dc before the dW GEMM, whose output g_j = sum_i dc_ij x_i / |w_j| then needs
+// dW_j = g_j - coef_j w_j with coef_j = (sum_i dc_ij c_ij) / |w_j|^2.
+template <typename T>
+MK_HD T dw_norm_coef(T col_dot, T inv_norm) {
+  return col_dot * inv_norm * inv_norm;
+}
+
+template <typename T>
+MK_HD T dw_normalize(T g, T w, T coef) {
+  return g - coef * w;
+}
+
+// ---- host-side dispatch ----------------------------------------------------------------------------------
+// Calls f(std::integral_constant<int, KIND>()) for a runtime kind, so each kind gets its own branch-free loop;
+// returns false for an unknown kind (the caller reports it).
+template <typename F>
+inline bool dispatch_kind(int kind, F&& f) {
+  switch (kind) {
+    case kIdentity: f(std::integral_constant<int, kIdentity>()); return true;
+    case kClamp: f(std::integral_constant<int, kClamp>()); return true;
+    case kCurricular: f(std::integral_constant<int, kCurricular>()); return true;
+    case kMV: f(std::integral_constant<int, kMV>()); return true;
+    case kCircle: f(std::integral_constant<int, kCircle>()); return true;
+    case kFilter: f(std::integral_constant<int, kFilter>()); return true;
+    default: return false;
+  }
+}
+
+}  // namespace mk

@@ -1,0 +1,14 @@
+"""backend="cuda": torch_chunked's loop with cuBLAS GEMMs and the fused CUDA epilogues of csrc/margin_cuda.cu
+(one pass over each fp32 tile; deterministic). Robust on any CUDA GPU and torch build; the Triton backend is
+the fully fused one."""
+from __future__ import annotations
+
+from .native_epilogue import NativeBackend
+
+#: large enough to keep the GPU busy in every GEMM and epilogue launch at small batches
+DEFAULT_CHUNK_SIZE = 8192
+
+_BACKEND = NativeBackend("cuda", "cuda", lambda batch: DEFAULT_CHUNK_SIZE)
+unavailable_reason = _BACKEND.unavailable_reason
+lse_forward = _BACKEND.lse_forward
+lse_backward = _BACKEND.lse_backward

@@ -1,0 +1,120 @@
+"""The fused C++/CUDA epilogues (csrc/) plugged into torch_chunked's chunk loop, and the backend built on them.
+
+The loop (GEMMs by torch.mm: MKL on CPU, cuBLAS on CUDA) is torch_chunked's; the epilogue reads each B x chunk
+tile once: forward divides by |w_j|, applies the negative function and scale, masks the target and merges
+into the running max/sum; backward turns the recomputed tile into dL/d(x.w) in place with sum_i dc*c per
+class, and the dW normalisation backward is one in-place pass. ``cpu_native`` and ``cuda_native`` are
+instances of ``NativeBackend``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import _native
+from ..losses.negatives import NegativeSpec
+from . import torch_chunked
+from .torch_chunked import TileGrad
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take row-major matrices with any row stride; anything else is copied."""
+    return t if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) else t.contiguous()
+
+
+class NativeEpilogue:
+    """torch_chunked.Epilogue over the compiled extension ``ext`` (margin_kernels._C or _C_cuda)."""
+
+    def __init__(self, ext):
+        self._ext = ext
+
+    def inv_norms(self, w, acc_dtype):
+        if not w.is_cuda and w.dtype != acc_dtype:  # the CPU kernel reads fp32/fp64 (the loop converts anyway)
+            w = w.to(acc_dtype)
+        out = self._ext.inv_norms(_unit_stride_rows(w), _stream(w))
+        return out if out.dtype == acc_dtype else out.to(acc_dtype)
+
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum):
+        self._ext.forward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
+                               run_max, run_sum, _stream(cos))
+
+    def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse, g_cos_target,
+                      want_max_abs) -> TileGrad:
+        col_dot = None if inv_norm is None else torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device)
+        max_abs = torch.empty(1, dtype=cos.dtype, device=cos.device) if want_max_abs else None
+        self._ext.backward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
+                                lse, g_lse, g_cos_target, col_dot, max_abs, _stream(cos))
+        return TileGrad(cos, col_dot, max_abs)
+
+    def finish_dw(self, dw, w_acc, col_dot, inv_norm):
+        self._ext.finish_dw(dw, _unit_stride_rows(w_acc), col_dot, inv_norm, _stream(dw))
+
+
+class NativeBackend:
+    """A backend module's three functions over torch_chunked's loop with the native epilogue.
+
+    ``device_type`` is where its kernels run ("cpu" or "cuda"); inputs elsewhere get a ValueError naming the
+    argument. Per-row inputs are made contiguous in the accumulation dtype once per call, not per tile.
+    """
+
+    def __init__(self, name: str, device_type: str, default_chunk_size: Callable[[int], int]):
+        """``default_chunk_size(batch)`` is the chunk used when the caller passes none."""
+        self.name, self.device_type, self.default_chunk_size = name, device_type, default_chunk_size
+
+    def unavailable_reason(self) -> Optional[str]:
+        if self.device_type == "cuda":
+            if torch.version.cuda is None:
+                return "the 'cuda' backend needs a CUDA build of torch (this torch is CPU-only)"
+            if not torch.cuda.is_available():
+                return "the 'cuda' backend needs a CUDA device (torch.cuda.is_available() is False)"
+        return _native.load(with_cuda=self.device_type == "cuda")[1]
+
+    def _epilogue(self) -> NativeEpilogue:
+        ext, reason = _native.load(with_cuda=self.device_type == "cuda")
+        if ext is None:
+            raise RuntimeError(f"the {self.name!r} backend is unavailable: {reason}")
+        return NativeEpilogue(ext)
+
+    def _check(self, x, weight, labels, row_params, class_index):
+        for arg, t in (("features", x), ("weight", weight), ("labels", labels), ("row_params", row_params)):
+            if t.device.type != self.device_type:
+                raise ValueError(f"backend={self.name!r} computes on {self.device_type} tensors, but {arg} is on "
+                                 f"{t.device}")
+        if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise ValueError(f"features {tuple(x.shape)} and weight {tuple(weight.shape)} must be (B, d) and (C, d)")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"features ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        if row_params.dtype not in (torch.float32, torch.float64) or tuple(row_params.shape) != (x.shape[0], 2):
+            raise ValueError(f"row_params must be ({x.shape[0]}, 2) float32/float64, got {tuple(row_params.shape)} "
+                             f"{row_params.dtype}")
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+        if class_index is not None and class_index.device != weight.device:
+            raise ValueError(f"class_index is on {class_index.device} but weight is on {weight.device}")
+
+    @staticmethod
+    def _row_vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype).contiguous()
+
+    def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
+        self._check(x, weight, labels, row_params, class_index)
+        return torch_chunked.chunked_forward(
+            x, weight, labels.long().contiguous(), row_params.contiguous(),
+            None if class_index is None else class_index.long(), spec, normalize_weight,
+            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
+
+    def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
+                     g_cos_target, chunk_size, grad_filter=0.0):
+        self._check(x, weight, labels, row_params, class_index)
+        epilogue = self._epilogue()
+        acc = row_params.dtype
+        return torch_chunked.chunked_backward(
+            x, weight, labels.long().contiguous(), row_params.contiguous(),
+            None if class_index is None else class_index.long(), spec, normalize_weight,
+            self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
+            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter)

@@ -1,0 +1,47 @@
+"""What the native extensions are built from and with, in one place for both builds: ``setup.py`` (ahead of
+time, loads this file by path because torch may not be importable yet) and ``_native.py`` (JIT at first use).
+
+No -march flag: the hot CPU loops are compiled in AVX-512 / AVX2 / baseline clones chosen at load time
+(``MK_ISA_CLONES`` in csrc/margin_cpu.cpp), so a wheel built here runs on any x86-64 CPU.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+#: margin_kernels._C: the CPU epilogues (always built)
+CPU_MODULE = "_C"
+#: margin_kernels._C_cuda: the same bindings compiled with MK_WITH_CUDA, plus the CUDA kernels
+CUDA_MODULE = "_C_cuda"
+
+CPU_SOURCES = ("bindings.cpp", "margin_cpu.cpp")
+CUDA_SOURCES = CPU_SOURCES + ("margin_cuda.cu",)
+HEADERS = ("margin_math.h", "margin_cpu.h", "margin_cuda.h")
+
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout (this file is margin_kernels/native_build.py)."""
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def sources(with_cuda: bool) -> list[Path]:
+    return [csrc_dir() / name for name in (CUDA_SOURCES if with_cuda else CPU_SOURCES)]
+
+
+def cxx_flags(with_cuda: bool = False) -> list[str]:
+    if sys.platform == "win32":
+        flags = ["/O2", "/openmp"]
+    elif sys.platform == "darwin":  # Apple clang has no -fopenmp: the kernels run single-threaded there
+        flags = ["-O3"]
+    else:
+        flags = ["-O3", "-fopenmp"]
+    return flags + (["-DMK_WITH_CUDA"] if with_cuda else [])
+
+
+def ld_flags() -> list[str]:
+    # links the libgomp torch already loaded (same soname): one OpenMP runtime, one thread pool
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def nvcc_flags() -> list[str]:
+    return ["-O3", "-DMK_WITH_CUDA"]
