@@ -5,9 +5,14 @@ loss update its state and produce per-row inputs, run the backend's class-tiled 
 (a custom op with a hand-written backward), then combine with the target logits on B-vectors:
 
     L_i = logaddexp(lse_neg_i, z_iy) - z_iy  (+ the loss's per-row regulariser)
+
+The steps are separate functions (``prepare_rows``, ``initial_target_pairs``, ``start_call``, ``negative_lse``,
+``finish_loss``) so the model-parallel head (``margin_kernels.distributed``) composes the same ones around its
+collectives: no formula and no loss tail exists twice.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,6 +22,59 @@ from .backends import resolve_backend
 from .losses.base import MarginLoss, RowInputs
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
+
+
+@dataclass
+class PreparedRows:
+    """Per-row quantities that depend on the features only (rows are independent of each other)."""
+
+    x_eff: torch.Tensor        # (B, d) storage dtype: x/||x|| or x, what the kernels dot with the weights
+    feature_norm: torch.Tensor  # (B,) acc dtype, ||x_i||, differentiable
+    acc: torch.dtype            # accumulation dtype of the lse and gradient math
+
+
+def prepare_rows(features: torch.Tensor, margin: MarginLoss) -> PreparedRows:
+    acc = accumulation_dtype(features.dtype)
+    x_eff, feature_norm = margin.prepare_features(features, acc)
+    return PreparedRows(x_eff, feature_norm, acc)
+
+
+def column_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Class ids as the op's column ids: ignored rows become -1 (no target)."""
+    return torch.where(labels != ignore_index, labels, torch.full_like(labels, -1)).long()
+
+
+def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor,
+                         class_index: Optional[torch.Tensor], margin: MarginLoss, acc: torch.dtype):
+    """(cos, ||w_y||) of the target pairs, without gradient: what the loss's state update and row params see
+    before the op runs (0 and 1 on rows without a target column)."""
+    with torch.no_grad():
+        return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc)
+
+
+def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.Tensor:
+    """The loss's once-per-call state update (training mode) and its (B, 2) per-row negative parameters."""
+    return margin.begin_call(rows).to(acc).contiguous()
+
+
+def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
+                 class_index: Optional[torch.Tensor], margin: MarginLoss, backend: str,
+                 chunk_size: Optional[int], grad_filter: float):
+    """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable."""
+    spec = margin.negative_spec()
+    return torch.ops.margin_kernels.margin_lse(
+        x_eff.contiguous(), weight, columns, row_params, class_index, margin.normalize_weight, int(spec.kind),
+        spec.scale, spec.a, spec.b, backend, chunk_size or 0, float(grad_filter))
+
+
+def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
+    """Per-row cross-entropy from the negatives' lse and the target logit, plus the regulariser, reduced."""
+    target = margin.target_logit(rows)
+    per_row = torch.logaddexp(lse_neg, target) - target
+    regularizer = margin.regularizer(rows)
+    if regularizer is not None:
+        per_row = per_row + regularizer
+    return reduce_rows(per_row, rows.valid, reduction)
 
 
 def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: MarginLoss, *,
@@ -42,25 +100,14 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     if features.shape[0] == 0:
         return empty_batch_loss(features, weight, reduction)
     backend = resolve_backend(backend, features.device)
-    acc = accumulation_dtype(features.dtype)
     valid = labels != ignore_index
-    local = torch.where(valid, labels, torch.full_like(labels, -1)).long()
+    columns = column_labels(labels, ignore_index)
     if class_index is not None:
         class_index = class_index.long()
 
-    x_eff, feature_norm = margin.prepare_features(features, acc)
-    with torch.no_grad():
-        cos0, wnorm0 = ops.target_pairs(x_eff, weight, local, class_index, margin.normalize_weight, acc)
-    row_params = margin.begin_call(RowInputs(cos0, feature_norm, wnorm0, valid)).to(acc).contiguous()
-
-    spec = margin.negative_spec()
-    lse_neg, cos, weight_norm = torch.ops.margin_kernels.margin_lse(
-        x_eff.contiguous(), weight, local, row_params, class_index, margin.normalize_weight, int(spec.kind),
-        spec.scale, spec.a, spec.b, backend, chunk_size or 0, float(grad_filter))
-    rows = RowInputs(cos, feature_norm, weight_norm, valid)
-    target = margin.target_logit(rows)
-    per_row = torch.logaddexp(lse_neg, target) - target
-    regularizer = margin.regularizer(rows)
-    if regularizer is not None:
-        per_row = per_row + regularizer
-    return reduce_rows(per_row, valid, reduction)
+    prepared = prepare_rows(features, margin)
+    cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
+    row_params = start_call(margin, RowInputs(cos0, prepared.feature_norm, wnorm0, valid), prepared.acc)
+    lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, margin,
+                                             backend, chunk_size, grad_filter)
+    return finish_loss(margin, lse_neg, RowInputs(cos, prepared.feature_norm, weight_norm, valid), reduction)
