@@ -9,8 +9,17 @@ from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, Curr
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # the model-parallel head is imported on first use: plain users never import torch.distributed code
+    if name == "DistributedMarginHead":
+        from .distributed import DistributedMarginHead
+        return DistributedMarginHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
-    "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace", "available_backends",
-    "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
+    "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
+    "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
+    "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
 ]

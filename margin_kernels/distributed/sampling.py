@@ -1,0 +1,73 @@
+"""Partial FC (An et al. 2022, insightface's PartialFC_V2): per step, each rank uses only a subset of its classes.
+
+The subset always holds every class of the shard that appears in the *global* batch (the positives), and is
+topped up with negatives drawn uniformly without replacement until it has ``num_sampled`` classes. It is
+handed to the kernels as a sorted class index (``class_index``), so no row of W is copied; labels are remapped
+into positions of that index. Same semantics as insightface: ``int(sample_rate * num_local)`` classes, all
+positives kept even when they alone exceed that number, random scores from one generator per rank seeded from
+the user's seed (reproducible run to run).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def num_sampled(num_local: int, sample_rate: float) -> int:
+    """Classes kept per step on a shard of ``num_local`` classes (before adding positives beyond it)."""
+    return max(1, min(num_local, int(sample_rate * num_local)))
+
+
+def check_sample_rate(sample_rate) -> float:
+    if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+SAMPLER_STREAM, INIT_STREAM = 1, 2
+
+
+def derived_seed(seed: int, stream: int, offset: int) -> int:
+    """A generator seed per (use, class offset), so every shard and every weight block draws its own stream
+    from the single user seed."""
+    return ((int(seed) * 0x9E3779B97F4A7C15 + int(stream)) * 0xBF58476D1CE4E5B9 + int(offset)) % (1 << 63)
+
+
+class PartialFCSampler:
+    """Draws the class index of one shard per step. ``num_local`` classes, ``sample_rate`` in (0, 1]."""
+
+    def __init__(self, num_local: int, sample_rate: float, *, seed: int = 0, shard_start: int = 0, device=None):
+        self.num_local = int(num_local)
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.num_sampled = num_sampled(self.num_local, self.sample_rate)
+        self.generator = torch.Generator(device=device or "cpu")
+        self.generator.manual_seed(derived_seed(seed, SAMPLER_STREAM, shard_start))
+
+    @property
+    def active(self) -> bool:
+        """False when the rate keeps every class: then the kernels run on the full shard, no index at all."""
+        return self.num_sampled < self.num_local
+
+    def sample(self, local_positives: torch.Tensor) -> torch.Tensor:
+        """Sorted int64 class index (local ids) holding every id of ``local_positives`` (any order, repeats
+        allowed) plus uniformly drawn others, ``max(num_sampled, #unique positives)`` ids in all."""
+        device = self.generator.device
+        positives = torch.unique(local_positives.to(device=device, dtype=torch.long))
+        if positives.numel() >= self.num_sampled:
+            return positives  # torch.unique sorts
+        # insightface's draw: uniform scores, positives forced to the top, keep the num_sampled best
+        scores = torch.rand(self.num_local, generator=self.generator, device=device)
+        scores[positives] = 2.0
+        return scores.topk(self.num_sampled, sorted=False).indices.sort().values
+
+    @staticmethod
+    def remap(index: torch.Tensor, local_columns: torch.Tensor) -> torch.Tensor:
+        """Local class ids (-1 = no local target) -> positions in ``index`` (-1 kept)."""
+        positions = torch.searchsorted(index, local_columns.clamp_min(0))
+        return torch.where(local_columns >= 0, positions, torch.full_like(positions, -1))
+
+    # the generator state travels with the head's checkpoint (restored when the shard range is unchanged)
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
