@@ -1,0 +1,386 @@
+"""Model parallel head on torch.distributed (gloo, CPU): 2- and 3-process worlds against float64 references.
+
+Each world is spawned once (see tests/distributed_scenarios.py) and runs every scenario; the tests below
+compare its saved results with single-process computations. Pure helpers (sharding, sampler, resharding,
+initialisation, the refactored single-process driver) are tested in this process.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import margin_kernels as mk
+from margin_kernels import reference
+from margin_kernels.distributed import (DistributedMarginHead, PartialFCSampler, num_sampled, reshard_state_dicts,
+                                        shard_range, shard_ranges)
+from margin_kernels.distributed.checkpoint import check_tiling
+from margin_kernels.distributed.comm import lse_from_shifted_sum
+from margin_kernels.distributed.head import INIT_BLOCK_ROWS, fill_rows_normal
+from tests import distributed_scenarios as S
+from tests.helpers import LOSS_NAMES, make_loss, random_problem, rel_err
+
+FP64_TOL, FP32_TOL = 1e-10, 1e-5
+BF16_GRAD_TOL = 2e-2  # the features' gradient is rounded to bf16 (8-bit mantissa, relative step 2^-8)
+
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available in this torch build")
+
+WORLD_SCENARIOS = {
+    2: ("losses_sweep", "losses_fp32", "sampling", "bad_inputs", "checkpoint_save", "ddp_and_amp"),
+    3: ("losses_sweep", "losses_fp32", "sampling", "bad_inputs", "checkpoint_load", "ddp_and_amp", "empty_rank"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """The world-2 run's output folder; its checkpoint_save scenario writes the checkpoints there."""
+    return str(tmp_path_factory.mktemp("world2"))
+
+
+@pytest.fixture(scope="module")
+def world2(checkpoint_dir):
+    return S.run_world(2, checkpoint_dir, WORLD_SCENARIOS[2])
+
+
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory, world2, checkpoint_dir):
+    return S.run_world(3, str(tmp_path_factory.mktemp("world3")), WORLD_SCENARIOS[3], ckpt_dir=checkpoint_dir)
+
+
+def ranks_of(request, world: int, scenario: str) -> list:
+    results = request.getfixturevalue(f"world{world}")[scenario]
+    for rank, result in enumerate(results):
+        if "error" in result:
+            pytest.fail(f"scenario {scenario!r} failed on rank {rank} of {world}:\n{result['error']}")
+    return results
+
+
+def cat_ranks(results, key_path):
+    """Concatenate a per-rank tensor (rows in rank order)."""
+    return torch.cat([_dig(r, key_path) for r in results])
+
+
+def _dig(record, key_path):
+    for key in key_path:
+        record = record[key]
+    return record
+
+
+def reference_step(margin, x, w, y, class_index=None):
+    xr, wr = x.detach().double().clone().requires_grad_(True), w.detach().double().clone().requires_grad_(True)
+    loss = reference.margin_cross_entropy(xr, wr, y, margin, class_index=class_index)
+    loss.backward()
+    return loss.detach(), xr.grad, wr.grad
+
+
+def assert_step_matches(records, key_path, ref, tol):
+    """records: per-rank results; key_path leads to a {"loss", "dx", "dw"} step record."""
+    steps = [_dig(r, key_path) for r in records]
+    losses = [s["loss"] for s in steps]
+    assert all(torch.equal(losses[0], other) for other in losses[1:]), f"ranks returned different losses {losses}"
+    ref_loss, ref_dx, ref_dw = ref
+    assert abs(losses[0].double().item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
+    assert rel_err(torch.cat([s["dx"] for s in steps]), ref_dx) <= tol
+    assert rel_err(torch.cat([s["dw"] for s in steps]), ref_dw) <= tol
+
+
+# ---- spawned worlds ----------------------------------------------------------------------------------------
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_loss_and_grads_match_single_process(request, world, loss_name):
+    """fp64, uneven batch rows and class shards, labels in every shard, one ignored row, two training steps
+    (stateful losses advance); buffers identical on every rank and equal to the single-process ones."""
+    results = ranks_of(request, world, "losses_sweep")
+    x, w, y = S.problem(world)
+    margin = make_loss(loss_name)
+    for i in range(2):
+        assert_step_matches(results, (loss_name, "steps", i), reference_step(margin, x, w, y), FP64_TOL)
+    for name, ref in margin.named_buffers():
+        for rank_result in results:
+            got = rank_result[loss_name]["buffers"][name]
+            assert torch.equal(got, results[0][loss_name]["buffers"][name]), f"{name} differs between ranks"
+            assert rel_err(got, ref) <= FP64_TOL
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_fp32_matches_float64_reference(request, world, loss_name):
+    results = ranks_of(request, world, "losses_fp32")
+    x, w, y = S.problem(world, dtype=torch.float32)
+    assert_step_matches(results, (loss_name, "steps", 0), reference_step(make_loss(loss_name), x, w, y), FP32_TOL)
+
+
+@needs_gloo
+@pytest.mark.parametrize("loss_name", S.EMPTY_RANK_LOSSES)
+def test_rank_without_rows(request, loss_name):
+    results = ranks_of(request, 3, "empty_rank")
+    assert results[1][loss_name]["dx"].shape == (0, S.DIM)
+    x, w, y = S.problem(3, sizes=S.EMPTY_RANK_SIZES)
+    assert_step_matches(results, (loss_name,), reference_step(make_loss(loss_name), x, w, y), FP64_TOL)
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("loss_name", S.SAMPLED_LOSSES)
+def test_partial_fc_sampling(request, world, loss_name):
+    """Every positive kept, the requested size, same seed -> same draw, and the loss/grads equal the
+    single-process computation restricted to the union of the sampled classes; eval mode uses every class."""
+    results = ranks_of(request, world, "sampling")
+    x, w, y = S.problem(world)
+    ranges = shard_ranges(S.LAYOUTS[world][1], world)
+    margin = make_loss(loss_name)
+    differs_with_other_seed = False
+    for i in range(2):
+        indices = [r[loss_name][i]["index"] for r in results]
+        for (start, stop), index, rank_result in zip(ranges, indices, results):
+            positives = torch.unique(y[(y >= start) & (y < stop)])
+            assert bool(torch.isin(positives, index).all()), "a positive class was not sampled"
+            assert index.numel() == max(num_sampled(stop - start, S.SAMPLE_RATE), positives.numel())
+            assert bool((index >= start).all() and (index < stop).all()) and bool((index.diff() > 0).all())
+            assert torch.equal(rank_result[loss_name][i]["twin_index"], index)
+            differs_with_other_seed |= not torch.equal(rank_result[loss_name][i]["other_index"], index)
+        global_index = torch.cat(indices)
+        labels = torch.where(y >= 0, torch.searchsorted(global_index, y.clamp_min(0)), y)
+        assert_step_matches(results, (loss_name, i), reference_step(margin, x, w, labels, global_index), FP64_TOL)
+    assert differs_with_other_seed
+    assert all(r[loss_name][2]["eval_index_is_none"] for r in results)
+    margin.eval()
+    assert_step_matches(results, (loss_name, 2), reference_step(margin, x, w, y), FP64_TOL)
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_bad_input_raises_on_every_rank(request, world):
+    results = ranks_of(request, world, "bad_inputs")
+    for result in results:
+        assert "rank 1: labels must be in [0," in result["label"], result["label"]
+        assert "rank 0: features must have shape" in result["shape"], result["shape"]
+        assert "same arguments on every rank" in result["config"], result["config"]
+    # the group is still in step afterwards: a good call gives the right answer
+    x, w, y = S.problem(world)
+    assert_step_matches(results, ("after",), reference_step(make_loss("arcface"), x, w, y), FP64_TOL)
+
+
+@needs_gloo
+@pytest.mark.parametrize("loss_name", S.CHECKPOINT_LOSSES)
+def test_checkpoint_reshards_from_2_to_3_and_1(request, loss_name, checkpoint_dir):
+    saved = ranks_of(request, 2, "checkpoint_save")
+    full_weight = cat_ranks(saved, (loss_name, "weight"))
+    saved_buffers = saved[0][loss_name]["buffers"]
+    loaded3 = ranks_of(request, 3, "checkpoint_load")
+    loaded1 = [S.checkpoint_load(0, 1, None, ckpt_dir=checkpoint_dir)]
+    for loaded in (loaded3, loaded1):
+        for result in loaded:
+            start, stop = result[loss_name]["shard_range"].tolist()
+            assert torch.equal(result[loss_name]["weight"], full_weight[start:stop])
+            for name, value in saved_buffers.items():
+                assert torch.equal(result[loss_name]["buffers"][name], value)
+        # the next step: same loss, gradients and state as the world-2 run that kept going
+        reference_next = saved[0][loss_name]["next"]
+        for result in loaded:
+            assert abs(result[loss_name]["next"]["loss"].item() - reference_next["loss"].item()) \
+                <= 1e-12 * abs(reference_next["loss"].item())
+            for name, value in saved[0][loss_name]["buffers_after"].items():
+                assert rel_err(result[loss_name]["buffers_after"][name], value) <= 1e-12
+        assert rel_err(cat_ranks(loaded, (loss_name, "next", "dx")), cat_ranks(saved, (loss_name, "next", "dx"))) \
+            <= 1e-12
+        assert rel_err(cat_ranks(loaded, (loss_name, "next", "dw")), cat_ranks(saved, (loss_name, "next", "dw"))) \
+            <= 1e-12
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_backbone_gets_the_single_process_gradient(request, world):
+    results = ranks_of(request, world, "ddp_and_amp")
+    x, w, y = S.problem(world)
+    inputs = S._backbone_inputs(x.shape[0], torch.float64)
+    backbone = S._backbone(torch.float64)
+    wr = w.clone().requires_grad_(True)
+    loss = reference.margin_cross_entropy(backbone(inputs), wr, y, make_loss("arcface"))
+    loss.backward()
+    for result in results:
+        assert abs(result["ddp"]["loss"].item() - loss.item()) <= FP64_TOL * abs(loss.item())
+        for got, param in zip(result["ddp"]["grads"], backbone.parameters()):
+            assert rel_err(got, param.grad) <= FP64_TOL
+    assert rel_err(cat_ranks(results, ("ddp", "dw")), wr.grad) <= FP64_TOL
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_amp_autocast_features_meet_fp32_weight(request, world):
+    """Under CPU bf16 autocast the backbone emits bf16 features; the head casts them to its fp32 weight, so
+    the loss and dW are those of fp32 math on the bf16 values (fp32 tolerance); the features' gradient
+    comes back in bf16 (bf16 rounding tolerance)."""
+    results = ranks_of(request, world, "ddp_and_amp")
+    _, w, y = S.problem(world)
+    features = cat_ranks(results, ("amp", "features"))
+    assert features.dtype == torch.bfloat16
+    ref_loss, ref_dx, ref_dw = reference_step(make_loss("arcface"), features, w.float(), y)
+    for result in results:
+        assert abs(result["amp"]["loss"].item() - ref_loss.item()) <= FP32_TOL * max(1.0, abs(ref_loss.item()))
+        assert result["amp"]["loss"].dtype == torch.float32
+        assert result["amp"]["features_grad"].dtype == torch.bfloat16
+    assert rel_err(cat_ranks(results, ("amp", "dw")), ref_dw) <= FP32_TOL
+    assert rel_err(cat_ranks(results, ("amp", "features_grad")), ref_dx) <= BF16_GRAD_TOL
+
+
+# ---- in this process ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_classes,world", [(10, 1), (10, 3), (37, 2), (38, 3), (7, 7), (1000, 64)])
+def test_shards_are_contiguous_uneven_and_cover(num_classes, world):
+    ranges = shard_ranges(num_classes, world)
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_shard_arguments_are_checked():
+    with pytest.raises(ValueError, match="at least the world size"):
+        shard_range(3, 4, 0)
+    with pytest.raises(ValueError, match="rank"):
+        shard_range(10, 2, 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        shard_range(0, 1, 0)
+
+
+def test_sampler_keeps_positives_and_size_and_is_reproducible():
+    positives = torch.tensor([3, 17, 3, 40])
+    draws = []
+    for _ in range(2):
+        sampler = PartialFCSampler(50, 0.2, seed=11, shard_start=100)
+        draws.append([sampler.sample(positives) for _ in range(3)])
+    for index in draws[0]:
+        assert index.numel() == 10 and bool(torch.isin(positives, index).all()) and bool((index.diff() > 0).all())
+    assert all(torch.equal(a, b) for a, b in zip(*draws))
+    assert not torch.equal(draws[0][0], draws[0][1])  # the stream advances per step
+    many = torch.arange(0, 50, 3)  # more positives than num_sampled: exactly the positives
+    assert torch.equal(PartialFCSampler(50, 0.2).sample(many), many)
+    assert not PartialFCSampler(50, 1.0).active and PartialFCSampler(50, 0.99).active
+    index = torch.tensor([2, 5, 9])
+    assert PartialFCSampler.remap(index, torch.tensor([5, -1, 9, 2])).tolist() == [1, -1, 2, 0]
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartialFCSampler(50, 0.0)
+
+
+@pytest.mark.parametrize("loss_name", ["arcface", "curricularface", "softmax"])
+def test_full_class_index_equals_no_index(loss_name):
+    """sample_rate 1.0 is the full computation: an index holding every class changes nothing."""
+    x, w, y = random_problem(7, 11, 8, seed=3, ignore_rows=(0,))
+    full = reference_step(make_loss(loss_name), x, w, y)
+    margin = make_loss(loss_name)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xr, wr, y, margin, backend="torch", class_index=torch.arange(11))
+    loss.backward()
+    assert abs(loss.item() - full[0].item()) <= FP64_TOL * max(1.0, abs(full[0].item()))
+    assert rel_err(xr.grad, full[1]) <= FP64_TOL and rel_err(wr.grad, full[2]) <= FP64_TOL
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_single_process_driver_still_matches_reference(loss_name):
+    """The refactor of functional.py into steps keeps margin_cross_entropy as it was."""
+    x, w, y = random_problem(9, 13, 8, seed=1, ignore_rows=(2,))
+    ref = reference_step(make_loss(loss_name), x, w, y)
+    margin = make_loss(loss_name)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xr, wr, y, margin, backend="torch", chunk_size=4)
+    loss.backward()
+    assert abs(loss.item() - ref[0].item()) <= FP64_TOL * max(1.0, abs(ref[0].item()))
+    assert rel_err(xr.grad, ref[1]) <= FP64_TOL and rel_err(wr.grad, ref[2]) <= FP64_TOL
+
+
+@pytest.mark.parametrize("loss_name", ["adaface", "sphereface"])
+def test_head_without_process_group_is_single_process(loss_name):
+    x, w, y = random_problem(9, 13, 8, seed=1, ignore_rows=(2,))
+    head = DistributedMarginHead(13, 8, make_loss(loss_name), dtype=torch.float64, backend="torch")
+    assert head.shard_range == (0, 13)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    xr = x.clone().requires_grad_(True)
+    loss = head(xr, y)
+    loss.backward()
+    ref = reference_step(make_loss(loss_name), x, w, y)
+    assert abs(loss.item() - ref[0].item()) <= FP64_TOL * max(1.0, abs(ref[0].item()))
+    assert rel_err(xr.grad, ref[1]) <= FP64_TOL and rel_err(head.weight.grad, ref[2]) <= FP64_TOL
+    with pytest.raises(ValueError, match=r"rank 0: labels must be in \[0, 13\)"):
+        head(x, torch.full_like(y, 13))
+
+
+def test_head_arguments_are_checked():
+    with pytest.raises(ValueError, match="reduction"):
+        DistributedMarginHead(10, 4, mk.ArcFace(), reduction="none")
+    with pytest.raises(ValueError, match="reference"):
+        DistributedMarginHead(10, 4, mk.ArcFace(), backend="reference")
+    with pytest.raises(ValueError, match="ignore_index"):
+        DistributedMarginHead(10, 4, mk.ArcFace(), ignore_index=3)
+    with pytest.raises(ValueError, match="sample_rate"):
+        DistributedMarginHead(10, 4, mk.ArcFace(), sample_rate=1.5)
+
+
+def test_initial_weight_does_not_depend_on_world_size():
+    num_classes, dim = 2 * INIT_BLOCK_ROWS + 100, 3
+    whole = torch.empty(num_classes, dim)
+    fill_rows_normal(whole, 0, 5, 0.01)
+    assert abs(whole.std().item() - 0.01) < 1e-3
+    for world in (2, 3, 5):
+        parts = []
+        for start, stop in shard_ranges(num_classes, world):
+            part = torch.empty(stop - start, dim)
+            fill_rows_normal(part, start, 5, 0.01)
+            parts.append(part)
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def _shard_state(start, stop, weight, t=0.5):
+    return {"weight": weight[start:stop], "margin.t": torch.tensor(t),
+            "_extra_state": {"format": 1, "num_classes": weight.shape[0], "embedding_dim": weight.shape[1],
+                             "shard_range": [start, stop], "sampler_state": None}}
+
+
+def test_reshard_state_dicts_assembles_any_range_and_rejects_bad_sets():
+    weight = torch.randn(10, 3, dtype=torch.float64)
+    pieces = [_shard_state(0, 4, weight), _shard_state(4, 7, weight), _shard_state(7, 10, weight)]
+    for start, stop in [(0, 10), (2, 9), (4, 7), (5, 6)]:
+        state = reshard_state_dicts(pieces[::-1], (start, stop))
+        assert torch.equal(state["weight"], weight[start:stop])
+        assert state["_extra_state"]["shard_range"] == [start, stop]
+    with pytest.raises(ValueError, match=r"no shard holds classes \[4, 7\)"):
+        reshard_state_dicts([pieces[0], pieces[2]], (0, 10))
+    with pytest.raises(ValueError, match="differs between shards"):
+        reshard_state_dicts([pieces[0], _shard_state(4, 7, weight, t=0.25)], (2, 6))
+    assert check_tiling([(0, 4), (4, 10)], 10) is None
+    assert "overlap" in check_tiling([(0, 5), (4, 10)], 10)
+    assert "gap" in check_tiling([(0, 3), (4, 10)], 10)
+    assert "cover classes [0, 10)" in check_tiling([(0, 10)], 12)
+
+
+def test_lse_across_shards_handles_rows_without_negatives():
+    """shift + log(sum_r exp(lse_r - shift)) is the log-sum-exp of the shards' lse (any shift), and a row with
+    no negative on any shard gives -inf with a zero gradient (not NaN)."""
+    parts = torch.tensor([[0.5, float("-inf"), float("-inf")], [1.5, 2.0, float("-inf")]], dtype=torch.float64,
+                         requires_grad=True)
+    shift = torch.tensor([1.5, 0.0, 0.0], dtype=torch.float64)  # a max (row 0), an arbitrary one (row 1), none
+    out = lse_from_shifted_sum(shift, torch.exp(parts - shift).sum(dim=0))
+    expected = torch.logsumexp(parts.detach()[:, :2], dim=0)
+    assert torch.allclose(out[:2], expected, rtol=1e-15, atol=0) and out[2].item() == float("-inf")
+    out[:2].sum().backward()
+    assert torch.allclose(parts.grad[:, :2], torch.softmax(parts.detach()[:, :2], dim=0), rtol=1e-15, atol=0)
+    assert parts.grad[:, 2].abs().sum() == 0
+
+
+def test_memory_model_uses_the_code_sizes():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "memory_model.py")
+    spec = importlib.util.spec_from_file_location("memory_model", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    row = model.per_rank_bytes(num_classes=10 ** 6 + 3, dim=512, world=8, dtype=torch.bfloat16,
+                               sample_rate=0.1, batch_per_rank=128)
+    local = shard_range(10 ** 6 + 3, 8, 0)[1]
+    assert row["weight"] == local * 512 * 2 and row["grad"] == local * 512 * 2
+    assert row["sampled_classes"] == max(num_sampled(local, 0.1), 1)
+    assert model.render_markdown(model.table(classes=(10 ** 6,), worlds=(1, 2))).count("\n") >= 4
