@@ -77,15 +77,29 @@ def reference_step(margin, x, w, y, class_index=None):
     return loss.detach(), xr.grad, wr.grad
 
 
+def assert_close(loss, dx, dw, ref, tol):
+    """max-abs on the loss (relative above 1), ||out - ref|| / ||ref|| on the gradients."""
+    ref_loss, ref_dx, ref_dw = ref
+    assert abs(loss.double().item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
+    assert rel_err(dx, ref_dx) <= tol
+    assert rel_err(dw, ref_dw) <= tol
+
+
 def assert_step_matches(records, key_path, ref, tol):
-    """records: per-rank results; key_path leads to a {"loss", "dx", "dw"} step record."""
+    """records: per-rank results; key_path leads to a {"loss", "dx", "dw"} step record. Every rank must return
+    the very same loss; the rows of dx and dW concatenate in rank order."""
     steps = [_dig(r, key_path) for r in records]
     losses = [s["loss"] for s in steps]
     assert all(torch.equal(losses[0], other) for other in losses[1:]), f"ranks returned different losses {losses}"
-    ref_loss, ref_dx, ref_dw = ref
-    assert abs(losses[0].double().item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
-    assert rel_err(torch.cat([s["dx"] for s in steps]), ref_dx) <= tol
-    assert rel_err(torch.cat([s["dw"] for s in steps]), ref_dw) <= tol
+    assert_close(losses[0], torch.cat([s["dx"] for s in steps]), torch.cat([s["dw"] for s in steps]), ref, tol)
+
+
+def driver_step(x, w, fn):
+    """(loss, dx, dw) of fn(x_leaf, w_leaf) on fresh float64 leaves."""
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = fn(xr, wr)
+    loss.backward()
+    return loss.detach(), xr.grad, wr.grad
 
 
 # ---- spawned worlds ----------------------------------------------------------------------------------------
@@ -162,6 +176,9 @@ def test_bad_input_raises_on_every_rank(request, world):
         assert "rank 1: labels must be in [0," in result["label"], result["label"]
         assert "rank 0: features must have shape" in result["shape"], result["shape"]
         assert "same arguments on every rank" in result["config"], result["config"]
+    assert results[1]["build"].startswith("chunk_size must be a positive int"), results[1]["build"]
+    for result in results[:1] + results[2:]:
+        assert "failed on other ranks (rank 1: ValueError: chunk_size" in result["build"], result["build"]
     # the group is still in step afterwards: a good call gives the right answer
     x, w, y = S.problem(world)
     assert_step_matches(results, ("after",), reference_step(make_loss("arcface"), x, w, y), FP64_TOL)
@@ -272,26 +289,20 @@ def test_sampler_keeps_positives_and_size_and_is_reproducible():
 def test_full_class_index_equals_no_index(loss_name):
     """sample_rate 1.0 is the full computation: an index holding every class changes nothing."""
     x, w, y = random_problem(7, 11, 8, seed=3, ignore_rows=(0,))
-    full = reference_step(make_loss(loss_name), x, w, y)
     margin = make_loss(loss_name)
-    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    loss = mk.margin_cross_entropy(xr, wr, y, margin, backend="torch", class_index=torch.arange(11))
-    loss.backward()
-    assert abs(loss.item() - full[0].item()) <= FP64_TOL * max(1.0, abs(full[0].item()))
-    assert rel_err(xr.grad, full[1]) <= FP64_TOL and rel_err(wr.grad, full[2]) <= FP64_TOL
+    indexed = driver_step(x, w, lambda xr, wr: mk.margin_cross_entropy(xr, wr, y, margin, backend="torch",
+                                                                       class_index=torch.arange(11)))
+    assert_close(*indexed, reference_step(make_loss(loss_name), x, w, y), FP64_TOL)
 
 
 @pytest.mark.parametrize("loss_name", LOSS_NAMES)
 def test_single_process_driver_still_matches_reference(loss_name):
     """The refactor of functional.py into steps keeps margin_cross_entropy as it was."""
     x, w, y = random_problem(9, 13, 8, seed=1, ignore_rows=(2,))
-    ref = reference_step(make_loss(loss_name), x, w, y)
     margin = make_loss(loss_name)
-    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    loss = mk.margin_cross_entropy(xr, wr, y, margin, backend="torch", chunk_size=4)
-    loss.backward()
-    assert abs(loss.item() - ref[0].item()) <= FP64_TOL * max(1.0, abs(ref[0].item()))
-    assert rel_err(xr.grad, ref[1]) <= FP64_TOL and rel_err(wr.grad, ref[2]) <= FP64_TOL
+    fused = driver_step(x, w, lambda xr, wr: mk.margin_cross_entropy(xr, wr, y, margin, backend="torch",
+                                                                     chunk_size=4))
+    assert_close(*fused, reference_step(make_loss(loss_name), x, w, y), FP64_TOL)
 
 
 @pytest.mark.parametrize("loss_name", ["adaface", "sphereface"])
@@ -301,25 +312,39 @@ def test_head_without_process_group_is_single_process(loss_name):
     assert head.shard_range == (0, 13)
     with torch.no_grad():
         head.weight.copy_(w)
-    xr = x.clone().requires_grad_(True)
-    loss = head(xr, y)
-    loss.backward()
-    ref = reference_step(make_loss(loss_name), x, w, y)
-    assert abs(loss.item() - ref[0].item()) <= FP64_TOL * max(1.0, abs(ref[0].item()))
-    assert rel_err(xr.grad, ref[1]) <= FP64_TOL and rel_err(head.weight.grad, ref[2]) <= FP64_TOL
+    loss, dx, _ = driver_step(x, w, lambda xr, _: head(xr, y))  # dW is on the head's own parameter
+    assert_close(loss, dx, head.weight.grad, reference_step(make_loss(loss_name), x, w, y), FP64_TOL)
     with pytest.raises(ValueError, match=r"rank 0: labels must be in \[0, 13\)"):
         head(x, torch.full_like(y, 13))
 
 
+def test_state_dict_round_trip_and_wrong_shard_is_refused():
+    head = DistributedMarginHead(13, 4, mk.CurricularFace(), backend="torch", sample_rate=0.5)
+    head.margin.t.fill_(0.3)
+    head.sampler.sample(torch.tensor([1]))  # advance the Partial FC stream
+    state = head.state_dict()
+    other = DistributedMarginHead(13, 4, mk.CurricularFace(), backend="torch", sample_rate=0.5, seed=9)
+    other.load_state_dict(state)
+    assert torch.equal(other.weight, head.weight) and other.margin.t.item() == pytest.approx(0.3)
+    assert torch.equal(other.sampler.sample(torch.tensor([2])), head.sampler.sample(torch.tensor([2])))
+    wrong = dict(state, weight=state["weight"][:7], _extra_state=dict(state["_extra_state"], shard_range=[0, 7]))
+    with pytest.raises(ValueError, match="load_sharded"):
+        other.load_state_dict(wrong)
+
+
 def test_head_arguments_are_checked():
     with pytest.raises(ValueError, match="reduction"):
-        DistributedMarginHead(10, 4, mk.ArcFace(), reduction="none")
+        DistributedMarginHead(10, 4, mk.ArcFace(), reduction="none", backend="torch")
     with pytest.raises(ValueError, match="reference"):
         DistributedMarginHead(10, 4, mk.ArcFace(), backend="reference")
     with pytest.raises(ValueError, match="ignore_index"):
-        DistributedMarginHead(10, 4, mk.ArcFace(), ignore_index=3)
+        DistributedMarginHead(10, 4, mk.ArcFace(), ignore_index=3, backend="torch")
     with pytest.raises(ValueError, match="sample_rate"):
-        DistributedMarginHead(10, 4, mk.ArcFace(), sample_rate=1.5)
+        DistributedMarginHead(10, 4, mk.ArcFace(), sample_rate=1.5, backend="torch")
+    with pytest.raises(ValueError, match="chunk_size"):
+        DistributedMarginHead(10, 4, mk.ArcFace(), chunk_size=0, backend="torch")
+    with pytest.raises(TypeError, match="margin"):
+        DistributedMarginHead(10, 4, "arcface", backend="torch")
 
 
 def test_initial_weight_does_not_depend_on_world_size():

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .comm import all_gather_stacked, group_rank_and_size
 from .head import CHECKPOINT_FORMAT, DistributedMarginHead
-from .validation import raise_on_every_rank
+from .validation import run_collectively
 
 EXTRA_STATE = "_extra_state"
 WEIGHT = "weight"
@@ -32,17 +32,16 @@ def shard_file_name(start: int, stop: int) -> str:
 def save_sharded(head: DistributedMarginHead, directory: str) -> str:
     """Collective: each rank writes its shard file into ``directory`` (created if needed); returns its path.
     Returns after every rank's file is complete."""
+    return run_collectively(lambda: _save(head, directory), head.process_group, f"save_sharded({directory!r})")
+
+
+def _save(head: DistributedMarginHead, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.state_dict().items()}
     path = os.path.join(directory, shard_file_name(*head.shard_range))
     partial = path + ".partial"
-    problem = None
-    try:
-        torch.save(state, partial)
-        os.replace(partial, path)  # a crash mid-write never leaves a file that looks complete
-    except OSError as exc:
-        problem = f"could not write {path}: {exc}"
-    raise_on_every_rank(problem, head.process_group, "save_sharded failed")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a crash mid-write never leaves a file that looks complete
     return path
 
 
@@ -109,19 +108,19 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
 
 def load_sharded(head: DistributedMarginHead, directory: str) -> None:
     """Collective: load a ``save_sharded`` checkpoint saved at any world size into ``head``."""
-    problem = None
-    try:
-        files = list_shard_files(directory)
-        problem = check_tiling([(start, stop) for start, stop, _ in files], head.num_classes)
-        if problem is None:
-            start, stop = head.shard_range
-            pieces = [torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                      for lo, hi, path in files if lo < stop and hi > start]
-            head.load_state_dict(reshard_state_dicts(pieces, head.shard_range))
-    except Exception as exc:  # noqa: BLE001 - reported on every rank below, so none is left waiting
-        problem = f"{type(exc).__name__}: {exc}"
-    raise_on_every_rank(problem, head.process_group, f"load_sharded({directory!r}) failed")
+    run_collectively(lambda: _load(head, directory), head.process_group, f"load_sharded({directory!r})")
     check_buffers_consistent(head)
+
+
+def _load(head: DistributedMarginHead, directory: str) -> None:
+    files = list_shard_files(directory)
+    problem = check_tiling([(start, stop) for start, stop, _ in files], head.num_classes)
+    if problem is not None:
+        raise ValueError(f"{directory}: {problem}")
+    start, stop = head.shard_range
+    pieces = [torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+              for lo, hi, path in files if lo < stop and hi > start]
+    head.load_state_dict(reshard_state_dicts(pieces, head.shard_range))
 
 
 def check_buffers_consistent(module: torch.nn.Module, group=None) -> None:

@@ -30,11 +30,12 @@ from ..functional import (column_labels, finish_loss, initial_target_pairs, nega
                           start_call)
 from ..losses.base import MarginLoss, RowInputs
 from ..reduction import empty_batch_loss
+from ..validation import FLOAT_DTYPES
 from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
                    group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient)
-from .sampling import INIT_STREAM, PartialFCSampler, derived_seed
+from .sampling import INIT_STREAM, PartialFCSampler, check_sample_rate, derived_seed
 from .sharding import shard_range
-from .validation import check_and_layout
+from .validation import check_and_layout, run_collectively
 
 INIT_STD = 0.01          # insightface's PartialFC initialisation: N(0, 0.01^2)
 INIT_BLOCK_ROWS = 4096   # classes per independently seeded block of the initial weight
@@ -70,6 +71,16 @@ class DistributedMarginHead(nn.Module):
                  reduction: str = "mean", ignore_index: int = -1, chunk_size: Optional[int] = None, seed: int = 0,
                  ddp_backbone: bool = False):
         super().__init__()
+        self.process_group = process_group
+        rank, world = group_rank_and_size(process_group)
+        # a rank failing here alone must not leave the others waiting in the configuration check
+        run_collectively(lambda: self._build(num_classes, embedding_dim, margin, sample_rate, backend, dtype, device,
+                                             reduction, ignore_index, chunk_size, seed, ddp_backbone, rank, world),
+                         process_group, "DistributedMarginHead construction")
+        self._check_same_configuration()
+
+    def _build(self, num_classes, embedding_dim, margin, sample_rate, backend, dtype, device, reduction,
+               ignore_index, chunk_size, seed, ddp_backbone, rank, world) -> None:
         if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
         if not isinstance(margin, MarginLoss):
@@ -79,8 +90,12 @@ class DistributedMarginHead(nn.Module):
         if backend == "reference":
             raise ValueError("backend='reference' builds full logits on one device; use it with "
                              "margin_cross_entropy on the gathered problem instead")
-        self.process_group = process_group
-        rank, world = group_rank_and_size(process_group)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size <= 0):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES} or None, got {dtype!r}")
+        check_sample_rate(sample_rate)
         self.shard_range = shard_range(num_classes, world, rank)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or 0 <= ignore_index < num_classes:
             raise ValueError(f"ignore_index must be an int outside [0, num_classes), got {ignore_index!r}")
@@ -89,11 +104,11 @@ class DistributedMarginHead(nn.Module):
         self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index
         self.chunk_size, self.seed, self.ddp_backbone = chunk_size, int(seed), bool(ddp_backbone)
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim, dtype=dtype, device=device))
+        self.resolved_backend = resolve_backend(backend, self.weight.device)
         self.sampler = PartialFCSampler(self.num_local, sample_rate, seed=self.seed, shard_start=self.shard_range[0],
                                         device=self.weight.device)
         self.sampled_classes: Optional[torch.Tensor] = None
         self.reset_parameters()
-        self._check_same_configuration()
 
     @property
     def num_local(self) -> int:
@@ -131,9 +146,8 @@ class DistributedMarginHead(nn.Module):
                 cos0, wnorm0 = self._sum_from_owners(cos0, wnorm0, columns, valid, differentiable=False)
             row_params = start_call(margin, RowInputs(cos0, feature_norm, wnorm0, valid), acc)
 
-            backend = resolve_backend(self.backend, weight.device)
             lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, margin,
-                                                       backend, self.chunk_size, 0.0)
+                                                       self.resolved_backend, self.chunk_size, 0.0)
             shift = max_shift(lse_local, group)
             cos, weight_norm, sum_exp = self._sum_from_owners(cos, weight_norm, columns, valid,
                                                               torch.exp(lse_local - shift), differentiable=True)

@@ -80,3 +80,20 @@ def _value_problem(features, labels, num_classes: int, ignore_index: int) -> Opt
     if features.numel() and not bool(torch.isfinite(features).all()):
         return "features contain NaN or Inf"
     return None
+
+
+def run_collectively(fn, group, what: str):
+    """Collective: run ``fn()`` on every rank. If it raises anywhere, it raises everywhere: a failing rank
+    re-raises its own exception, the others a ValueError naming the failing ranks. Returns fn's result."""
+    error = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+        error = exc
+    reports = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", group)
+    if error is not None:
+        raise error
+    if any(msg is not None for msg in reports):
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in enumerate(reports) if msg is not None)
+        raise ValueError(f"{what} failed on other ranks ({detail})")
+    return result
