@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import torch
@@ -31,6 +32,9 @@ EMPTY_RANK_LOSSES = ("arcface", "magface", "adaface")
 CHECKPOINT_LOSSES = ("curricularface", "adaface")
 CHECKPOINT_WORLD = 2  # the checkpoint is saved by the 2-process world and loaded at 3 and 1
 LR = 0.5
+# the 2-process world runs the portable torch backend, the 3-process world the fastest one available ("auto":
+# the native cpu backend where it is built), so both paths are held to the same references
+BACKENDS = {1: "torch", 2: "torch", 3: "auto"}
 
 
 # ---- inputs, identical in every process --------------------------------------------------------------------
@@ -53,7 +57,7 @@ def local_rows(tensor, sizes, rank):
 
 
 def make_head(world, margin, w, **kwargs):
-    head = DistributedMarginHead(LAYOUTS[world][1], DIM, margin, dtype=w.dtype, backend="torch", **kwargs)
+    head = DistributedMarginHead(LAYOUTS[world][1], DIM, margin, dtype=w.dtype, backend=BACKENDS[world], **kwargs)
     start, stop = head.shard_range
     with torch.no_grad():
         head.weight.copy_(w[start:stop])
@@ -82,7 +86,8 @@ def losses_sweep(rank, world, outdir, dtype=torch.float64, steps=2):
     for name in LOSS_NAMES:
         head = make_head(world, make_loss(name), w)
         out[name] = {"steps": [step(head, x, y, sizes, rank) for _ in range(steps)],
-                     "buffers": buffers(head.margin), "shard_range": torch.tensor(head.shard_range)}
+                     "buffers": buffers(head.margin), "shard_range": torch.tensor(head.shard_range),
+                     "backend": head.resolved_backend}
     return out
 
 
@@ -174,7 +179,7 @@ def checkpoint_load(rank, world, outdir, ckpt_dir=None):
     out = {}
     for name in CHECKPOINT_LOSSES:
         head = DistributedMarginHead(LAYOUTS[CHECKPOINT_WORLD][1], DIM, make_loss(name), dtype=torch.float64,
-                                     backend="torch", seed=123)
+                                     backend=BACKENDS[world], seed=123)
         load_sharded(head, os.path.join(ckpt_dir or outdir, f"ckpt_{name}"))
         check_buffers_consistent(head)
         loaded = {"weight": head.weight.detach().clone(), "shard_range": torch.tensor(head.shard_range),
@@ -245,6 +250,7 @@ def _free_port() -> int:
 
 def _worker(rank, world, port, outdir, names, ckpt_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    warnings.filterwarnings("ignore", message="margin_kernels: backend='auto' skips")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))

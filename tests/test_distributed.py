@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import margin_kernels as mk
 from margin_kernels import reference
+from margin_kernels.backends import resolve_backend
 from margin_kernels.distributed import (DistributedMarginHead, PartialFCSampler, num_sampled, reshard_state_dicts,
                                         shard_range, shard_ranges)
 from margin_kernels.distributed.checkpoint import check_tiling
@@ -110,6 +111,7 @@ def test_loss_and_grads_match_single_process(request, world, loss_name):
     """fp64, uneven batch rows and class shards, labels in every shard, one ignored row, two training steps
     (stateful losses advance); buffers identical on every rank and equal to the single-process ones."""
     results = ranks_of(request, world, "losses_sweep")
+    assert results[0][loss_name]["backend"] == resolve_backend(S.BACKENDS[world], torch.device("cpu"))
     x, w, y = S.problem(world)
     margin = make_loss(loss_name)
     for i in range(2):
