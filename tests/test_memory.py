@@ -102,7 +102,7 @@ def test_peak_extra_memory_is_flat_in_classes():
     ref = _peak_extra("reference", batch, classes, dim)
     logits_bytes = batch * classes * 4
     dweight_bytes = classes * dim * 4
-    chunk_bytes = batch * torch_chunked.DEFAULT_CHUNK_SIZE * 4
+    chunk_bytes = batch * torch_chunked.default_chunk_size(batch) * 4
     assert ref > 3 * logits_bytes, (ref, logits_bytes)
     assert fused < dweight_bytes + 16 * chunk_bytes, (fused, dweight_bytes, chunk_bytes)
     assert ref > 8 * fused, (ref, fused)

@@ -3,18 +3,15 @@ epilogues of csrc/margin_cpu.cpp (OpenMP, vectorised; fp32 tiles, fp64 tiles for
 from __future__ import annotations
 
 from .native_epilogue import NativeBackend
-
-#: elements of the B x chunk tile: 2 MiB of fp32 stays in cache between the GEMM that writes it, the epilogue
-#: and the two GEMMs that read it (bench/bench_cpu_native.py --chunk compares sizes). Smaller chunks measured
-#: ~1% faster on an idle machine but double the OpenMP fork/joins per call, which a busy machine punishes.
-TILE_ELEMENTS = 1 << 19
-MIN_CHUNK, MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
+from .torch_chunked import CPU_MAX_CHUNK as MAX_CHUNK  # noqa: F401  (the chunk policy is the torch backend's)
+from .torch_chunked import CPU_MIN_CHUNK as MIN_CHUNK  # noqa: F401
+from .torch_chunked import CPU_TILE_ELEMENTS as TILE_ELEMENTS  # noqa: F401
+from .torch_chunked import default_chunk_size as _chunk_policy
 
 
-def default_chunk_size(batch: int) -> int:  # 2048 at B >= 256, 4096 at 128, 8192 at <= 64
-    """TILE_ELEMENTS / batch rounded down to a power of two, within [MIN_CHUNK, MAX_CHUNK]."""
-    target = TILE_ELEMENTS // max(batch, 1)
-    return max(MIN_CHUNK, min(MAX_CHUNK, 1 << max(target, 1).bit_length() - 1))
+def default_chunk_size(batch: int) -> int:
+    """The same cache-sized tile policy as the torch backend on CPU (torch_chunked.default_chunk_size)."""
+    return _chunk_policy(batch, "cpu")
 
 
 _BACKEND = NativeBackend("cpu", "cpu", default_chunk_size)

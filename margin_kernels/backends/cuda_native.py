@@ -4,9 +4,7 @@ the fully fused one."""
 from __future__ import annotations
 
 from .native_epilogue import NativeBackend
-
-#: large enough to keep the GPU busy in every GEMM and epilogue launch at small batches
-DEFAULT_CHUNK_SIZE = 8192
+from .torch_chunked import DEFAULT_CHUNK_SIZE
 
 _BACKEND = NativeBackend("cuda", "cuda", lambda batch: DEFAULT_CHUNK_SIZE)
 unavailable_reason = _BACKEND.unavailable_reason
