@@ -16,6 +16,9 @@ class MarginHead(nn.Module):
 
     The weight is initialised as insightface's PartialFC: normal with std 0.01. Stateful losses keep their
     state in the ``margin`` submodule's buffers, so it is in ``state_dict`` and follows ``train()``/``eval()``.
+    The weight's dtype is the compute dtype: features of another floating dtype (bf16/fp16 from a backbone
+    under AMP autocast) are cast to it (B x d, never the C x d weight), as ``DistributedMarginHead`` does; store
+    the weight in bf16 (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, backend: str = "auto",
@@ -40,6 +43,8 @@ class MarginHead(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(features, torch.Tensor) and features.is_floating_point() and features.dtype != self.weight.dtype:
+            features = features.to(self.weight.dtype)
         return margin_cross_entropy(features, self.weight, labels, self.margin, backend=self.backend,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
                                     chunk_size=self.chunk_size, class_index=class_index)
