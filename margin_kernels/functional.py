@@ -88,8 +88,8 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     ids, Partial FC) only those classes are used and ``labels`` index into ``class_index``. The loss is
     returned in fp32 (fp64 for fp64 inputs). ``grad_filter > 0`` lets the backward skip the dx/dW products of a
     class tile whose every |dL/dc_ij| is below it (Cut Cross-Entropy's gradient filtering; off by default; the
-    loss is unchanged, see ``margin_kernels.grad_filter_stats()``). ``check_values=False`` skips the checks that need a device sync
-    (finite features, labels in range); they are skipped under torch.compile as well.
+    loss is unchanged, see ``margin_kernels.grad_filter_stats()``). ``check_values=False`` skips the checks
+    that need a device sync (finite features, labels in range); they are skipped under torch.compile as well.
     """
     check_arguments(features, weight, labels, margin, backend=backend, reduction=reduction,
                     ignore_index=ignore_index, chunk_size=chunk_size, class_index=class_index,
