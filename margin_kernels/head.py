@@ -23,7 +23,7 @@ class MarginHead(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, backend: str = "auto",
                  reduction: str = "mean", ignore_index: int = -1, chunk_size: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 check_values: bool = True, dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -34,6 +34,8 @@ class MarginHead(nn.Module):
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.margin = margin
         self.backend, self.reduction, self.ignore_index, self.chunk_size = backend, reduction, ignore_index, chunk_size
+        # the value checks (finite features, labels in range) cost a device sync per step on GPU
+        self.check_values = check_values
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=dtype, device=device))
         self.reset_parameters()
 
@@ -47,7 +49,8 @@ class MarginHead(nn.Module):
             features = features.to(self.weight.dtype)
         return margin_cross_entropy(features, self.weight, labels, self.margin, backend=self.backend,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
-                                    chunk_size=self.chunk_size, class_index=class_index)
+                                    chunk_size=self.chunk_size, class_index=class_index,
+                                    check_values=self.check_values)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, backend={self.backend!r}, "
