@@ -154,8 +154,14 @@ def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0:
     return weight.index_select(0, class_index[col0:col1])
 
 
-def _num_columns(weight, class_index) -> int:
+def num_columns(weight, class_index) -> int:
+    """Columns of the problem: the classes of ``weight``, or the K entries of a Partial FC ``class_index``."""
     return weight.shape[0] if class_index is None else class_index.shape[0]
+
+
+def finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows without negatives) replaced by 0, so exp(z - lse) is exp(-inf) = 0, never NaN."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
 @torch.no_grad()
@@ -165,7 +171,7 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
-    num_cols = _num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index)
     x_mm = _gemm_operand(x, acc)
     scratch = _Scratch(x.device, acc)
     for col0 in range(0, num_cols, chunk_size):
@@ -189,8 +195,8 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     dw_in_place = class_index is None and weight.dtype == acc and dweight.is_contiguous()
     x_acc = x.to(acc)
     x_mm = _gemm_operand(x, acc)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    num_cols = _num_columns(weight, class_index)
+    lse = finite_lse(lse)
+    num_cols = num_columns(weight, class_index)
     scratch = _Scratch(x.device, acc)
     skipped = 0
     for col0 in range(0, num_cols, chunk_size):
@@ -198,7 +204,7 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
         w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
         cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
         inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
-        tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, finite_lse, g_lse,
+        tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
                                       g_cos_target, grad_filter > 0)
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1

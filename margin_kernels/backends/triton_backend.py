@@ -29,6 +29,7 @@ import triton  # an ImportError here makes the registry report the backend as un
 
 from . import filter_stats
 from . import triton_configs as configs
+from .torch_chunked import finite_lse, num_columns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _autotuned: dict = {}
@@ -119,17 +120,13 @@ def _common_meta(x, class_index, spec, normalize_weight, interpret: bool) -> dic
                 UPCAST=interpret and x.dtype == torch.bfloat16)
 
 
-def _num_columns(weight, class_index) -> int:
-    return weight.shape[0] if class_index is None else class_index.shape[0]
-
-
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
     acc = row_params.dtype
     batch, dim = x.shape
-    num_cols = _num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index)
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
@@ -154,10 +151,10 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     _, backward = _kernels()
     acc = row_params.dtype
     batch, dim = x.shape
-    num_cols = _num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index)
     common = _common_args(x, weight, labels, row_params, class_index, spec)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc).contiguous()
-    grads = (finite_lse, g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous())
+    lse = finite_lse(lse).to(acc).contiguous()
+    grads = (lse, g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous())
     strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret)
     meta.update(RESCALE=x.dtype == torch.float16, FILTER=grad_filter > 0, BLOCK_D=configs.block_d(dim))
