@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import margin_kernels as mk  # noqa: E402
-from margin_kernels.backends import cpu_native, unavailable_reason  # noqa: E402
+from margin_kernels.backends import chunk_loop, unavailable_reason  # noqa: E402
 
 LOSSES = {"arcface": mk.ArcFace, "cosface": mk.CosFace, "softmax": mk.Softmax, "curricularface": mk.CurricularFace}
 
@@ -104,7 +104,7 @@ def _time_round_robin(methods: dict, warmup: int, repeats: int, clock) -> dict:
 
 def run_config(batch, classes, dim, args) -> dict:
     x, w, y = _problem(batch, classes, dim)
-    chunk = cpu_native.default_chunk_size(batch)
+    chunk = chunk_loop.default_chunk_size(batch, "cpu")
     dx, dw = torch.empty_like(x), torch.empty_like(w)  # the floors' outputs, allocated once
     xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     methods = {

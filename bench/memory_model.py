@@ -4,7 +4,7 @@ Run from the repository root:  python bench/memory_model.py  [--detail] [--class
 
 Every size comes from the package: the shard a rank holds (``sharding.max_shard_size``: rank 0 holds the
 largest, which is what every GPU must provision), the classes Partial FC keeps (``sampling.num_sampled``),
-the class chunk of the torch backend (``torch_chunked.DEFAULT_CHUNK_SIZE``) and the collectives the head
+the class chunk of the torch backend (``chunk_loop.DEFAULT_CHUNK_SIZE``) and the collectives the head
 issues per step (``distributed/head.py``). Assumptions, stated once:
 
 * the global batch is ``batch_per_rank * world`` rows (insightface's default 128 per GPU);
@@ -27,14 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from margin_kernels.backends.torch_chunked import DEFAULT_CHUNK_SIZE  # noqa: E402
+from margin_kernels.backends.chunk_loop import DEFAULT_CHUNK_SIZE  # noqa: E402
 from margin_kernels.distributed.sampling import num_sampled  # noqa: E402
 from margin_kernels.distributed.sharding import max_shard_size  # noqa: E402
 from margin_kernels.reduction import accumulation_dtype  # noqa: E402
 
 INT64, FP64 = 8, 8
 # backward of the torch backend keeps about this many (B x chunk) fp32 tiles alive at once: the cosines, the
-# logits, the probabilities and the derivative factor (torch_chunked.TorchEpilogue.backward_tile)
+# logits, the probabilities and the derivative factor (torch_backend.TorchEpilogue.backward_tile)
 TORCH_TILES_ALIVE = 4
 OPTIMIZER_BUFFERS = {"sgd_momentum": 1, "adam": 2}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .losses.base import NORM_EPS
 from .losses.negatives import NegativeKind, NegativeSpec
+from .norms import floored
 
 
 def _target_rows(labels: Tensor, class_index: Optional[Tensor]) -> Tensor:
@@ -30,7 +30,7 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
     w = weight.index_select(0, _target_rows(labels, class_index)).to(acc_dtype)
     dot = (x.to(acc_dtype) * w).sum(dim=1)
     norm = w.norm(dim=1)
-    cos = dot / norm.clamp_min(NORM_EPS) if normalize_weight else dot
+    cos = dot / floored(norm) if normalize_weight else dot
     return torch.where(valid, cos, torch.zeros_like(cos)), torch.where(valid, norm, torch.ones_like(norm))
 
 
@@ -68,7 +68,7 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
     rows = _target_rows(labels, class_index)
     w = weight.index_select(0, rows).to(g_norm.dtype)
-    coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / w.norm(dim=1).clamp_min(NORM_EPS)
+    coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
     dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
     return dx, dweight
 

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .losses.base import NORM_EPS, MarginLoss, RowInputs
+from .losses.base import MarginLoss, RowInputs
+from .norms import floored
 from .losses.negatives import negative_logits
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
@@ -23,7 +24,7 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     weight_norms = w.norm(dim=1)
     cos = x @ w.t()
     if margin.normalize_weight:
-        cos = cos / weight_norms.clamp_min(NORM_EPS)
+        cos = cos / floored(weight_norms)
     valid = labels != ignore_index
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
     rows = RowInputs(

@@ -7,7 +7,7 @@ import torch
 
 import margin_kernels as mk
 from margin_kernels.backends.native_epilogue import NativeEpilogue
-from margin_kernels.backends.torch_chunked import TorchEpilogue
+from margin_kernels.backends.torch_backend import TorchEpilogue
 from margin_kernels.losses.negatives import NegativeKind, NegativeSpec
 
 from .helpers import loss_and_grads, make_loss, random_problem, rel_err, twin

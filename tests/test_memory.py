@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import margin_kernels as mk
-from margin_kernels.backends import torch_chunked
+from margin_kernels.backends import chunk_loop, torch_backend
 from tests.helpers import random_problem
 
 
@@ -56,11 +56,11 @@ def test_backend_internals_stay_within_a_chunk():
     spec = margin.negative_spec()
     log = AllocationLog()
     with log:
-        lse = torch_chunked.lse_forward(x, w, labels, row_params, None, spec, True, CHUNK)
+        lse = torch_backend.lse_forward(x, w, labels, row_params, None, spec, True, CHUNK)
     assert max(log.sizes) <= B * CHUNK
     log = AllocationLog()
     with log:
-        torch_chunked.lse_backward(x, w, labels, row_params, None, spec, True, lse, torch.rand(B),
+        torch_backend.lse_backward(x, w, labels, row_params, None, spec, True, lse, torch.rand(B),
                                    torch.rand(B), CHUNK)
     big = [n for n in log.sizes if n > B * CHUNK]
     assert big == [C * D], f"only dW may exceed a chunk, got {big}"
@@ -102,7 +102,7 @@ def test_peak_extra_memory_is_flat_in_classes():
     ref = _peak_extra("reference", batch, classes, dim)
     logits_bytes = batch * classes * 4
     dweight_bytes = classes * dim * 4
-    chunk_bytes = batch * torch_chunked.default_chunk_size(batch) * 4
+    chunk_bytes = batch * chunk_loop.default_chunk_size(batch) * 4
     assert ref > 3 * logits_bytes, (ref, logits_bytes)
     assert fused < dweight_bytes + 16 * chunk_bytes, (fused, dweight_bytes, chunk_bytes)
     assert ref > 8 * fused, (ref, fused)

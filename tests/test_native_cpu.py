@@ -15,7 +15,7 @@ import torch
 
 import margin_kernels as mk
 from margin_kernels import _native, backends, native_build
-from margin_kernels.backends import cpu_native, resolve_backend, unavailable_reason
+from margin_kernels.backends import chunk_loop, cpu_backend, resolve_backend, unavailable_reason
 from margin_kernels.losses.negatives import NegativeKind, NegativeSpec, negative_derivative, negative_value
 
 from .helpers import LOSS_NAMES, loss_and_grads, make_loss, random_problem, rel_err, twin
@@ -99,10 +99,11 @@ def test_non_contiguous_weight(ext):
 
 
 def test_default_chunk_keeps_the_tile_near_two_mib():
-    assert cpu_native.default_chunk_size(256) * 256 == cpu_native.TILE_ELEMENTS
-    assert cpu_native.default_chunk_size(4096) == cpu_native.MIN_CHUNK
-    assert cpu_native.default_chunk_size(1) == cpu_native.MAX_CHUNK
-    assert all(c & (c - 1) == 0 for c in map(cpu_native.default_chunk_size, range(1, 3000, 7)))
+    policy = lambda batch: chunk_loop.default_chunk_size(batch, "cpu")  # noqa: E731
+    assert policy(256) * 256 == chunk_loop.CPU_TILE_ELEMENTS
+    assert policy(4096) == chunk_loop.CPU_MIN_CHUNK
+    assert policy(1) == chunk_loop.CPU_MAX_CHUNK
+    assert all(c & (c - 1) == 0 for c in map(policy, range(1, 3000, 7)))
 
 
 def test_grad_filter_skips_the_same_tiles_as_torch(ext):
@@ -259,11 +260,11 @@ def test_backend_rejects_wrong_device_and_shapes(ext):
     x, w, labels = torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)
     rp, spec = torch.zeros(3, 2), NegativeSpec()
     with pytest.raises(ValueError, match="weight is on meta"):
-        cpu_native.lse_forward(x, w.to("meta"), labels, rp, None, spec, True, None)
+        cpu_backend.lse_forward(x, w.to("meta"), labels, rp, None, spec, True, None)
     with pytest.raises(ValueError, match="row_params"):
-        cpu_native.lse_forward(x, w, labels, rp[:, :1], None, spec, True, None)
+        cpu_backend.lse_forward(x, w, labels, rp[:, :1], None, spec, True, None)
     with pytest.raises(TypeError, match="same dtype"):
-        cpu_native.lse_forward(x, w.double(), labels, rp, None, spec, True, None)
+        cpu_backend.lse_forward(x, w.double(), labels, rp, None, spec, True, None)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
@@ -281,9 +282,10 @@ def test_stale_prebuilt_is_not_used(monkeypatch, ext):
     assert module is None and "other sources" in reason
 
 
-def test_auto_falls_back_to_torch_when_native_is_missing(monkeypatch):
-    monkeypatch.setattr(cpu_native, "unavailable_reason", lambda: "no compiler here")
-    monkeypatch.setattr(backends, "_warned", set())
+def test_auto_falls_back_to_torch_when_native_is_missing(monkeypatch, request):
+    monkeypatch.setattr(cpu_backend, "unavailable_reason", lambda: "no compiler here")
+    backends.forget_availability()  # availability is probed once per process: probe the patched one
+    request.addfinalizer(backends.forget_availability)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(RuntimeError, match="no compiler here"):

@@ -1,73 +1,138 @@
-"""Backend registry: every backend implements the same two calls over the same loss description.
+"""The backend registry: one entry per backend, as data.
+
+Every backend module implements the same two calls over the same loss description:
 
     lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size) -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                  g_cos_target, chunk_size, grad_filter) -> (dx, dweight)
 
-``lse`` is the per-row log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column
-indices into ``weight`` (or into ``class_index`` when given), -1 for rows without a target. ``grad_filter > 0``
-allows skipping the dx/dW products of tiles whose |dL/dcos| are all below it (count them in ``filter_stats``).
+and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
+log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
+``weight`` (or into ``class_index`` when given), -1 for rows without a target. ``grad_filter > 0`` allows
+skipping the dx/dW products of tiles whose |dL/dcos| are all below it (counted in ``filter_stats``).
+
+A backend's module is imported at most once per process, and whether it can run here is probed once and
+remembered: resolving ``backend="auto"`` is then a dictionary lookup, and under ``torch.compile`` the
+resolution is a constant of the trace (``torch.compiler.assume_constant_result``), so dynamo never steps into
+an import. ``docs/adding-a-backend.md`` lists what a new entry needs.
 """
 from __future__ import annotations
 
 import importlib
+import threading
 import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
 
 import torch
 
-#: every name a user may pass as ``backend=``; "reference" is the full-logit ground truth (margin_kernels.reference)
-BACKEND_NAMES = ("auto", "reference", "torch", "cpu", "triton", "cuda")
 
-_MODULES = {
-    "torch": "margin_kernels.backends.torch_chunked",
-    "cpu": "margin_kernels.backends.cpu_native",
-    "triton": "margin_kernels.backends.triton_backend",
-    "cuda": "margin_kernels.backends.cuda_native",
-}
+@dataclass(frozen=True)
+class BackendEntry:
+    """What the package knows about a backend without importing it."""
+
+    name: str
+    #: device types its kernels compute on ("any": every device torch supports)
+    devices: tuple
+    #: the module implementing the contract above (None: "reference", the full-logit ground truth)
+    module: Optional[str]
+    #: one line for tables and ``--list``
+    summary: str
+
+
+BACKENDS = (
+    BackendEntry("reference", ("any",), None,
+                 "full B x C logits in plain PyTorch, autograd backward: the ground truth"),
+    BackendEntry("torch", ("any",), "margin_kernels.backends.torch_backend",
+                 "class chunks, online log-sum-exp, recompute in backward; PyTorch GEMMs and elementwise ops"),
+    BackendEntry("cpu", ("cpu",), "margin_kernels.backends.cpu_backend",
+                 "the chunk loop with MKL GEMMs and fused C++ epilogues (csrc/margin_cpu.cpp, OpenMP)"),
+    BackendEntry("triton", ("cuda",), "margin_kernels.backends.triton_backend",
+                 "GEMMs with the whole loss in their epilogues (Triton; CPU only under TRITON_INTERPRET=1)"),
+    BackendEntry("cuda", ("cuda",), "margin_kernels.backends.cuda_backend",
+                 "the chunk loop with cuBLAS GEMMs and fused CUDA epilogues (csrc/margin_cuda.cu)"),
+)
+REGISTRY = {entry.name: entry for entry in BACKENDS}
+#: what ``backend="auto"`` tries, in order, per device type; the portable "torch" backend ends every list
+AUTO_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+#: every name a user may pass as ``backend=``
+BACKEND_NAMES = ("auto",) + tuple(REGISTRY)
+
+_lock = threading.RLock()
+_modules: dict = {}
+_reasons: dict = {}
 _warned: set = set()
+
+
+def load_module(name: str) -> ModuleType:
+    """The implementing module of a registered backend (imported once)."""
+    module = _modules.get(name)
+    if module is None:
+        with _lock:
+            module = _modules.get(name)
+            if module is None:
+                module = _modules[name] = importlib.import_module(REGISTRY[name].module)
+    return module
+
+
+def get_backend(name: str) -> ModuleType:
+    return load_module(name)
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if backend ``name`` can run in this process, else why not (probed once, then remembered)."""
+    if name not in REGISTRY:
+        return f"there is no backend named {name!r} (known: {', '.join(BACKEND_NAMES)})"
+    if REGISTRY[name].module is None:
+        return None
+    with _lock:
+        if name not in _reasons:
+            try:
+                _reasons[name] = load_module(name).unavailable_reason()
+            except ImportError as exc:  # an optional dependency (triton, the compiled extension) is missing
+                _reasons[name] = f"the {name!r} backend cannot be imported: {exc}"
+        return _reasons[name]
+
+
+def forget_availability() -> None:
+    """Probe again on the next call (tests that change what is importable use it)."""
+    with _lock:
+        _reasons.clear()
+        _warned.clear()
 
 
 def available_backends() -> dict:
     """name -> None if usable here, else the reason it is not."""
-    out = {"reference": None, "torch": None}
-    for name in ("cpu", "triton", "cuda"):
-        out[name] = unavailable_reason(name)
-    return out
+    return {name: unavailable_reason(name) for name in REGISTRY}
 
 
-def unavailable_reason(name: str):
-    if name in ("reference", "torch"):
-        return None
-    if name not in _MODULES:
-        return f"the {name!r} backend is not part of this build yet"
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:  # an optional dependency (triton, the compiled extension) is missing
-        return f"the {name!r} backend cannot be imported: {exc}"
-    reason = getattr(module, "unavailable_reason", lambda: None)()
-    return reason
+def check_backend_name(backend) -> None:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete backend for ``device``; check an explicit choice is usable."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str) -> str:
     if name != "auto":
         reason = unavailable_reason(name)
         if reason is not None:
             raise RuntimeError(reason)
         return name
-    preferred = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for candidate in preferred:
+    for candidate in AUTO_PREFERENCE.get(device_type, ()):
         reason = unavailable_reason(candidate)
         if reason is None:
             return candidate
         if candidate not in _warned:
             _warned.add(candidate)
             warnings.warn(f"margin_kernels: backend='auto' skips {candidate!r} ({reason}); falling back",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
     return "torch"
 
 
-def get_backend(name: str):
-    return importlib.import_module(_MODULES[name])
+def resolve_backend(name: str, device) -> str:
+    """Turn "auto" into a concrete backend for ``device`` (a torch.device or a device type); check that an
+    explicit choice can run here (RuntimeError with the reason if not)."""
+    check_backend_name(name)
+    device_type = device if isinstance(device, str) else device.type
+    return _resolve(name, device_type)

@@ -1,9 +1,9 @@
-"""The fused C++/CUDA epilogues (csrc/) plugged into torch_chunked's chunk loop, and the backend built on them.
+"""The fused C++/CUDA epilogues (csrc/) plugged into the chunk loop, and the backend built on them.
 
-The loop (GEMMs by torch.mm: MKL on CPU, cuBLAS on CUDA) is torch_chunked's; the epilogue reads each B x chunk
+The loop (GEMMs by torch.mm: MKL on CPU, cuBLAS on CUDA) is ``chunk_loop``'s; the epilogue reads each B x chunk
 tile once: forward divides by |w_j|, applies the negative function and scale, masks the target and merges
 into the running max/sum; backward turns the recomputed tile into dL/d(x.w) in place with sum_i dc*c per
-class, and the dW normalisation backward is one in-place pass. ``cpu_native`` and ``cuda_native`` are
+class, and the dW normalisation backward is one in-place pass. ``cpu_backend`` and ``cuda_backend`` are
 instances of ``NativeBackend``.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from .. import _native
 from ..losses.negatives import NegativeSpec
-from . import torch_chunked
-from .torch_chunked import TileGrad
+from . import chunk_loop
+from .chunk_loop import TileGrad
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -28,7 +28,7 @@ def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class NativeEpilogue:
-    """torch_chunked.Epilogue over the compiled extension ``ext`` (margin_kernels._C or _C_cuda)."""
+    """chunk_loop.Epilogue over the compiled extension ``ext`` (margin_kernels._C or _C_cuda)."""
 
     def __init__(self, ext):
         self._ext = ext
@@ -56,7 +56,7 @@ class NativeEpilogue:
 
 
 class NativeBackend:
-    """A backend module's three functions over torch_chunked's loop with the native epilogue.
+    """A backend module's three functions over the chunk loop with the native epilogue.
 
     ``device_type`` is where its kernels run ("cpu" or "cuda"); inputs elsewhere get a ValueError naming the
     argument. Per-row inputs are made contiguous in the accumulation dtype once per call, not per tile.
@@ -103,7 +103,7 @@ class NativeBackend:
 
     def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
         self._check(x, weight, labels, row_params, class_index)
-        return torch_chunked.chunked_forward(
+        return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
@@ -113,7 +113,7 @@ class NativeBackend:
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
-        return torch_chunked.chunked_backward(
+        return chunk_loop.chunked_backward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),

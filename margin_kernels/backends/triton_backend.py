@@ -29,7 +29,7 @@ import triton  # an ImportError here makes the registry report the backend as un
 
 from . import filter_stats
 from . import triton_configs as configs
-from .torch_chunked import finite_lse, num_columns
+from .chunk_loop import finite_lse, num_columns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _autotuned: dict = {}

@@ -8,13 +8,15 @@ broadcast as (BLOCK_B, 1) columns, ``a`` and ``b`` the spec's constants (scalars
 import triton
 import triton.language as tl
 
-# NegativeKind values (tests check they match the enum; Triton needs them as plain module constants)
-IDENTITY = tl.constexpr(0)
-CLAMP = tl.constexpr(1)
-CURRICULAR = tl.constexpr(2)
-MV = tl.constexpr(3)
-CIRCLE = tl.constexpr(4)
-FILTER = tl.constexpr(5)
+from ..losses.negatives import NegativeKind
+
+# the NegativeKind values as module-level constexprs (what a @triton.jit function can compare a KIND with)
+IDENTITY = tl.constexpr(int(NegativeKind.IDENTITY))
+CLAMP = tl.constexpr(int(NegativeKind.CLAMP))
+CURRICULAR = tl.constexpr(int(NegativeKind.CURRICULAR))
+MV = tl.constexpr(int(NegativeKind.MV))
+CIRCLE = tl.constexpr(int(NegativeKind.CIRCLE))
+FILTER = tl.constexpr(int(NegativeKind.FILTER))
 
 
 @triton.jit

@@ -8,9 +8,10 @@ C * d > 2^31 elements is addressed correctly. Masked-out rows and columns load a
 import triton
 import triton.language as tl
 
+from .. import norms
 from .triton_negatives import negative_derivative, negative_value
 
-NORM_EPS = tl.constexpr(1e-12)  # losses.base.NORM_EPS: w / max(||w||, eps)
+NORM_EPS = tl.constexpr(norms.NORM_EPS)  # w / max(||w||, eps), the one value every backend uses
 
 
 @triton.jit

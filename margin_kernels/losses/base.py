@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..norms import floored
 from .negatives import NegativeKind, NegativeSpec
 
-NORM_EPS = 1e-12  # as F.normalize: x / max(||x||, eps); a zero row normalises to a zero row
 
 
 @dataclass
@@ -112,7 +112,7 @@ class MarginLoss(nn.Module):
         norm = features.to(acc_dtype).norm(dim=1)
         if not self.normalize_features:
             return features, norm
-        x_eff = features.to(acc_dtype) / norm.clamp_min(NORM_EPS).unsqueeze(1)
+        x_eff = features.to(acc_dtype) / floored(norm).unsqueeze(1)
         return x_eff.to(features.dtype), norm
 
     def update_state(self, rows: RowInputs) -> None:

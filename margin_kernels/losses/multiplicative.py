@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import NORM_EPS, MarginLoss, RowInputs, _check_positive, _check_range
+from .base import MarginLoss, floored, RowInputs, _check_positive, _check_range
 
 
 def chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ class LSoftmax(_AnnealedMultiplicative):
 
     def target_logit(self, rows: RowInputs):
         scale = rows.feature_norm * rows.weight_norm
-        cos = rows.cos / scale.clamp_min(NORM_EPS)
+        cos = rows.cos / floored(scale)
         return self._blend(rows.cos, scale * psi(cos, self.m))
 
 
@@ -91,5 +91,5 @@ class SphereFace(_AnnealedMultiplicative):
         super().__init__(m, lambda_base, lambda_gamma, lambda_power, lambda_min)
 
     def target_logit(self, rows: RowInputs):
-        cos = rows.cos / rows.feature_norm.clamp_min(NORM_EPS)
+        cos = rows.cos / floored(rows.feature_norm)
         return self._blend(rows.cos, rows.feature_norm * psi(cos, self.m))

@@ -1,12 +1,12 @@
-"""backend="cuda": torch_chunked's loop with cuBLAS GEMMs and the fused CUDA epilogues of csrc/margin_cuda.cu
+"""backend="cuda": the chunk loop with cuBLAS GEMMs and the fused CUDA epilogues of csrc/margin_cuda.cu
 (one pass over each fp32 tile; deterministic). Robust on any CUDA GPU and torch build; the Triton backend is
 the fully fused one."""
 from __future__ import annotations
 
+from .chunk_loop import default_chunk_size
 from .native_epilogue import NativeBackend
-from .torch_chunked import DEFAULT_CHUNK_SIZE
 
-_BACKEND = NativeBackend("cuda", "cuda", lambda batch: DEFAULT_CHUNK_SIZE)
+_BACKEND = NativeBackend("cuda", "cuda", lambda batch: default_chunk_size(batch, "cuda"))
 unavailable_reason = _BACKEND.unavailable_reason
 lse_forward = _BACKEND.lse_forward
 lse_backward = _BACKEND.lse_backward

@@ -1,4 +1,5 @@
-"""The portable backend: stream W in class chunks with an online log-sum-exp, recompute chunks in backward.
+"""The chunk loop every chunked backend runs: stream W in class chunks with an online log-sum-exp, recompute
+chunks in backward. It is backend-neutral: the elementwise work is an *epilogue* passed in.
 
 Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per chunk and O(B x d) for dx; no
 B x C matrix and no normalised copy of W. Per chunk it runs two GEMMs in forward-recompute and two more in
@@ -6,9 +7,10 @@ backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recomp
 
 The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 dot
 products (normalise, negatives, online log-sum-exp; in backward the gradient tile, the per-class sums of the
-normalisation backward and the dW correction). ``TorchEpilogue`` does it with PyTorch ops over
-``losses/negatives.py``; the native backends (cpu_native, cuda_native) pass fused C++/CUDA epilogues that read
-each tile once to the same loop.
+normalisation backward and the dW correction). ``torch_backend.TorchEpilogue`` does it with PyTorch ops
+over ``losses/negatives.py``; the native backends (``cpu_backend``, ``cuda_backend``) pass fused C++/CUDA
+epilogues (``native_epilogue``) that read each tile once. The chunk-size policy and the helpers shared with
+the Triton backend (``num_columns``, ``finite_lse``) live here too.
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ from typing import NamedTuple, Optional, Protocol
 
 import torch
 
-from ..losses.base import NORM_EPS
+from ..losses.negatives import NegativeSpec
 from . import filter_stats
-from ..losses.negatives import NegativeSpec, negative_derivative, negative_logits
 
 #: classes per chunk on CUDA: large enough to keep the GPU busy in every GEMM and elementwise launch
 DEFAULT_CHUNK_SIZE = 8192
@@ -66,52 +67,6 @@ class Epilogue(Protocol):
     def finish_dw(self, dw: torch.Tensor, w_acc: torch.Tensor, col_dot: torch.Tensor,
                   inv_norm: torch.Tensor) -> None:
         """In place: the normalisation backward on the dW GEMM output, dw_j -= col_dot_j / |w_j|^2 * w_j."""
-
-
-def _target_columns(labels: torch.Tensor, col0: int, width: int):
-    """(rows, local columns) of the target pairs whose class falls in [col0, col0 + width)."""
-    inside = (labels >= col0) & (labels < col0 + width)
-    rows = inside.nonzero().squeeze(1)
-    return rows, labels[rows] - col0
-
-
-class TorchEpilogue:
-    def inv_norms(self, w, acc_dtype):
-        return 1.0 / w.to(acc_dtype).norm(dim=1).clamp_min(NORM_EPS)
-
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
-        if inv_norm is not None:
-            cos.mul_(inv_norm)
-        z = negative_logits(cos, spec, row_params)
-        rows, cols = _target_columns(labels, col0, cos.shape[1])
-        z[rows, cols] = float("-inf")
-        new_max = torch.maximum(run_max, z.amax(dim=1))
-        # rows whose max is still -inf have nothing to merge; keep exp() away from inf - inf
-        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-        run_sum.mul_(torch.exp(run_max - shift)).add_(torch.exp(z - shift.unsqueeze(1)).sum(dim=1))
-        run_max.copy_(new_max)
-
-    def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
-                      want_max_abs):
-        if inv_norm is not None:
-            cos.mul_(inv_norm)
-        z = negative_logits(cos, spec, row_params)
-        rows, cols = _target_columns(labels, col0, cos.shape[1])
-        z[rows, cols] = float("-inf")
-        p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
-        dcos = p.mul_(negative_derivative(cos, spec, row_params)).mul_(spec.scale)
-        dcos[rows, cols] = g_cos_target[rows]
-        max_abs = dcos.abs().amax() if want_max_abs else None
-        col_dot = None
-        if inv_norm is not None:
-            # d cos_ij / d w_j = (x_i - cos_ij w_j/|w_j|) / |w_j|: fold 1/|w_j| into dcos, the rest into a
-            # per-class correction of the dW rows (finish_dw)
-            col_dot = (dcos * cos).sum(dim=0)
-            dcos.mul_(inv_norm)
-        return TileGrad(dcos, col_dot, max_abs)
-
-    def finish_dw(self, dw, w_acc, col_dot, inv_norm):
-        dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w_acc)
 
 
 def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype,
@@ -228,16 +183,3 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     return dx.to(x.dtype), dweight
 
 
-_TORCH_EPILOGUE = TorchEpilogue()
-
-
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
-    return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE)
-
-
-def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0):
-    return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                            g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
-                            _TORCH_EPILOGUE, grad_filter)

@@ -1,0 +1,75 @@
+"""backend="torch": the portable backend, the neutral chunk loop (``chunk_loop``) with an epilogue written in
+PyTorch ops over ``losses/negatives.py``. Runs on any device and dtype (fp64 too); it is also the reference
+implementation of the epilogue contract that the native epilogues are tested against tile by tile."""
+from __future__ import annotations
+
+import torch
+
+from ..losses.negatives import negative_derivative, negative_logits
+from ..norms import inverse_norms
+from .chunk_loop import TileGrad, chunked_backward, chunked_forward, default_chunk_size
+
+
+def _target_columns(labels: torch.Tensor, col0: int, width: int):
+    """(rows, local columns) of the target pairs whose class falls in [col0, col0 + width)."""
+    inside = (labels >= col0) & (labels < col0 + width)
+    rows = inside.nonzero().squeeze(1)
+    return rows, labels[rows] - col0
+
+
+class TorchEpilogue:
+    def inv_norms(self, w, acc_dtype):
+        return inverse_norms(w, acc_dtype)
+
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
+        if inv_norm is not None:
+            cos.mul_(inv_norm)
+        z = negative_logits(cos, spec, row_params)
+        rows, cols = _target_columns(labels, col0, cos.shape[1])
+        z[rows, cols] = float("-inf")
+        new_max = torch.maximum(run_max, z.amax(dim=1))
+        # rows whose max is still -inf have nothing to merge; keep exp() away from inf - inf
+        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        run_sum.mul_(torch.exp(run_max - shift)).add_(torch.exp(z - shift.unsqueeze(1)).sum(dim=1))
+        run_max.copy_(new_max)
+
+    def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
+                      want_max_abs):
+        if inv_norm is not None:
+            cos.mul_(inv_norm)
+        z = negative_logits(cos, spec, row_params)
+        rows, cols = _target_columns(labels, col0, cos.shape[1])
+        z[rows, cols] = float("-inf")
+        p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
+        dcos = p.mul_(negative_derivative(cos, spec, row_params)).mul_(spec.scale)
+        dcos[rows, cols] = g_cos_target[rows]
+        max_abs = dcos.abs().amax() if want_max_abs else None
+        col_dot = None
+        if inv_norm is not None:
+            # d cos_ij / d w_j = (x_i - cos_ij w_j/|w_j|) / |w_j|: fold 1/|w_j| into dcos, the rest into a
+            # per-class correction of the dW rows (finish_dw)
+            col_dot = (dcos * cos).sum(dim=0)
+            dcos.mul_(inv_norm)
+        return TileGrad(dcos, col_dot, max_abs)
+
+    def finish_dw(self, dw, w_acc, col_dot, inv_norm):
+        dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w_acc)
+
+
+_TORCH_EPILOGUE = TorchEpilogue()
+
+
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
+    return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
+                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE)
+
+
+def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
+                 chunk_size, grad_filter=0.0):
+    return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
+                            g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
+                            _TORCH_EPILOGUE, grad_filter)
+
+
+def unavailable_reason():
+    return None  # plain PyTorch: runs wherever torch does
