@@ -1,4 +1,4 @@
-"""Shared test fixtures: every loss of LOSSES.md (with its interesting variants), random inputs, error norms."""
+"""Shared test fixtures: every loss variant (margin_kernels.losses.registry), random inputs, error norms."""
 from __future__ import annotations
 
 import copy
@@ -6,28 +6,10 @@ import copy
 import torch
 
 import margin_kernels as mk
+from margin_kernels.losses.registry import VARIANTS
 
-# name -> factory; variants cover each branch of LOSSES.md (easy margin, straight-through, filter, AM/Arc ...)
-LOSS_FACTORIES = {
-    "softmax": lambda: mk.Softmax(),
-    "l2softmax": lambda: mk.L2Softmax(s=16.0),
-    "normface": lambda: mk.NormFace(s=30.0),
-    "lsoftmax": lambda: mk.LSoftmax(m=3),
-    "sphereface": lambda: mk.SphereFace(m=4),
-    "cosface": lambda: mk.CosFace(),
-    "arcface": lambda: mk.ArcFace(),
-    "arcface_easy": lambda: mk.ArcFace(easy_margin=True),
-    "arcface_st": lambda: mk.ArcFace(straight_through=True),
-    "combined": lambda: mk.CombinedMargin(),
-    "combined_general": lambda: mk.CombinedMargin(m1=0.9, m2=0.4, m3=0.15),
-    "combined_filter": lambda: mk.CombinedMargin(interclass_filtering_threshold=0.1),
-    "curricularface": lambda: mk.CurricularFace(),
-    "mv_am": lambda: mk.MVSoftmax(variant="am"),
-    "mv_arc": lambda: mk.MVSoftmax(variant="arc"),
-    "magface": lambda: mk.MagFace(),
-    "adaface": lambda: mk.AdaFace(),
-    "circle": lambda: mk.CircleLoss(),
-}
+# every loss variant, from the package's one registry (each branch of docs/losses.md)
+LOSS_FACTORIES = VARIANTS
 LOSS_NAMES = list(LOSS_FACTORIES)
 
 

@@ -16,23 +16,11 @@ from typing import Optional
 import torch
 
 import margin_kernels as mk
+from margin_kernels.losses.registry import loss_names
+from margin_kernels.losses.registry import make_loss as registry_make_loss
 
-#: loss name on the command line -> the loss description with its paper defaults
-LOSSES = {
-    "softmax": mk.Softmax,
-    "l2softmax": mk.L2Softmax,
-    "normface": mk.NormFace,
-    "lsoftmax": mk.LSoftmax,
-    "sphereface": mk.SphereFace,
-    "cosface": mk.CosFace,
-    "arcface": mk.ArcFace,
-    "combined": mk.CombinedMargin,
-    "curricularface": mk.CurricularFace,
-    "mvsoftmax": mk.MVSoftmax,
-    "magface": mk.MagFace,
-    "adaface": mk.AdaFace,
-    "circle": mk.CircleLoss,
-}
+#: the CLI's --loss choices: every family (paper defaults) and named variant of the package's loss registry
+LOSSES = tuple(loss_names())
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -41,7 +29,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp1
 
 
 def make_loss(name: str) -> mk.MarginLoss:
-    return LOSSES[name]()
+    return registry_make_loss(name)
 
 
 @dataclass(frozen=True)

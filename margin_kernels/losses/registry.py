@@ -1,0 +1,68 @@
+"""Every loss by name, once: the families (default parameters; the CLI's ``--loss`` list) and the named
+variants that reach each branch of a loss's formula (what the conformance tests run over every backend)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .adaface import AdaFace
+from .additive import ArcFace, CombinedMargin, CosFace
+from .base import MarginLoss
+from .circle import CircleLoss
+from .curricular import CurricularFace
+from .magface import MagFace
+from .multiplicative import LSoftmax, SphereFace
+from .mv_softmax import MVSoftmax
+from .plain import L2Softmax, NormFace, Softmax
+
+#: family name -> loss class (constructed with its defaults)
+FAMILIES: dict = {
+    "softmax": Softmax,
+    "l2softmax": L2Softmax,
+    "normface": NormFace,
+    "lsoftmax": LSoftmax,
+    "sphereface": SphereFace,
+    "cosface": CosFace,
+    "arcface": ArcFace,
+    "combined": CombinedMargin,
+    "curricularface": CurricularFace,
+    "mvsoftmax": MVSoftmax,
+    "magface": MagFace,
+    "adaface": AdaFace,
+    "circle": CircleLoss,
+}
+
+#: variant name -> factory; together they cover every branch of docs/losses.md (easy margin, straight-through,
+#: the general combined margin, interclass filtering, MV-Softmax's AM and Arc forms ...)
+VARIANTS: dict = {
+    "softmax": lambda: Softmax(),
+    "l2softmax": lambda: L2Softmax(s=16.0),
+    "normface": lambda: NormFace(s=30.0),
+    "lsoftmax": lambda: LSoftmax(m=3),
+    "sphereface": lambda: SphereFace(m=4),
+    "cosface": lambda: CosFace(),
+    "arcface": lambda: ArcFace(),
+    "arcface_easy": lambda: ArcFace(easy_margin=True),
+    "arcface_st": lambda: ArcFace(straight_through=True),
+    "combined": lambda: CombinedMargin(),
+    "combined_general": lambda: CombinedMargin(m1=0.9, m2=0.4, m3=0.15),
+    "combined_filter": lambda: CombinedMargin(interclass_filtering_threshold=0.1),
+    "curricularface": lambda: CurricularFace(),
+    "mv_am": lambda: MVSoftmax(variant="am"),
+    "mv_arc": lambda: MVSoftmax(variant="arc"),
+    "magface": lambda: MagFace(),
+    "adaface": lambda: AdaFace(),
+    "circle": lambda: CircleLoss(),
+}
+
+
+def loss_names() -> list:
+    """Every name ``make_loss`` accepts: the families, then the variants that are not family names."""
+    return list(FAMILIES) + [name for name in VARIANTS if name not in FAMILIES]
+
+
+def make_loss(name: str) -> MarginLoss:
+    """A fresh loss for a family or variant name (ValueError naming the known ones otherwise)."""
+    factory: Callable = VARIANTS.get(name) or FAMILIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(loss_names())}")
+    return factory()
