@@ -5,9 +5,10 @@
   isolated build would download a multi-GB CUDA torch);
 * margin_kernels._C_cuda (the same plus the CUDA kernels) when torch is a CUDA build and nvcc is found.
 
-Both are optional: if one fails to compile the install goes on with a warning, and the package falls back to a
-JIT build at first use, then to the pure-torch backend. ``MARGIN_KERNELS_REQUIRE_NATIVE=1`` makes a failed
-build fatal (CI), ``MARGIN_KERNELS_NO_NATIVE=1`` skips the extensions, ``MARGIN_KERNELS_NO_CUDA=1`` the CUDA one.
+Both are optional: if one fails to compile the install goes on with a warning and ``backend="auto"`` falls
+back to the pure-torch backend (a run-time JIT build of csrc/ is opt-in: ``MARGIN_KERNELS_JIT=1``).
+``MARGIN_KERNELS_REQUIRE_NATIVE=1`` makes a failed build fatal (CI), ``MARGIN_KERNELS_NO_NATIVE=1`` skips the
+extensions, ``MARGIN_KERNELS_NO_CUDA=1`` the CUDA one.
 """
 import importlib.util
 import os
@@ -39,7 +40,7 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:
         print("margin_kernels: torch is not importable at build time, so no native extension is built "
-              "(install with --no-build-isolation to build it; it is otherwise compiled at first use)")
+              "(install with --no-build-isolation to build it)")
         return [], {}
     build = _native_build()
 
@@ -68,7 +69,7 @@ def _extensions():
                 if not getattr(ext, "optional", False):
                     raise
                 self.warn(f"margin_kernels: building {ext.name} failed ({type(exc).__name__}: {exc}); the package "
-                          "still works (JIT build at first use, else backend='torch')")
+                          "still works (backend='torch')")
 
     return extensions, {"build_ext": BuildExt}
 

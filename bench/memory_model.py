@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from margin_kernels.backends.chunk_loop import DEFAULT_CHUNK_SIZE  # noqa: E402
-from margin_kernels.distributed.sampling import num_sampled  # noqa: E402
+from margin_kernels.sampling import num_sampled  # noqa: E402
 from margin_kernels.distributed.sharding import max_shard_size  # noqa: E402
 from margin_kernels.reduction import accumulation_dtype  # noqa: E402
 

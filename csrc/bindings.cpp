@@ -280,12 +280,21 @@ void lse_merge_eval(const Tensor& run_max, const Tensor& run_sum, const Tensor& 
   });
 }
 
-bool has_cuda() {
-#ifdef MK_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
+// the constants margin_math.h restates from Python (the negative kinds, the norm eps), so a test can compare
+// the compiled values with margin_kernels' own
+pybind11::dict constants() {
+  pybind11::dict kinds;
+  kinds["IDENTITY"] = static_cast<int>(mk::kIdentity);
+  kinds["CLAMP"] = static_cast<int>(mk::kClamp);
+  kinds["CURRICULAR"] = static_cast<int>(mk::kCurricular);
+  kinds["MV"] = static_cast<int>(mk::kMV);
+  kinds["CIRCLE"] = static_cast<int>(mk::kCircle);
+  kinds["FILTER"] = static_cast<int>(mk::kFilter);
+  pybind11::dict out;
+  out["negative_kinds"] = kinds;
+  out["num_negative_kinds"] = mk::kNumNegativeKinds;
+  out["norm_eps"] = mk::kNormEps;
+  return out;
 }
 
 }  // namespace
@@ -296,7 +305,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the kernels do not touch Python objects: let other Python threads run meanwhile
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("abi_version", [] { return mk::kAbiVersion; });
-  m.def("has_cuda", &has_cuda);
+  m.def("constants", &constants);
   m.def("inv_norms", &inv_norms, py::arg("w"), py::arg("stream") = 0, nogil);
   m.def("forward_tile", &forward_tile, py::arg("tile"), py::arg("inv_norm"), py::arg("labels"), py::arg("col0"),
         py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("run_max"),

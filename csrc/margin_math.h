@@ -23,7 +23,7 @@
 
 namespace mk {
 
-// must match margin_kernels.losses.negatives.NegativeKind
+// must match margin_kernels.losses.negatives.NegativeKind (tests/test_constants.py compares them)
 enum NegativeKind : int {
   kIdentity = 0,
   kClamp = 1,
@@ -34,11 +34,11 @@ enum NegativeKind : int {
 };
 constexpr int kNumNegativeKinds = 6;
 
-// as margin_kernels.losses.base.NORM_EPS (F.normalize's eps): 1 / max(||w||, eps)
+// as margin_kernels.norms.NORM_EPS (F.normalize's eps): 1 / max(||w||, eps)
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 // ---- exp --------------------------------------------------------------------------------------------------
 MK_HD float bits_as_float(int32_t bits) {

@@ -1,11 +1,13 @@
-"""Finding the compiled epilogues: the extension setup.py built, else a JIT build of csrc/ (cached by
-``torch.utils.cpp_extension`` under $TORCH_EXTENSIONS_DIR), else nothing and a reason why.
+"""Finding the compiled epilogues: the extension ``setup.py`` built ahead of time (``pip install
+--no-build-isolation -e .``), else nothing and a reason why.
 
 The package never needs them: without an extension the "cpu"/"cuda" backends report themselves unavailable,
 ``backend="auto"`` falls back to the pure-torch backend with a warning, and ``backend="torch"`` always works.
 
-Environment: ``MARGIN_KERNELS_JIT=0`` never compiles at run time; ``MARGIN_KERNELS_JIT=force`` ignores a
-prebuilt extension and uses (and if needed compiles) the JIT build of the current sources.
+A run-time (JIT) compile of csrc/ with ``torch.utils.cpp_extension`` is opt-in, for source checkouts that
+were not installed with the build step: ``MARGIN_KERNELS_JIT=1`` compiles it when no usable prebuilt
+extension is found (cached under $TORCH_EXTENSIONS_DIR); ``MARGIN_KERNELS_JIT=force`` ignores a prebuilt
+extension and uses (compiling if needed) the JIT build of the current sources. Unset or ``0``: never.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Optional
 from . import native_build
 
 #: must equal mk::kAbiVersion in csrc/margin_math.h; a prebuilt extension from older sources is not used
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _loaded: dict = {}
@@ -36,7 +38,7 @@ def load(with_cuda: bool = False) -> tuple[Optional[ModuleType], Optional[str]]:
 
 def _load(with_cuda: bool):
     name = native_build.CUDA_MODULE if with_cuda else native_build.CPU_MODULE
-    jit_mode = os.environ.get("MARGIN_KERNELS_JIT", "1").lower()
+    jit_mode = os.environ.get("MARGIN_KERNELS_JIT", "0").lower()
     prebuilt_problem = None
     if jit_mode != "force":
         try:
@@ -48,8 +50,9 @@ def _load(with_cuda: bool):
                 return module, None
             prebuilt_problem = (f"margin_kernels.{name} was built from other sources (ABI {module.abi_version()}, "
                                 f"expected {ABI_VERSION}); rebuild it with `pip install --no-build-isolation -e .`")
-    if jit_mode in ("0", "false", "no", "off"):
-        return None, f"{prebuilt_problem}, and MARGIN_KERNELS_JIT=0 forbids compiling it now"
+    if jit_mode not in ("1", "true", "yes", "on", "force"):
+        return None, (f"{prebuilt_problem}; build it with `pip install --no-build-isolation -e .` (or set "
+                      "MARGIN_KERNELS_JIT=1 to compile it at first use)")
     return _jit(with_cuda, prebuilt_problem)
 
 

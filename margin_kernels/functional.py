@@ -46,8 +46,9 @@ def column_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor,
                          class_index: Optional[torch.Tensor], margin: MarginLoss, acc: torch.dtype):
-    """(cos, ||w_y||) of the target pairs, without gradient: what the loss's state update and row params see
-    before the op runs (0 and 1 on rows without a target column)."""
+    """(cos, ||w_y||) of the target pairs, without gradient (0 and 1 on rows without a target column): what the
+    loss's state update and row params see, computed once per call and passed through the op, which gives
+    them their gradient."""
     with torch.no_grad():
         return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc)
 
@@ -58,13 +59,15 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 
 
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
-                 class_index: Optional[torch.Tensor], margin: MarginLoss, backend: str,
-                 chunk_size: Optional[int], grad_filter: float):
-    """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable."""
+                 class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
+                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float):
+    """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable. The target
+    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward."""
     spec = margin.negative_spec()
     return torch.ops.margin_kernels.margin_lse(
-        x_eff.contiguous(), weight, columns, row_params, class_index, margin.normalize_weight, int(spec.kind),
-        spec.scale, spec.a, spec.b, backend, chunk_size or 0, float(grad_filter))
+        x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
+        margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
+        float(grad_filter))
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
@@ -94,6 +97,15 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     check_arguments(features, weight, labels, margin, backend=backend, reduction=reduction,
                     ignore_index=ignore_index, chunk_size=chunk_size, class_index=class_index,
                     grad_filter=grad_filter, check_values=check_values)
+    return checked_margin_cross_entropy(features, weight, labels, margin, backend=backend, reduction=reduction,
+                                        ignore_index=ignore_index, chunk_size=chunk_size,
+                                        class_index=class_index, grad_filter=grad_filter)
+
+
+def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
+                                 ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
+                                 grad_filter: float) -> torch.Tensor:
+    """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
                                               ignore_index=ignore_index, class_index=class_index)
@@ -108,6 +120,6 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     prepared = prepare_rows(features, margin)
     cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
     row_params = start_call(margin, RowInputs(cos0, prepared.feature_norm, wnorm0, valid), prepared.acc)
-    lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, margin,
-                                             backend, chunk_size, grad_filter)
+    lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
+                                             wnorm0, margin, backend, chunk_size, grad_filter)
     return finish_loss(margin, lse_neg, RowInputs(cos, prepared.feature_norm, weight_norm, valid), reduction)

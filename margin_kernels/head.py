@@ -1,57 +1,57 @@
 """``MarginHead``: the drop-in for the FC + cross-entropy bottleneck (insightface's margin loss + PartialFC call
-shape: ``loss = head(embeddings, labels)``)."""
+shape: ``loss = head(embeddings, labels)``), the single-process case of ``DistributedMarginHead``."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch import nn
 
-from .functional import margin_cross_entropy
+from .functional import checked_margin_cross_entropy, column_labels
+from .head_base import HeadBase
 from .losses.base import MarginLoss
+from .validation import check_arguments
 
 
-class MarginHead(nn.Module):
+class MarginHead(HeadBase):
     """Holds the class weight (num_classes, embedding_dim) and the loss description; forward returns the loss.
 
-    The weight is initialised as insightface's PartialFC: normal with std 0.01. Stateful losses keep their
-    state in the ``margin`` submodule's buffers, so it is in ``state_dict`` and follows ``train()``/``eval()``.
+    Takes the same arguments as ``DistributedMarginHead`` (less the process group): the weight is initialised
+    as insightface's PartialFC, N(0, 0.01^2), drawn from ``seed`` in blocks of classes, so it equals the
+    concatenated shards of a ``DistributedMarginHead`` with the same seed at any world size.
+    ``sample_rate < 1`` is Partial FC in training mode: every class of the batch plus uniformly drawn others,
+    ``int(sample_rate * num_classes)`` in all, reproducible from ``seed`` (``head.sampled_classes`` holds the
+    last draw); in eval mode every class is used. Stateful losses keep their state in the ``margin`` submodule's
+    buffers, so it is in ``state_dict`` and follows ``train()``/``eval()``.
+
     The weight's dtype is the compute dtype: features of another floating dtype (bf16/fp16 from a backbone
-    under AMP autocast) are cast to it (B x d, never the C x d weight), as ``DistributedMarginHead`` does; store
-    the weight in bf16 (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way.
+    under AMP autocast) are cast to it (B x d, never the C x d weight); store the weight in bf16
+    (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values=False`` drops
+    the checks that sync the device each step (finite features, labels in range).
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, backend: str = "auto",
-                 reduction: str = "mean", ignore_index: int = -1, chunk_size: Optional[int] = None,
-                 check_values: bool = True, dtype: Optional[torch.dtype] = None, device=None):
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        if not isinstance(margin, MarginLoss):
-            raise TypeError(f"margin must be a margin_kernels loss, got {type(margin).__name__}")
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.margin = margin
-        self.backend, self.reduction, self.ignore_index, self.chunk_size = backend, reduction, ignore_index, chunk_size
-        # the value checks (finite features, labels in range) cost a device sync per step on GPU
-        self.check_values = check_values
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=dtype, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0.0, 0.01)
+    def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
+                 seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
+                 chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
+                 dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__(num_classes, embedding_dim, margin, shard_range=(0, num_classes), sample_rate=sample_rate,
+                         seed=seed, backend=backend, reduction=reduction, ignore_index=ignore_index,
+                         chunk_size=chunk_size, grad_filter=grad_filter, check_values=check_values, dtype=dtype,
+                         device=device)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if isinstance(features, torch.Tensor) and features.is_floating_point() and features.dtype != self.weight.dtype:
-            features = features.to(self.weight.dtype)
-        return margin_cross_entropy(features, self.weight, labels, self.margin, backend=self.backend,
-                                    reduction=self.reduction, ignore_index=self.ignore_index,
-                                    chunk_size=self.chunk_size, class_index=class_index,
-                                    check_values=self.check_values)
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, backend={self.backend!r}, "
-                f"dtype={self.weight.dtype}")
+        """``class_index`` (Partial FC chosen by the caller) replaces the head's own sampling for this call."""
+        weight = self.weight
+        if isinstance(features, torch.Tensor) and features.is_floating_point() and features.dtype != weight.dtype:
+            features = features.to(weight.dtype)
+        options = dict(backend=self.resolved_backend, reduction=self.reduction, chunk_size=self.chunk_size,
+                       grad_filter=self.grad_filter)
+        check_arguments(features, weight, labels, self.margin, ignore_index=self.ignore_index,
+                        class_index=class_index, check_values=self.check_values, **options)
+        if class_index is None:
+            labels, class_index = self.sample_columns(column_labels(labels, self.ignore_index))
+            ignore_index = -1  # column_labels marks ignored rows -1
+        else:
+            ignore_index = self.ignore_index
+        return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
+                                            class_index=class_index, **options)

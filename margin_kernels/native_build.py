@@ -16,7 +16,6 @@ CUDA_MODULE = "_C_cuda"
 
 CPU_SOURCES = ("bindings.cpp", "margin_cpu.cpp")
 CUDA_SOURCES = CPU_SOURCES + ("margin_cuda.cu",)
-HEADERS = ("margin_math.h", "margin_cpu.h", "margin_cuda.h")
 
 
 def csrc_dir() -> Path:

@@ -1,10 +1,13 @@
 """The core op as a registered PyTorch custom op, so torch.compile sees one opaque node with a known
 backward instead of tracing (or breaking on) kernel launches.
 
-``margin_lse`` returns, per row: the log-sum-exp over the negative logits, the target pair's cosine and the
-target class's weight norm. The last two are B gathered dot products computed here, once for every backend;
-their gradients flow back through the same op, so dW is written by the backend in one place and never gets
-a dense zero tensor added to it.
+``margin_lse`` returns, per row: the log-sum-exp over the negative logits, and the target pair's cosine and
+target class's weight norm. The target pair is computed once per call, before the op (``target_pairs``: the
+loss's state update needs it first), and passed in; the op hands it back as outputs so that its gradient
+flows into the op's backward, where dW is written by the backend in one place (no dense zero tensor added to
+it) and the B target rows' share is added to it. In the model-parallel head the pair passed in is the global
+one (summed over the owning ranks) while the op's labels mark only this shard's targets, so only the owner
+applies the target gradient, with no collective in backward for it.
 """
 from __future__ import annotations
 
@@ -36,22 +39,22 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
 
 @torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
-               normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
-               chunk_size: int, grad_filter: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``grad_filter`` is only used by the backward (carried here so the autograd context has it)."""
+               target_cos: Tensor, target_norm: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
+               b: float, backend: str, chunk_size: int, grad_filter: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
+    inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
+    the autograd context has it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size)
-    cos, norm = target_pairs(x, weight, labels, class_index, normalize_weight, row_params.dtype)
-    return lse, cos, norm
+    return lse, target_cos.clone(), target_norm.clone()
 
 
 @margin_lse.register_fake
-def _margin_lse_fake(x, weight, labels, row_params, class_index, normalize_weight, kind, scale, a, b, backend,
-                     chunk_size, grad_filter):
-    shape = (x.shape[0],)
-    return (x.new_empty(shape, dtype=row_params.dtype), x.new_empty(shape, dtype=row_params.dtype),
-            x.new_empty(shape, dtype=row_params.dtype))
+def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, normalize_weight, kind,
+                     scale, a, b, backend, chunk_size, grad_filter):
+    return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
+        torch.empty_like(target_norm)
 
 
 @torch.library.custom_op("margin_kernels::margin_lse_backward", mutates_args=())
@@ -80,7 +83,7 @@ def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, row_params, class_index, *constants = inputs
+    x, weight, labels, row_params, class_index, _target_cos, _target_norm, *constants = inputs
     ctx.constants = constants
     ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0])
 
@@ -93,7 +96,7 @@ def _backward(ctx, g_lse, g_cos, g_norm):
     g_norm = zeros if g_norm is None else g_norm
     dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
                                       *ctx.constants)
-    return (dx, dweight) + (None,) * 11
+    return (dx, dweight) + (None,) * 13
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .backends import BACKEND_NAMES
+from .backends import check_backend_name
 from .losses.base import MarginLoss
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -20,17 +20,95 @@ def _is_compiling() -> bool:
         return False
 
 
-def check_arguments(features, weight, labels, margin, *, backend: str, reduction: str, ignore_index: int,
-                    chunk_size: Optional[int], class_index: Optional[torch.Tensor] = None,
-                    grad_filter: float = 0.0, check_values: bool = True) -> None:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---- one check per argument: every entry point (functional call, both heads, the CLI) calls these ---------
+def check_positive_int(name: str, value) -> int:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_margin(margin) -> None:
+    if not isinstance(margin, MarginLoss):
+        raise TypeError(f"margin must be a margin_kernels loss (e.g. ArcFace()), got {type(margin).__name__}")
+
+
+def check_reduction(reduction, allowed=REDUCTIONS) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {tuple(allowed)}, got {reduction!r}")
+
+
+def check_ignore_index(ignore_index, num_classes: Optional[int] = None) -> None:
+    """An int; for a head (``num_classes`` known) outside [0, num_classes), or that class could never train."""
+    if not _is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if num_classes is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index must be an int outside [0, num_classes={num_classes}), got {ignore_index!r}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_grad_filter(grad_filter) -> None:
+    if not _is_number(grad_filter) or not 0.0 <= grad_filter < 1.0:
+        raise ValueError(f"grad_filter must be a number in [0, 1), got {grad_filter!r}")
+
+
+def check_sample_rate(sample_rate) -> float:
+    if not _is_number(sample_rate) or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+def check_dtype(dtype) -> None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {FLOAT_DTYPES} or None, got {dtype!r}")
+
+
+def check_seed(seed) -> None:
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_head_arguments(num_classes, embedding_dim, margin, *, backend, reduction, reductions, ignore_index,
+                         chunk_size, grad_filter, sample_rate, seed, check_values, dtype) -> None:
+    """Construction-time checks of a head's arguments (``MarginHead`` and ``DistributedMarginHead``)."""
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("embedding_dim", embedding_dim)
+    check_margin(margin)
+    check_backend_name(backend)
+    check_reduction(reduction, reductions)
+    check_ignore_index(ignore_index, num_classes)
+    check_chunk_size(chunk_size)
+    check_grad_filter(grad_filter)
+    check_sample_rate(sample_rate)
+    check_seed(seed)
+    check_flag("check_values", check_values)
+    check_dtype(dtype)
+
+
+def check_tensors(features, weight, labels) -> None:
+    """Types, shapes, dtypes and devices of the three input tensors (no device sync)."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if not isinstance(margin, MarginLoss):
-        raise TypeError(f"margin must be a margin_kernels loss (e.g. ArcFace()), got {type(margin).__name__}")
     if features.dim() != 2:
         raise ValueError(f"features must be 2-D (batch, embedding_dim), got shape {tuple(features.shape)}")
     if weight.dim() != 2:
@@ -54,43 +132,68 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
                          f"got {tuple(labels.shape)}")
     if labels.device != features.device:
         raise ValueError(f"labels are on {labels.device} but features are on {features.device}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(grad_filter, (int, float)) or isinstance(grad_filter, bool) or not 0.0 <= grad_filter < 1.0:
-        raise ValueError(f"grad_filter must be a number in [0, 1), got {grad_filter!r}")
-    num_columns = weight.shape[0]
-    if class_index is not None:
-        if not isinstance(class_index, torch.Tensor) or class_index.dim() != 1:
-            raise ValueError("class_index must be a 1-D integer tensor of class ids")
-        if class_index.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"class_index must be int32 or int64, got {class_index.dtype}")
-        if class_index.device != weight.device:
-            raise ValueError(f"class_index is on {class_index.device} but weight is on {weight.device}")
-        if class_index.numel() == 0:
-            raise ValueError("class_index must not be empty")
-        num_columns = class_index.shape[0]
-    if not check_values or _is_compiling():
-        return
-    # value checks need a device sync; they are O(B d) and O(K), never O(C d)
+
+
+def check_class_index(class_index, weight) -> int:
+    """Structure of a Partial FC class index; returns the number of columns of the problem."""
+    if class_index is None:
+        return weight.shape[0]
+    if not isinstance(class_index, torch.Tensor) or class_index.dim() != 1:
+        raise ValueError("class_index must be a 1-D integer tensor of class ids")
+    if class_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"class_index must be int32 or int64, got {class_index.dtype}")
+    if class_index.device != weight.device:
+        raise ValueError(f"class_index is on {class_index.device} but weight is on {weight.device}")
+    if class_index.numel() == 0:
+        raise ValueError("class_index must not be empty")
+    return class_index.shape[0]
+
+
+def value_checks_apply(check_values: bool) -> bool:
+    """The value checks sync the device; they are off with check_values=False and under torch.compile."""
+    return check_values and not _is_compiling()
+
+
+def bad_labels(labels: torch.Tensor, num_columns: int, ignore_index: int) -> torch.Tensor:
+    return (labels != ignore_index) & ((labels < 0) | (labels >= num_columns))
+
+
+def label_range_message(labels: torch.Tensor, bad: torch.Tensor, num_columns: int, ignore_index: int,
+                        what: str = "num_classes") -> str:
+    return (f"labels must be in [0, {num_columns}) ({what}) or equal ignore_index={ignore_index}; "
+            f"found {int(labels[bad][0])}")
+
+
+NON_FINITE_FEATURES = "features contain NaN or Inf"
+
+
+def check_values_of(features, weight, labels, ignore_index: int, class_index, num_columns: int) -> None:
+    """The checks that read values (a device sync): O(B d) and O(K), never O(C d)."""
     if features.numel() and not bool(torch.isfinite(features).all()):
-        raise ValueError("features contain NaN or Inf")
+        raise ValueError(NON_FINITE_FEATURES)
     if class_index is not None:
         if bool(((class_index < 0) | (class_index >= weight.shape[0])).any()):
             raise ValueError(f"class_index values must be in [0, {weight.shape[0]})")
         if torch.unique(class_index).numel() != class_index.numel():
             raise ValueError("class_index must not contain duplicates")
-    valid = labels != ignore_index
-    if bool(valid.any()):
-        bad = valid & ((labels < 0) | (labels >= num_columns))
-        if bool(bad.any()):
-            first = int(labels[bad][0])
-            what = "len(class_index)" if class_index is not None else "num_classes"
-            raise ValueError(f"labels must be in [0, {num_columns}) ({what}) or equal ignore_index={ignore_index}; "
-                             f"found {first}")
+    bad = bad_labels(labels, num_columns, ignore_index)
+    if bool(bad.any()):
+        what = "len(class_index)" if class_index is not None else "num_classes"
+        raise ValueError(label_range_message(labels, bad, num_columns, ignore_index, what))
+
+
+def check_arguments(features, weight, labels, margin, *, backend: str, reduction: str, ignore_index: int,
+                    chunk_size: Optional[int], class_index: Optional[torch.Tensor] = None,
+                    grad_filter: float = 0.0, check_values: bool = True) -> None:
+    """Every check of the functional call, in the order a user would want to hear about them."""
+    check_tensors(features, weight, labels)
+    check_margin(margin)
+    check_backend_name(backend)
+    check_reduction(reduction)
+    check_ignore_index(ignore_index)
+    check_chunk_size(chunk_size)
+    check_grad_filter(grad_filter)
+    check_flag("check_values", check_values)
+    num_columns = check_class_index(class_index, weight)
+    if value_checks_apply(check_values):
+        check_values_of(features, weight, labels, ignore_index, class_index, num_columns)

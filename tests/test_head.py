@@ -38,3 +38,150 @@ def test_low_precision_features_are_cast_to_the_weight_dtype():
     assert abs(loss.item() - ref[0].item()) < 1e-4
     assert rel_err(head.weight.grad, ref[2]) < 1e-4
     assert rel_err(xb.grad, ref[1]) < 2e-2  # the gradient is rounded to bf16 on the way back
+
+
+# ---- one head surface -------------------------------------------------------------------------------------
+import inspect  # noqa: E402
+
+import pytest  # noqa: E402
+
+from margin_kernels.distributed import DistributedMarginHead  # noqa: E402
+
+HEADS = {"MarginHead": mk.MarginHead, "DistributedMarginHead": DistributedMarginHead}
+
+
+def test_both_heads_take_the_same_arguments():
+    single = inspect.signature(mk.MarginHead.__init__).parameters
+    sharded = inspect.signature(DistributedMarginHead.__init__).parameters
+    assert set(sharded) - set(single) == {"process_group", "ddp_backbone"}
+    assert set(single) <= set(sharded)
+    for name in single:
+        assert single[name].default == sharded[name].default, name
+    for name in ("sample_rate", "seed", "check_values", "grad_filter", "backend", "dtype", "device"):
+        assert name in single
+
+
+@pytest.mark.parametrize("kwargs, exc, needle", [
+    (dict(backend="bogus"), ValueError, "backend must be one of"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be one of"),
+    (dict(sample_rate=0.0), ValueError, "sample_rate must be a number in (0, 1]"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(grad_filter=2.0), ValueError, "grad_filter must be a number in [0, 1)"),
+    (dict(ignore_index=3), ValueError, "ignore_index must be an int outside [0, num_classes=10)"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(check_values="yes"), TypeError, "check_values must be a bool"),
+    (dict(margin="arcface"), TypeError, "margin must be a margin_kernels loss"),
+    (dict(num_classes=0), ValueError, "num_classes must be a positive int"),
+    (dict(embedding_dim=-4), ValueError, "embedding_dim must be a positive int"),
+])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_bad_arguments_fail_at_construction_with_one_wording(head, kwargs, exc, needle):
+    args = dict(num_classes=10, embedding_dim=4, margin=mk.ArcFace())
+    args.update(kwargs)
+    with pytest.raises(exc) as info:
+        HEADS[head](args.pop("num_classes"), args.pop("embedding_dim"), args.pop("margin"), **args)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_an_unusable_backend_fails_at_construction(head):
+    reason = mk.available_backends()["cuda"]
+    if reason is None:
+        pytest.skip("the cuda backend runs here: nothing to refuse")
+    with pytest.raises(RuntimeError, match="cuda"):
+        HEADS[head](10, 4, mk.ArcFace(), backend="cuda")
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_auto_is_resolved_at_construction_for_the_weight_device(head):
+    module = HEADS[head](10, 4, mk.ArcFace())
+    assert module.resolved_backend == mk.backends.resolve_backend("auto", torch.device("cpu"))
+    assert module.resolved_backend in ("cpu", "torch")
+
+
+def test_functional_call_and_head_word_a_bad_reduction_alike():
+    x, w, labels = random_problem(4, 10, 4, dtype=torch.float32)
+    with pytest.raises(ValueError) as functional:
+        mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), reduction="avg")
+    with pytest.raises(ValueError) as head:
+        mk.MarginHead(10, 4, mk.ArcFace(), reduction="avg")
+    assert str(functional.value) == str(head.value)
+
+
+def test_partial_fc_sampling_on_one_process_matches_the_reference_on_the_drawn_classes():
+    x, w, labels = random_problem(12, 200, 16, dtype=torch.float64, ignore_rows=(4,))
+    head = mk.MarginHead(200, 16, mk.CosFace(), sample_rate=0.1, seed=7, backend="torch", dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    loss = head(x, labels)
+    index = head.sampled_classes
+    positives = labels[labels >= 0].unique()
+    assert index.numel() == max(20, positives.numel()) and torch.isin(positives, index).all()
+    remapped = torch.where(labels >= 0, torch.searchsorted(index, labels.clamp_min(0)), labels)
+    ref = mk.margin_cross_entropy(x, w, remapped, mk.CosFace(), backend="reference", class_index=index)
+    assert abs(loss.item() - ref.item()) < 1e-12
+    # reproducible from the seed, and eval mode uses every class
+    again = mk.MarginHead(200, 16, mk.CosFace(), sample_rate=0.1, seed=7, backend="torch", dtype=torch.float64)
+    with torch.no_grad():
+        again.weight.copy_(w)
+    again(x, labels)
+    assert again.sampled_classes.equal(index)
+    head.eval()
+    full = head(x, labels)
+    assert head.sampled_classes is None
+    assert abs(full.item() - mk.margin_cross_entropy(x, w, labels, mk.CosFace(), backend="reference").item()) < 1e-12
+
+
+def test_sampling_head_still_checks_labels_against_every_class():
+    head = mk.MarginHead(50, 8, mk.ArcFace(), sample_rate=0.2, backend="torch")
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+        head(x, torch.tensor([1, 2, 50]))
+
+
+def test_head_grad_filter_reaches_the_backward():
+    x, w, labels = random_problem(8, 400, 16, dtype=torch.float32, seed=2)
+    head = mk.MarginHead(400, 16, mk.ArcFace(), backend="torch", chunk_size=16, grad_filter=0.5)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    mk.reset_grad_filter_stats()
+    head(x, labels).backward()
+    stats = mk.grad_filter_stats()
+    assert stats["total_tiles"] == 25 and stats["skipped_tiles"] > 0
+
+
+def test_target_pair_is_computed_once_per_call(monkeypatch):
+    from margin_kernels import ops
+    calls = []
+    original = ops.target_pairs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "target_pairs", counting)
+    x, w, labels = random_problem(6, 30, 8, dtype=torch.float64)
+    out = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.ArcFace(), backend="torch"), x, w)
+    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.ArcFace(), backend="reference"), x, w)
+    assert len(calls) == 1  # the op's forward and backward reuse the pair computed before it
+    assert rel_err(out[1], ref[1]) < 1e-10 and rel_err(out[2], ref[2]) < 1e-10
+
+
+def test_distributed_head_all_reduces_b_values_with_gradient(monkeypatch):
+    """The target pair travels without gradient (2 x B, once); the differentiable all-reduce carries only the
+    B shifted exponentials."""
+    from margin_kernels.distributed import head as dhead
+    sizes = []
+
+    def recording(tensor, group):
+        sizes.append(tuple(tensor.shape))
+        return tensor
+
+    monkeypatch.setattr(dhead, "all_reduce_replicated", recording)
+    x, w, labels = random_problem(6, 30, 8, dtype=torch.float64)
+    module = DistributedMarginHead(30, 8, mk.ArcFace(), backend="torch", dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    module(x, labels).backward()
+    assert sizes == [(6,)]

@@ -2,7 +2,7 @@
 checkpoints that reshard. Importing this package needs no initialised process group."""
 from .checkpoint import check_buffers_consistent, load_sharded, reshard_state_dicts, save_sharded
 from .head import DistributedMarginHead
-from .sampling import PartialFCSampler, num_sampled
+from ..sampling import PartialFCSampler, num_sampled
 from .sharding import max_shard_size, shard_range, shard_ranges, shard_size
 
 __all__ = [

@@ -9,11 +9,12 @@ Per step (B = global batch, d = embedding size, R = ranks, each holding a contig
    convention for "no local target"), so one all-reduce of 2 x B values gives every rank the global ones,
    without gradient, to feed the loss's state update and row params (identical on every rank, so the
    stateful margins stay in step);
-4. the fused op over the local shard (optionally a Partial FC class subset) gives each row's log-sum-exp over
-   the shard's negatives and the target pair again, now with gradient. An all-reduce MAX of B values gives a
-   shift; one all-reduce SUM of 3 x B values (identity backward) carries the target pair and the shifted
-   exp(lse - shift) of every shard: the owner's op backward receives d/dcos and writes the target row of
-   its dW, and every shard's lse gets its softmax share of the gradient;
+4. the fused op over the local shard (optionally a Partial FC class subset) takes that global pair and hands
+   it back attached to its backward: the op's labels mark only this shard's targets, so only the owner's op
+   applies d/dcos and d/d||w_y|| (writing the target row of its dW), with no collective for them. An
+   all-reduce MAX of B values gives a shift; one all-reduce SUM of the B shifted exp(lse - shift) (identity
+   backward) gives the log-sum-exp over every shard, and every shard's lse gets its softmax share of the
+   gradient;
 5. the single-process tail (``functional.finish_loss``): every rank returns the same loss.
 
 Traffic per step: O(B d) (the feature gather and its reduce-scatter) plus O(B) scalars; W never moves.
@@ -23,26 +24,22 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from ..backends import resolve_backend
 from ..functional import (column_labels, finish_loss, initial_target_pairs, negative_lse, prepare_rows,
                           start_call)
 from ..losses.base import MarginLoss, RowInputs
+from ..head_base import HeadBase
 from ..reduction import empty_batch_loss
-from ..validation import FLOAT_DTYPES
+from ..validation import check_flag
 from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
                    group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient)
-from .sampling import INIT_STREAM, PartialFCSampler, check_sample_rate, derived_seed
 from .sharding import shard_range
 from .validation import check_and_layout, run_collectively
 
-INIT_STD = 0.01          # insightface's PartialFC initialisation: N(0, 0.01^2)
-INIT_BLOCK_ROWS = 4096   # classes per independently seeded block of the initial weight
 CHECKPOINT_FORMAT = 1
 
 
-class DistributedMarginHead(nn.Module):
+class DistributedMarginHead(HeadBase):
     """Model-parallel margin head: ``loss = head(local_features, local_labels)`` on every rank.
 
     ``num_classes`` are split into contiguous shards (sizes differ by at most one); this rank's rows are
@@ -61,74 +58,41 @@ class DistributedMarginHead(nn.Module):
     * ``ddp_backbone=True``: the gradient returned to the features is multiplied by the world size, because
       DDP averages the backbone's gradients over ranks while this loss is already the global mean (what
       insightface's AllGather backward does). The head itself must not be wrapped in DDP.
-    * the initial weight is N(0, 0.01^2) drawn in fixed seeded blocks of classes, so a given ``seed`` gives the
-      same full weight at every world size.
+    * the constructor takes ``MarginHead``'s arguments plus ``process_group`` and ``ddp_backbone``; the initial
+      weight is N(0, 0.01^2) drawn in fixed seeded blocks of classes, so a given ``seed`` gives the same full
+      weight at every world size and in a ``MarginHead``.
     * gloo (CPU) is tested; NCCL runs the same code (tensors on the current CUDA device) but is untested here.
     """
 
+    reductions = ("mean", "sum")  # backward must start from the same gradient on every rank
+
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
-                 process_group=None, backend: str = "auto", dtype: Optional[torch.dtype] = None, device=None,
-                 reduction: str = "mean", ignore_index: int = -1, chunk_size: Optional[int] = None, seed: int = 0,
-                 ddp_backbone: bool = False):
-        super().__init__()
-        self.process_group = process_group
+                 seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
+                 chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
+                 dtype: Optional[torch.dtype] = None, device=None, process_group=None, ddp_backbone: bool = False):
         rank, world = group_rank_and_size(process_group)
+
+        def build():
+            if backend == "reference":
+                raise ValueError("backend='reference' builds full logits on one device; use it with "
+                                 "margin_cross_entropy on the gathered problem instead")
+            check_flag("ddp_backbone", ddp_backbone)
+            HeadBase.__init__(self, num_classes, embedding_dim, margin, shard_range=shard_range(num_classes, world, rank),
+                              sample_rate=sample_rate, seed=seed, backend=backend, reduction=reduction,
+                              ignore_index=ignore_index, chunk_size=chunk_size, grad_filter=grad_filter,
+                              check_values=check_values, dtype=dtype, device=device)
+
         # a rank failing here alone must not leave the others waiting in the configuration check
-        run_collectively(lambda: self._build(num_classes, embedding_dim, margin, sample_rate, backend, dtype, device,
-                                             reduction, ignore_index, chunk_size, seed, ddp_backbone, rank, world),
-                         process_group, "DistributedMarginHead construction")
+        run_collectively(build, process_group, "DistributedMarginHead construction")
+        self.process_group, self.ddp_backbone = process_group, ddp_backbone
         self._check_same_configuration()
-
-    def _build(self, num_classes, embedding_dim, margin, sample_rate, backend, dtype, device, reduction,
-               ignore_index, chunk_size, seed, ddp_backbone, rank, world) -> None:
-        if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        if not isinstance(margin, MarginLoss):
-            raise TypeError(f"margin must be a margin_kernels loss, got {type(margin).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed head, got {reduction!r}")
-        if backend == "reference":
-            raise ValueError("backend='reference' builds full logits on one device; use it with "
-                             "margin_cross_entropy on the gathered problem instead")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                       or chunk_size <= 0):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {FLOAT_DTYPES} or None, got {dtype!r}")
-        check_sample_rate(sample_rate)
-        self.shard_range = shard_range(num_classes, world, rank)
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index must be an int outside [0, num_classes), got {ignore_index!r}")
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.margin = margin
-        self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index
-        self.chunk_size, self.seed, self.ddp_backbone = chunk_size, int(seed), bool(ddp_backbone)
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim, dtype=dtype, device=device))
-        self.resolved_backend = resolve_backend(backend, self.weight.device)
-        self.sampler = PartialFCSampler(self.num_local, sample_rate, seed=self.seed, shard_start=self.shard_range[0],
-                                        device=self.weight.device)
-        self.sampled_classes: Optional[torch.Tensor] = None
-        self.reset_parameters()
-
-    @property
-    def num_local(self) -> int:
-        return self.shard_range[1] - self.shard_range[0]
-
-    @property
-    def world_size(self) -> int:
-        return group_rank_and_size(self.process_group)[1]
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            fill_rows_normal(self.weight, self.shard_range[0], self.seed, INIT_STD)
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         weight, margin, group = self.weight, self.margin, self.process_group
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            layout = check_and_layout(local_features, local_labels, num_classes=self.num_classes,
-                                      embedding_dim=self.embedding_dim, ignore_index=self.ignore_index,
-                                      device=weight.device, group=group)
+            layout = check_and_layout(local_features, local_labels, weight, num_classes=self.num_classes,
+                                      ignore_index=self.ignore_index, check_values=self.check_values, group=group)
             features = local_features.to(weight.dtype)
             if layout.total == 0:
                 return empty_batch_loss(features, weight, self.reduction)
@@ -142,16 +106,15 @@ class DistributedMarginHead(nn.Module):
             columns, class_index = self._local_columns(labels)
 
             cos0, wnorm0 = initial_target_pairs(x_all, weight, columns, class_index, margin, acc)
-            with torch.no_grad():
-                cos0, wnorm0 = self._sum_from_owners(cos0, wnorm0, columns, valid, differentiable=False)
+            cos0, wnorm0 = self._sum_from_owners(cos0, wnorm0, columns, valid)
             row_params = start_call(margin, RowInputs(cos0, feature_norm, wnorm0, valid), acc)
 
-            lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, margin,
-                                                       self.resolved_backend, self.chunk_size, 0.0)
+            # the global pair goes through the local op: only the owner (columns >= 0) applies its gradient
+            lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
+                                                       wnorm0, margin, self.resolved_backend, self.chunk_size,
+                                                       self.grad_filter)
             shift = max_shift(lse_local, group)
-            cos, weight_norm, sum_exp = self._sum_from_owners(cos, weight_norm, columns, valid,
-                                                              torch.exp(lse_local - shift), differentiable=True)
-            lse = lse_from_shifted_sum(shift, sum_exp)
+            lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
             return finish_loss(margin, lse, RowInputs(cos, feature_norm, weight_norm, valid), self.reduction)
 
     def _gather_labels_and_norms(self, local_labels, local_norms, layout: RowLayout):
@@ -166,26 +129,18 @@ class DistributedMarginHead(nn.Module):
         """(column ids into this shard or its sampled index, -1 for rows whose class is elsewhere; the index)."""
         start, stop = self.shard_range
         inside = (labels >= start) & (labels < stop)
-        columns = torch.where(inside, labels - start, torch.full_like(labels, -1))
-        if not (self.training and self.sampler.active):
-            self.sampled_classes = None
-            return columns, None
-        index = self.sampler.sample(columns[inside])
-        self.sampled_classes = index + start
-        return self.sampler.remap(index, columns), index
+        return self.sample_columns(torch.where(inside, labels - start, torch.full_like(labels, -1)))
 
-    def _sum_from_owners(self, cos, weight_norm, columns, valid, *per_rank, differentiable: bool):
-        """Global (cos, ||w_y||) of each row's target pair, and the sum over ranks of any ``per_rank`` B-vectors,
-        in one all-reduce. The owner of a row's class contributes its cos and norm, every other rank 0, so the
-        sum is exact; rows without a target get cos 0 and norm 1, as in the single-process op."""
+    @torch.no_grad()
+    def _sum_from_owners(self, cos, weight_norm, columns, valid):
+        """Global (cos, ||w_y||) of each row's target pair in one all-reduce of 2 x B values, no gradient. The
+        owner of a row's class contributes its cos and norm, every other rank 0, so the sum is exact; rows
+        without a target get cos 0 and norm 1, as in the single-process op."""
         has_target = columns >= 0
         packed = torch.stack([torch.where(has_target, cos, torch.zeros_like(cos)),
-                              torch.where(has_target, weight_norm, torch.zeros_like(weight_norm)), *per_rank])
-        if differentiable:
-            packed = all_reduce_replicated(packed, self.process_group)
-        else:
-            packed = all_reduce_sum_(packed, self.process_group)
-        return (packed[0], torch.where(valid, packed[1], torch.ones_like(packed[1])), *packed[2:])
+                              torch.where(has_target, weight_norm, torch.zeros_like(weight_norm))])
+        packed = all_reduce_sum_(packed, self.process_group)
+        return packed[0], torch.where(valid, packed[1], torch.ones_like(packed[1]))
 
     # ---- checkpoints: see checkpoint.py for saving and resharding ----------------------------------------
     def get_extra_state(self) -> dict:
@@ -208,7 +163,7 @@ class DistributedMarginHead(nn.Module):
     def _configuration(self) -> tuple:
         return (self.num_classes, self.embedding_dim, type(self.margin).__name__, repr(self.margin),
                 self.sampler.sample_rate, str(self.weight.dtype), self.reduction, self.ignore_index, self.seed,
-                self.ddp_backbone)
+                self.ddp_backbone, self.grad_filter, self.check_values)
 
     def _check_same_configuration(self) -> None:
         configs = all_gather_objects(self._configuration(), self.process_group)
@@ -217,22 +172,3 @@ class DistributedMarginHead(nn.Module):
             raise ValueError(f"DistributedMarginHead must be built with the same arguments on every rank; ranks "
                              f"{differing} differ from rank 0: {configs[differing[0]]} vs {configs[0]}")
 
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, shard_range={self.shard_range}, "
-                f"sample_rate={self.sampler.sample_rate}, backend={self.backend!r}, dtype={self.weight.dtype}")
-
-
-def fill_rows_normal(weight: torch.Tensor, start: int, seed: int, std: float) -> None:
-    """Fill ``weight`` with rows [start, start + len) of one virtual N(0, std^2) class matrix. Rows are drawn
-    in blocks of INIT_BLOCK_ROWS classes, each block from its own generator, so the full matrix does not depend
-    on how it is sharded (on one device type)."""
-    stop = start + weight.shape[0]
-    draw_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    generator = torch.Generator(device=weight.device)
-    for block in range(start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS + 1):
-        first = block * INIT_BLOCK_ROWS
-        generator.manual_seed(derived_seed(seed, INIT_STREAM, first))
-        rows = torch.randn(INIT_BLOCK_ROWS, weight.shape[1], generator=generator, dtype=draw_dtype,
-                           device=weight.device).mul_(std)
-        lo, hi = max(start, first), min(stop, first + INIT_BLOCK_ROWS)
-        weight[lo - start:hi - start].copy_(rows[lo - first:hi - first])

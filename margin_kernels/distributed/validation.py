@@ -10,47 +10,43 @@ from typing import Optional
 
 import torch
 
-from ..validation import FLOAT_DTYPES
+from ..validation import (NON_FINITE_FEATURES, bad_labels, check_tensors, label_range_message,
+                          value_checks_apply)
 from .comm import RowLayout, all_gather_objects, all_gather_stacked, group_rank_and_size
 
 # layout of the exchanged vector
 _ROWS, _STRUCTURE, _BAD_LABEL, _NON_FINITE = range(4)
 
 
-def _structure_problem(features, labels, embedding_dim: int, device: torch.device) -> Optional[str]:
-    if not isinstance(features, torch.Tensor):
-        return f"features must be a torch.Tensor, got {type(features).__name__}"
-    if not isinstance(labels, torch.Tensor):
-        return f"labels must be a torch.Tensor, got {type(labels).__name__}"
-    if features.dim() != 2 or features.shape[1] != embedding_dim:
-        return f"features must have shape (batch, {embedding_dim}), got {tuple(features.shape)}"
-    if features.dtype not in FLOAT_DTYPES:
-        return f"features must be a floating tensor (fp16, bf16, fp32, fp64), got {features.dtype}"
-    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
-        return f"labels must be an integer tensor, got {labels.dtype}"
-    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-        return f"labels must have shape ({features.shape[0]},) to match features, got {tuple(labels.shape)}"
-    if features.device != device or labels.device != device:
-        return f"features ({features.device}) and labels ({labels.device}) must be on the head's device {device}"
+def _structure_problem(features, labels, weight) -> Optional[str]:
+    """The single-process checks of the tensors (``validation.check_tensors``), as a message instead of a raise.
+    Features of another floating dtype are checked as the head will use them: cast to the weight's dtype."""
+    if isinstance(features, torch.Tensor) and features.is_floating_point():
+        features = features.to(weight.dtype)
+    try:
+        check_tensors(features, weight, labels)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
     return None
 
 
-def _bad_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-
-
-def check_and_layout(features, labels, *, num_classes: int, embedding_dim: int, ignore_index: int,
-                     device: torch.device, group) -> RowLayout:
+def check_and_layout(features, labels, weight, *, num_classes: int, ignore_index: int, check_values: bool,
+                     group) -> RowLayout:
     """Validate this rank's inputs together with every other rank's; return the batch's row layout.
 
     Costs one all-gather of ``4 * world`` int64 and one host sync per step (the sizes are needed on the host
-    anyway to pad the uneven gathers)."""
+    anyway to pad the uneven gathers). With ``check_values=False`` (or under torch.compile) the value flags
+    (labels in range, finite features) are not computed."""
     rank, world = group_rank_and_size(group)
-    problem = _structure_problem(features, labels, embedding_dim, device)
+    problem = _structure_problem(features, labels, weight)
+    device = weight.device
     zero = torch.zeros((), dtype=torch.long, device=device)
     if problem is None:
-        bad_label = _bad_labels(labels, num_classes, ignore_index).any().long()
-        non_finite = (~torch.isfinite(features).all()).long() if features.numel() else zero
+        if value_checks_apply(check_values):
+            bad_label = bad_labels(labels, num_classes, ignore_index).any().long()
+            non_finite = (~torch.isfinite(features).all()).long() if features.numel() else zero
+        else:
+            bad_label = non_finite = zero
         rows = torch.full((), features.shape[0], dtype=torch.long, device=device)
         flags = torch.stack([rows, zero, bad_label, non_finite])
     else:
@@ -73,12 +69,11 @@ def raise_on_every_rank(problem: Optional[str], group, what: str) -> None:
 
 
 def _value_problem(features, labels, num_classes: int, ignore_index: int) -> Optional[str]:
-    bad = _bad_labels(labels, num_classes, ignore_index)
+    bad = bad_labels(labels, num_classes, ignore_index)
     if bool(bad.any()):
-        return (f"labels must be in [0, {num_classes}) (num_classes) or equal ignore_index={ignore_index}; "
-                f"found {int(labels[bad][0])}")
+        return label_range_message(labels, bad, num_classes, ignore_index)
     if features.numel() and not bool(torch.isfinite(features).all()):
-        return "features contain NaN or Inf"
+        return NON_FINITE_FEATURES
     return None
 
 

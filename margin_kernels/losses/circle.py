@@ -15,10 +15,11 @@ class CircleLoss(MarginLoss):
     negative_kind = NegativeKind.CIRCLE
 
     def __init__(self, gamma: float = 256.0, m: float = 0.25):
+        """``gamma`` is the paper's name for the scale: it is stored as ``s``, the scale of every loss."""
         _check_positive("gamma", gamma)
         super().__init__(gamma)
         _check_range("m", m, 0.0, 1.0)
-        self.gamma, self.m = float(gamma), float(m)
+        self.m = float(m)
 
     def negative_constants(self):
         return self.m, 0.0
@@ -26,7 +27,7 @@ class CircleLoss(MarginLoss):
     def target_logit(self, rows: RowInputs):
         c = rows.cos
         alpha_p = torch.relu(1.0 + self.m - c.detach())
-        return self.gamma * alpha_p * (c - (1.0 - self.m))
+        return self.s * alpha_p * (c - (1.0 - self.m))
 
     def _hparams(self):
-        return {"gamma": self.gamma, "m": self.m}
+        return {"gamma": self.s, "m": self.m}

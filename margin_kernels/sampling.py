@@ -1,4 +1,5 @@
-"""Partial FC (An et al. 2022, insightface's PartialFC_V2): per step, each rank uses only a subset of its classes.
+"""Partial FC (An et al. 2022, insightface's PartialFC_V2): per step, each shard uses only a subset of its classes
+(a shard is a rank's classes in ``DistributedMarginHead``, every class in ``MarginHead``).
 
 The subset always holds every class of the shard that appears in the *global* batch (the positives), and is
 topped up with negatives drawn uniformly without replacement until it has ``num_sampled`` classes. It is
@@ -11,16 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from .validation import check_sample_rate
+
 
 def num_sampled(num_local: int, sample_rate: float) -> int:
     """Classes kept per step on a shard of ``num_local`` classes (before adding positives beyond it)."""
     return max(1, min(num_local, int(sample_rate * num_local)))
-
-
-def check_sample_rate(sample_rate) -> float:
-    if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-    return float(sample_rate)
 
 
 SAMPLER_STREAM, INIT_STREAM = 1, 2

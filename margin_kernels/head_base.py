@@ -1,0 +1,106 @@
+"""What ``MarginHead`` and ``DistributedMarginHead`` share: one constructor surface, one weight initialisation,
+one Partial FC sampler, one time at which the backend is resolved.
+
+A single-process head is the world-size-1 case of the model-parallel one: the shard is every class, and the
+same ``seed`` gives the same initial weight (drawn in seeded blocks of classes, so the full weight does not
+depend on how it is sharded) and the same Partial FC draws.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backends import resolve_backend
+from .losses.base import MarginLoss
+from .sampling import INIT_STREAM, PartialFCSampler, derived_seed
+from .validation import REDUCTIONS, check_head_arguments
+
+#: insightface's PartialFC initialisation of the class weight: N(0, 0.01^2)
+INIT_STD = 0.01
+#: classes per independently seeded block of the initial weight
+INIT_BLOCK_ROWS = 4096
+
+
+class HeadBase(nn.Module):
+    """The class-weight shard ``weight`` (rows = classes ``shard_range``), the loss description ``margin`` and
+    the options both heads take. Subclasses implement ``forward``.
+
+    The backend is resolved at construction for the weight's device (a backend that cannot run in this
+    process raises there, not at the first step) and again, once, for each other device type the head is
+    moved to ("auto" picks per device type).
+    """
+
+    #: reductions a subclass supports
+    reductions = REDUCTIONS
+
+    def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, shard_range: tuple,
+                 sample_rate: float, seed: int, backend: str, reduction: str, ignore_index: int,
+                 chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device):
+        super().__init__()
+        check_head_arguments(num_classes, embedding_dim, margin, backend=backend, reduction=reduction,
+                             reductions=self.reductions, ignore_index=ignore_index, chunk_size=chunk_size,
+                             grad_filter=grad_filter, sample_rate=sample_rate, seed=seed,
+                             check_values=check_values, dtype=dtype)
+        self.num_classes, self.embedding_dim, self.margin = num_classes, embedding_dim, margin
+        self.shard_range = tuple(shard_range)
+        self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index
+        self.chunk_size, self.grad_filter, self.seed = chunk_size, float(grad_filter), seed
+        # the value checks (finite features, labels in range) cost a device sync per step on GPU
+        self.check_values = check_values
+        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim, dtype=dtype, device=device))
+        self.sampler = PartialFCSampler(self.num_local, sample_rate, seed=seed, shard_start=self.shard_range[0],
+                                        device=self.weight.device)
+        #: the last training step's sampled classes (global ids on this shard); None without sampling
+        self.sampled_classes: Optional[torch.Tensor] = None
+        self._resolved: dict = {}
+        self.resolved_backend  # noqa: B018 - resolve now: an unusable backend fails at construction
+        self.reset_parameters()
+
+    @property
+    def num_local(self) -> int:
+        return self.shard_range[1] - self.shard_range[0]
+
+    @property
+    def resolved_backend(self) -> str:
+        """The concrete backend for the weight's current device type."""
+        device_type = self.weight.device.type
+        if device_type not in self._resolved:
+            self._resolved[device_type] = resolve_backend(self.backend, device_type)
+        return self._resolved[device_type]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            fill_rows_normal(self.weight, self.shard_range[0], self.seed, INIT_STD)
+
+    def sample_columns(self, columns: torch.Tensor):
+        """Partial FC in training mode: (labels as positions in the sampled index, the index), or
+        (columns, None) when every class is used. ``columns`` are local class ids, -1 for no local target."""
+        if not (self.training and self.sampler.active):
+            self.sampled_classes = None
+            return columns, None
+        index = self.sampler.sample(columns[columns >= 0])
+        self.sampled_classes = index + self.shard_range[0]
+        return self.sampler.remap(index, columns), index
+
+    def extra_repr(self) -> str:
+        shard = "" if self.shard_range == (0, self.num_classes) else f", shard_range={self.shard_range}"
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}{shard}, "
+                f"sample_rate={self.sampler.sample_rate}, backend={self.backend!r}, dtype={self.weight.dtype}")
+
+
+def fill_rows_normal(weight: torch.Tensor, start: int, seed: int, std: float) -> None:
+    """Fill ``weight`` with rows [start, start + len) of one virtual N(0, std^2) class matrix. Rows are drawn
+    in blocks of INIT_BLOCK_ROWS classes, each block from its own generator, so the full matrix does not depend
+    on how it is sharded (on one device type)."""
+    stop = start + weight.shape[0]
+    draw_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    generator = torch.Generator(device=weight.device)
+    for block in range(start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS + 1):
+        first = block * INIT_BLOCK_ROWS
+        generator.manual_seed(derived_seed(seed, INIT_STREAM, first))
+        rows = torch.randn(INIT_BLOCK_ROWS, weight.shape[1], generator=generator, dtype=draw_dtype,
+                           device=weight.device).mul_(std)
+        lo, hi = max(start, first), min(stop, first + INIT_BLOCK_ROWS)
+        weight[lo - start:hi - start].copy_(rows[lo - first:hi - first])
