@@ -1,4 +1,4 @@
-"""One description per loss of LOSSES.md; every backend consumes these and none restates a formula."""
+"""One description per loss of docs/losses.md; every backend consumes these and none restates a formula."""
 from .adaface import AdaFace
 from .additive import ArcFace, CombinedMargin, CosFace
 from .base import MarginLoss, RowInputs

@@ -1,6 +1,6 @@
 """The contract between a loss description and the backends that compute it.
 
-A margin loss is softmax cross-entropy over logits z_ij (LOSSES.md). Every backend splits it the same way:
+A margin loss is softmax cross-entropy over logits z_ij (docs/losses.md). Every backend splits it the same way:
 
 * the *negative* logits of all B x C pairs are ``scale * g(c_ij)`` with ``g`` one of the kinds in
   ``negatives.py``; kernels stream these in class tiles and return only the per-row log-sum-exp over the

@@ -26,7 +26,7 @@ def chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def psi(c: torch.Tensor, m: int) -> torch.Tensor:
-    """psi_m(theta) of LOSSES.md, monotonically decreasing over [0, pi]; differentiable in c."""
+    """psi_m(theta) of docs/losses.md, monotonically decreasing over [0, pi]; differentiable in c."""
     c = c.clamp(-1.0, 1.0)
     with torch.no_grad():
         k = torch.floor(m * torch.acos(c) / math.pi).clamp(0, m)

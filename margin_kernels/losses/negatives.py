@@ -1,6 +1,6 @@
 """The negative functions: how a non-target cosine c_ij becomes a logit z_ij = s * g(c_ij).
 
-Every loss in LOSSES.md uses one of six shapes of g. Each backend implements this same table once (here in
+Every loss in docs/losses.md uses one of six shapes of g. Each backend implements this same table once (here in
 PyTorch, in ``backends/triton_negatives.py`` for Triton, in ``csrc/margin_math.h`` for C++/CUDA); the kind is
 passed to kernels as an int and its parameters as two constants ``a, b`` and two per-row values:
 ``T_i = row_params[i, 0]`` (a threshold derived from the row's target cosine, no gradient) and
