@@ -29,7 +29,7 @@ errors; ``python -m tests.tolerances <file>`` prints the worst case per (backend
 loss). Each bound is ~2-3x the observed worst case (rounded up to 1, 2, 3, 5 x 10^k), and the observed worst
 case is recorded next to it (``observed``: loss, dx, dw; on this repository's CPU machine, Triton in its
 interpreter with 16-wide tiles). Observed over: 18 losses on the base shape and 7 losses (one per negative
-kind, plus unnormalised Softmax) on 14 shape variants, fp64/fp32/bf16/fp16.
+kind, plus unnormalised Softmax) on the 14 shape variants, fp64/fp32/bf16/fp16 (Triton: the slow ones too).
 CUDA bounds are not measured (no CUDA device in the session that wrote this table): they are the bounds the
 previous test_native_cuda.py used, and say so.
 """
@@ -113,8 +113,8 @@ TOLERANCES = {
     ("cpu", torch.bfloat16): _CHUNK_LOOP_LOW_PRECISION[torch.bfloat16],
     ("cpu", torch.float16): _CHUNK_LOOP_LOW_PRECISION[torch.float16],
     # ---- triton: GEMMs with the loss in their epilogues (interpreter on CPU, 16-wide tiles) ----
-    ("triton", torch.float64): Tolerance(Bounds(2e-15, 4e-14, 5e-14, (7.0e-16, 1.3e-14, 1.8e-14), F64)),
-    ("triton", torch.float32): Tolerance(Bounds(6e-7, 2e-5, 2e-5, (2.4e-7, 6.2e-6, 7.1e-6), F32_TRITON)),
+    ("triton", torch.float64): Tolerance(Bounds(2e-15, 6e-14, 5e-14, (7.0e-16, 2.2e-14, 1.8e-14), F64)),
+    ("triton", torch.float32): Tolerance(Bounds(6e-7, 2e-5, 2e-5, (2.4e-7, 7.0e-6, 7.6e-6), F32_TRITON)),
     ("triton", torch.bfloat16): Tolerance(
         float64=Bounds(4e-3, 3e-2, 3.5e-2, (1.5e-3, 1.2e-2, 1.4e-2), LP_F64),
         float64_thresholded=Bounds(2e-2, 0.3, 0.5, (8.6e-3, 0.123, 0.197), LP_THRESH),
