@@ -1,4 +1,4 @@
-"""The portable chunked backend (backend="torch"): what is specific to it beyond the conformance suite."""
+"""What is specific to the portable chunked backend ("torch"): reductions, the straight-through margin, the
 class_index subset, gradient filtering, and random shapes (hypothesis) against the float64 reference. Every
 loss x dtype x shape variant against the reference, for every backend, is in test_conformance.py."""
 import torch
