@@ -62,12 +62,8 @@ SHAPES = {
 #: cases slow enough under Triton's interpreter (~2 s each, 94 class tiles) to run only with the slow ones
 SLOW = {("triton", "wide_tile_many_strips")}
 #: known bugs (strict: the test fails once they are fixed, so the mark must go)
-KNOWN_BUGS = {
-    ("triton", "fp16", "circle", "wide_tile_many_strips"):
-        "triton_tiles.grad_mma (fp16 RESCALE) scales a tile by 2^(14 - ceil(log2 amax)); a tile whose largest "
-        "|dL/dcos| is below 2^-113 (here ~1e-41: CircleLoss s=256, far classes) gets factor = inf in fp32 "
-        "and 0 * inf = NaN in dx and dW",
-}
+#: (backend, dtype, loss, shape) -> why it fails; a strict xfail until fixed (none known now)
+KNOWN_BUGS: dict = {}
 
 
 def _backend_skip_reason(backend):

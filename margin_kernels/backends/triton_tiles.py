@@ -107,7 +107,9 @@ def grad_mma(v, b, acc, UPCAST: tl.constexpr, RESCALE: tl.constexpr):
     largest |v| near 2^14 and the product is scaled back. bf16 shares fp32's range and needs none."""
     if RESCALE:
         amax = tl.max(tl.max(tl.abs(v), 1), 0)
-        exponent = tl.where(amax > 0, tl.ceil(tl.log2(amax)), 0.0)
+        # clamped: a tile whose largest |v| is below 2^-100 would get a factor past fp32's range (inf, and
+        # 0 * inf = NaN); its values are negligible and may flush to zero instead
+        exponent = tl.where(amax > 0, tl.minimum(tl.maximum(tl.ceil(tl.log2(amax)), -100.0), 100.0), 0.0)
         factor = tl.exp2(14.0 - exponent)
         product = mma((v * factor).to(b.dtype), b, tl.zeros(acc.shape, acc.dtype), UPCAST)
         return acc + product * (1.0 / factor)
