@@ -251,7 +251,7 @@ def test_problem_labels_group_a_curve():
 # ---- the recorded CPU sweep's mode, the GEMM floor, the other jobs ----------------------------------------------
 
 def test_interleaved_process_clock_sweep_of_the_fused_cpu_path(tmp_path, capsys):
-    """What the recorded CPU sweep runs (it replaced bench/bench_cpu_native.py): every method of a problem in
+    """What the recorded CPU sweep runs (it replaced the fused-CPU benchmark script): every method of a problem in
     one process, round-robin, on the process clock, the fused cpu path at a chunk of its own; each row a time,
     a finite positive ratio to the one floor, and per-method memory."""
     backends = "reference,torch" + (",cpu" if mk.available_backends().get("cpu") is None else "")
@@ -308,7 +308,7 @@ def test_the_floor_is_the_minimum_of_its_timings():
 
 
 def test_chunks_job_times_a_backend_against_its_chunk(tmp_path, capsys):
-    """``margin-bench chunks`` (it replaced bench/chunk_size.py): one row per chunk, every ratio to the same
+    """``margin-bench chunks`` (it replaced the chunk-size script): one row per chunk, every ratio to the same
     floor, and a pick among the chunks."""
     path = tmp_path / "chunks.json"
     code = cli.main(["chunks", "-B", "16", "-d", "16", "-C", "3000", "--chunks", "256,1024", "--repeats", "1",

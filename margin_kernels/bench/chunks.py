@@ -61,8 +61,8 @@ def pick(totals: dict, within: float) -> Optional[int]:
 
 
 def _table(rows, floor, label: str) -> Table:
-    table = Table(title=f"{label}; floor {fmt_ms(floor.result.get('total'))} ms ({'; '.join(floor.result.get('notes', []))})",
-                  title_justify="left")
+    notes = "; ".join(floor.result.get("notes", []))
+    table = Table(title=f"{label}; floor {fmt_ms(floor.result.get('total'))} ms ({notes})", title_justify="left")
     for name in COLUMNS:
         table.add_column(name, justify="left" if name == "note" else "right")
     for row in rows:

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h. "
                "Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
-               "1000,5e4. Every (problem, method) runs in its own process; out-of-memory is a result.")
+               "1000,5e4. Every (problem, method) runs in its own process (with --interleave: every problem); "
+               "out-of-memory is a result.")
     what = p.add_argument_group("what to run")
     what.add_argument("--loss", default="arcface", help=f"loss(es): {', '.join(LOSSES)} (default arcface)")
     what.add_argument("--batch", "-B", default="256", help="batch size(s) B (default 256)")
