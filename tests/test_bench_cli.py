@@ -1,6 +1,8 @@
 """margin-bench end to end on CPU at tiny sizes: table and JSON fields, accuracy columns against the float64
 reference, the memory columns (reference grows with C, the chunked backend stays flat), out-of-memory under a
-forced limit as a result, the PNG plot, and ``python -m margin_kernels.bench`` as a command."""
+forced limit as a result, the PNG plot, ``python -m margin_kernels.bench`` as a command; the recorded CPU
+sweep's mode (--interleave, --clock process) and the GEMM floor's two variants; the 'chunks' and
+'memory-model' jobs."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,10 @@ import pytest
 import torch
 
 from margin_kernels.bench import cli
+import margin_kernels as mk
 from margin_kernels.bench.config import Problem, Settings, parse_sizes, problem_grid
-from margin_kernels.bench.runner import run_sweep
+from margin_kernels.bench.methods import floor_ms
+from margin_kernels.bench.runner import Sweep, run_sweep
 from margin_kernels.bench.worker import _oom_note
 
 MIB = 1 << 20
@@ -82,6 +86,10 @@ def test_sweep_json_fields(sweep_output):
         assert row["extra_bytes"] == row["peak_bytes"] - row["grad_bytes"]
         assert row["floor_ratio"] > 0
     assert {r["floor_ratio"] for r in _rows(payload, "gemm-floor")} == {1.0}
+    for row in _rows(payload, "gemm-floor"):  # one floor: the faster of its two timings, both kept
+        variants = row["floor_variants"]
+        assert set(variants) == {"full", "chunked"}
+        assert row["total"]["median_ms"] == min(variants.values())
     assert "skipped" in payload and any("naive-arcface" in v for v in payload["skipped"].values())
 
 
@@ -181,7 +189,9 @@ def test_size_lists_and_ranges():
 
 def test_bad_arguments_exit_with_usage(capsys):
     for argv in (["--loss", "nosuchloss"], ["--backends", "torch,nosuch"], ["--repeats", "0"],
-                 ["-C", "1e3..10"], ["--dtype", "int8"], ["--peers", "nosuch"]):
+                 ["-C", "1e3..10"], ["--dtype", "int8"], ["--peers", "nosuch"], ["--clock", "nosuch"],
+                 ["--interleave", "--mem-limit-gb", "1"], ["chunks", "--backend", "reference"],
+                 ["memory-model", "--optimizer", "nosuch"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2
@@ -236,3 +246,119 @@ def test_problem_labels_group_a_curve():
     a = Problem("arcface", 8, 16, 100, "float32", "cpu")
     b = Problem("arcface", 8, 16, 200, "float32", "cpu")
     assert a.family() == b.family() and a.family_label() == "arcface, B=8, d=16, float32, cpu"
+
+
+# ---- the recorded CPU sweep's mode, the GEMM floor, the other jobs ----------------------------------------------
+
+def test_interleaved_process_clock_sweep_of_the_fused_cpu_path(tmp_path, capsys):
+    """What the recorded CPU sweep runs (it replaced the fused-CPU benchmark script): every method of a problem in
+    one process, round-robin, on the process clock, the fused cpu path at a chunk of its own; each row a time,
+    a finite positive ratio to the one floor, and per-method memory."""
+    backends = "reference,torch" + (",cpu" if mk.available_backends().get("cpu") is None else "")
+    path = tmp_path / "cpu.json"
+    code = cli.main(["--loss", "arcface", "-B", "8", "-d", "16", "-C", "300,1000", "--chunk-size", "64",
+                     "--backends", backends, "--interleave", "--clock", "process", "--repeats", "2",
+                     "--warmup", "0", "--threads", "1", "--no-progress", "--json", str(path)])
+    text = capsys.readouterr().out
+    assert code == 0
+    payload = json.loads(path.read_text())
+    assert payload["settings"]["interleave"] is True and payload["settings"]["clock"] == "process"
+    methods = backends.split(",") + ["gemm-floor"]
+    assert [r["method"] for r in payload["rows"]] == methods * 2
+    for row in payload["rows"]:
+        assert row["status"] == "ok", row
+        assert 0 < row["floor_ratio"] < float("inf") and row["total"]["n"] == 2
+        assert row["extra_bytes"] is not None and row["grad_bytes"] == (row["classes"] + 8) * 16 * 4
+    for row in _rows(payload, "gemm-floor"):
+        assert row["floor_ratio"] == 1.0 and set(row["floor_variants"]) == {"full", "chunked"}
+        assert "64 classes" in row["notes"][-1]  # the chunked floor runs at the backends' chunk
+    for row in payload["rows"]:
+        if row["method"] != "gemm-floor":
+            assert row["grad_err"] < 1e-4
+    assert "x floor" in text and "floor = " in text
+
+
+def test_interleave_runs_one_child_per_problem_and_stops_methods_after_oom():
+    jobs = []
+
+    def fake_child(job, timeout_s):
+        jobs.append(job)
+        c = job["problem"]["classes"]
+        if job["mode"] == "check":
+            return {"status": "ok", "methods": {}}
+        ms = {"median_ms": float(c), "min_ms": float(c), "max_ms": float(c), "n": 1, "spread": 0.0}
+        ok = {"status": "ok", "total": ms, "forward": ms, "backward": ms, "extra_bytes": 0}
+        return {"status": "ok", "methods": {m: {"status": "oom", "notes": ["OOM"]} if m == "reference" and c >= 200
+                                            else dict(ok) for m in job["methods"]}}
+    problems = problem_grid(["arcface"], [8], [16], [100, 200, 300], ["float32"], "cpu", 0, None)
+    sweep = run_sweep(problems, ["reference", "torch", "gemm-floor"], Settings(interleave=True, check=False),
+                      child=fake_child)
+    assert [j["mode"] for j in jobs] == ["interleave"] * 3
+    assert jobs[-1]["methods"] == ["torch", "gemm-floor"]  # the reference stopped after its OOM at C = 200
+    status = {(r.method, r.problem.classes): r.status for r in sweep.rows}
+    assert [status["reference", c] for c in (100, 200, 300)] == ["ok", "oom", "skipped"]
+    assert all(r.floor_ratio == 1.0 for r in sweep.rows if r.status == "ok")
+
+
+def test_the_floor_is_the_minimum_of_its_timings():
+    assert floor_ms({"full": 2.0, "chunked": 1.5}) == ("chunked", 1.5)
+    assert floor_ms({"full": None, "chunked": 3.0}) == ("chunked", 3.0)  # full size out of memory
+    with pytest.raises(ValueError):
+        floor_ms({"full": None, "chunked": None})
+
+
+def test_chunks_job_times_a_backend_against_its_chunk(tmp_path, capsys):
+    """``margin-bench chunks`` (it replaced the chunk-size script): one row per chunk, every ratio to the same
+    floor, and a pick among the chunks."""
+    path = tmp_path / "chunks.json"
+    code = cli.main(["chunks", "-B", "16", "-d", "16", "-C", "3000", "--chunks", "256,1024", "--repeats", "1",
+                     "--warmup", "0", "--threads", "1", "--no-progress", "--json", str(path)])
+    text = capsys.readouterr().out
+    assert code == 0
+    for heading in ("chunk", "total ms", "extra mem", "x floor", "pick: chunk"):
+        assert heading in text
+    payload = json.loads(path.read_text())
+    assert payload["command"].startswith("margin-bench chunks ") and payload["backend"] == "torch"
+    assert payload["floor"]["method"] == "gemm-floor" and payload["floor"]["status"] == "ok"
+    assert [r["chunk_size"] for r in payload["rows"]] == [256, 1024]
+    floor = payload["floor"]["total"]["median_ms"]
+    for row in payload["rows"]:
+        assert row["status"] == "ok" and row["method"] == "torch"
+        assert row["floor_ratio"] == pytest.approx(row["total"]["median_ms"] / floor) and row["floor_ratio"] > 0
+    assert payload["pick"] in (256, 1024)
+
+
+def test_memory_model_job_prints_the_per_rank_table(capsys):
+    from margin_kernels.bench.memory_model import per_rank_bytes
+    assert cli.main(["memory-model", "--classes", "1e6", "--worlds", "1", "2", "--detail"]) == 0
+    text = capsys.readouterr().out
+    assert "| C | dtype | sample_rate | 1 GPU | 2 GPUs |" in text and "| 1e6 | bf16 | 1.0 |" in text
+    assert "MiB received per rank per step" in text and "torch_tiles" in text
+    row = per_rank_bytes(num_classes=10 ** 6, dim=512, world=2, dtype=torch.bfloat16, sample_rate=1.0,
+                         batch_per_rank=128)
+    assert row["local_classes"] == 500_000 and row["weight"] == 500_000 * 512 * 2
+
+
+def test_plain_margin_bench_is_the_quick_comparison(monkeypatch):
+    """No arguments: the README's main job, the quick default (C = 2e4 and 5e4) with the floor."""
+    seen = {}
+
+    def fake_sweep(problems, names, settings, advance=None):
+        seen.update(problems=problems, names=names, settings=settings)
+        return Sweep()
+    monkeypatch.setattr(cli, "run_sweep", fake_sweep)
+    monkeypatch.setattr(sys, "argv", ["margin-bench"])
+    assert cli.main() == 0
+    assert [p.classes for p in seen["problems"]] == [20000, 50000]
+    assert {p.batch for p in seen["problems"]} == {256} and "gemm-floor" in seen["names"]
+    assert seen["settings"].interleave is False and seen["settings"].clock == "wall"
+
+
+def test_cuda_device_without_cuda_is_explained(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    for argv in (["--device", "cuda"], ["chunks", "--device", "cuda"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

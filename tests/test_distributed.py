@@ -6,7 +6,6 @@ initialisation, the refactored single-process driver) are tested in this process
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -402,10 +401,7 @@ def test_lse_across_shards_handles_rows_without_negatives():
 
 
 def test_memory_model_uses_the_code_sizes():
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "memory_model.py")
-    spec = importlib.util.spec_from_file_location("memory_model", path)
-    model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model)
+    from margin_kernels.bench import memory_model as model
     row = model.per_rank_bytes(num_classes=10 ** 6 + 3, dim=512, world=8, dtype=torch.bfloat16,
                                sample_rate=0.1, batch_per_rank=128)
     local = shard_range(10 ** 6 + 3, 8, 0)[1]

@@ -24,8 +24,9 @@ from . import filter_stats
 #: classes per chunk on CUDA: large enough to keep the GPU busy in every GEMM and elementwise launch
 DEFAULT_CHUNK_SIZE = 8192
 #: on CPU, elements of the B x chunk fp32 tile: 2 MiB stays in cache between the GEMM that writes it, the
-#: epilogue and the two GEMMs that read it. `python bench/chunk_size.py` (B=256, C=1e5, d=512, fp32, 2 cores,
-#: idle): 1.05x the GEMM floor at chunk 1024, 1.06x at 2048, 1.08x at 4096, 1.17x at 8192, 1.56x at 32768.
+#: epilogue and the two GEMMs that read it. Measured by the chunk-size script that `margin-bench chunks` replaced
+#: (its floor: the 4 GEMMs full-size; B=256, C=1e5, d=512, fp32, 2 cores, idle): 1.05x the floor at chunk
+#: 1024, 1.06x at 2048, 1.08x at 4096, 1.17x at 8192, 1.56x at 32768.
 CPU_TILE_ELEMENTS = 1 << 19
 CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
 

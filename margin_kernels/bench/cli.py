@@ -2,11 +2,16 @@
 
 With no arguments: the quick comparison on the default device (ArcFace, B=256, d=512, C=2e4 and 5e4,
 float32; the reference against every margin_kernels backend usable there, plus the GEMM floor).
+
+Other jobs, as a first argument: ``margin-bench chunks ...`` (a backend's time against its class chunk, to pick
+the default) and ``margin-bench memory-model ...`` (memory per rank of the distributed head, no timing);
+``margin-bench compare ...`` is the comparison spelled out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from typing import Optional
@@ -23,6 +28,7 @@ from .peers import PEERS
 from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
 from .report import payload, markdown, print_report
 from .runner import count_steps, plan, run_sweep
+from .timing import CLOCKS
 
 DEFAULT_BACKENDS = "reference,torch,cpu,triton,cuda"
 _CONCRETE = [n for n in BACKEND_NAMES if n != "auto"]
@@ -31,8 +37,10 @@ _CONCRETE = [n for n in BACKEND_NAMES if n != "auto"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
-               "1000,5e4. Every (problem, method) runs in its own process; out-of-memory is a result.")
+        epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h. "
+               "Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
+               "1000,5e4. Every (problem, method) runs in its own process (with --interleave: every problem); "
+               "out-of-memory is a result.")
     what = p.add_argument_group("what to run")
     what.add_argument("--loss", default="arcface", help=f"loss(es): {', '.join(LOSSES)} (default arcface)")
     what.add_argument("--batch", "-B", default="256", help="batch size(s) B (default 256)")
@@ -66,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--threads", type=int, default=None,
                      help="CPU threads per measuring process (default: PyTorch's; 1 is steadier on a busy machine)")
     how.add_argument("--timeout-s", type=float, default=None, help="stop a case after this long (a result)")
+    add_clock_argument(how)
+    how.add_argument("--interleave", action="store_true",
+                     help="time all methods of a problem in one process, round-robin (one run each per repeat): "
+                          "steadier ratios on a shared machine; memory is still measured per method, one at a "
+                          "time, and --timeout-s covers the whole problem")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': to stdout, table to stderr)")
     out.add_argument("--plot", metavar="PNG", help="time and memory against C, log-log (needs matplotlib)")
@@ -74,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--list", action="store_true", help="list the methods and whether they run here, then exit")
     return p
+
+
+def add_clock_argument(group) -> None:
+    group.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                       help="wall (default: the figure to record) or process: CPU seconds of all threads, "
+                            "steadier on a busy CPU (set OMP_WAIT_POLICY=PASSIVE so idle threads do not spin)")
+
+
+def check_device(parser, requested: Optional[str], clock: str = "wall") -> str:
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device: none is visible to this torch build "
+                     "(GPU figures are only ever measured, never estimated)")
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: on CUDA the benchmark times compiled Triton kernels")
+    if device == "cuda" and clock == "process":
+        parser.error("--clock process counts CPU time: on CUDA use the default wall clock")
+    return device
 
 
 def _method_names(args) -> list[str]:
@@ -90,9 +121,12 @@ def _settings(args) -> Settings:
         raise ValueError("--threads must be >= 1")
     if args.mem_limit_gb is not None and args.mem_limit_gb <= 0:
         raise ValueError("--mem-limit-gb must be positive")
+    if args.interleave and args.mem_limit_gb is not None:
+        raise ValueError("--mem-limit-gb is per method: it needs one process per method (drop --interleave)")
     return Settings(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget_s,
                     mem_limit_bytes=None if args.mem_limit_gb is None else int(args.mem_limit_gb * (1 << 30)),
                     check=not args.no_check, timeout_s=args.timeout_s, threads=args.threads,
+                    clock=args.clock, interleave=args.interleave,
                     check_max_classes=None if args.check_up_to is None else
                     parse_count(args.check_up_to, "--check-up-to"))
 
@@ -138,11 +172,27 @@ def _write_outputs(args, sweep, settings, command: str, console: Console) -> Non
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Dispatch on the first argument: a job name, else the comparison (so plain ``margin-bench`` is it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in JOBS:
+        return JOBS[argv[0]](argv[1:])
+    return compare(argv)
+
+
+def _chunks(argv: list[str]) -> int:
+    from .chunks import main as chunks_main  # imported on use: each job keeps its own parser
+    return chunks_main(argv)
+
+
+def _memory_model(argv: list[str]) -> int:
+    from .memory_model import main as memory_model_main
+    return memory_model_main(argv)
+
+
+def compare(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to this torch build")
+    device = check_device(parser, args.device, args.clock)
     try:
         problems = _problems(args, device)
         settings = _settings(args)
@@ -158,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.list:
         _list_methods(problems, console)
         return 0
-    command = "margin-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "margin-bench " + " ".join(shlex.quote(a) for a in argv)
     runnable, _ = plan(problems, names)
     with _progress(console, args.no_progress) as progress:
         task = progress.add_task("", total=count_steps(problems, runnable, settings))
@@ -174,3 +224,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_report(sweep, console)
     _write_outputs(args, sweep, settings, command, console)
     return 1 if any(row.status == "error" for row in sweep.rows) else 0
+
+
+JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model}

@@ -69,6 +69,10 @@ class Settings:
     check_max_classes: Optional[int] = None  # ... and only up to this C (the check costs a run per method)
     timeout_s: Optional[float] = None  # a child that runs longer is stopped and reported as a timeout
     threads: Optional[int] = None  # torch.set_num_threads in each child (None: PyTorch's default)
+    clock: str = "wall"           # timing.CLOCKS: "wall" or "process" (CPU seconds, steadier when shared)
+    # all methods of a problem in one child, timed round-robin (one call each per repeat): drift of a shared
+    # machine then hits them alike and their ratios stay steady; the default is one child per method
+    interleave: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

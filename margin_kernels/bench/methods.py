@@ -14,14 +14,10 @@ import torch
 
 import margin_kernels as mk
 from margin_kernels.backends import BACKEND_NAMES, resolve_backend
+from margin_kernels.backends.chunk_loop import default_chunk_size
 
 from .config import Problem, make_loss
 from .problem import Inputs
-
-#: column width of the GEMM floor's tiles: large enough for full GEMM efficiency, small enough to never be
-#: the thing that runs out of memory (B x 65536 elements)
-FLOOR_CHUNK = 1 << 16
-
 
 @dataclass(frozen=True)
 class Method:
@@ -60,41 +56,68 @@ class AutogradRun:
 
 
 class GemmFloorRun:
-    """The four GEMMs of B x C x d alone, in the storage dtype: forward (x W^T), and in backward the
-    recompute (x W^T), dx (G W) and dW (G^T x) with a fixed random G standing for dL/dlogits. Tiled over
-    classes (``FLOOR_CHUNK``) so the floor never materialises B x C itself."""
+    """One timing variant of the GEMM floor (see ``GEMM_FLOOR``): forward x W^T, and in backward the recompute
+    x W^T, dx = G W and dW = G^T x, over class tiles of ``width`` columns (``width = C``: full size). The
+    product tile itself stands in for G = dL/dlogits (its values do not change a GEMM's speed). Every output
+    is allocated once here: the floor is the products alone, while the methods pay for their fresh dW."""
 
-    def __init__(self, inputs: Inputs):
-        self.x, self.w = inputs.features, inputs.weight
-        width = min(FLOOR_CHUNK, self.w.shape[0])
-        gen = torch.Generator(device=self.x.device).manual_seed(1)
-        self.g = torch.randn(self.x.shape[0], width, generator=gen, device=self.x.device).to(self.x.dtype)
-        self.dx: Optional[torch.Tensor] = None
-        self.dw: Optional[torch.Tensor] = None
+    def __init__(self, inputs: Inputs, width: int):
+        # detached: with --interleave the methods' runs share these tensors as autograd leaves
+        self.x, self.w = inputs.features.detach(), inputs.weight.detach()
+        self.width = min(width, self.w.shape[0])
+        self.tile = torch.empty(self.x.shape[0], self.width, dtype=self.x.dtype, device=self.x.device)
+        self.dx, self.dw = torch.empty_like(self.x), torch.empty_like(self.w)
         self.loss = None
 
     def _tiles(self):
-        for col0 in range(0, self.w.shape[0], self.g.shape[1]):
-            w = self.w[col0:col0 + self.g.shape[1]]
-            yield col0, w, self.g[:, :w.shape[0]]
+        for col0 in range(0, self.w.shape[0], self.width):
+            w = self.w[col0:col0 + self.width]
+            yield col0, w, self.tile[:, :w.shape[0]]
 
     def forward(self) -> None:
-        for _, w, _ in self._tiles():
-            torch.mm(self.x, w.t())
+        for _, w, tile in self._tiles():
+            torch.mm(self.x, w.t(), out=tile)
 
     def backward(self) -> None:
-        self.dx = torch.zeros_like(self.x)
-        self.dw = torch.empty_like(self.w)
-        for col0, w, g in self._tiles():
-            torch.mm(self.x, w.t())
-            self.dx.addmm_(g, w)
-            torch.mm(g.t(), self.x, out=self.dw[col0:col0 + w.shape[0]])
+        self.dx.zero_()
+        for col0, w, tile in self._tiles():
+            torch.mm(self.x, w.t(), out=tile)
+            self.dx.addmm_(tile, w)
+            torch.mm(tile.t(), self.x, out=self.dw[col0:col0 + w.shape[0]])
 
     def grads(self):
         return self.dx, self.dw
 
     def reset(self) -> None:
-        self.dx = self.dw = None
+        pass  # the outputs are the floor's preallocated buffers, reused by the next run
+
+
+def floor_chunk(problem: Problem) -> int:
+    """The class tile of the chunked floor: the fused backends' own (``--chunk-size`` or their default)."""
+    return problem.chunk_size or default_chunk_size(problem.batch, problem.device)
+
+
+def floor_ms(variant_ms: dict) -> tuple[str, float]:
+    """THE GEMM floor, the one yardstick of every "x floor" ratio of margin-bench.
+
+    Every exact method does four GEMMs of B x C x d per step: the forward logits x W^T, their recompute in
+    backward, dx = G W and dW = G^T x. The floor is the time of those four alone, in the storage dtype, timed
+    in the same run as the methods two ways: full size (one B x C product each) and in class chunks at the
+    fused backends' tile (``floor_chunk``: chunks can run faster, the tile staying in cache, or slower, at
+    small B); the floor is the minimum of the two medians, so no method is flattered by a slow variant.
+    ``variant_ms``: variant name -> median ms (None where the variant did not run, e.g. the full-size B x C
+    tile out of memory). Returns (the variant that wins, its ms)."""
+    timed = {name: ms for name, ms in variant_ms.items() if ms is not None}
+    if not timed:
+        raise ValueError("no floor variant ran")
+    best = min(timed, key=timed.get)
+    return best, timed[best]
+
+
+def floor_variants(problem: Problem) -> dict:
+    """The two timings whose minimum is the floor: name -> builder of a ``GemmFloorRun`` on the inputs."""
+    return {"full": lambda inputs: GemmFloorRun(inputs, problem.classes),
+            "chunked": lambda inputs: GemmFloorRun(inputs, floor_chunk(problem))}
 
 
 def _device_rule(name: str, problem: Problem) -> Optional[str]:
@@ -147,8 +170,9 @@ _DESCRIPTIONS = {
 BACKENDS = {name: Method(name, "backend", _DESCRIPTIONS[name], _backend_unavailable(name), _backend_builder(name))
             for name in BACKEND_NAMES}
 
-GEMM_FLOOR = Method("gemm-floor", "floor", "the 4 GEMMs of B x C x d alone (fwd, recompute, dx, dW)",
-                    lambda problem: None, lambda problem, inputs: GemmFloorRun(inputs), checkable=False)
+GEMM_FLOOR = Method(
+    "gemm-floor", "floor", "the 4 GEMMs of B x C x d alone, best of full-size and class-chunked",
+    lambda problem: None, lambda problem, inputs: GemmFloorRun(inputs, floor_chunk(problem)), checkable=False)
 
 
 def all_methods() -> dict:

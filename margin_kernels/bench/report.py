@@ -108,7 +108,8 @@ def summary_lines(sweep: Sweep) -> list[str]:
 
 LEGEND = ("times: median ±half-range over the timed repeats (warm-up excluded); extra mem: peak memory above "
           "the inputs minus the gradients dx, dW themselves; loss diff / grad err: vs the float64 reference "
-          "(|loss diff|, max|g-g_ref|/max|g_ref|); x floor: total time / the 4 GEMMs alone")
+          "(|loss diff|, max|g-g_ref|/max|g_ref|); x floor: total time / the GEMM floor (the 4 GEMMs of B x C x d "
+          "alone, the faster of full-size and class-chunked, timed in the same run)")
 
 
 def print_report(sweep: Sweep, console: Console) -> None:

@@ -136,7 +136,8 @@ def _checks(problem: Problem, names: list[str], settings: Settings) -> bool:
 
 
 def count_steps(problems: list[Problem], runnable: dict, settings: Settings) -> int:
-    return sum(len(runnable[p.family()]) + int(_checks(p, runnable[p.family()], settings)) for p in problems)
+    measures = (lambda names: 1) if settings.interleave else len
+    return sum(measures(runnable[p.family()]) + int(_checks(p, runnable[p.family()], settings)) for p in problems)
 
 
 def _settings_for(kind: str, settings: Settings) -> dict:
@@ -168,16 +169,12 @@ def run_sweep(problems: list[Problem], method_names: list[str], settings: Settin
         label = members[0].family_label()
         stopped: dict = {}
         for problem in members:
+            results = _measure(problem, runnable[family], stopped, settings, advance, child)
             rows = []
             for name in runnable[family]:
-                advance(f"C={problem.classes:,} {name}")
-                if name in stopped:
-                    result = {"status": "skipped", "notes": [f"not run: {stopped[name]}"]}
-                else:
-                    result = child({"mode": "measure", "problem": problem.to_dict(), "method": name,
-                                    "settings": _settings_for(methods[name].kind, settings)}, settings.timeout_s)
-                    if result.get("status") in ("oom", "timeout"):
-                        stopped[name] = f"{_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
+                result = results[name]
+                if name not in stopped and result.get("status") in ("oom", "timeout"):
+                    stopped[name] = f"{_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
                 rows.append(Row(problem, name, methods[name].kind, result))
             _attach_floor_ratios(rows)
             _check(problem, rows, settings, stopped, advance, child)
@@ -185,6 +182,26 @@ def run_sweep(problems: list[Problem], method_names: list[str], settings: Settin
         if stopped:
             sweep.stopped[label] = stopped
     return sweep
+
+
+def _measure(problem: Problem, names: list, stopped: dict, settings: Settings, advance, child) -> dict:
+    """name -> result at one problem: a child per method, or (interleave) one child for all of them."""
+    methods = all_methods()
+    out = {name: {"status": "skipped", "notes": [f"not run: {stopped[name]}"]} for name in names if name in stopped}
+    todo = [name for name in names if name not in stopped]
+    if settings.interleave and todo:
+        advance(f"C={problem.classes:,} {len(todo)} methods interleaved")
+        result = child({"mode": "interleave", "problem": problem.to_dict(), "methods": todo,
+                        "settings": settings.to_dict()}, settings.timeout_s)
+        # a dead or stopped child is the result of every method it was running
+        out.update(result["methods"] if result.get("status") == "ok" else {name: result for name in todo})
+        return out
+    for name in names:
+        advance(f"C={problem.classes:,} {name}")
+        if name not in out:
+            out[name] = child({"mode": "measure", "problem": problem.to_dict(), "method": name,
+                               "settings": _settings_for(methods[name].kind, settings)}, settings.timeout_s)
+    return out
 
 
 def _check(problem: Problem, rows: list[Row], settings: Settings, stopped: dict, advance, child) -> None:

@@ -1,11 +1,16 @@
 """Timing of one forward+backward: device synchronised around each phase, warm-up runs excluded,
-median and spread over the timed repeats."""
+median and spread over the timed repeats.
+
+Two clocks: ``wall`` (elapsed time, the figure to record on a quiet machine) and ``process`` (CPU seconds of
+all the process's threads: on a shared CPU it does not count the time another job holds a core, so ratios
+stay steadier; run with ``OMP_WAIT_POLICY=PASSIVE`` so idle OpenMP threads do not spin and bill CPU time).
+"""
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -25,16 +30,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_run(run: Run, device: torch.device) -> tuple[float, float]:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def timed_run(run: Run, device: torch.device, clock: str = "wall") -> tuple[float, float]:
     """(forward seconds, backward seconds) of one run; outputs are dropped afterwards."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     run.forward()
     synchronize(device)
-    middle = time.perf_counter()
+    middle = now()
     run.backward()
     synchronize(device)
-    end = time.perf_counter()
+    end = now()
     run.reset()
     return middle - start, end - middle
 

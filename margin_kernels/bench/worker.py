@@ -2,14 +2,17 @@
 
 Children are forked from a server process that has imported torch and this package once (see ``runner``),
 so a child costs a fork, not an interpreter start. A job is
-``{"mode": "measure", "problem": {...}, "method": name, "settings": {...}}`` or
+``{"mode": "measure", "problem": {...}, "method": name, "settings": {...}}``,
+``{"mode": "interleave", "problem": {...}, "methods": [names], "settings": {...}}`` (``--interleave``) or
 ``{"mode": "check", "problem": {...}, "methods": [names], "settings": {...}}``; the result dict goes back
 through a pipe, and the child's stdout/stderr go to a log file.
 
-measure: build the inputs, run the method once on a tiny problem (loads libraries, thread pools, JIT caches),
-take the memory baseline, run fwd+bwd once under the memory limit (the memory run), then the warm-ups, then
-the timed repeats. An out-of-memory exception anywhere is the result "oom". With a time budget, a memory
-run longer than the budget is the only warm-up (one-off costs are small against a run that long).
+measure: build the inputs, run each method once on a tiny problem (loads libraries, thread pools, JIT caches),
+then per method take the memory baseline and run fwd+bwd once under the memory limit (the memory run), then
+the warm-ups, then the timed repeats, round-robin over the methods of the job (one, or all with interleave).
+An out-of-memory exception anywhere is the result "oom" of that method. With a time budget, memory runs
+longer than the budget in all are the only warm-up (one-off costs are small against runs that long). The GEMM
+floor is two runs, full size and class-chunked, and its row is the faster (``methods.floor_ms``).
 
 check: the float64 reference (inputs upcast) gives the ground truth loss and gradients; each method then runs
 once on the storage-dtype inputs and is compared: |loss - loss_ref| and, per gradient, max|g - g_ref| /
@@ -31,7 +34,7 @@ import margin_kernels as mk
 
 from .config import Problem, Settings, make_loss
 from .memory import is_out_of_memory, memory_probe, timing_allocator
-from .methods import all_methods, resolved_auto
+from .methods import all_methods, floor_ms, floor_variants, resolved_auto
 from .problem import make_inputs
 from .timing import repeats_within, summarize, timed_run
 
@@ -60,63 +63,153 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _warm_up_tiny(method, problem: Problem) -> None:
+def _variants(method, problem: Problem) -> dict:
+    """name -> builder(inputs) of the runs that make one method's row: the floor has two (see ``floor_ms``)."""
+    if method.kind == "floor":
+        return floor_variants(problem)
+    return {method.name: lambda inputs: method.build(problem, inputs)}
+
+
+def _warm_up_tiny(method, variant: str, problem: Problem) -> None:
     tiny = replace(problem, batch=min(problem.batch, _TINY_BATCH), classes=min(problem.classes, _TINY_CLASSES))
-    run = method.build(tiny, make_inputs(tiny))
+    run = _variants(method, tiny)[variant](make_inputs(tiny))
     run.forward()
     run.backward()
     run.reset()
 
 
-def measure(problem: Problem, method_name: str, settings: Settings) -> dict:
-    method = all_methods()[method_name]
-    out = {"status": "ok", "notes": []}
-    reason = method.unavailable(problem)
-    if reason is not None:
-        return {"status": "skipped", "notes": [reason]}
-    if method_name == "auto":
-        out["notes"].append(f"auto -> {resolved_auto(problem.device)}")
-    device = torch.device(problem.device)
-    inputs = make_inputs(problem)
-    out["input_bytes"] = inputs.nbytes()
-    _warm_up_tiny(method, problem)
-    run = method.build(problem, inputs)
-    probe = memory_probe(device)
-    out["limit_bytes"], out["limit_source"] = probe.limit(settings.mem_limit_bytes)
-    out["memory_method"] = probe.method
-    try:
+class _Measured:
+    """One run under measurement: its result fields (memory, notes, then times) and its timed repeats."""
+
+    def __init__(self, name: str, variant: str, out: dict):
+        self.name, self.variant, self.out = name, variant, out
+        self.run = None
+        self.run_width = None  # the floor's class tile, kept for its note once the run is dropped
+        self.first_s = 0.0
+        self.fwd: list = []
+        self.bwd: list = []
+
+    def memory_run(self, build, inputs, probe) -> None:
+        self.run = build(inputs)
+        self.run_width = getattr(self.run, "width", None)
         probe.begin()
         start = time.perf_counter()
-        run.forward()
-        run.backward()
-        out["peak_bytes"] = probe.peak_extra()
-        first_run_s = time.perf_counter() - start
-        out["grad_bytes"] = _tensor_bytes(run.grads())
-        out["extra_bytes"] = None if out["peak_bytes"] is None else out["peak_bytes"] - out["grad_bytes"]
-        out["loss_value"] = float(run.loss.detach()) if run.loss is not None else None
-        run.reset()
-        out["first_run_ms"] = first_run_s * 1e3
+        self.run.forward()
+        self.run.backward()
+        self.out["peak_bytes"] = probe.peak_extra()
+        self.first_s = time.perf_counter() - start
+        self.out["grad_bytes"] = _tensor_bytes(self.run.grads())
+        self.out["extra_bytes"] = None if self.out["peak_bytes"] is None else \
+            self.out["peak_bytes"] - self.out["grad_bytes"]
+        self.out["loss_value"] = float(self.run.loss.detach()) if self.run.loss is not None else None
+        self.run.reset()
+        self.out["first_run_ms"] = self.first_s * 1e3
+
+    def fail(self, exc: BaseException) -> None:
+        if self.run is not None:
+            self.run.reset()
+        self.run = None  # out of the round-robin: its memory goes back before the others go on
+        if is_out_of_memory(exc):
+            self.out.update(status="oom", notes=self.out["notes"] + [_oom_note(exc)])
+        else:
+            self.out.update(status="error", notes=self.out["notes"] + [f"{type(exc).__name__}: {_first_line(exc)}"],
+                            traceback=traceback.format_exc()[-4000:])
+
+
+def _guarded(item: _Measured, step) -> None:
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - OOM is a result, an error that method's row: the others go on
+        item.fail(exc)
+
+
+def _round_robin(items: list, count: int, device, clock: str, record: bool) -> None:
+    """``count`` rounds, each running every live item once, so slow drift of the machine hits all alike."""
+    for _ in range(count):
+        for item in items:
+            if item.run is None:
+                continue
+
+            def step(item=item):
+                fwd, bwd = timed_run(item.run, device, clock)
+                if record:
+                    item.fwd.append(fwd)
+                    item.bwd.append(bwd)
+            _guarded(item, step)
+
+
+def _finish_floor(out: dict, variants: list) -> None:
+    """The floor's row: the winning variant's fields (see ``floor_ms``), every variant's median kept."""
+    medians = {v.variant: v.out["total"]["median_ms"] if v.out["status"] == "ok" else None for v in variants}
+    out["floor_variants"] = {name: ms if ms is not None else "oom" for name, ms in medians.items()}
+    if all(ms is None for ms in medians.values()):
+        failed = variants[-1].out  # the chunked variant: the one that fits wherever anything does
+        out.update(status=failed["status"], notes=out["notes"] + failed["notes"][-1:])
+        if "traceback" in failed:
+            out["traceback"] = failed["traceback"]
+        return
+    best, _ = floor_ms(medians)
+    winner = next(v for v in variants if v.variant == best)
+    out.update({k: val for k, val in winner.out.items() if k not in ("notes", "status")})
+    widths = {v.variant: "B x C" if v.variant == "full" else f"{v.run_width} classes" for v in variants}
+    parts = [f"{name} ({widths[name]}) " + (f"{ms:.3g} ms" if isinstance(ms, float) else ms)
+             for name, ms in out["floor_variants"].items()]
+    out["notes"].append(f"floor = {best}, the min of " + ", ".join(parts))
+
+
+def measure_group(problem: Problem, method_names: list, settings: Settings) -> dict:
+    """Measure several methods on one problem in this process: memory runs one by one, then the warm-ups
+    and the timed repeats round-robin. One name is the default mode (a child per method); many is
+    ``--interleave``. Returns method name -> result."""
+    methods = all_methods()
+    device = torch.device(problem.device)
+    inputs = make_inputs(problem)
+    results, items = {}, []
+    for name in method_names:
+        method = methods[name]
+        reason = method.unavailable(problem)
+        if reason is not None:
+            results[name] = {"status": "skipped", "notes": [reason]}
+            continue
+        results[name] = {"status": "ok", "notes": [f"auto -> {resolved_auto(problem.device)}"] if name == "auto"
+                         else [], "input_bytes": inputs.nbytes()}
+        for variant in _variants(method, problem):
+            _warm_up_tiny(method, variant, problem)
+            out = results[name] if method.kind != "floor" else {"status": "ok", "notes": []}
+            items.append(_Measured(name, variant, out))
+    probe = memory_probe(device)
+    limit, source = probe.limit(settings.mem_limit_bytes)
+    try:
+        for item in items:
+            item.out.update(limit_bytes=limit, limit_source=source, memory_method=probe.method)
+            build = _variants(methods[item.name], problem)[item.variant]
+            _guarded(item, lambda: item.memory_run(build, inputs, probe))
         if device.type == "cpu":
             timing_allocator()
+        first_s = sum(item.first_s for item in items if item.run is not None)
         warmup = settings.warmup
-        if settings.budget_s is not None and first_run_s > settings.budget_s:
+        if settings.budget_s is not None and first_s > settings.budget_s:
             warmup = 0
-            out["notes"].append("no warm-up beyond the memory run")
-        for _ in range(warmup):
-            timed_run(run, device)
-        repeats = repeats_within(settings.budget_s, first_run_s, settings.repeats)
-        fwd, bwd = zip(*(timed_run(run, device) for _ in range(repeats)))
-    except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else is reported, not raised
-        run.reset()
-        if not is_out_of_memory(exc):
-            raise
-        out.update(status="oom", notes=out["notes"] + [_oom_note(exc)])
-        return out
+            for out in results.values():
+                out["notes"].append("no warm-up beyond the memory run")
+        _round_robin(items, warmup, device, settings.clock, record=False)
+        _round_robin(items, repeats_within(settings.budget_s, first_s, settings.repeats), device,
+                     settings.clock, record=True)
     finally:
         probe.unlimit()
-    out["forward"], out["backward"] = summarize(list(fwd)), summarize(list(bwd))
-    out["total"] = summarize([f + b for f, b in zip(fwd, bwd)])
-    return out
+    for item in items:
+        if item.out["status"] == "ok":
+            item.out["forward"], item.out["backward"] = summarize(item.fwd), summarize(item.bwd)
+            item.out["total"] = summarize([f + b for f, b in zip(item.fwd, item.bwd)])
+            item.run = None
+    for name, out in results.items():
+        if methods[name].kind == "floor" and out["status"] == "ok":
+            _finish_floor(out, [item for item in items if item.name == name])
+    return results
+
+
+def measure(problem: Problem, method_name: str, settings: Settings) -> dict:
+    return measure_group(problem, [method_name], settings)[method_name]
 
 
 def _max_rel(diff_max: float, ref_max: float) -> float:
@@ -188,6 +281,8 @@ def run_job(job: dict) -> dict:
         warnings.simplefilter("always")
         if job["mode"] == "measure":
             result = measure(problem, job["method"], settings)
+        elif job["mode"] == "interleave":
+            result = {"status": "ok", "methods": measure_group(problem, job["methods"], settings)}
         else:
             result = check(problem, job["methods"], settings)
     seen = list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught))

@@ -1,7 +1,7 @@
 """Which classes each rank owns: contiguous ranges, sizes differing by at most one (insightface's split).
 
 The first ``C % world`` ranks hold ``C // world + 1`` classes, the others ``C // world``. Everything that
-needs shard sizes (the head, the checkpoint loader, ``bench/memory_model.py``) calls these functions.
+needs shard sizes (the head, the checkpoint loader, ``margin-bench memory-model``) calls these functions.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Memory per rank and traffic per step of DistributedMarginHead, from the sizes the code uses.
+"""``margin-bench memory-model``: memory per rank and traffic per step of DistributedMarginHead, from the sizes
+the code uses (arithmetic, no timing: it runs anywhere, GPU or not).
 
-Run from the repository root:  python bench/memory_model.py  [--detail] [--classes 1e6 1e7 1e8] ...
+    margin-bench memory-model  [--detail] [--classes 1e6 1e7 1e8] ...
 
 Every size comes from the package: the shard a rank holds (``sharding.max_shard_size``: rank 0 holds the
 largest, which is what every GPU must provision), the classes Partial FC keeps (``sampling.num_sampled``),
@@ -20,17 +21,14 @@ issues per step (``distributed/head.py``). Assumptions, stated once:
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from margin_kernels.backends.chunk_loop import DEFAULT_CHUNK_SIZE  # noqa: E402
-from margin_kernels.sampling import num_sampled  # noqa: E402
-from margin_kernels.distributed.sharding import max_shard_size  # noqa: E402
-from margin_kernels.reduction import accumulation_dtype  # noqa: E402
+from margin_kernels.backends.chunk_loop import DEFAULT_CHUNK_SIZE
+from margin_kernels.sampling import num_sampled
+from margin_kernels.distributed.sharding import max_shard_size
+from margin_kernels.reduction import accumulation_dtype
 
 INT64, FP64 = 8, 8
 # backward of the torch backend keeps about this many (B x chunk) fp32 tiles alive at once: the cosines, the
@@ -149,8 +147,8 @@ def render_comm(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="margin-bench memory-model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--dim", type=int, default=512)
@@ -169,7 +167,4 @@ def main(argv=None) -> None:
     print(render_comm([r for r in rows if r["classes"] == rows[0]["classes"] and r["sample_rate"] == 1.0]))
     if args.detail:
         print(render_detail(rows))
-
-
-if __name__ == "__main__":
-    main()
+    return 0
