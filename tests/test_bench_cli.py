@@ -362,3 +362,17 @@ def test_cuda_device_without_cuda_is_explained(capsys):
             cli.main(argv)
         assert exc.value.code == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_bad_backend_and_chunk_size_are_worded_as_the_package_words_them(capsys):
+    """One validation layer: the CLI reports the same condition with the functional call's message."""
+    import margin_kernels as mk
+    from tests.helpers import random_problem
+    x, w, labels = random_problem(2, 5, 4, dtype=torch.float32)
+    for argv, kwargs in ((["--backends", "torch,nosuch"], dict(backend="nosuch")),
+                         (["--chunk-size", "0"], dict(chunk_size=0))):
+        with pytest.raises(ValueError) as functional:
+            mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), **kwargs)
+        with pytest.raises(SystemExit):
+            cli.main(argv + ["-C", "100"])
+        assert str(functional.value) in capsys.readouterr().err

@@ -6,7 +6,6 @@ initialisation, the refactored single-process driver) are tested in this process
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from margin_kernels.backends import BACKEND_NAMES
+from margin_kernels.backends import BACKEND_NAMES, check_backend_name
+from margin_kernels.validation import check_chunk_size
 
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
 from .methods import BACKENDS, GEMM_FLOOR, all_methods
@@ -108,7 +109,13 @@ def check_device(parser, requested: Optional[str], clock: str = "wall") -> str:
 
 
 def _method_names(args) -> list[str]:
-    backends = _CONCRETE if args.backends == "all" else parse_names(args.backends, BACKENDS, "--backends")
+    if args.backends == "all":
+        backends = _CONCRETE
+    else:
+        backends = [n.strip().lower() for n in args.backends.split(",") if n.strip()]
+        for name in backends:  # the package's own check: the same wording as backend= everywhere
+            check_backend_name(name)
+        backends = parse_names(",".join(backends), BACKENDS, "--backends")
     peers = [] if args.peers == "none" else list(PEERS) if args.peers == "all" else \
         parse_names(args.peers, PEERS, "--peers")
     return backends + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
@@ -132,8 +139,7 @@ def _settings(args) -> Settings:
 
 
 def _problems(args, device: str):
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise ValueError("--chunk-size must be positive")
+    check_chunk_size(args.chunk_size)  # the package's own check: the same wording as chunk_size= everywhere
     return problem_grid(parse_names(args.loss, LOSSES, "--loss"), parse_sizes(args.batch, "--batch"),
                         parse_sizes(args.dim, "--dim"), parse_sizes(args.classes, "--classes"),
                         parse_dtypes(args.dtype), device, args.seed, args.chunk_size)
