@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 import margin_kernels as mk
-from margin_kernels.backends import BACKEND_NAMES, resolve_backend
+from margin_kernels.backends import BACKEND_NAMES, REGISTRY, resolve_backend
 from margin_kernels.backends.chunk_loop import default_chunk_size
 
 from .config import Problem, make_loss
@@ -121,11 +121,12 @@ def floor_variants(problem: Problem) -> dict:
 
 
 def _device_rule(name: str, problem: Problem) -> Optional[str]:
-    if name in ("triton", "cuda") and problem.device != "cuda":
-        return f"the {name!r} backend needs a CUDA device (benchmarking on {problem.device})"
-    if name == "cpu" and problem.device != "cpu":
-        return "the 'cpu' backend runs on CPU tensors only"
-    return None
+    """Whether the registry entry computes on the problem's device (Triton's CPU interpreter is a test tool,
+    not something to benchmark)."""
+    devices = REGISTRY[name].devices
+    if "any" in devices or problem.device in devices:
+        return None
+    return f"the {name!r} backend computes on {'/'.join(devices)} tensors (benchmarking on {problem.device})"
 
 
 def _backend_unavailable(name: str) -> Callable[[Problem], Optional[str]]:
@@ -158,16 +159,13 @@ def _backend_builder(name: str):
     return build
 
 
-_DESCRIPTIONS = {
-    "reference": "margin_kernels reference: full B x C logits, autograd",
-    "torch": "margin_kernels 'torch': class-chunked, online LSE, recompute in backward",
-    "cpu": "margin_kernels 'cpu': native CPU kernels",
-    "triton": "margin_kernels 'triton': fused Triton kernels",
-    "cuda": "margin_kernels 'cuda': fused CUDA kernels",
-    "auto": "margin_kernels backend='auto'",
-}
+def _description(name: str) -> str:
+    if name == "auto":
+        return "margin_kernels backend='auto'"
+    return f"margin_kernels {name!r}: {REGISTRY[name].summary}"
 
-BACKENDS = {name: Method(name, "backend", _DESCRIPTIONS[name], _backend_unavailable(name), _backend_builder(name))
+
+BACKENDS = {name: Method(name, "backend", _description(name), _backend_unavailable(name), _backend_builder(name))
             for name in BACKEND_NAMES}
 
 GEMM_FLOOR = Method(
