@@ -2,21 +2,25 @@
 
 Implements the backend contract (see ``backends/__init__.py``) on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter, how CI tests it; the variable must be set before the process
-first imports triton). Memory besides dW: a (splits, B) forward partial and (splits, B, d) dx partials; no
-B x C matrix, no copy of W or of W[class_index]. ``chunk_size`` (the torch backend's knob) is ignored: tile
-sizes come from triton_configs.
+first imports triton). Forward: one kernel (triton_forward). Backward: three GEMM-shaped kernels per class
+chunk, each of its three products done once (triton_backward's docstring has the design and why). Memory
+besides dW: a (splits, B) forward partial; in backward the B x chunk dL/dcos buffer (at most
+``triton_configs.BACKWARD_BUFFER_BYTES``), its per-class partials and (splits, B, d) dx partials; no B x C
+matrix, no copy of W or of W[class_index]. ``chunk_size`` (the torch backend's knob) is ignored: tile sizes
+and the backward's chunk come from triton_configs.
 
 Precision: W and x are read in their storage dtype (fp32, bf16, fp16, fp64) and every product accumulates in
 the accumulation dtype of ``row_params`` (fp32; fp64 for fp64 inputs); fp32 inputs use IEEE products (no
-TF32). The backward's gradient GEMMs take dL/dcos rounded to the storage dtype (bf16/fp16 tensor cores; fp16
-tiles are rescaled by a power of two first so small gradients do not flush to zero).
+TF32). The backward's gradient GEMMs take dL/dcos rounded to the storage dtype (bf16/fp16 tensor cores; for
+fp16 it is first multiplied by one power of two, ``_dc_factor``, so small gradients do not flush to zero).
 
 Gradient filtering (``grad_filter = tau > 0``): a (row block x class tile) whose every |dL/dcos| is below tau
 skips its dx and dW products. Every skipped entry is < tau in magnitude, so per row and class
     ||dx_i - exact|| <= tau * sum_j ||w_j|| / ||w_j||_(normalised: 1)   over the row's skipped columns j,
     ||dW_j - exact|| <= tau * (1 + [normalised]) * sum_i ||x_i|| / ||w_j||_(raw: 1)   over the skipped rows i
 (the second term is the ||w|| Jacobian, |c_ij| <= 1). The loss is unchanged (the forward never filters).
-Skipped and visited tiles of the dW kernel are added to ``filter_stats`` as device tensors (no sync).
+Skipped and visited tiles (row block x class tile) are added to ``filter_stats`` as device tensors (no
+sync).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import triton  # an ImportError here makes the registry report the backend as un
 
 from . import filter_stats
 from . import triton_configs as configs
+from ..losses.negatives import NegativeKind
 from .chunk_loop import finite_lse, num_columns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,18 +72,13 @@ def _kernels():
     return forward, backward
 
 
-def _autotuned_kernel(kernel, acc_name=None, loop_name=None):
-    """The kernel wrapped in triton.autotune over the H100 list (cached per kernel object)."""
+def _autotuned_kernel(kernel):
+    """The forward kernel wrapped in triton.autotune over the H100 list (cached). The key is the batch bucket
+    and d (and, implicitly, the dtypes), never the class count: a new C or Partial FC sample size reuses the
+    tuned config instead of timing every config again."""
     if kernel not in _autotuned:
-        if acc_name is None:
-            tuner = triton.autotune(configs=configs.forward_autotune_configs(), key=["B", "N", "D"],
-                                    prune_configs_by={"early_config_prune": configs.prune_forward})
-        else:
-            prune = functools.partial(configs.prune_backward, acc_name=acc_name, loop_name=loop_name)
-            tuner = triton.autotune(configs=configs.backward_autotune_configs(acc_name, loop_name),
-                                    key=["B", "N", "D"], prune_configs_by={"early_config_prune": prune},
-                                    reset_to_zero=["stats_ptr"] if acc_name == "BLOCK_C" else None)
-        _autotuned[kernel] = tuner(kernel)
+        _autotuned[kernel] = triton.autotune(configs=configs.forward_autotune_configs(), key=["B_BUCKET", "D"],
+                                             prune_configs_by={"early_config_prune": configs.prune_forward})(kernel)
     return _autotuned[kernel]
 
 
@@ -101,8 +101,6 @@ def _check_inputs(x, weight, row_params, interpret: bool) -> None:
                         f"got x {x.dtype}, weight {weight.dtype}")
     if row_params.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"row_params must be fp32 or fp64 (the accumulation dtype), got {row_params.dtype}")
-    if not interpret:  # fail in the forward, not later in the backward, when no backward tiling fits (fp64, d > 512)
-        configs.default_backward(x.shape[1], x.element_size())
 
 
 def _common_args(x, weight, labels, row_params, class_index, spec):
@@ -130,7 +128,8 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
-        partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits)
+        partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
+        configs.batch_bucket(batch))
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret)
     tiles = configs.forward_tiles(interpret, x.element_size())
     if tiles is None:
@@ -144,8 +143,34 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
 
 
+def _kind_derivative_bound(spec, row_params) -> torch.Tensor:
+    """An upper bound of |g'(c)| over c in [-1, 1] for the negative kind (see losses/negatives.py)."""
+    kind = NegativeKind(spec.kind)
+    if kind == NegativeKind.CURRICULAR:  # U + 2c
+        return 2.0 + row_params[:, 1].abs().max()
+    if kind == NegativeKind.MV:
+        return row_params.new_tensor(max(1.0, abs(spec.a)))
+    if kind == NegativeKind.CIRCLE:  # relu(c + a)
+        return row_params.new_tensor(1.0 + abs(spec.a))
+    return row_params.new_tensor(1.0)
+
+
+def _dc_factor(x, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
+    """The power of two dL/dcos is multiplied by before it is rounded to fp16 (1 otherwise): its bound
+    s * max|g'| * max|g_lse| (the softmax probabilities are <= 1) or the largest target gradient, brought to
+    2^14 (fp16's largest finite value is 65504: headroom for the bound being loose by 4x). A device scalar:
+    no host sync. The exponent is clamped so the factor stays finite for any bound."""
+    if x.dtype != torch.float16:
+        return row_params.new_ones(1)
+    bound = torch.maximum(abs(spec.scale) * _kind_derivative_bound(spec, row_params) * g_lse.abs().max(),
+                          g_cos_target.abs().max())
+    exponent = torch.where(bound > 0, torch.log2(bound).ceil().clamp(-100.0, 100.0), torch.zeros_like(bound))
+    return torch.exp2(14.0 - exponent).reshape(1)
+
+
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
                  chunk_size, grad_filter=0.0):
+    """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring)."""
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     _, backward = _kernels()
@@ -153,42 +178,51 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     batch, dim = x.shape
     num_cols = num_columns(weight, class_index)
     common = _common_args(x, weight, labels, row_params, class_index, spec)
+    index = common[5]
     lse = finite_lse(lse).to(acc).contiguous()
-    grads = (lse, g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous())
-    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+    g_lse, g_cos_target = g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous()
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret)
-    meta.update(RESCALE=x.dtype == torch.float16, FILTER=grad_filter > 0, BLOCK_D=configs.block_d(dim))
-    tiles = configs.backward_tiles(interpret, dim, x.element_size())
-    threshold = float(grad_filter)
+    use_filter = grad_filter > 0
+    tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
+    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    # dL/dcos in the gradient GEMMs' operand dtype: the storage dtype (tensor cores) for 16-bit storage
+    buffer_dtype = x.dtype if x.element_size() == 2 else acc
+    chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8, interpret)
+    row_blocks = triton.cdiv(batch, tiles.block_b)
+    col_tiles = triton.cdiv(chunk, tiles.block_c)
+    d_tiles = triton.cdiv(dim, tiles.block_d)
+    splits = configs.dx_splits(x.device, interpret, row_blocks * d_tiles, col_tiles, batch, dim)
 
-    # dW: one program per class tile; with a class subset only the sampled rows are written, the rest is zero
+    factor = _dc_factor(x, spec, row_params, g_lse, g_cos_target)
+    dc = torch.empty((batch, chunk), dtype=buffer_dtype, device=x.device)
+    col_dot = torch.empty((row_blocks, chunk), dtype=acc, device=x.device)
+    inv_norm = torch.empty(chunk, dtype=acc, device=x.device)
+    flags = torch.ones((row_blocks, col_tiles) if use_filter else (1,), dtype=torch.int8, device=x.device)
+    # with a class subset only the sampled rows of dW are written, the rest must read as zero
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-    # per-program (skipped, visited) tile counts, one row per possible program of any config (zeros beyond)
-    stats_rows = triton.cdiv(num_cols, configs.smallest_class_tile(tiles)) if grad_filter > 0 else 1
-    stats = torch.zeros((stats_rows, 2), dtype=torch.int32, device=x.device)
-    dw_args = common + grads + (dweight, stats, batch, num_cols, dim) + strides + (
-        dweight.stride(0), dweight.stride(1), threshold)
-    if tiles is None:
-        grid = lambda META: (triton.cdiv(num_cols, META["BLOCK_C"]),)  # noqa: E731
-        _autotuned_kernel(backward.dweight_kernel, "BLOCK_C", "BLOCK_B")[grid](*dw_args, **meta)
-    else:
-        backward.dweight_kernel[(triton.cdiv(num_cols, tiles.acc_rows),)](
-            *dw_args, **meta, BLOCK_C=tiles.acc_rows, BLOCK_B=tiles.loop_rows, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages)
-
-    # dx: one program per (row block, class split); the splits' partials are summed in a fixed order
-    splits = configs.class_splits(x.device, interpret, batch, num_cols, dim * acc.itemsize)
-    partial = torch.empty((splits, batch, dim), dtype=acc, device=x.device)
-    dx_args = common + grads + (partial, batch, num_cols, dim) + strides + (splits, threshold)
-    if tiles is None:
-        grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
-        _autotuned_kernel(backward.dx_kernel, "BLOCK_B", "BLOCK_C")[grid](*dx_args, **meta)
-    else:
-        backward.dx_kernel[(triton.cdiv(batch, tiles.acc_rows), splits)](
-            *dx_args, **meta, BLOCK_B=tiles.acc_rows, BLOCK_C=tiles.loop_rows, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages)
-    dx = partial[0] if splits == 1 else partial.sum(dim=0)
-
-    if grad_filter > 0:
-        filter_stats.record(stats[:, 0].sum(), stats[:, 1].sum())
+    partial = torch.zeros((splits, batch, dim), dtype=acc, device=x.device)
+    skipped, visited = [], 0
+    for col0 in range(0, num_cols, chunk):
+        width = min(chunk, num_cols - col0)
+        tiles_here = triton.cdiv(width, tiles.block_c)
+        visited += row_blocks * tiles_here
+        backward.dcos_kernel[(row_blocks, tiles_here)](
+            *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, batch, num_cols, dim, col0,
+            chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter),
+            **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d,
+            **launch)
+        gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
+                         FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d)
+        backward.dweight_kernel[(tiles_here, d_tiles)](
+            x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols, dim, col0, chunk,
+            row_blocks, tiles_here, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            dweight.stride(0), dweight.stride(1), **gemm_meta, **launch)
+        backward.dx_kernel[(row_blocks, d_tiles, splits)](
+            weight, index, dc, inv_norm, flags, factor, partial, batch, num_cols, dim, col0, chunk, tiles_here,
+            weight.stride(0), weight.stride(1), splits, **gemm_meta, **launch)
+        if use_filter:
+            skipped.append((flags[:, :tiles_here] == 0).sum())
+    dx = partial[0] if splits == 1 else partial.sum(dim=0)  # the splits' partials in a fixed order
+    if use_filter:
+        filter_stats.record(torch.stack(skipped).sum(), visited)
     return dx.to(x.dtype), dweight

@@ -1,16 +1,18 @@
 """Tile sizes of the Triton kernels and how they are chosen.
 
-* On a GPU the kernels are autotuned over a short config list written for H100 (autotuning times each config
-  once per (B, N, d, dtypes) and keeps the fastest). ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` uses one fixed
+* On a GPU the forward is autotuned over a short config list written for H100 (autotuning times each config
+  once per (batch bucket, d, dtypes) and keeps the fastest; C is not in the key); the backward uses one
+  tiling per (architecture, element size), ``BACKWARD_TILES``. ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` uses one fixed
   config per d instead, so separate processes always run the same tiling (bitwise-reproducible runs; a
   given config is deterministic anyway: no atomics, fixed merge orders).
 * Under TRITON_INTERPRET (CPU) there is no autotuning: a small fixed config (tiles of 16, two class
   splits) that still exercises several tiles, masked tails and the split merge on tiny test shapes.
 * ``fixed_configs(...)`` overrides the choice (tests use it to force other tilings).
 
-Forward tiles: BLOCK_B rows x BLOCK_C classes with a K loop of BLOCK_K. Backward tiles: an accumulator of
-ACC_ROWS full embedding rows (BLOCK_D = next power of two >= d) and a loop tile of LOOP_ROWS; the dW kernel
-accumulates classes and loops over batch rows, the dx kernel the other way around.
+Forward tiles: BLOCK_B rows x BLOCK_C classes with a K loop of BLOCK_K. Backward tiles: one tiling shared
+by its three kernels (``triton_backward``): BLOCK_B rows x BLOCK_C classes of dL/dcos, BLOCK_D columns of d
+(the dcos kernel's K step and the width of the two gradient GEMMs' output tiles). The backward runs per
+class chunk whose dL/dcos buffer stays within BACKWARD_BUFFER_BYTES.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ class ForwardTiles:
 
 @dataclass(frozen=True)
 class BackwardTiles:
-    acc_rows: int
-    loop_rows: int
+    block_b: int
+    block_c: int
+    block_d: int = 16
     num_warps: int = 4
     num_stages: int = 1
 
@@ -50,22 +53,27 @@ H100_FORWARD = [
     ForwardTiles(64, 64, 64, 4, 4),
     ForwardTiles(128, 128, 32, 8, 4),
 ]
-#: in order of preference (the first that fits is the fixed config when autotuning is off)
-H100_BACKWARD = [
-    BackwardTiles(128, 64, 8, 2),
-    BackwardTiles(64, 64, 8, 2),
-    BackwardTiles(64, 128, 8, 1),
-    BackwardTiles(64, 32, 4, 2),
-    BackwardTiles(32, 64, 8, 2),
-    BackwardTiles(32, 32, 8, 2),
-    BackwardTiles(32, 32, 4, 2),
-    BackwardTiles(16, 64, 4, 2),
-    BackwardTiles(16, 32, 4, 1),
-    BackwardTiles(16, 16, 4, 1),
-]
+#: the backward's tiling per storage element size, per architecture (one pick each: the three kernels must
+#: agree on BLOCK_B x BLOCK_C for gradient filtering, and none is re-tuned per step). Chosen by the compiled
+#: sm_90 code (``margin-bench kernels``, bf16, d = 512): 128 x 64 dC tiles with 8 warps keep the dcos
+#: kernel at 170-196 registers without spills for every negative kind and the two GEMMs at 99-125, all on
+#: wgmma; 128 x 128 tiles reach 255 registers and spill 16-24 bytes (CURRICULAR, CIRCLE) in the dcos
+#: epilogue. fp32/fp64: smaller tiles (their operand tiles are 2x/4x the bytes).
+BACKWARD_TILES = {
+    "sm_90": {2: BackwardTiles(128, 64, 64, 8, 3), 4: BackwardTiles(64, 64, 32, 4, 3),
+              8: BackwardTiles(32, 32, 32, 4, 2)},
+    "sm_80": {2: BackwardTiles(128, 64, 32, 8, 3), 4: BackwardTiles(64, 64, 32, 4, 2),
+              8: BackwardTiles(32, 32, 32, 4, 2)},
+}
+#: bytes of the backward's B x chunk dL/dcos buffer: large enough that a chunk's three launches cost far
+#: more than their launch overhead (at B = 512 in bf16: 65,536 classes, ~35 GFLOP per kernel), small enough to
+#: stay near the L2 cache (50 MB on H100) between the kernel that writes it and the two that read it
+BACKWARD_BUFFER_BYTES = 64 * 2 ** 20
 #: the interpreter's fixed tiling (dot needs >= 16 on GPUs; the same config must stay valid there)
 INTERPRETER_FORWARD = ForwardTiles(16, 16, 16)
 INTERPRETER_BACKWARD = BackwardTiles(16, 16)
+#: the interpreter's chunk: two class tiles, so tests cross chunk boundaries
+INTERPRETER_CHUNK_TILES = 2
 INTERPRETER_SPLITS = 2
 
 _SHARED_MEMORY_BUDGET = 200 * 1024   # bytes of the 228 KB an H100 SM has, leaving room for the compiler
@@ -73,32 +81,43 @@ _ACCUMULATOR_REGISTERS = 128         # fp32 accumulator registers per thread we 
 _PARTIAL_BUDGET = 64 * 2 ** 20       # bytes for the dx split partials
 
 
-def block_d(dim: int) -> int:
-    """Backward tiles hold whole rows: d padded to a power of two (>= 16, tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(dim))
+def architecture(device=None) -> str:
+    """"sm_90" on Hopper and newer, else "sm_80" (the two config lists; CPU/interpreter: "sm_90")."""
+    if device is None or getattr(device, "type", "cuda") != "cuda" or not torch.cuda.is_available():
+        return "sm_90"
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
 
 
-def backward_fits(tiles: BackwardTiles, dim: int, elem_bytes: int) -> bool:
-    """Accumulator in registers and both operand tiles (loop tile pipelined) in shared memory.
-
-    Checked against Triton 3.9's sm_90 compile of both kernels (bench/triton_compile_check.py) for every d in
-    64..1024: shared memory is at most these operand tiles, except that fp64 keeps a second copy of the loop
-    tile."""
-    width = block_d(dim)
-    loop_copies = max(tiles.num_stages, 1) + (1 if elem_bytes == 8 else 0)
-    smem = (tiles.acc_rows + tiles.loop_rows * loop_copies) * width * elem_bytes
-    registers = tiles.acc_rows * width * max(elem_bytes // 4, 1) // (32 * tiles.num_warps)
-    return registers <= _ACCUMULATOR_REGISTERS and smem <= _SHARED_MEMORY_BUDGET
+def backward_smem_bytes(tiles: BackwardTiles, elem_bytes: int) -> int:
+    """Pipelined operand tiles of the larger of the backward kernels: the dcos kernel's cosine GEMM
+    ((BLOCK_B + BLOCK_C) x BLOCK_D per stage) or a gradient GEMM (a BLOCK_B x BLOCK_C dC tile plus a
+    max(BLOCK_B, BLOCK_C) x BLOCK_D operand per stage)."""
+    cosine = (tiles.block_b + tiles.block_c) * tiles.block_d
+    gradient = tiles.block_b * tiles.block_c + max(tiles.block_b, tiles.block_c) * tiles.block_d
+    return max(cosine, gradient) * elem_bytes * max(tiles.num_stages, 1)
 
 
-def default_backward(dim: int, elem_bytes: int) -> BackwardTiles:
-    """The GPU's fixed backward tiling when autotuning is off: the first listed tiling that fits."""
-    for tiles in H100_BACKWARD:
-        if backward_fits(tiles, dim, elem_bytes):
-            return tiles
-    raise ValueError(f"the 'triton' backend's backward holds whole embedding rows in shared memory; d={dim} in "
-                     f"{elem_bytes}-byte elements does not fit an H100's (use fp32/bf16 storage, or "
-                     f"backend='torch')")
+def backward_fits(tiles: BackwardTiles, elem_bytes: int) -> bool:
+    """Operand tiles in shared memory; the largest accumulator (the BLOCK_B x BLOCK_C cosine tile, in the
+    accumulation dtype) within the register budget."""
+    acc_bytes = max(elem_bytes, 4)
+    registers = tiles.block_b * tiles.block_c * acc_bytes // 4 // (32 * tiles.num_warps)
+    return registers <= _ACCUMULATOR_REGISTERS and backward_smem_bytes(tiles, elem_bytes) <= _SHARED_MEMORY_BUDGET
+
+
+def default_backward(elem_bytes: int, arch: str = "sm_90") -> BackwardTiles:
+    """The backward's tiling on a GPU of ``arch`` for storage elements of ``elem_bytes``."""
+    return BACKWARD_TILES[arch][elem_bytes]
+
+
+def backward_chunk(tiles: BackwardTiles, batch: int, num_cols: int, buffer_elem_bytes: int, interpret: bool) -> int:
+    """Classes per backward chunk: a multiple of BLOCK_C whose B x chunk buffer fits BACKWARD_BUFFER_BYTES
+    (the interpreter: INTERPRETER_CHUNK_TILES tiles), never more than the problem needs."""
+    needed = triton.cdiv(num_cols, tiles.block_c) * tiles.block_c
+    if interpret:
+        return min(needed, INTERPRETER_CHUNK_TILES * tiles.block_c)
+    fit = BACKWARD_BUFFER_BYTES // max(1, batch * buffer_elem_bytes) // tiles.block_c * tiles.block_c
+    return min(needed, max(tiles.block_c, fit))
 
 
 def forward_fits(tiles: ForwardTiles, elem_bytes: int) -> bool:
@@ -139,11 +158,6 @@ def fixed_configs(forward: Optional[ForwardTiles] = None, backward: Optional[Bac
         _override = saved
 
 
-def smallest_class_tile(tiles: Optional[BackwardTiles]) -> int:
-    """Class tile of the dW kernel: the fixed one, or the smallest the autotuner may pick."""
-    return tiles.acc_rows if tiles is not None else min(t.acc_rows for t in H100_BACKWARD)
-
-
 def autotune_enabled(interpret: bool) -> bool:
     return not interpret and os.environ.get("MARGIN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
@@ -157,13 +171,12 @@ def forward_tiles(interpret: bool, elem_bytes: int) -> Optional[ForwardTiles]:
     return None if autotune_enabled(interpret) else default_forward(elem_bytes)
 
 
-def backward_tiles(interpret: bool, dim: int, elem_bytes: int) -> Optional[BackwardTiles]:
+def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTiles:
     if _override.backward is not None:
         return _override.backward
     if interpret:
         return INTERPRETER_BACKWARD
-    tiles = default_backward(dim, elem_bytes)  # raises a clear error if no tiling fits this d and dtype
-    return None if autotune_enabled(interpret) else tiles
+    return default_backward(elem_bytes, architecture(device))
 
 
 def class_splits(device: torch.device, interpret: bool, batch: int, num_cols: int, partial_row_bytes: int) -> int:
@@ -182,6 +195,27 @@ def class_splits(device: torch.device, interpret: bool, batch: int, num_cols: in
     return max(1, splits)
 
 
+def dx_splits(device: torch.device, interpret: bool, programs_without_split: int, col_tiles: int, batch: int,
+              dim: int) -> int:
+    """Class splits of the backward's dx GEMM (its K dimension), so (row blocks x d tiles x splits) reaches
+    two programs per SM; never more splits than class tiles per chunk, and the fp32 partials (splits x B x d)
+    within a fixed memory budget."""
+    if _override.splits is not None:
+        return _override.splits
+    if interpret or device.type != "cuda":
+        return INTERPRETER_SPLITS
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = min(math.ceil(programs / max(1, programs_without_split)), col_tiles,
+                 max(1, _PARTIAL_BUDGET // max(1, batch * dim * 4)))
+    return max(1, splits)
+
+
+def batch_bucket(batch: int) -> int:
+    """The autotuner's view of B: the next power of two (so a new batch size re-tunes at most once per
+    octave, and never per step)."""
+    return triton.next_power_of_2(max(1, batch))
+
+
 def forward_autotune_configs():
     return [triton.Config({"BLOCK_B": t.block_b, "BLOCK_C": t.block_c, "BLOCK_K": t.block_k},
                           num_warps=t.num_warps, num_stages=t.num_stages) for t in H100_FORWARD]
@@ -194,19 +228,3 @@ def prune_forward(configs, named_args, **kwargs):
                                                             c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
                                                elem_bytes)]
     return kept or [triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-
-
-def backward_autotune_configs(acc_name: str, loop_name: str):
-    return [triton.Config({acc_name: t.acc_rows, loop_name: t.loop_rows}, num_warps=t.num_warps,
-                          num_stages=t.num_stages) for t in H100_BACKWARD]
-
-
-def prune_backward(configs, named_args, *, acc_name: str, loop_name: str, **kwargs):
-    """Drop tilings whose accumulator or shared-memory tiles cannot fit at this d (keeps at least one).
-
-    Bound with functools.partial to the kernel's names of its accumulator and loop tiles."""
-    dim = named_args["D"]
-    elem_bytes = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if backward_fits(
-        BackwardTiles(c.kwargs[acc_name], c.kwargs[loop_name], c.num_warps, c.num_stages), dim, elem_bytes)]
-    return kept or [min(configs, key=lambda c: c.kwargs[acc_name] * c.kwargs[loop_name])]

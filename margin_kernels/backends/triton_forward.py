@@ -1,25 +1,24 @@
 """Forward kernel: per-row log-sum-exp of the negative logits, the B x C logits never leaving registers.
 
 Grid: (row blocks, class splits). A program owns BLOCK_B rows and a contiguous range of class tiles; for each
-class tile it runs a K loop over d (masked tail, any d) accumulating x . w with ``tl.dot`` in fp32 (fp64 for
-fp64 inputs) and ||w||^2 in the same loop from the same loaded W tile (storage dtype, never a normalised
-copy), divides by ||w||, applies the negative function and scale, drops the target and padded columns, and
-merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
+class tile it forms the cosines (``triton_tiles.cosine_tile``: x . w on the tensor cores with fp32
+accumulation, ||w||^2 from the same loaded W tile), applies the negative function and scale, drops the
+target and padded columns, and merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
 order ``logsumexp`` over a (splits, B) tensor, so the result is deterministic for a given config.
 """
 import triton
 import triton.language as tl
 
-from .triton_tiles import (class_rows, inverse_norms, load_constants, load_row_inputs, load_tile, mma,
-                           negative_logits)
+from .triton_tiles import class_rows, cosine_tile, load_constants, load_row_inputs, negative_logits
 
 
 @triton.jit
 def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
-                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS,
+                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_K: tl.constexpr):
+    # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_dtype = rp_ptr.dtype.element_ty
@@ -38,17 +37,8 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < N
         w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
-        dots = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
-        sumsq = tl.zeros((BLOCK_C,), acc_dtype)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            x = load_tile(x_ptr, x_off, stride_xd, ks, row_ok, k_ok)
-            w = load_tile(w_ptr, w_off, stride_wd, ks, col_ok, k_ok)
-            dots = mma(x, tl.trans(w), dots, UPCAST)
-            w_acc = w.to(acc_dtype)
-            sumsq += tl.sum(w_acc * w_acc, 1)
-        cos = dots * inverse_norms(sumsq, NORMALIZE)[None, :]
+        cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
+                             NORMALIZE, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
         z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
         new_max = tl.maximum(run_max, tl.max(z, 1))
         # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf

@@ -47,17 +47,41 @@ def load_tile(ptr, row_off, stride_k, ks, row_ok, k_ok):
 
 @triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 (fp64) accumulation. fp32 inputs use exact IEEE products, not TF32.
+    """acc + a @ b with fp32 (fp64) accumulation. fp32 inputs use exact IEEE products, not TF32; fp64 names
+    its accumulator dtype (``out_dtype``), without which Triton 3.6+ refuses to compile an fp64 dot.
 
     UPCAST multiplies in fp32: the Triton interpreter's dot reads bf16 bit patterns as integers (triton 3.9),
     so the backend sets it for bf16 under TRITON_INTERPRET; bf16 x bf16 products are exact in fp32 anyway.
     """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32 or a.dtype == tl.float64:
+    elif a.dtype == tl.float64:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+    elif a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype: tl.constexpr,
+                NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """(cos, 1/||w||) of a (BLOCK_B rows x BLOCK_C classes) tile: a K loop over d (masked tail, any d) that
+    accumulates x . w on the tensor cores and ||w||^2 from the same loaded W tile (storage dtype, never a
+    normalised copy of W). The one GEMM of the forward kernel and of the backward's dcos kernel."""
+    dots = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
+    sumsq = tl.zeros((BLOCK_C,), acc_dtype)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        x = load_tile(x_ptr, x_off, stride_xd, ks, row_ok, k_ok)
+        w = load_tile(w_ptr, w_off, stride_wd, ks, col_ok, k_ok)
+        dots = mma(x, tl.trans(w), dots, UPCAST)
+        w_acc = w.to(acc_dtype)
+        sumsq += tl.sum(w_acc * w_acc, 1)
+    inv_norm = inverse_norms(sumsq, NORMALIZE)
+    return dots * inv_norm[None, :], inv_norm
 
 
 @triton.jit
@@ -95,23 +119,3 @@ def tile_is_active(dc, threshold, FILTER: tl.constexpr):
         return tl.max(tl.max(tl.abs(dc), 1), 0) >= threshold
     else:
         return True
-
-
-@triton.jit
-def grad_mma(v, b, acc, UPCAST: tl.constexpr, RESCALE: tl.constexpr):
-    """acc + v @ b for a gradient tile ``v`` (accumulation dtype) and a storage-dtype tile ``b``.
-
-    ``v`` is rounded to b's dtype so the product runs on tensor cores (as Cut Cross-Entropy and
-    flash-attention do with their probability tiles). fp16 has 5 exponent bits: values like 1e-9 (large C,
-    small p) would flush to zero, so with RESCALE the tile is first multiplied by a power of two that puts its
-    largest |v| near 2^14 and the product is scaled back. bf16 shares fp32's range and needs none."""
-    if RESCALE:
-        amax = tl.max(tl.max(tl.abs(v), 1), 0)
-        # clamped: a tile whose largest |v| is below 2^-100 would get a factor past fp32's range (inf, and
-        # 0 * inf = NaN); its values are negligible and may flush to zero instead
-        exponent = tl.where(amax > 0, tl.minimum(tl.maximum(tl.ceil(tl.log2(amax)), -100.0), 100.0), 0.0)
-        factor = tl.exp2(14.0 - exponent)
-        product = mma((v * factor).to(b.dtype), b, tl.zeros(acc.shape, acc.dtype), UPCAST)
-        return acc + product * (1.0 / factor)
-    else:
-        return mma(v.to(b.dtype), b, acc, UPCAST)
