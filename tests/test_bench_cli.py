@@ -376,3 +376,50 @@ def test_bad_backend_and_chunk_size_are_worded_as_the_package_words_them(capsys)
         with pytest.raises(SystemExit):
             cli.main(argv + ["-C", "100"])
         assert str(functional.value) in capsys.readouterr().err
+
+
+# ---- margin-bench kernels: the compiled sm_90 facts and the roofline ----------------------------------------
+def _variant(**kw):
+    from margin_kernels.bench.kernels import Variant
+    base = dict(kernel="dcos", config="c", dtype="bf16", kind="ARC", dim=512, registers=128, spill_bytes=0,
+                shared_bytes=64 * 1024, wgmma=True)
+    base.update(kw)
+    return Variant(**base)
+
+
+def test_kernel_report_flags_spills_and_products_off_wgmma_where_ci_requires():
+    from margin_kernels.bench import kernels
+    good = [_variant(kernel=k) for k in ("lse_forward", "dcos", "dweight", "dx")]
+    estimate = kernels.roofline(good)
+    assert 1.0 < estimate["triton_x_floor"] <= kernels.TRITON_ESTIMATE_LIMIT
+    assert estimate["cuda_x_floor"] > estimate["triton_x_floor"]
+    assert kernels.violations(good, estimate) == []
+    bad = good + [_variant(spill_bytes=16), _variant(wgmma=False, dtype="fp16"),
+                  _variant(spill_bytes=999, dim=1024), _variant(wgmma=False, dtype="fp32")]
+    found = kernels.violations(bad, estimate)
+    assert len(found) == 2 and "spills 16 bytes" in found[0] and "not on wgmma" in found[1]
+    slow = good + [_variant(kernel="dweight", wgmma=False, spill_bytes=512)]  # a third the speed: over 1.3x
+    assert any("triton estimate" in v for v in kernels.violations(slow, kernels.roofline(slow)))
+
+
+@pytest.mark.slow
+def test_kernel_report_compiles_every_16_bit_variant_on_wgmma_without_spills(tmp_path):
+    """What CI enforces: every Triton kernel x config x bf16/fp16 x negative kind x d compiled for sm_90
+    (no GPU needed): no spill and every product on wgmma at d <= 512, and the estimate within 1.3x."""
+    pytest.importorskip("triton", reason="the report compiles Triton kernels")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "-m", "margin_kernels.bench", "kernels", "--dtypes", "bf16,fp16",
+                           "--ptx-dir", str(tmp_path / "ptx"), "--json", str(out), "--check"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kernels_seen = {v["kernel"] for v in report["variants"]}
+    assert kernels_seen == {"lse_forward", "dcos", "dweight", "dx"}
+    assert all(v["error"] is None and os.path.isfile(v["ptx"]) for v in report["variants"])
+    assert report["roofline"]["triton_x_floor"] <= 1.3 and report["violations"] == []
+    # fp64 compiles too (its dots name an fp64 accumulator); not held to the no-spill rule
+    proc = subprocess.run([sys.executable, "-m", "margin_kernels.bench", "kernels", "--dtypes", "fp64", "--dims",
+                           "512", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(v["error"] is None for v in json.loads(out.read_text())["variants"])

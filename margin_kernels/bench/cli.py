@@ -4,7 +4,8 @@ With no arguments: the quick comparison on the default device (ArcFace, B=256, d
 float32; the reference against every margin_kernels backend usable there, plus the GEMM floor).
 
 Other jobs, as a first argument: ``margin-bench chunks ...`` (a backend's time against its class chunk, to pick
-the default) and ``margin-bench memory-model ...`` (memory per rank of the distributed head, no timing);
+the default), ``margin-bench kernels ...`` (the Triton kernels compiled for sm_90: registers, spills, wgmma;
+a roofline estimate) and ``margin-bench memory-model ...`` (memory per rank of the distributed head, no timing);
 ``margin-bench compare ...`` is the comparison spelled out.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ _CONCRETE = [n for n in BACKEND_NAMES if n != "auto"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h. "
+        epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h, "
+               "margin-bench kernels -h (compiled sm_90 facts of the Triton kernels, and a roofline). "
                "Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
                "1000,5e4. Every (problem, method) runs in its own process (with --interleave: every problem); "
                "out-of-memory is a result.")
@@ -232,4 +234,9 @@ def compare(argv: list[str]) -> int:
     return 1 if any(row.status == "error" for row in sweep.rows) else 0
 
 
-JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model}
+def _kernels(argv: list[str]) -> int:
+    from .kernels import main as kernels_main
+    return kernels_main(argv)
+
+
+JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model, "kernels": _kernels}

@@ -1,0 +1,295 @@
+"""``margin-bench kernels``: the compiled facts of every Triton kernel for a GPU, without a GPU, and a roofline.
+
+For each kernel x config x dtype x negative kind x d it compiles the kernel for sm_90 (``GPUTarget("cuda", 90,
+32)``, specialised as a launch on contiguous tensors would be: unit inner strides, 16-byte aligned pointers,
+d divisible by 16), writes its PTX, runs ``ptxas -v --gpu-name sm_90a`` on it and reports registers, spill
+bytes (stores + loads per thread), shared memory, and whether every ``tl.dot`` became a Hopper warpgroup
+MMA (``wgmma``: no ``tt.dot`` left in the TTGIR, which would be ``mma.sync`` or FMA).
+
+Then a roofline estimate of one forward + backward step at B = 512, d = 512, C = 1e6 in bf16 on an H100 SXM,
+per backend, as a multiple of the floor. The model, stated once:
+
+* the floor is the four GEMMs of B x C x d (forward, recompute, dx, dW) at ``PEAK_TFLOPS`` (bf16 dense,
+  what cuBLAS sustains): 8 B C d FLOP;
+* each kernel takes max(FLOP / (peak x product efficiency), bytes / ``HBM_TBPS``) + one launch
+  (``LAUNCH_US``); a product on wgmma has efficiency 1, on mma.sync 0.5 (Hopper's legacy MMA path), on FMA
+  ``FMA_TFLOPS`` / peak; a kernel that spills pays (1 + spill bytes per thread / 256) on its compute time
+  (local-memory traffic in the hot loop);
+* bytes are what a kernel must move through HBM: W (C d) read, dW written, the backward's dL/dcos buffer
+  (B x chunk per chunk, written once and read twice, counted at HBM speed: it is larger than L2);
+* ``cuda``: the chunk loop's GEMMs as written in backends/chunk_loop.py (forward and recompute on tensor
+  cores with fp32 output; dx and dW in fp32 operands at ``FP32_GEMM_TFLOPS``), the fp32 B x chunk tile
+  moved through HBM ``CUDA_TILE_PASSES`` times per chunk by the epilogues.
+
+``--check`` exits 1 on a spill or a non-wgmma product in any bf16/fp16 variant at d <= 512, or a Triton
+estimate above ``TRITON_ESTIMATE_LIMIT`` x the floor (what CI enforces).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+PEAK_TFLOPS = 790.0          # H100 SXM, bf16 dense, sustained by cuBLAS
+FMA_TFLOPS = 67.0            # fp32 FMA (no tensor cores)
+FP32_GEMM_TFLOPS = 55.0      # cuBLAS fp32-operand GEMMs measured by others on H100 (no TF32)
+HBM_TBPS = 3.35
+LAUNCH_US = 4.0
+CUDA_TILE_PASSES = 7         # fp32 tile passes per chunk of the cuda backend's epilogue loop
+TRITON_ESTIMATE_LIMIT = 1.3
+SHARED_LIMIT = 227 * 1024
+
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+DEFAULT_DTYPES = ("bf16", "fp16", "fp32")
+DIMS = (128, 512, 1024)
+
+
+@dataclass
+class Variant:
+    kernel: str
+    config: str
+    dtype: str
+    kind: str
+    dim: int
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    wgmma: Optional[bool] = None
+    ptx: Optional[str] = None
+    error: Optional[str] = None
+
+
+def _kernels():
+    from margin_kernels.backends import triton_backward, triton_forward
+    return {"lse_forward": triton_forward.lse_forward_kernel, "dcos": triton_backward.dcos_kernel,
+            "dweight": triton_backward.dweight_kernel, "dx": triton_backward.dx_kernel}
+
+
+def _pointer_types(dtype: str) -> dict:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    return {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "dw_ptr": "*" + dtype, "labels_ptr": "*i64",
+            "index_ptr": "*i64", "flags_ptr": "*i8", "filter_threshold": "fp32",
+            "dc_ptr": "*" + (dtype if DTYPES[dtype] == 2 else acc), "acc": "*" + acc}
+
+
+def compile_sm90(kernel, dtype: str, dim: int, constexprs: dict, num_warps: int, num_stages: int):
+    """triton.compile of one kernel for sm_90 with the signature a contiguous-tensor launch would get."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    unit_strides = {n: 1 for n in ("stride_xd", "stride_wd", "stride_dwd") if n in kernel.arg_names}
+    constexprs = dict(constexprs, **unit_strides)
+    types = _pointer_types(dtype)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types.get(name, types["acc"] if name.endswith("_ptr") else "i32")
+        if name.endswith("_ptr") or name in ("stride_xb", "stride_wc", "stride_dwc", "CH") or \
+                (name == "D" and dim % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_facts(ptx: str, workdir: str, name: str) -> tuple[int, int]:
+    """(registers, spill bytes per thread) from ``ptxas -v --gpu-name sm_90a``."""
+    path = os.path.join(workdir, name + ".ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    ptxas = _ptxas()
+    out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull], capture_output=True,
+                         text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", out).group(1))
+    stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", out))
+    loads = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", out))
+    return registers, stores + loads
+
+
+def _ptxas() -> str:
+    """The ptxas Triton itself compiles sm_90 with (its PTX version may be newer than the CUDA toolkit's)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).path
+    except Exception:  # noqa: BLE001 - older triton: the toolkit's
+        return os.environ.get("TRITON_PTXAS_PATH") or "ptxas"
+
+
+def _cases(dims, dtypes):
+    """(kernel, config label, dtype, kind name, d, constexprs, warps, stages): every kernel x config x dtype x
+    negative kind (the two kernels with a negative epilogue) x d."""
+    from margin_kernels.backends import triton_configs as configs
+    from margin_kernels.losses.negatives import NegativeKind
+
+    for dtype in dtypes:
+        elem = DTYPES[dtype]
+        for dim in dims:
+            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False)
+            for t in configs.H100_FORWARD:
+                if not configs.forward_fits(t, elem):
+                    continue
+                label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+                for kind in NegativeKind:
+                    yield ("lse_forward", label, dtype, kind.name, dim,
+                           dict(base, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
+                           t.num_warps, t.num_stages)
+            t = configs.default_backward(elem, "sm_90")
+            label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
+            tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
+            for kind in NegativeKind:
+                yield ("dcos", label, dtype, kind.name, dim, dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d,
+                                                                 **tiles), t.num_warps, t.num_stages)
+            for name in ("dweight", "dx"):
+                yield (name, label, dtype, "-", dim, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),
+                       t.num_warps, t.num_stages)
+
+
+def _compile_case(case, workdir: str) -> Variant:
+    name, label, dtype, kind, dim, constexprs, warps, stages = case
+    variant = Variant(name, label, dtype, kind, dim)
+    try:
+        compiled = compile_sm90(_kernels()[name], dtype, dim, constexprs, warps, stages)
+        file_name = re.sub(r"[^A-Za-z0-9_]+", "_", f"{name}_{dtype}_d{dim}_{kind}_{label}")
+        variant.registers, variant.spill_bytes = ptxas_facts(compiled.asm["ptx"], workdir, file_name)
+        variant.ptx = os.path.join(workdir, file_name + ".ptx")
+        variant.shared_bytes = int(compiled.metadata.shared)
+        ttgir = compiled.asm["ttgir"]
+        variant.wgmma = "warp_group_dot" in ttgir and re.search(r"\btt\.dot\b", ttgir) is None
+    except Exception as exc:  # noqa: BLE001 - a failing variant is a row of the report
+        variant.error = f"{type(exc).__name__}: {exc}"[:500]
+    return variant
+
+
+def compile_all(dims=DIMS, dtypes=DEFAULT_DTYPES, workdir: Optional[str] = None, jobs: int = 2) -> list[Variant]:
+    workdir = workdir or tempfile.mkdtemp(prefix="margin_kernels_ptx_")
+    os.makedirs(workdir, exist_ok=True)
+    cases = list(_cases(dims, dtypes))
+    if jobs <= 1:
+        return [_compile_case(c, workdir) for c in cases]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_compile_case, cases, [workdir] * len(cases)))
+
+
+# ---- the roofline model (see the module docstring) -------------------------------------------------------
+def _efficiency(variants: list[Variant], kernel: str, dtype: str = "bf16", dim: int = 512) -> float:
+    """Product efficiency of the worst compiled variant of ``kernel`` (1 = wgmma, no spills)."""
+    rows = [v for v in variants if v.kernel == kernel and v.dtype == dtype and v.dim == dim and v.error is None]
+    if not rows:
+        return float("nan")
+    worst = 1.0
+    for v in rows:
+        eff = 1.0 if v.wgmma else 0.5
+        worst = min(worst, eff / (1.0 + (v.spill_bytes or 0) / 256.0))
+    return worst
+
+
+def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes: int = 10 ** 6,
+             elem: int = 2) -> dict:
+    from margin_kernels.backends import triton_configs as configs
+
+    gemm = 2.0 * batch * classes * dim          # FLOP of one B x C x d product
+    peak = PEAK_TFLOPS * 1e12
+    bw = HBM_TBPS * 1e12
+    floor_s = 4 * gemm / peak
+    w_bytes = classes * dim * elem
+    buffer = batch * classes * elem              # the dL/dcos buffer over all chunks
+    chunk = configs.backward_chunk(configs.default_backward(elem), batch, classes, elem, interpret=False)
+    chunks = -(-classes // chunk)
+
+    def kernel_s(flop, nbytes, eff, launches=1):
+        return max(flop / (peak * eff), nbytes / bw) + launches * LAUNCH_US * 1e-6
+
+    triton_s = (kernel_s(gemm, w_bytes, _efficiency(variants, "lse_forward"))
+                + kernel_s(gemm, w_bytes + buffer, _efficiency(variants, "dcos"), chunks)
+                + kernel_s(gemm, buffer + 2 * w_bytes, _efficiency(variants, "dweight"), chunks)
+                + kernel_s(gemm, buffer + w_bytes, _efficiency(variants, "dx"), chunks))
+    cuda_chunk = 8192
+    cuda_chunks = -(-classes // cuda_chunk)
+    tile_bytes = CUDA_TILE_PASSES * batch * classes * 4
+    cuda_s = (2 * gemm / peak + 2 * gemm / (FP32_GEMM_TFLOPS * 1e12) + max(3 * w_bytes, tile_bytes) / bw
+              + cuda_chunks * 6 * LAUNCH_US * 1e-6)
+    return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16"),
+            "floor_ms": floor_s * 1e3,
+            "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor_s,
+            "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor_s,
+            "backward_chunk": chunk, "model": "see margin_kernels/bench/kernels.py"}
+
+
+def violations(variants: list[Variant], estimate: dict) -> list[str]:
+    out = []
+    for v in variants:
+        where = f"{v.kernel} {v.dtype} d={v.dim} {v.kind} [{v.config}]"
+        if v.error is not None:
+            out.append(f"{where}: does not compile: {v.error}")
+            continue
+        if v.shared_bytes > SHARED_LIMIT:
+            out.append(f"{where}: {v.shared_bytes} bytes of shared memory")
+        if DTYPES[v.dtype] == 2 and v.dim <= 512:
+            if v.spill_bytes:
+                out.append(f"{where}: spills {v.spill_bytes} bytes per thread")
+            if not v.wgmma:
+                out.append(f"{where}: a product is not on wgmma")
+    if not estimate["triton_x_floor"] <= TRITON_ESTIMATE_LIMIT:
+        out.append(f"triton estimate {estimate['triton_x_floor']:.2f}x the floor > {TRITON_ESTIMATE_LIMIT}x")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="margin-bench kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_90", choices=["sm_90"], help="target (sm_90: H100/H200)")
+    parser.add_argument("--json", default=None, help="write the report as JSON to this path ('-' = stdout)")
+    parser.add_argument("--ptx-dir", default=None, help="where the PTX files go (default: a temporary folder)")
+    parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="embedding dims (default 128,512,1024)")
+    parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
+                        help="storage dtypes among bf16, fp16, fp32, fp64 (default bf16,fp16,fp32)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
+    parser.add_argument("--check", action="store_true", help="exit 1 on a spill, a non-wgmma product (bf16/fp16, "
+                                                               "d <= 512) or a Triton estimate above the limit")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        parser.error("the kernel report compiles Triton kernels: triton is not installed")
+    dims = [int(d) for d in args.dims.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"--dtypes: unknown {d!r}; choose from {', '.join(DTYPES)}")
+    variants = compile_all(dims, dtypes, args.ptx_dir, args.jobs)
+    estimate = roofline(variants)
+    problems = violations(variants, estimate)
+    report = {"arch": args.arch, "variants": [asdict(v) for v in variants], "roofline": estimate,
+              "violations": problems}
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    print(f"{'kernel':12} {'dtype':5} {'d':>5} {'kind':11} {'config':22} {'regs':>4} {'spill':>5} {'smem':>7} "
+          f"wgmma", file=stream)
+    for v in variants:
+        if v.error:
+            print(f"{v.kernel:12} {v.dtype:5} {v.dim:5} {v.kind:11} {v.config:22} ERROR {v.error[:80]}", file=stream)
+        else:
+            print(f"{v.kernel:12} {v.dtype:5} {v.dim:5} {v.kind:11} {v.config:22} {v.registers:4} "
+                  f"{v.spill_bytes:5} {v.shared_bytes // 1024:6}K {'yes' if v.wgmma else 'NO'}", file=stream)
+    print(f"roofline B=512 d=512 C=1e6 bf16: floor {estimate['floor_ms']:.2f} ms; triton "
+          f"{estimate['triton_ms']:.2f} ms = {estimate['triton_x_floor']:.2f}x; cuda {estimate['cuda_ms']:.2f} ms = "
+          f"{estimate['cuda_x_floor']:.2f}x (estimates from the compiled code, not measurements)", file=stream)
+    for problem in problems:
+        print("VIOLATION " + problem, file=stream)
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=1)
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 1 if (args.check and problems) else 0
