@@ -20,6 +20,7 @@ import torch
 from . import ops, reference
 from .backends import resolve_backend
 from .losses.base import MarginLoss, RowInputs
+from .precision import product_mode
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
 
@@ -67,7 +68,7 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter))
+        float(grad_filter), product_mode(weight.dtype, weight.device.type))
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:

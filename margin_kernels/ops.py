@@ -40,19 +40,19 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
 @torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
                target_cos: Tensor, target_norm: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
-               b: float, backend: str, chunk_size: int, grad_filter: float) -> tuple[Tensor, Tensor, Tensor]:
+               b: float, backend: str, chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                                           chunk_size)
+                                           chunk_size, product=product)
     return lse, target_cos.clone(), target_norm.clone()
 
 
 @margin_lse.register_fake
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, normalize_weight, kind,
-                     scale, a, b, backend, chunk_size, grad_filter):
+                     scale, a, b, backend, chunk_size, grad_filter, product):
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
         torch.empty_like(target_norm)
 
@@ -61,13 +61,13 @@ def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, tar
 def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor,
                         class_index: Optional[Tensor], lse: Tensor, g_lse: Tensor, g_cos: Tensor, g_norm: Tensor,
                         normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
-                        chunk_size: int, grad_filter: float) -> tuple[Tensor, Tensor]:
+                        chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
     dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                     normalize_weight, lse, g_lse, g_cos, chunk_size,
-                                                    grad_filter)
+                                                    grad_filter, product=product)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
     rows = _target_rows(labels, class_index)
     w = weight.index_select(0, rows).to(g_norm.dtype)
@@ -78,7 +78,7 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
 
 @margin_lse_backward.register_fake
 def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
-                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter):
+                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter, product):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -96,7 +96,7 @@ def _backward(ctx, g_lse, g_cos, g_norm):
     g_norm = zeros if g_norm is None else g_norm
     dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
                                       *ctx.constants)
-    return (dx, dweight) + (None,) * 13
+    return (dx, dweight) + (None,) * 14
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

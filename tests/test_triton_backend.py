@@ -228,9 +228,44 @@ def test_fp16_factor_keeps_the_buffer_finite_and_scaled():
     rows = torch.zeros(4, 2)
     x = torch.zeros(4, 3, dtype=torch.float16)
     for g in (1e-40, 1e-3, 1.0, 1e30):
-        factor = triton_backend._dc_factor(x, spec, rows, torch.full((4,), g), torch.full((4,), g))
+        factor = triton_backend._dc_factor(x.dtype, spec, rows, torch.full((4,), g), torch.full((4,), g))
         assert torch.isfinite(factor).all() and factor.item() > 0
         bound = 256 * 1.25 * g
         if 2.0 ** -100 < bound < 2.0 ** 100:
             assert 2 ** 13 < bound * factor.item() <= 2 ** 14
-    assert triton_backend._dc_factor(x.float(), spec, rows, torch.ones(4), torch.ones(4)).item() == 1.0
+    assert triton_backend._dc_factor(torch.float32, spec, rows, torch.ones(4), torch.ones(4)).item() == 1.0
+
+
+# ---- fp32 weights: the product dtype follows PyTorch's rules ------------------------------------------------
+@pytest.mark.parametrize("name", ["arcface", "softmax", "curricularface"])
+@pytest.mark.parametrize("mode", ["highest", "high", "medium", "autocast-bf16", "autocast-fp16"])
+def test_fp32_products_follow_matmul_precision_and_autocast(mode, name):
+    """torch.get_float32_matmul_precision() and autocast decide how fp32 weights are multiplied: each mode
+    stays within its bound of tests/tolerances.py, and the 16-bit modes really round (their error is far
+    above the IEEE mode's)."""
+    from margin_kernels.precision import product_mode
+    from tests.tolerances import PRODUCT_TOLERANCES
+    x, w, labels = random_problem(12, 50, 24, dtype=torch.float32, device=DEVICE, ignore_rows=(3,))
+    ref = _run("reference", make_loss(name), x, w, labels)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        if mode.startswith("autocast"):
+            dtype = torch.bfloat16 if mode.endswith("bf16") else torch.float16
+            with torch.autocast(DEVICE, dtype=dtype):
+                product = product_mode(torch.float32, DEVICE)
+                out = _run("triton", make_loss(name), x, w, labels)
+        else:
+            torch.set_float32_matmul_precision(mode)
+            product = product_mode(torch.float32, DEVICE)
+            out = _run("triton", make_loss(name), x, w, labels)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert product == {"highest": "ieee", "high": "tf32", "medium": "bf16", "autocast-bf16": "bf16",
+                       "autocast-fp16": "fp16"}[mode]
+    loss, dx, dw = (t.cpu() for t in out)
+    errors = ((loss.double() - ref[0].cpu()).abs().max().item() / max(1.0, ref[0].abs().max().item()),
+              rel_err(dx, ref[1].cpu()), rel_err(dw, ref[2].cpu()))
+    bounds = PRODUCT_TOLERANCES[product]
+    assert errors[0] <= bounds.loss and errors[1] <= bounds.dx and errors[2] <= bounds.dw, (product, errors)
+    if product in ("bf16", "fp16"):
+        assert errors[2] > 50 * PRODUCT_TOLERANCES["ieee"].observed[2]  # the cast happened

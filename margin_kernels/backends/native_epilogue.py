@@ -101,7 +101,8 @@ class NativeBackend:
     def _row_vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(dtype).contiguous()
 
-    def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
+    def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
+                    product="storage"):
         self._check(x, weight, labels, row_params, class_index)
         return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
@@ -109,7 +110,7 @@ class NativeBackend:
             chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0):
+                     g_cos_target, chunk_size, grad_filter=0.0, product="storage"):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype

@@ -59,13 +59,13 @@ class TorchEpilogue:
 _TORCH_EPILOGUE = TorchEpilogue()
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                            chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0):
+                 chunk_size, grad_filter=0.0, product="storage"):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
                             _TORCH_EPILOGUE, grad_filter)

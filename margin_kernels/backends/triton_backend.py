@@ -10,8 +10,9 @@ matrix, no copy of W or of W[class_index]. ``chunk_size`` (the torch backend's k
 and the backward's chunk come from triton_configs.
 
 Precision: W and x are read in their storage dtype (fp32, bf16, fp16, fp64) and every product accumulates in
-the accumulation dtype of ``row_params`` (fp32; fp64 for fp64 inputs); fp32 inputs use IEEE products (no
-TF32). The backward's gradient GEMMs take dL/dcos rounded to the storage dtype (bf16/fp16 tensor cores; for
+the accumulation dtype of ``row_params`` (fp32; fp64 for fp64 inputs). fp32 storage multiplies as
+``product`` says (margin_kernels.precision: autocast's dtype, else torch.get_float32_matmul_precision():
+IEEE, TF32 or bf16), the operands cast in registers after the load. The backward's gradient GEMMs take dL/dcos rounded to the storage dtype (bf16/fp16 tensor cores; for
 fp16 it is first multiplied by one power of two, ``_dc_factor``, so small gradients do not flush to zero).
 
 Gradient filtering (``grad_filter = tau > 0``): a (row block x class tile) whose every |dL/dcos| is below tau
@@ -34,6 +35,7 @@ import triton  # an ImportError here makes the registry report the backend as un
 from . import filter_stats
 from . import triton_configs as configs
 from ..losses.negatives import NegativeKind
+from ..precision import PRODUCTS
 from .chunk_loop import finite_lse, num_columns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -113,12 +115,17 @@ def _common_args(x, weight, labels, row_params, class_index, spec):
     return (x, weight, labels, row_params.contiguous(), consts, index)
 
 
-def _common_meta(x, class_index, spec, normalize_weight, interpret: bool) -> dict:
+def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, product: str) -> dict:
     return dict(KIND=int(spec.kind), NORMALIZE=bool(normalize_weight), HAS_INDEX=class_index is not None,
-                UPCAST=interpret and x.dtype == torch.bfloat16)
+                UPCAST=interpret and (x.dtype == torch.bfloat16 or product == "bf16"),
+                PRODUCT=PRODUCTS.index(product))
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size):
+#: the dtype a product mode multiplies fp32 storage in, for the backward's dL/dcos buffer
+_CAST_PRODUCTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
@@ -130,7 +137,7 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
         partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
         configs.batch_bucket(batch))
-    meta = _common_meta(x, class_index, spec, normalize_weight, interpret)
+    meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     tiles = configs.forward_tiles(interpret, x.element_size())
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
@@ -155,12 +162,12 @@ def _kind_derivative_bound(spec, row_params) -> torch.Tensor:
     return row_params.new_tensor(1.0)
 
 
-def _dc_factor(x, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
+def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
     """The power of two dL/dcos is multiplied by before it is rounded to fp16 (1 otherwise): its bound
     s * max|g'| * max|g_lse| (the softmax probabilities are <= 1) or the largest target gradient, brought to
     2^14 (fp16's largest finite value is 65504: headroom for the bound being loose by 4x). A device scalar:
     no host sync. The exponent is clamped so the factor stays finite for any bound."""
-    if x.dtype != torch.float16:
+    if buffer_dtype != torch.float16:
         return row_params.new_ones(1)
     bound = torch.maximum(abs(spec.scale) * _kind_derivative_bound(spec, row_params) * g_lse.abs().max(),
                           g_cos_target.abs().max())
@@ -169,7 +176,7 @@ def _dc_factor(x, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0):
+                 chunk_size, grad_filter=0.0, product="storage"):
     """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring)."""
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
@@ -181,19 +188,20 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     index = common[5]
     lse = finite_lse(lse).to(acc).contiguous()
     g_lse, g_cos_target = g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous()
-    meta = _common_meta(x, class_index, spec, normalize_weight, interpret)
+    meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     use_filter = grad_filter > 0
     tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    # dL/dcos in the gradient GEMMs' operand dtype: the storage dtype (tensor cores) for 16-bit storage
-    buffer_dtype = x.dtype if x.element_size() == 2 else acc
+    # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
+    # (tensor cores); else the accumulation dtype
+    buffer_dtype = x.dtype if x.element_size() == 2 else _CAST_PRODUCTS.get(product, acc)
     chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8, interpret)
     row_blocks = triton.cdiv(batch, tiles.block_b)
     col_tiles = triton.cdiv(chunk, tiles.block_c)
     d_tiles = triton.cdiv(dim, tiles.block_d)
     splits = configs.dx_splits(x.device, interpret, row_blocks * d_tiles, col_tiles, batch, dim)
 
-    factor = _dc_factor(x, spec, row_params, g_lse, g_cos_target)
+    factor = _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target)
     dc = torch.empty((batch, chunk), dtype=buffer_dtype, device=x.device)
     col_dot = torch.empty((row_blocks, chunk), dtype=acc, device=x.device)
     inv_norm = torch.empty(chunk, dtype=acc, device=x.device)
@@ -212,7 +220,7 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
             **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d,
             **launch)
         gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
-                         FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d)
+                         PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d)
         backward.dweight_kernel[(tiles_here, d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols, dim, col0, chunk,
             row_blocks, tiles_here, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),

@@ -9,8 +9,8 @@ class chunk and handed to two plain GEMMs through a buffer (Cut Cross-Entropy's 
 approach to their probability tiles, without atomics):
 
 1. ``dcos_kernel``, grid (row blocks, class tiles of the chunk): the cosine GEMM (``cosine_tile``), then
-   dC in registers, written once in the GEMMs' operand dtype (bf16/fp16 storage: tensor-core operands; fp32
-   and fp64 storage: the accumulation dtype) to a B x chunk buffer; per class a partial of
+   dC in registers, written once in the GEMMs' operand dtype (bf16/fp16 storage, or fp32 storage whose
+   products are bf16/fp16: tensor-core operands; otherwise the accumulation dtype) to a B x chunk buffer; per class a partial of
    sum_i dc_ij c_ij (the ||w|| Jacobian term) per row block, and 1/||w_j||.
 2. ``dweight_kernel``, grid (class tiles, d tiles): dW_chunk = dC^T . X with K = B, and the normalisation
    backward in its epilogue, dW_j = (sum_i dc_ij x_i - (sum_i dc_ij c_ij) w_j/||w_j||) / ||w_j||,
@@ -70,7 +70,8 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
                 factor_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, flags_ptr, B, N, D, col0, CH,
                 stride_xb, stride_xd, stride_wc, stride_wd, filter_threshold,
                 KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
-                FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                PRODUCT: tl.constexpr, FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     acc_dtype = rp_ptr.dtype.element_ty
@@ -80,7 +81,7 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
     local, cols, col_ok = chunk_columns(col0, CH, N, pid_c, BLOCK_C)
     w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
     cos, inv_norm = cosine_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, row_ok, w_ptr, w_off, stride_wd,
-                                col_ok, D, acc_dtype, NORMALIZE, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
+                                col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
     labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
     lse, g_lse, g_target = load_row_grads(lse_ptr, g_lse_ptr, g_target_ptr, rows, row_ok)
     dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND)
@@ -101,8 +102,8 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
 def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, flags_ptr, factor_ptr, dw_ptr,
                    B, N, D, col0, CH, n_row_blocks, n_col_tiles, stride_xb, stride_xd, stride_wc, stride_wd,
                    stride_dwc, stride_dwd,
-                   NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, FILTER: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                   NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
+                   FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_dtype = col_dot_ptr.dtype.element_ty
@@ -117,7 +118,7 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
             dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             x = load_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, ks, row_ok, k_ok)
-            acc = mma(tl.trans(dc), x.to(dc.dtype), acc, UPCAST)
+            acc = mma(tl.trans(dc), x.to(dc.dtype), acc, UPCAST, PRODUCT)
     dw = acc * (1.0 / tl.load(factor_ptr))
     cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
     if NORMALIZE:
@@ -134,8 +135,8 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
 @triton.jit
 def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, flags_ptr, factor_ptr, partial_ptr, B, N, D, col0, CH,
               n_col_tiles, stride_wc, stride_wd, SPLITS,
-              NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, FILTER: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+              NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
+              FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -156,7 +157,7 @@ def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, flags_ptr, factor_ptr, par
             if NORMALIZE:  # W / ||W|| in registers (rows of unit norm: no fp16 overflow), never a copy of W
                 inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)
                 w = (w.to(acc_dtype) * inv_norm[:, None]).to(dc.dtype)
-            acc = mma(dc, w.to(dc.dtype), acc, UPCAST)
+            acc = mma(dc, w.to(dc.dtype), acc, UPCAST, PRODUCT)
     offs = (pid_s * B + rows).to(tl.int64)[:, None] * D + ks[None, :]
     mask = row_ok[:, None] & k_ok[None, :]
     previous = tl.load(partial_ptr + offs, mask=mask, other=0.0)

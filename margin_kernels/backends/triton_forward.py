@@ -16,7 +16,7 @@ from .triton_tiles import class_rows, cosine_tile, load_constants, load_row_inpu
 def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
                        B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
-                       UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                       UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
@@ -38,7 +38,7 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
         col_ok = cols < N
         w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
         cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
-                             NORMALIZE, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
+                             NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
         z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
         new_max = tl.maximum(run_max, tl.max(z, 1))
         # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import norms
+from ..precision import PRODUCTS
 from .triton_negatives import negative_derivative, negative_value
 
 NORM_EPS = tl.constexpr(norms.NORM_EPS)  # w / max(||w||, eps), the one value every backend uses
@@ -45,18 +46,36 @@ def load_tile(ptr, row_off, stride_k, ks, row_ok, k_ok):
     return tl.load(ptr + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
 
 
+# the product modes of margin_kernels.precision.PRODUCTS, as the PRODUCT constexpr numbers them
+STORAGE = tl.constexpr(PRODUCTS.index("storage"))
+IEEE = tl.constexpr(PRODUCTS.index("ieee"))
+TF32 = tl.constexpr(PRODUCTS.index("tf32"))
+BF16 = tl.constexpr(PRODUCTS.index("bf16"))
+FP16 = tl.constexpr(PRODUCTS.index("fp16"))
+
+
 @triton.jit
-def mma(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 (fp64) accumulation. fp32 inputs use exact IEEE products, not TF32; fp64 names
-    its accumulator dtype (``out_dtype``), without which Triton 3.6+ refuses to compile an fp64 dot.
+def mma(a, b, acc, UPCAST: tl.constexpr, PRODUCT: tl.constexpr = 0):
+    """acc + a @ b with fp32 (fp64) accumulation, the operands multiplied as PRODUCT says (precision.py): in
+    their own dtype (STORAGE; fp32 as exact IEEE products), IEEE fp32, TF32, or cast to bf16 / fp16 in
+    registers (fp32 weights under autocast or "medium" precision). fp64 names its accumulator dtype
+    (``out_dtype``), without which Triton 3.6+ refuses to compile an fp64 dot.
 
     UPCAST multiplies in fp32: the Triton interpreter's dot reads bf16 bit patterns as integers (triton 3.9),
     so the backend sets it for bf16 under TRITON_INTERPRET; bf16 x bf16 products are exact in fp32 anyway.
     """
+    if PRODUCT == BF16:
+        a = a.to(tl.bfloat16)
+        b = b.to(tl.bfloat16)
+    elif PRODUCT == FP16:
+        a = a.to(tl.float16)
+        b = b.to(tl.float16)
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float64:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+    elif a.dtype == tl.float32 and PRODUCT == TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
     elif a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -65,8 +84,8 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype: tl.constexpr,
-                NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """(cos, 1/||w||) of a (BLOCK_B rows x BLOCK_C classes) tile: a K loop over d (masked tail, any d) that
     accumulates x . w on the tensor cores and ||w||^2 from the same loaded W tile (storage dtype, never a
     normalised copy of W). The one GEMM of the forward kernel and of the backward's dcos kernel."""
@@ -77,7 +96,7 @@ def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok
         k_ok = ks < D
         x = load_tile(x_ptr, x_off, stride_xd, ks, row_ok, k_ok)
         w = load_tile(w_ptr, w_off, stride_wd, ks, col_ok, k_ok)
-        dots = mma(x, tl.trans(w), dots, UPCAST)
+        dots = mma(x, tl.trans(w), dots, UPCAST, PRODUCT)
         w_acc = w.to(acc_dtype)
         sumsq += tl.sum(w_acc * w_acc, 1)
     inv_norm = inverse_norms(sumsq, NORMALIZE)
