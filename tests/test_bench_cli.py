@@ -423,3 +423,24 @@ def test_kernel_report_compiles_every_16_bit_variant_on_wgmma_without_spills(tmp
                            "512", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(v["error"] is None for v in json.loads(out.read_text())["variants"])
+
+
+def test_gpu_session_script_parses_and_writes_at_most_eight_named_files():
+    """bench/gpu_session.sh runs only on a lent GPU; here: it is valid bash and names at most 8 outputs."""
+    import re
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    names = set(re.findall(r'\$OUT/([0-9]{2}_[a-z_]+\.(?:log|json|txt|md))', open(script).read()))
+    assert 1 < len(names) <= 8, names
+
+
+def test_throughput_table_reports_tflops_beside_the_floor_ratio(tmp_path):
+    from margin_kernels.bench import throughput
+    row = dict(loss="arcface", batch=512, classes=10 ** 6, dim=512, dtype="bfloat16", method="triton",
+               status="ok", total={"median_ms": 4.0}, floor_ratio=1.25)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"command": "margin-bench ...", "rows": [row, dict(row, method="reference",
+                                                                                   status="oom", total=None)]}))
+    table = throughput.markdown([path, tmp_path / "absent.json"])
+    assert "| triton | 4 | 1.25 | 524.3 |" in table  # 8 * 512 * 1e6 * 512 FLOP in 4 ms
+    assert "| reference | oom |" in table and "(missing" in table

@@ -1,6 +1,7 @@
 """``margin-bench kernels``: the compiled facts of every Triton kernel for a GPU, without a GPU, and a roofline.
 
-For each kernel x config x dtype x negative kind x d it compiles the kernel for sm_90 (``GPUTarget("cuda", 90,
+For each kernel x config x dtype (fp32 under each product mode of margin_kernels.precision: IEEE, TF32, bf16)
+x negative kind x d it compiles the kernel for sm_90 (``GPUTarget("cuda", 90,
 32)``, specialised as a launch on contiguous tensors would be: unit inner strides, 16-byte aligned pointers,
 d divisible by 16), writes its PTX, runs ``ptxas -v --gpu-name sm_90a`` on it and reports registers, spill
 bytes (stores + loads per thread), shared memory, and whether every ``tl.dot`` became a Hopper warpgroup
@@ -59,6 +60,8 @@ class Variant:
     dtype: str
     kind: str
     dim: int
+    #: how fp32 operands are multiplied (margin_kernels.precision); "storage" for 16-bit and fp64
+    product: str = "storage"
     registers: Optional[int] = None
     spill_bytes: Optional[int] = None
     shared_bytes: Optional[int] = None
@@ -73,14 +76,16 @@ def _kernels():
             "dweight": triton_backward.dweight_kernel, "dx": triton_backward.dx_kernel}
 
 
-def _pointer_types(dtype: str) -> dict:
+def _pointer_types(dtype: str, product: str) -> dict:
     acc = "fp64" if dtype == "fp64" else "fp32"
+    buffer = dtype if DTYPES[dtype] == 2 else (product if product in ("bf16", "fp16") else acc)
     return {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "dw_ptr": "*" + dtype, "labels_ptr": "*i64",
             "index_ptr": "*i64", "flags_ptr": "*i8", "filter_threshold": "fp32",
-            "dc_ptr": "*" + (dtype if DTYPES[dtype] == 2 else acc), "acc": "*" + acc}
+            "dc_ptr": "*" + buffer, "acc": "*" + acc}
 
 
-def compile_sm90(kernel, dtype: str, dim: int, constexprs: dict, num_warps: int, num_stages: int):
+def compile_sm90(kernel, dtype: str, dim: int, constexprs: dict, num_warps: int, num_stages: int,
+                 product: str = "storage"):
     """triton.compile of one kernel for sm_90 with the signature a contiguous-tensor launch would get."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -88,7 +93,7 @@ def compile_sm90(kernel, dtype: str, dim: int, constexprs: dict, num_warps: int,
 
     unit_strides = {n: 1 for n in ("stride_xd", "stride_wd", "stride_dwd") if n in kernel.arg_names}
     constexprs = dict(constexprs, **unit_strides)
-    types = _pointer_types(dtype)
+    types = _pointer_types(dtype, product)
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -127,40 +132,43 @@ def _ptxas() -> str:
 
 
 def _cases(dims, dtypes):
-    """(kernel, config label, dtype, kind name, d, constexprs, warps, stages): every kernel x config x dtype x
-    negative kind (the two kernels with a negative epilogue) x d."""
+    """(kernel, config label, dtype, kind name, d, product, constexprs, warps, stages): every kernel x config x
+    dtype (fp32 under each product mode) x negative kind (the two kernels with a negative epilogue) x d."""
     from margin_kernels.backends import triton_configs as configs
     from margin_kernels.losses.negatives import NegativeKind
+    from margin_kernels.precision import PRODUCTS
 
     for dtype in dtypes:
         elem = DTYPES[dtype]
-        for dim in dims:
-            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False)
+        products = ("ieee", "tf32", "bf16") if dtype == "fp32" else ("storage",)
+        for product, dim in ((p, d) for p in products for d in dims):
+            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False, PRODUCT=PRODUCTS.index(product))
             for t in configs.H100_FORWARD:
                 if not configs.forward_fits(t, elem):
                     continue
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
                 for kind in NegativeKind:
-                    yield ("lse_forward", label, dtype, kind.name, dim,
+                    yield ("lse_forward", label, dtype, kind.name, dim, product,
                            dict(base, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
                            t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
             for kind in NegativeKind:
-                yield ("dcos", label, dtype, kind.name, dim, dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d,
-                                                                 **tiles), t.num_warps, t.num_stages)
+                yield ("dcos", label, dtype, kind.name, dim, product,
+                       dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d, **tiles), t.num_warps,
+                       t.num_stages)
             for name in ("dweight", "dx"):
-                yield (name, label, dtype, "-", dim, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),
+                yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),
                        t.num_warps, t.num_stages)
 
 
 def _compile_case(case, workdir: str) -> Variant:
-    name, label, dtype, kind, dim, constexprs, warps, stages = case
-    variant = Variant(name, label, dtype, kind, dim)
+    name, label, dtype, kind, dim, product, constexprs, warps, stages = case
+    variant = Variant(name, label, dtype, kind, dim, product)
     try:
-        compiled = compile_sm90(_kernels()[name], dtype, dim, constexprs, warps, stages)
-        file_name = re.sub(r"[^A-Za-z0-9_]+", "_", f"{name}_{dtype}_d{dim}_{kind}_{label}")
+        compiled = compile_sm90(_kernels()[name], dtype, dim, constexprs, warps, stages, product)
+        file_name = re.sub(r"[^A-Za-z0-9_]+", "_", f"{name}_{dtype}_{product}_d{dim}_{kind}_{label}")
         variant.registers, variant.spill_bytes = ptxas_facts(compiled.asm["ptx"], workdir, file_name)
         variant.ptx = os.path.join(workdir, file_name + ".ptx")
         variant.shared_bytes = int(compiled.metadata.shared)
@@ -184,7 +192,8 @@ def compile_all(dims=DIMS, dtypes=DEFAULT_DTYPES, workdir: Optional[str] = None,
 # ---- the roofline model (see the module docstring) -------------------------------------------------------
 def _efficiency(variants: list[Variant], kernel: str, dtype: str = "bf16", dim: int = 512) -> float:
     """Product efficiency of the worst compiled variant of ``kernel`` (1 = wgmma, no spills)."""
-    rows = [v for v in variants if v.kernel == kernel and v.dtype == dtype and v.dim == dim and v.error is None]
+    rows = [v for v in variants if v.kernel == kernel and v.dtype == dtype and v.dim == dim and v.error is None
+            and v.product == "storage"]
     if not rows:
         return float("nan")
     worst = 1.0
@@ -229,7 +238,7 @@ def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes:
 def violations(variants: list[Variant], estimate: dict) -> list[str]:
     out = []
     for v in variants:
-        where = f"{v.kernel} {v.dtype} d={v.dim} {v.kind} [{v.config}]"
+        where = f"{v.kernel} {v.dtype}/{v.product} d={v.dim} {v.kind} [{v.config}]"
         if v.error is not None:
             out.append(f"{where}: does not compile: {v.error}")
             continue
@@ -274,14 +283,15 @@ def main(argv=None) -> int:
     report = {"arch": args.arch, "variants": [asdict(v) for v in variants], "roofline": estimate,
               "violations": problems}
     stream = sys.stderr if args.json == "-" else sys.stdout
-    print(f"{'kernel':12} {'dtype':5} {'d':>5} {'kind':11} {'config':22} {'regs':>4} {'spill':>5} {'smem':>7} "
+    print(f"{'kernel':12} {'dtype':12} {'d':>5} {'kind':11} {'config':22} {'regs':>4} {'spill':>5} {'smem':>7} "
           f"wgmma", file=stream)
     for v in variants:
+        what = f"{v.kernel:12} {v.dtype + '/' + v.product:12} {v.dim:5} {v.kind:11} {v.config:22}"
         if v.error:
-            print(f"{v.kernel:12} {v.dtype:5} {v.dim:5} {v.kind:11} {v.config:22} ERROR {v.error[:80]}", file=stream)
+            print(f"{what} ERROR {v.error[:80]}", file=stream)
         else:
-            print(f"{v.kernel:12} {v.dtype:5} {v.dim:5} {v.kind:11} {v.config:22} {v.registers:4} "
-                  f"{v.spill_bytes:5} {v.shared_bytes // 1024:6}K {'yes' if v.wgmma else 'NO'}", file=stream)
+            print(f"{what} {v.registers:4} {v.spill_bytes:5} {v.shared_bytes // 1024:6}K "
+                  f"{'yes' if v.wgmma else 'NO'}", file=stream)
     print(f"roofline B=512 d=512 C=1e6 bf16: floor {estimate['floor_ms']:.2f} ms; triton "
           f"{estimate['triton_ms']:.2f} ms = {estimate['triton_x_floor']:.2f}x; cuda {estimate['cuda_ms']:.2f} ms = "
           f"{estimate['cuda_x_floor']:.2f}x (estimates from the compiled code, not measurements)", file=stream)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Optional
@@ -120,9 +121,11 @@ def naive_arcface(s: float, m: float, easy_margin: bool):
     return fn
 
 
-def _naive_arcface_build(problem: Problem, inputs):
+def _naive_arcface_build(problem: Problem, inputs, compiled: bool = False):
     arc = make_loss("arcface")  # same s, m, easy_margin as the rows it is compared with
-    return AutogradRun(naive_arcface(arc.s, arc.m, arc.easy_margin), inputs)
+    fn = naive_arcface(arc.s, arc.m, arc.easy_margin)
+    # the same head under torch.compile (inductor fuses the elementwise B x C work, the logits stay)
+    return AutogradRun(torch.compile(fn) if compiled else fn, inputs)
 
 
 PEERS = {
@@ -136,4 +139,7 @@ PEERS = {
     "naive-arcface": Method("naive-arcface", "peer", "ArcFace head as users write it (normalize, linear, "
                             "one-hot margin, scale, F.cross_entropy)", _naive_arcface_unavailable,
                             _naive_arcface_build),
+    "naive-arcface-compiled": Method("naive-arcface-compiled", "peer", "the naive ArcFace head under "
+                                     "torch.compile (inductor)", _naive_arcface_unavailable,
+                                     functools.partial(_naive_arcface_build, compiled=True)),
 }

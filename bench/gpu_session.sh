@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (H100/H200, torch + triton preinstalled, no internet), at most ~8 minutes,
+# everything it writes under $OUT (8 files):
+#   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
+#   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
+#   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (margin-bench kernels)
+#   21_loaded.txt      the same kernels as the driver loaded them (registers, spills) after a real step
+#   30_arcface.json    margin-bench --device cuda, ArcFace bf16, B=512 d=512 C in {1e5,1e6,4e6}: triton, cuda,
+#                      reference, the naive head eager and under torch.compile, the GEMM floor
+#   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
+#                      Liger-Kernel (each where installed: carry their wheels in .whl/, installed --no-deps)
+#   40_tables.md       both tables with achieved TFLOP/s (8 B C d FLOP over the fwd+bwd time) beside x floor
+#   99_summary.txt     each step's exit code and seconds
+# Usage (repo root):  OUT=/some/dir bash bench/gpu_session.sh      (OUT defaults to ./gpu_session_out)
+set -u
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"; cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu_session_out}"; mkdir -p "$OUT"
+BUDGET="${GPU_SESSION_BUDGET_S:-470}"; START=$(date +%s); SUMMARY="$OUT/99_summary.txt"; : > "$SUMMARY"
+export PYTHONUNBUFFERED=1 MARGIN_KERNELS_JIT=0 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+unset TRITON_INTERPRET                                    # compiled kernels, never the interpreter
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
+PY="${PYTHON:-python}"
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# step NAME CAP_S LOG CMD...: CMD under timeout min(CAP_S, time left), output appended to LOG
+step() {
+  local name="$1" cap="$2" log="$3"; shift 3
+  local t; t=$(( cap < $(left) ? cap : $(left) ))
+  if [ "$t" -lt 10 ]; then echo "== $name: SKIPPED (budget spent)" | tee -a "$log" >> "$SUMMARY"; return 0; fi
+  echo "== $name (timeout ${t}s)" >> "$log"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=5 "$t" "$@" >> "$log" 2>&1; local rc=$?
+  echo "== $name: rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT)') $(( $(date +%s) - t0 ))s" | tee -a "$log" >> "$SUMMARY"
+}
+
+ENV_LOG="$OUT/00_env_build.log"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
+} > "$ENV_LOG" 2>&1
+if ls .whl/*.whl >/dev/null 2>&1; then step "peer wheels" 60 "$ENV_LOG" "$PY" -m pip install --no-deps --no-index .whl/*.whl; fi
+step "build" 200 "$ENV_LOG" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.available_backends())"
+
+TEST_LOG="$OUT/10_tests.log"
+step "tests on the GPU" 150 "$TEST_LOG" "$PY" -m pytest -p no:cacheprovider -q -rs -x \
+  tests/test_triton_backend.py tests/test_native_epilogues.py tests/test_precision.py \
+  tests/test_conformance.py -k "triton or cuda"
+
+step "kernel report" 90 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
+  --json "$OUT/20_kernels.json"
+step "loaded kernels" 60 "$OUT/21_loaded.txt" "$PY" - <<'PYEOF'
+import torch, margin_kernels as mk
+from margin_kernels.backends import triton_backend
+B, C, d = 512, 1_000_000, 512
+x = torch.randn(B, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w = (0.01 * torch.randn(C, d, device="cuda")).to(torch.bfloat16).requires_grad_(True)
+y = torch.randint(0, C, (B,), device="cuda")
+mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend="triton").backward(); torch.cuda.synchronize()
+fwd, bwd = triton_backend._kernels()
+tuned = triton_backend._autotuned.get(fwd.lse_forward_kernel)
+print("forward autotune pick:", None if tuned is None else tuned.cache)
+for kernel in (fwd.lse_forward_kernel, bwd.dcos_kernel, bwd.dweight_kernel, bwd.dx_kernel):
+    try:  # JITFunction.device_caches: {device: (compiled kernels by specialisation, ...)} in triton 3.x
+        for device_cache in kernel.device_caches.values():
+            for compiled in device_cache[0].values():
+                print(kernel.fn.__name__, "regs", compiled.n_regs, "spills", compiled.n_spills,
+                      "smem", compiled.metadata.shared)
+    except Exception as exc:
+        print(kernel.fn.__name__, "cache not readable in this triton:", type(exc).__name__, exc)
+PYEOF
+
+BENCH=("$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 -d 512 -C 1e5,1e6,4e6 --repeats 5
+       --warmup 2 --no-progress --check-up-to 1e5)
+step "bench arcface" 120 "$OUT/99_summary.txt" "${BENCH[@]}" --loss arcface --backends triton,cuda,reference \
+  --peers naive-arcface,naive-arcface-compiled --json "$OUT/30_arcface.json"
+step "bench softmax" 100 "$OUT/99_summary.txt" "${BENCH[@]}" --loss softmax --backends triton,cuda \
+  --peers torch-lce,cce,liger --json "$OUT/31_softmax.json"
+step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m margin_kernels.bench.throughput \
+  \"$OUT/30_arcface.json\" \"$OUT/31_softmax.json\" > \"$OUT/40_tables.md\""
+echo "== total $(( $(date +%s) - START ))s of ${BUDGET}s" >> "$SUMMARY"
