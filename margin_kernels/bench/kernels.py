@@ -254,6 +254,35 @@ def violations(variants: list[Variant], estimate: dict) -> list[str]:
     return out
 
 
+def summary_markdown(report: dict) -> str:
+    """One row per (kernel, dtype / product mode): ranges over configs, negative kinds and d."""
+    groups: dict = {}
+    for v in report["variants"]:
+        groups.setdefault((v["kernel"], v["dtype"], v["product"]), []).append(v)
+    order = ["lse_forward", "dcos", "dweight", "dx"]
+    lines = ["| kernel | dtype / product | variants | registers | spill bytes (max) | shared memory | every tl.dot on "
+             "wgmma |", "|---|---|---|---|---|---|---|"]
+    for (kernel, dtype, product), rows in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
+        ok = [v for v in rows if v["error"] is None]
+        if len(ok) < len(rows):
+            lines.append(f"| {kernel} | {dtype} / {product} | {len(rows)} | {len(rows) - len(ok)} do not compile | | | |")
+        if not ok:
+            continue
+        regs = [v["registers"] for v in ok]
+        smem = [v["shared_bytes"] // 1024 for v in ok]
+        wgmma = "yes" if all(v["wgmma"] for v in ok) else ("no" if not any(v["wgmma"] for v in ok) else "some")
+        lines.append(f"| {kernel} | {dtype} / {product} | {len(rows)} | {min(regs)}-{max(regs)} | "
+                     f"{max(v['spill_bytes'] for v in ok)} | {min(smem)}-{max(smem)} KiB | {wgmma} |")
+    r = report["roofline"]
+    lines += ["", "Roofline estimate (model: margin_kernels/bench/kernels.py), ArcFace B = 512, d = 512, C = 1e6, "
+              "bf16, H100 SXM:", "", "| | ms | x floor |", "|---|---|---|",
+              f"| the 4 GEMMs (floor) | {r['floor_ms']:.2f} | 1.00 |",
+              f"| triton ({r['backward_chunk']}-class backward chunks) | {r['triton_ms']:.2f} | "
+              f"{r['triton_x_floor']:.2f} |",
+              f"| cuda | {r['cuda_ms']:.2f} | {r['cuda_x_floor']:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="margin-bench kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_90", choices=["sm_90"], help="target (sm_90: H100/H200)")
@@ -263,6 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
                         help="storage dtypes among bf16, fp16, fp32, fp64 (default bf16,fp16,fp32)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
+    parser.add_argument("--markdown", default=None, help="also write the summary table as markdown to this path")
     parser.add_argument("--check", action="store_true", help="exit 1 on a spill, a non-wgmma product (bf16/fp16, "
                                                                "d <= 512) or a Triton estimate above the limit")
     args = parser.parse_args(argv)
@@ -297,6 +327,8 @@ def main(argv=None) -> int:
           f"{estimate['cuda_x_floor']:.2f}x (estimates from the compiled code, not measurements)", file=stream)
     for problem in problems:
         print("VIOLATION " + problem, file=stream)
+    if args.markdown:
+        Path(args.markdown).write_text(summary_markdown(report))
     if args.json == "-":
         json.dump(report, sys.stdout, indent=1)
     elif args.json:
