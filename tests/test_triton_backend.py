@@ -219,7 +219,7 @@ def test_backward_chunks_respect_the_buffer_budget():
 def test_autotune_key_buckets_the_batch_and_ignores_classes():
     assert [configs.batch_bucket(b) for b in (1, 500, 512, 513)] == [1, 512, 512, 1024]
     kernel = triton_backend._autotuned_kernel(triton_backend._kernels()[0].lse_forward_kernel)
-    assert list(kernel.keys) == ["B_BUCKET", "D"]
+    assert list(kernel.keys) == ["B_BUCKET", "D", "PRODUCT"]
 
 
 def test_fp16_factor_keeps_the_buffer_finite_and_scaled():
@@ -269,3 +269,16 @@ def test_fp32_products_follow_matmul_precision_and_autocast(mode, name):
     assert errors[0] <= bounds.loss and errors[1] <= bounds.dx and errors[2] <= bounds.dw, (product, errors)
     if product in ("bf16", "fp16"):
         assert errors[2] > 50 * PRODUCT_TOLERANCES["ieee"].observed[2]  # the cast happened
+
+
+def test_fp32_with_cast_products_drops_the_spilling_forward_tilings():
+    """From the compiled evidence (margin-bench kernels): 4-warp 64x128 / 128x64 forward tiles spill when
+    fp32 loads are cast to bf16 in registers; the autotuner must not pick them there, but may for 16-bit
+    storage and for IEEE/TF32 fp32 products."""
+    spilling = [t for t in configs.H100_FORWARD if t.num_warps == 4 and t.block_b * t.block_c >= 8192]
+    assert spilling
+    for tiles in spilling:
+        assert not configs.forward_candidate(tiles, 4, casts_operands=True)
+        assert configs.forward_candidate(tiles, 4, casts_operands=False)
+        assert configs.forward_candidate(tiles, 2, casts_operands=False)
+    assert any(configs.forward_candidate(t, 4, casts_operands=True) for t in configs.H100_FORWARD)

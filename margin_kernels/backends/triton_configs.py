@@ -221,10 +221,23 @@ def forward_autotune_configs():
                           num_warps=t.num_warps, num_stages=t.num_stages) for t in H100_FORWARD]
 
 
+def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool) -> bool:
+    """Whether the autotuner may pick ``tiles``: its operand tiles fit shared memory, and, for 4-byte storage
+    whose operands are cast to 16 bits in registers (bf16/fp16 products of fp32 weights), it is not one of the
+    4-warp tilings of >= 8192 elements that spill there (72 and 536 bytes per thread for 64x128 and 128x64 in
+    ``margin-bench kernels``; the 8-warp tilings of the same size do not)."""
+    if not forward_fits(tiles, elem_bytes):
+        return False
+    return not (casts_operands and elem_bytes == 4 and tiles.num_warps == 4
+                and tiles.block_b * tiles.block_c >= 8192)
+
+
 def prune_forward(configs, named_args, **kwargs):
-    """Drop tilings whose pipelined operand tiles exceed shared memory for this dtype (keeps at least one)."""
+    """The autotune list less the tilings ``forward_candidate`` rules out for this call (keeps at least one)."""
+    from ..precision import PRODUCTS
     elem_bytes = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if forward_fits(ForwardTiles(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"],
-                                                            c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
-                                               elem_bytes)]
+    casts = PRODUCTS[kwargs.get("PRODUCT", 0)] in ("bf16", "fp16")
+    kept = [c for c in configs if forward_candidate(ForwardTiles(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"],
+                                                                 c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
+                                                    elem_bytes, casts)]
     return kept or [triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
