@@ -237,3 +237,15 @@ def test_negative_functions_at_branch_points(implementation, kind, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-15
     assert torch.allclose(value, ref_value, rtol=tol, atol=tol), (value - ref_value).abs().max()
     assert torch.equal(deriv, ref_deriv)  # 0/1/a or U + 2c: exact, and on the right side of every branch point
+
+
+@pytest.mark.parametrize("kind", list(NegativeKind), ids=lambda k: k.name)
+def test_derivative_bound_holds_over_the_cosine_range(kind):
+    """negatives.derivative_bound (what the Triton backward scales fp16 dL/dcos by) is an upper bound of
+    |g'(c)| for every c in [-1, 1] and every row's parameters."""
+    from margin_kernels.losses.negatives import derivative_bound
+    spec = SPECS[kind]
+    row_params = torch.stack([torch.linspace(-0.9, 0.9, 7), torch.linspace(0.0, 1.0, 7)], dim=1).double()
+    c = torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64).expand(7, -1)
+    bound = derivative_bound(spec, row_params)
+    assert negative_derivative(c, spec, row_params).abs().max() <= bound

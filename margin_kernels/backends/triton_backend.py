@@ -12,8 +12,9 @@ and the backward's chunk come from triton_configs.
 Precision: W and x are read in their storage dtype (fp32, bf16, fp16, fp64) and every product accumulates in
 the accumulation dtype of ``row_params`` (fp32; fp64 for fp64 inputs). fp32 storage multiplies as
 ``product`` says (margin_kernels.precision: autocast's dtype, else torch.get_float32_matmul_precision():
-IEEE, TF32 or bf16), the operands cast in registers after the load. The backward's gradient GEMMs take dL/dcos rounded to the storage dtype (bf16/fp16 tensor cores; for
-fp16 it is first multiplied by one power of two, ``_dc_factor``, so small gradients do not flush to zero).
+IEEE, TF32 or bf16), the operands cast in registers after the load. The backward's gradient GEMMs take
+dL/dcos rounded to their operand dtype (bf16/fp16 tensor cores; for fp16 it is first multiplied by one power
+of two, ``_dc_factor``, so small gradients do not flush to zero).
 
 Gradient filtering (``grad_filter = tau > 0``): a (row block x class tile) whose every |dL/dcos| is below tau
 skips its dx and dW products. Every skipped entry is < tau in magnitude, so per row and class
@@ -34,7 +35,7 @@ import triton  # an ImportError here makes the registry report the backend as un
 
 from . import filter_stats
 from . import triton_configs as configs
-from ..losses.negatives import NegativeKind
+from ..losses.negatives import derivative_bound
 from ..precision import PRODUCTS
 from .chunk_loop import finite_lse, num_columns
 
@@ -76,8 +77,8 @@ def _kernels():
 
 def _autotuned_kernel(kernel):
     """The forward kernel wrapped in triton.autotune over the H100 list (cached). The key is the batch bucket,
-    d and the product mode (and, implicitly, the dtypes), never the class count: a new C or Partial FC sample size reuses the
-    tuned config instead of timing every config again."""
+    d and the product mode (and, implicitly, the dtypes), never the class count: a new C or Partial FC sample
+    size reuses the tuned config instead of timing every config again."""
     if kernel not in _autotuned:
         _autotuned[kernel] = triton.autotune(configs=configs.forward_autotune_configs(),
                                              key=["B_BUCKET", "D", "PRODUCT"],
@@ -151,18 +152,6 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
 
 
-def _kind_derivative_bound(spec, row_params) -> torch.Tensor:
-    """An upper bound of |g'(c)| over c in [-1, 1] for the negative kind (see losses/negatives.py)."""
-    kind = NegativeKind(spec.kind)
-    if kind == NegativeKind.CURRICULAR:  # U + 2c
-        return 2.0 + row_params[:, 1].abs().max()
-    if kind == NegativeKind.MV:
-        return row_params.new_tensor(max(1.0, abs(spec.a)))
-    if kind == NegativeKind.CIRCLE:  # relu(c + a)
-        return row_params.new_tensor(1.0 + abs(spec.a))
-    return row_params.new_tensor(1.0)
-
-
 def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
     """The power of two dL/dcos is multiplied by before it is rounded to fp16 (1 otherwise): its bound
     s * max|g'| * max|g_lse| (the softmax probabilities are <= 1) or the largest target gradient, brought to
@@ -170,7 +159,7 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
     no host sync. The exponent is clamped so the factor stays finite for any bound."""
     if buffer_dtype != torch.float16:
         return row_params.new_ones(1)
-    bound = torch.maximum(abs(spec.scale) * _kind_derivative_bound(spec, row_params) * g_lse.abs().max(),
+    bound = torch.maximum(abs(spec.scale) * derivative_bound(spec, row_params) * g_lse.abs().max(),
                           g_cos_target.abs().max())
     exponent = torch.where(bound > 0, torch.log2(bound).ceil().clamp(-100.0, 100.0), torch.zeros_like(bound))
     return torch.exp2(14.0 - exponent).reshape(1)
@@ -210,6 +199,9 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     # with a class subset only the sampled rows of dW are written, the rest must read as zero
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
     partial = torch.zeros((splits, batch, dim), dtype=acc, device=x.device)
+    gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
+                     PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
+                     BLOCK_D=tiles.block_d)
     skipped, visited = [], 0
     for col0 in range(0, num_cols, chunk):
         width = min(chunk, num_cols - col0)
@@ -220,8 +212,6 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
             chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter),
             **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d,
             **launch)
-        gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
-                         PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d)
         backward.dweight_kernel[(tiles_here, d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols, dim, col0, chunk,
             row_blocks, tiles_here, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),

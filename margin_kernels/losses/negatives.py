@@ -82,3 +82,15 @@ def negative_derivative(c: torch.Tensor, spec: NegativeSpec, row_params: torch.T
 
 def negative_logits(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
     return spec.scale * negative_value(c, spec, row_params)
+
+
+def derivative_bound(spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
+    """An upper bound of |dg/dc| over c in [-1, 1], from the table above (a 0-d tensor on row_params' device;
+    CURRICULAR's depends on the rows' U). What a kernel needs to scale dL/dcos into a narrow dtype."""
+    if spec.kind == NegativeKind.CURRICULAR:  # U + 2c
+        return 2.0 + row_params[:, 1].abs().max()
+    if spec.kind == NegativeKind.MV:  # 1 or a
+        return row_params.new_tensor(max(1.0, abs(spec.a)))
+    if spec.kind == NegativeKind.CIRCLE:  # relu(c + a)
+        return row_params.new_tensor(1.0 + abs(spec.a))
+    return row_params.new_tensor(1.0)  # IDENTITY, CLAMP, FILTER: 0 or 1
