@@ -3,10 +3,9 @@
 the fully fused one."""
 from __future__ import annotations
 
-from .chunk_loop import default_chunk_size
 from .native_epilogue import NativeBackend
 
-_BACKEND = NativeBackend("cuda", "cuda", lambda batch: default_chunk_size(batch, "cuda"))
+_BACKEND = NativeBackend("cuda", "cuda")
 unavailable_reason = _BACKEND.unavailable_reason
 lse_forward = _BACKEND.lse_forward
 lse_backward = _BACKEND.lse_backward

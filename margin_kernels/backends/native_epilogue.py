@@ -8,7 +8,7 @@ instances of ``NativeBackend``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -62,9 +62,12 @@ class NativeBackend:
     argument. Per-row inputs are made contiguous in the accumulation dtype once per call, not per tile.
     """
 
-    def __init__(self, name: str, device_type: str, default_chunk_size: Callable[[int], int]):
-        """``default_chunk_size(batch)`` is the chunk used when the caller passes none."""
-        self.name, self.device_type, self.default_chunk_size = name, device_type, default_chunk_size
+    def __init__(self, name: str, device_type: str):
+        self.name, self.device_type = name, device_type
+
+    def default_chunk_size(self, batch: int) -> int:
+        """The chunk used when the caller passes none: the chunk loop's policy for this device type."""
+        return chunk_loop.default_chunk_size(batch, self.device_type)
 
     def unavailable_reason(self) -> Optional[str]:
         if self.device_type == "cuda":
