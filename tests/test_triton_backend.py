@@ -282,3 +282,12 @@ def test_fp32_with_cast_products_drops_the_spilling_forward_tilings():
         assert configs.forward_candidate(tiles, 4, casts_operands=False)
         assert configs.forward_candidate(tiles, 2, casts_operands=False)
     assert any(configs.forward_candidate(t, 4, casts_operands=True) for t in configs.H100_FORWARD)
+
+
+def test_fixed_forward_tiling_avoids_the_spilling_ones():
+    """With autotuning off the fixed forward tiling is itself an allowed candidate in every case."""
+    for elem_bytes in (2, 4, 8):
+        for casts in (False, True):
+            tiles = configs.default_forward(elem_bytes, casts)
+            assert configs.forward_candidate(tiles, elem_bytes, casts)
+    assert configs.default_forward(2) == configs.ForwardTiles(64, 128, 64, 4, 4)  # unchanged for 16-bit

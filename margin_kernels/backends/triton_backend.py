@@ -140,7 +140,7 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
         partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
         configs.batch_bucket(batch))
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
-    tiles = configs.forward_tiles(interpret, x.element_size())
+    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"))
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
         _autotuned_kernel(forward.lse_forward_kernel)[grid](*args, **meta)

@@ -2,9 +2,10 @@
 
 * On a GPU the forward is autotuned over a short config list written for H100 (autotuning times each config
   once per (batch bucket, d, dtypes) and keeps the fastest; C is not in the key); the backward uses one
-  tiling per (architecture, element size), ``BACKWARD_TILES``. ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` uses one fixed
-  config per d instead, so separate processes always run the same tiling (bitwise-reproducible runs; a
-  given config is deterministic anyway: no atomics, fixed merge orders).
+  tiling per (architecture, element size), ``BACKWARD_TILES``. ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` gives
+  the forward one fixed tiling per dtype (``default_forward``) instead, so separate processes always run the
+  same tiling (bitwise-reproducible runs; a given config is deterministic anyway: no atomics, fixed merge
+  orders).
 * Under TRITON_INTERPRET (CPU) there is no autotuning: a small fixed config (tiles of 16, two class
   splits) that still exercises several tiles, masked tails and the split merge on tiny test shapes.
 * ``fixed_configs(...)`` overrides the choice (tests use it to force other tilings).
@@ -125,12 +126,17 @@ def forward_fits(tiles: ForwardTiles, elem_bytes: int) -> bool:
     return (tiles.block_b + tiles.block_c) * tiles.block_k * elem_bytes * tiles.num_stages <= _SHARED_MEMORY_BUDGET
 
 
-def default_forward(elem_bytes: int) -> ForwardTiles:
-    """The GPU's fixed forward tiling when autotuning is off (fp32/fp64 tiles need fewer stages)."""
+def default_forward(elem_bytes: int, casts_operands: bool = False) -> ForwardTiles:
+    """The GPU's fixed forward tiling when autotuning is off: 64 x 128 x 64 with 4 warps and as many stages as
+    fit (fp32/fp64 tiles need fewer), else the first autotune candidate ``forward_candidate`` allows (fp32
+    weights cast to 16 bits spill in the 4-warp tiling)."""
     preferred = ForwardTiles(64, 128, 64, 4, 4)
     for stages in (4, 3, 2, 1):
         tiles = ForwardTiles(preferred.block_b, preferred.block_c, preferred.block_k, 4, stages)
-        if forward_fits(tiles, elem_bytes):
+        if forward_candidate(tiles, elem_bytes, casts_operands):
+            return tiles
+    for tiles in H100_FORWARD:
+        if forward_candidate(tiles, elem_bytes, casts_operands):
             return tiles
     return ForwardTiles(32, 32, 32, 4, 1)
 
@@ -162,13 +168,13 @@ def autotune_enabled(interpret: bool) -> bool:
     return not interpret and os.environ.get("MARGIN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def forward_tiles(interpret: bool, elem_bytes: int) -> Optional[ForwardTiles]:
+def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False) -> Optional[ForwardTiles]:
     """The fixed forward tiling, or None to autotune."""
     if _override.forward is not None:
         return _override.forward
     if interpret:
         return INTERPRETER_FORWARD
-    return None if autotune_enabled(interpret) else default_forward(elem_bytes)
+    return None if autotune_enabled(interpret) else default_forward(elem_bytes, casts_operands)
 
 
 def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTiles:
@@ -180,7 +186,7 @@ def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTil
 
 
 def class_splits(device: torch.device, interpret: bool, batch: int, num_cols: int, partial_row_bytes: int) -> int:
-    """How many class ranges the forward / dx grids split into, so that small batches still fill the GPU.
+    """How many class ranges the forward grid splits into, so that small batches still fill the GPU.
 
     Aims at two programs per SM with row blocks of 64; never more splits than class tiles of 64, and the
     partials (``partial_row_bytes`` per batch row and split) stay within a fixed memory budget."""
