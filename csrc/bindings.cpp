@@ -176,7 +176,8 @@ void forward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const Te
 void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const Tensor& labels, int64_t col0,
                    const Tensor& row_params, int64_t kind, double scale, double a, double b, const Tensor& lse,
                    const Tensor& g_lse, const Tensor& g_cos_target, const optional<Tensor>& col_dot,
-                   const optional<Tensor>& max_abs, int64_t stream) {
+                   const optional<Tensor>& max_abs, const optional<Tensor>& grad_out, const optional<Tensor>& factor,
+                   int64_t stream) {
   const Tile t{tile, inv_norm, labels, col0, row_params, kind, scale, a, b};
   t.check("backward_tile");
   check_like("backward_tile", "lse", lse, tile, t.rows());
@@ -185,18 +186,34 @@ void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const T
   TORCH_CHECK(!inv_norm || col_dot, "margin_kernels.backward_tile: col_dot is required with inv_norm");
   if (col_dot) check_like("backward_tile", "col_dot", *col_dot, tile, t.cols());
   if (max_abs) check_like("backward_tile", "max_abs", *max_abs, tile, 1);
+  if (factor) check_like("backward_tile", "factor", *factor, tile, 1);
+  if (grad_out) {
+    TORCH_CHECK(grad_out->device() == tile.device() && grad_out->sizes() == tile.sizes() &&
+                    grad_out->stride(1) == 1,
+                "margin_kernels.backward_tile: grad_out must have the tile's shape and device with unit column "
+                "stride, got ", grad_out->sizes(), " on ", grad_out->device());
+  }
   if (tile.is_cuda()) {
 #ifdef MK_WITH_CUDA
     const mk_tile_args args = cuda_args(t, stream);
+    mk_grad_out out{};
+    if (grad_out) {
+      out.data = grad_out->data_ptr();
+      out.ld = grad_out->size(0) <= 1 ? grad_out->size(1) : grad_out->stride(0);
+      out.dtype = dtype_code(*grad_out);
+      out.factor = factor ? factor->data_ptr() : nullptr;
+    }
     check_cuda(mk_cuda_backward_epilogue(&args, lse.data_ptr(), g_lse.data_ptr(), g_cos_target.data_ptr(),
                                          col_dot ? col_dot->data_ptr() : nullptr,
-                                         max_abs ? max_abs->data_ptr() : nullptr),
+                                         max_abs ? max_abs->data_ptr() : nullptr, grad_out ? &out : nullptr),
                "backward_epilogue");
     return;
 #else
     no_cuda("backward_tile");
 #endif
   }
+  TORCH_CHECK(!grad_out && !factor, "margin_kernels.backward_tile: grad_out/factor (a 16-bit gradient copy) are "
+              "CUDA-only; the CPU epilogue overwrites the tile");
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "backward_tile", [&] {
     check_status(mk_cpu::backward_tile<scalar_t>(t.cpu_args<scalar_t>(), lse.data_ptr<scalar_t>(),
                                                   g_lse.data_ptr<scalar_t>(), g_cos_target.data_ptr<scalar_t>(),
@@ -207,33 +224,64 @@ void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const T
   });
 }
 
-void finish_dw(const Tensor& g, const Tensor& w, const Tensor& col_dot, const Tensor& inv_norm, int64_t stream) {
+int64_t leading_dim(const Tensor& m) { return m.size(0) <= 1 ? m.size(1) : m.stride(0); }
+
+// g: the dW GEMM output (fp32/fp64). CPU: in place, w in g's dtype, col_dot/inv_norm given. CUDA also: w in
+// its storage dtype, no col_dot/inv_norm (raw weights), inv_factor (the fp16 factor's inverse), and out (the
+// gradient's rows, any float dtype) instead of in place.
+void finish_dw(const Tensor& g, const Tensor& w, const optional<Tensor>& col_dot, const optional<Tensor>& inv_norm,
+               const optional<Tensor>& out, const optional<Tensor>& inv_factor, int64_t stream) {
   check_matrix("finish_dw", "g", g);
   check_matrix("finish_dw", "w", w);
   TORCH_CHECK(is_acc_dtype(g), "margin_kernels.finish_dw: g must be float32 or float64, got ", g.scalar_type());
-  TORCH_CHECK(g.sizes() == w.sizes(), "margin_kernels.finish_dw: g and w must have the same shape, got ",
-              g.sizes(), " and ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == g.scalar_type() && w.device() == g.device(),
-              "margin_kernels.finish_dw: w must have g's dtype and device (", g.scalar_type(), " on ", g.device(),
-              "), got ", w.scalar_type(), " on ", w.device());
-  check_like("finish_dw", "col_dot", col_dot, g, g.size(0));
-  check_like("finish_dw", "inv_norm", inv_norm, g, g.size(0));
-  const int64_t ld_g = g.size(0) <= 1 ? g.size(1) : g.stride(0);
-  const int64_t ld_w = w.size(0) <= 1 ? w.size(1) : w.stride(0);
+  TORCH_CHECK(g.sizes() == w.sizes() && w.device() == g.device(),
+              "margin_kernels.finish_dw: g and w must have the same shape and device, got ", g.sizes(), " on ",
+              g.device(), " and ", w.sizes(), " on ", w.device());
+  TORCH_CHECK(col_dot.has_value() == inv_norm.has_value(),
+              "margin_kernels.finish_dw: col_dot and inv_norm must be given together");
+  if (col_dot) check_like("finish_dw", "col_dot", *col_dot, g, g.size(0));
+  if (inv_norm) check_like("finish_dw", "inv_norm", *inv_norm, g, g.size(0));
+  if (inv_factor) check_like("finish_dw", "inv_factor", *inv_factor, g, 1);
+  if (out) {
+    check_matrix("finish_dw", "out", *out);
+    TORCH_CHECK(out->sizes() == g.sizes() && out->device() == g.device(),
+                "margin_kernels.finish_dw: out must have g's shape and device, got ", out->sizes(), " on ",
+                out->device());
+  }
   if (g.is_cuda()) {
 #ifdef MK_WITH_CUDA
-    check_cuda(mk_cuda_finish_dw(g.data_ptr(), g.size(0), g.size(1), ld_g, w.data_ptr(), ld_w, col_dot.data_ptr(),
-                                 inv_norm.data_ptr(), dtype_code(g), g.get_device(),
-                                 reinterpret_cast<void*>(stream)),
-               "finish_dw");
+    const Tensor& dst = out ? *out : g;
+    mk_dw_args args{};
+    args.g = g.data_ptr();
+    args.n = g.size(0);
+    args.dim = g.size(1);
+    args.ld_g = leading_dim(g);
+    args.dtype = dtype_code(g);
+    args.w = w.data_ptr();
+    args.ld_w = leading_dim(w);
+    args.w_dtype = dtype_code(w);
+    args.col_dot = col_dot ? col_dot->data_ptr() : nullptr;
+    args.inv_norm = inv_norm ? inv_norm->data_ptr() : nullptr;
+    args.inv_factor = inv_factor ? inv_factor->data_ptr() : nullptr;
+    args.out = dst.data_ptr();
+    args.ld_out = leading_dim(dst);
+    args.out_dtype = dtype_code(dst);
+    args.device = g.get_device();
+    args.stream = reinterpret_cast<void*>(stream);
+    check_cuda(mk_cuda_finish_dw(&args), "finish_dw");
     return;
 #else
     no_cuda("finish_dw");
 #endif
   }
+  TORCH_CHECK(col_dot && !out && !inv_factor && w.scalar_type() == g.scalar_type(),
+              "margin_kernels.finish_dw: the CPU epilogue works in place on g with w in g's dtype and col_dot/"
+              "inv_norm given (out, inv_factor and raw weights are CUDA-only)");
+  const int64_t ld_g = leading_dim(g);
+  const int64_t ld_w = leading_dim(w);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "finish_dw", [&] {
     mk_cpu::finish_dw<scalar_t>(g.data_ptr<scalar_t>(), g.size(0), g.size(1), ld_g, w.data_ptr<scalar_t>(), ld_w,
-                                col_dot.data_ptr<scalar_t>(), inv_norm.data_ptr<scalar_t>(), at::get_num_threads());
+                                col_dot->data_ptr<scalar_t>(), inv_norm->data_ptr<scalar_t>(), at::get_num_threads());
   });
 }
 
@@ -312,10 +360,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("run_sum"), py::arg("stream") = 0, nogil);
   m.def("backward_tile", &backward_tile, py::arg("tile"), py::arg("inv_norm"), py::arg("labels"), py::arg("col0"),
         py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("lse"),
-        py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("max_abs"), py::arg("stream") = 0,
-        nogil);
+        py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("max_abs"),
+        py::arg("grad_out") = py::none(), py::arg("factor") = py::none(), py::arg("stream") = 0, nogil);
   m.def("finish_dw", &finish_dw, py::arg("g"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
-        py::arg("stream") = 0, nogil);
+        py::arg("out") = py::none(), py::arg("inv_factor") = py::none(), py::arg("stream") = 0, nogil);
   m.def("negative_eval", &negative_eval, py::arg("c"), py::arg("row_params"), py::arg("kind"), py::arg("a"),
         py::arg("b"), nogil);
   m.def("exp_eval", &exp_eval, py::arg("x"), nogil);

@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "margin_cuda.h"
 #include "margin_math.h"
 
@@ -43,6 +45,24 @@ __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ double widen(double v) { return v; }
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// accumulation type -> storage (round to nearest even), the inverse of widen
+template <typename To, typename T>
+__device__ __forceinline__ To narrow(T v) {
+  if constexpr (std::is_same_v<To, __half>) {
+    return __float2half_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same_v<To, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else {
+    return static_cast<To>(v);
+  }
+}
+
+// *p, or 1 for a null pointer (the optional device scalars)
+template <typename T>
+__device__ __forceinline__ T scalar_or_one(const T* p) {
+  return p != nullptr ? *p : T(1);
+}
 
 // non-negative floats order like their bit patterns: an integer atomicMax is an exact float max
 __device__ __forceinline__ void atomic_max_nonneg(float* address, float value) {
@@ -102,29 +122,31 @@ __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols
   if (threadIdx.x == 0) mk::lse_merge(run_max[i], run_sum[i], shared_max[0], shared_sum[0]);
 }
 
-template <int KIND, bool NORM, typename T>
-__global__ void backward_epilogue_kernel(T* tile, int64_t rows, int64_t cols, int64_t ld,
+// `out` may be the tile itself (in place: each element is read, then written, by the same thread)
+template <int KIND, bool NORM, typename T, typename Tout>
+__global__ void backward_epilogue_kernel(const T* tile, int64_t rows, int64_t cols, int64_t ld,
                                          const T* __restrict__ inv_norm, const int64_t* __restrict__ labels,
                                          int64_t col0, const T* __restrict__ row_params,
                                          mk::NegativeConsts<T> k, const T* __restrict__ lse,
                                          const T* __restrict__ g_lse, const T* __restrict__ g_cos_target,
-                                         T* __restrict__ col_dot, T* max_abs) {
+                                         T* __restrict__ col_dot, T* max_abs, Tout* out, int64_t ld_out,
+                                         const T* __restrict__ factor) {
   __shared__ T shared_dot[kStripRows][kStripCols + 1];
   __shared__ T shared_max[kStripRows][kStripCols + 1];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kStripCols + threadIdx.x;
   T dot = T(0), amax = T(0);
   if (j < cols) {
     const T inv = NORM ? inv_norm[j] : T(1);
+    const T out_scale = inv * scalar_or_one(factor);  // 1/|w_j| folded into dL/d(x.w), then the fp16 factor
     for (int64_t i = threadIdx.y; i < rows; i += kStripRows) {
-      T* p = tile + i * ld + j;
-      T c = *p;
+      T c = tile[i * ld + j];
       if (NORM) c *= inv;
       const T dc = labels[i] - col0 == j
                        ? g_cos_target[i]
                        : mk::negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, lse[i], g_lse[i]);
       dot += dc * c;
       amax = mk::max_of(amax, dc < T(0) ? -dc : dc);
-      *p = NORM ? dc * inv : dc;
+      out[i * ld_out + j] = narrow<Tout>(dc * out_scale);
     }
   }
   shared_dot[threadIdx.y][threadIdx.x] = dot;
@@ -143,15 +165,20 @@ __global__ void backward_epilogue_kernel(T* tile, int64_t rows, int64_t cols, in
   }
 }
 
-template <typename T>
-__global__ void finish_dw_kernel(T* g, int64_t n, int64_t dim, int64_t ld_g, const T* __restrict__ w,
-                                 int64_t ld_w, const T* __restrict__ col_dot, const T* __restrict__ inv_norm) {
+// `out` may be g itself (in place)
+template <bool NORM, typename T, typename Tw, typename Tout>
+__global__ void finish_dw_kernel(const T* g, int64_t n, int64_t dim, int64_t ld_g, const Tw* __restrict__ w,
+                                 int64_t ld_w, const T* __restrict__ col_dot, const T* __restrict__ inv_norm,
+                                 const T* __restrict__ inv_factor, Tout* out, int64_t ld_out) {
+  const T unscale = scalar_or_one(inv_factor);
   const int64_t total = n * dim;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += step) {
     const int64_t j = e / dim, col = e - j * dim;
-    T* out = g + j * ld_g + col;
-    *out = mk::dw_normalize(*out, w[j * ld_w + col], mk::dw_norm_coef(col_dot[j], inv_norm[j]));
+    T v = g[j * ld_g + col] * unscale;
+    if (NORM)
+      v = mk::dw_normalize(v, static_cast<T>(widen(w[j * ld_w + col])), mk::dw_norm_coef(col_dot[j], inv_norm[j]));
+    out[j * ld_out + col] = narrow<Tout>(v);
   }
 }
 
@@ -194,9 +221,9 @@ int forward_for(const mk_tile_args& g, void* run_max, void* run_sum) {
   return known ? static_cast<int>(cudaGetLastError()) : MK_CUDA_ERR_UNKNOWN_KIND;
 }
 
-template <typename T>
+template <typename T, typename Tout>
 int backward_for(const mk_tile_args& g, const void* lse, const void* g_lse, const void* g_cos_target,
-                 void* col_dot, void* max_abs) {
+                 void* col_dot, void* max_abs, void* out, int64_t ld_out, const void* factor) {
   const mk::NegativeConsts<T> k{static_cast<T>(g.scale), static_cast<T>(g.a), static_cast<T>(g.b)};
   const cudaStream_t stream = static_cast<cudaStream_t>(g.stream);
   if (max_abs != nullptr) {
@@ -207,22 +234,36 @@ int backward_for(const mk_tile_args& g, const void* lse, const void* g_lse, cons
   const unsigned int blocks = static_cast<unsigned int>((g.cols + kStripCols - 1) / kStripCols);
   const bool known = mk::dispatch_kind(g.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
-    const auto kernel = g.inv_norm ? backward_epilogue_kernel<K, true, T> : backward_epilogue_kernel<K, false, T>;
+    const auto kernel =
+        g.inv_norm ? backward_epilogue_kernel<K, true, T, Tout> : backward_epilogue_kernel<K, false, T, Tout>;
     kernel<<<blocks, block, 0, stream>>>(
-        static_cast<T*>(g.tile), g.rows, g.cols, g.ld, static_cast<const T*>(g.inv_norm), g.labels, g.col0,
+        static_cast<const T*>(g.tile), g.rows, g.cols, g.ld, static_cast<const T*>(g.inv_norm), g.labels, g.col0,
         static_cast<const T*>(g.row_params), k, static_cast<const T*>(lse), static_cast<const T*>(g_lse),
-        static_cast<const T*>(g_cos_target), static_cast<T*>(col_dot), static_cast<T*>(max_abs));
+        static_cast<const T*>(g_cos_target), static_cast<T*>(col_dot), static_cast<T*>(max_abs),
+        static_cast<Tout*>(out), ld_out, static_cast<const T*>(factor));
   });
   return known ? static_cast<int>(cudaGetLastError()) : MK_CUDA_ERR_UNKNOWN_KIND;
 }
 
-template <typename T>
-int finish_dw_for(void* g, int64_t n, int64_t dim, int64_t ld_g, const void* w, int64_t ld_w, const void* col_dot,
-                  const void* inv_norm, cudaStream_t stream) {
-  finish_dw_kernel<T><<<grid_for(n * dim, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
-      static_cast<T*>(g), n, dim, ld_g, static_cast<const T*>(w), ld_w, static_cast<const T*>(col_dot),
-      static_cast<const T*>(inv_norm));
+template <typename T, typename Tw, typename Tout>
+int finish_dw_for(const mk_dw_args& a) {
+  const auto kernel = a.col_dot != nullptr ? finish_dw_kernel<true, T, Tw, Tout> : finish_dw_kernel<false, T, Tw, Tout>;
+  kernel<<<grid_for(a.n * a.dim, kElementwiseThreads), kElementwiseThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
+      static_cast<const T*>(a.g), a.n, a.dim, a.ld_g, static_cast<const Tw*>(a.w), a.ld_w,
+      static_cast<const T*>(a.col_dot), static_cast<const T*>(a.inv_norm), static_cast<const T*>(a.inv_factor),
+      static_cast<Tout*>(a.out), a.ld_out);
   return static_cast<int>(cudaGetLastError());
+}
+
+// f(T{}) for the fp32 accumulation type's 16-bit and 32-bit storage types, fp64 only with itself
+template <typename F>
+int dispatch_storage_f32(int dtype, F&& f) {
+  switch (dtype) {
+    case MK_DTYPE_F32: return f(float{});
+    case MK_DTYPE_F16: return f(__half{});
+    case MK_DTYPE_BF16: return f(__nv_bfloat16{});
+    default: return MK_CUDA_ERR_BAD_DTYPE;
+  }
 }
 
 }  // namespace
@@ -252,7 +293,7 @@ int mk_cuda_forward_epilogue(const mk_tile_args* args, void* run_max, void* run_
 }
 
 int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const void* g_lse,
-                              const void* g_cos_target, void* col_dot, void* max_abs) {
+                              const void* g_cos_target, void* col_dot, void* max_abs, const mk_grad_out* out) {
   DeviceScope scope(args->device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
   if (args->rows <= 0 || args->cols <= 0) {
@@ -265,20 +306,35 @@ int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const v
       status = cudaMemsetAsync(col_dot, 0, width * static_cast<size_t>(args->cols), s);
     return static_cast<int>(status);
   }
-  if (args->dtype == MK_DTYPE_F32) return backward_for<float>(*args, lse, g_lse, g_cos_target, col_dot, max_abs);
-  if (args->dtype == MK_DTYPE_F64) return backward_for<double>(*args, lse, g_lse, g_cos_target, col_dot, max_abs);
-  return MK_CUDA_ERR_BAD_DTYPE;
+  const mk_grad_out in_place{args->tile, args->ld, args->dtype, nullptr};
+  const mk_grad_out& o = out != nullptr ? *out : in_place;
+  if (args->dtype == MK_DTYPE_F64) {
+    if (o.dtype != MK_DTYPE_F64) return MK_CUDA_ERR_BAD_DTYPE;
+    return backward_for<double, double>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, o.data, o.ld, o.factor);
+  }
+  if (args->dtype != MK_DTYPE_F32) return MK_CUDA_ERR_BAD_DTYPE;
+  return dispatch_storage_f32(o.dtype, [&](auto tag) {
+    using Tout = decltype(tag);
+    return backward_for<float, Tout>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, o.data, o.ld, o.factor);
+  });
 }
 
-int mk_cuda_finish_dw(void* g, int64_t n, int64_t dim, int64_t ld_g, const void* w, int64_t ld_w,
-                      const void* col_dot, const void* inv_norm, int dtype, int device, void* stream) {
-  if (n <= 0 || dim <= 0) return 0;
-  DeviceScope scope(device);
+int mk_cuda_finish_dw(const mk_dw_args* args) {
+  const mk_dw_args& a = *args;
+  if (a.n <= 0 || a.dim <= 0) return 0;
+  if ((a.col_dot == nullptr) != (a.inv_norm == nullptr)) return MK_CUDA_ERR_BAD_ARGUMENT;
+  DeviceScope scope(a.device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == MK_DTYPE_F32) return finish_dw_for<float>(g, n, dim, ld_g, w, ld_w, col_dot, inv_norm, s);
-  if (dtype == MK_DTYPE_F64) return finish_dw_for<double>(g, n, dim, ld_g, w, ld_w, col_dot, inv_norm, s);
-  return MK_CUDA_ERR_BAD_DTYPE;
+  if (a.dtype == MK_DTYPE_F64) {
+    if (a.w_dtype != MK_DTYPE_F64 || a.out_dtype != MK_DTYPE_F64) return MK_CUDA_ERR_BAD_DTYPE;
+    return finish_dw_for<double, double, double>(a);
+  }
+  if (a.dtype != MK_DTYPE_F32) return MK_CUDA_ERR_BAD_DTYPE;
+  return dispatch_storage_f32(a.w_dtype, [&](auto w_tag) {
+    return dispatch_storage_f32(a.out_dtype, [&](auto out_tag) {
+      return finish_dw_for<float, decltype(w_tag), decltype(out_tag)>(a);
+    });
+  });
 }
 
 const char* mk_cuda_error_string(int code) {
@@ -286,6 +342,7 @@ const char* mk_cuda_error_string(int code) {
     case MK_CUDA_ERR_UNKNOWN_KIND: return "unknown negative-function kind";
     case MK_CUDA_ERR_BAD_DTYPE: return "unsupported dtype code";
     case MK_CUDA_ERR_TOO_MANY_ROWS: return "too many rows for one launch";
+    case MK_CUDA_ERR_BAD_ARGUMENT: return "col_dot and inv_norm must be given together";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

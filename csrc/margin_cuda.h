@@ -18,6 +18,7 @@ enum {
   MK_CUDA_ERR_UNKNOWN_KIND = 100001,
   MK_CUDA_ERR_BAD_DTYPE = 100002,
   MK_CUDA_ERR_TOO_MANY_ROWS = 100003,
+  MK_CUDA_ERR_BAD_ARGUMENT = 100004, /* an inconsistent set of optional pointers */
 };
 
 /* one B x n tile of dot products x_i . w_j and what the epilogue needs to turn it into logits or gradients */
@@ -42,14 +43,44 @@ int mk_cuda_inv_norms(const void* w, int w_dtype, int64_t n, int64_t dim, int64_
 /* merge the tile's negative logits (target column excluded) into run_max/run_sum (rows entries, in place) */
 int mk_cuda_forward_epilogue(const mk_tile_args* args, void* run_max, void* run_sum);
 
-/* overwrite the tile with dL/d(x_i . w_j) (see margin_cpu.h's backward_tile); col_dot (cols entries) is
- * written when inv_norm is given; *max_abs (one element, zeroed here) gets max |dL/dc| when not NULL */
-int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const void* g_lse,
-                              const void* g_cos_target, void* col_dot, void* max_abs);
+/* where the backward epilogue writes dL/d(x_i . w_j): a rows x cols matrix (leading dimension ld) of
+ * out_dtype (the tile's own dtype, or F16/BF16: the operand of tensor-core gradient GEMMs), each value
+ * multiplied by *factor (one element of the tile's dtype on the device, or NULL for 1) before rounding */
+typedef struct mk_grad_out {
+  void* data;
+  int64_t ld;
+  int dtype;
+  const void* factor;
+} mk_grad_out;
 
-/* in place on the dW GEMM output g (n x dim, leading dimension ld_g): g_j -= col_dot_j / |w_j|^2 * w_j */
-int mk_cuda_finish_dw(void* g, int64_t n, int64_t dim, int64_t ld_g, const void* w, int64_t ld_w,
-                      const void* col_dot, const void* inv_norm, int dtype, int device, void* stream);
+/* dL/d(x_i . w_j) of the tile (see margin_cpu.h's backward_tile), over the tile itself (out NULL) or into
+ * *out; col_dot (cols entries) is written when inv_norm is given; *max_abs (one element, zeroed here) gets
+ * max |dL/dc| when not NULL */
+int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const void* g_lse,
+                              const void* g_cos_target, void* col_dot, void* max_abs, const mk_grad_out* out);
+
+/* the epilogue of the dW GEMM: out_j = g_j * inv_factor - col_dot_j / |w_j|^2 * w_j for the n x dim GEMM output
+ * g (dtype F32/F64, leading dimension ld_g); w (any MK_DTYPE_*) are the chunk's weight rows; col_dot and
+ * inv_norm (n entries of g's dtype) are both NULL for raw weights (no normalisation term); inv_factor is one
+ * element of g's dtype or NULL for 1; out (out_dtype: g's, or the gradient's 16-bit dtype) may be g itself */
+typedef struct mk_dw_args {
+  const void* g;
+  int64_t n, dim, ld_g;
+  int dtype;
+  const void* w;
+  int64_t ld_w;
+  int w_dtype;
+  const void* col_dot;
+  const void* inv_norm;
+  const void* inv_factor;
+  void* out;
+  int64_t ld_out;
+  int out_dtype;
+  int device;
+  void* stream;
+} mk_dw_args;
+
+int mk_cuda_finish_dw(const mk_dw_args* args);
 
 const char* mk_cuda_error_string(int code);
 

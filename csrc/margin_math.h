@@ -38,7 +38,7 @@ constexpr int kNumNegativeKinds = 6;
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 // ---- exp --------------------------------------------------------------------------------------------------
 MK_HD float bits_as_float(int32_t bits) {

@@ -18,6 +18,8 @@ import torch
 PRODUCTS = ("storage", "ieee", "tf32", "bf16", "fp16")
 _MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 _AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: the products whose fp32 operands are cast to a 16-bit dtype (in registers, or one chunk at a time)
+CAST_DTYPES = {mode: dtype for dtype, mode in _AUTOCAST.items()}
 
 
 def _autocast_dtype(device_type: str):

@@ -19,10 +19,17 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 
 from ..losses.negatives import NegativeSpec
+from ..precision import CAST_DTYPES
 from . import filter_stats
 
-#: classes per chunk on CUDA: large enough to keep the GPU busy in every GEMM and elementwise launch
+#: classes per chunk on CUDA at B = 512 (what memory_model assumes; ``default_chunk_size`` scales it with B)
 DEFAULT_CHUNK_SIZE = 8192
+#: on CUDA, bytes of one chunk's B x chunk tiles that should stay in L2 (50 MB on H100, 40 MB on A100) between
+#: the GEMM that writes them and the epilogue and GEMMs that read them: the fp32 tile and the 16-bit dL/dcos,
+#: 6 bytes per element (24 MiB: 8192 classes at B = 512)
+CUDA_TILE_BYTES = 24 << 20
+CUDA_TILE_BYTES_PER_ELEMENT = 6
+CUDA_MIN_CHUNK, CUDA_MAX_CHUNK = 1024, 16384  # below: the GEMMs get thin; above: no gain, more memory
 #: on CPU, elements of the B x chunk fp32 tile: 2 MiB stays in cache between the GEMM that writes it, the
 #: epilogue and the two GEMMs that read it. Measured by the chunk-size script that `margin-bench chunks` replaced
 #: (its floor: the 4 GEMMs full-size; B=256, C=1e5, d=512, fp32, 2 cores, idle): 1.05x the floor at chunk
@@ -31,13 +38,18 @@ CPU_TILE_ELEMENTS = 1 << 19
 CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
 
 
+def _power_of_two_within(target: int, low: int, high: int) -> int:
+    return max(low, min(high, 1 << max(target, 1).bit_length() - 1))
+
+
 def default_chunk_size(batch: int, device_type: str = "cpu") -> int:
-    """CUDA: DEFAULT_CHUNK_SIZE. CPU: CPU_TILE_ELEMENTS / batch rounded down to a power of two, within
-    [CPU_MIN_CHUNK, CPU_MAX_CHUNK] (2048 at B >= 256, 4096 at 128, 8192 at B <= 64)."""
+    """The tile of one chunk sized to stay in cache, rounded down to a power of two. CUDA: CUDA_TILE_BYTES
+    within [CUDA_MIN_CHUNK, CUDA_MAX_CHUNK] (8192 at B = 512, 4096 at 1024, 16384 at B <= 256). CPU:
+    CPU_TILE_ELEMENTS within [CPU_MIN_CHUNK, CPU_MAX_CHUNK] (2048 at B >= 256, 4096 at 128, 8192 at B <= 64)."""
     if device_type != "cpu":
-        return DEFAULT_CHUNK_SIZE
-    target = CPU_TILE_ELEMENTS // max(batch, 1)
-    return max(CPU_MIN_CHUNK, min(CPU_MAX_CHUNK, 1 << max(target, 1).bit_length() - 1))
+        target = CUDA_TILE_BYTES // (CUDA_TILE_BYTES_PER_ELEMENT * max(batch, 1))
+        return _power_of_two_within(target, CUDA_MIN_CHUNK, CUDA_MAX_CHUNK)
+    return _power_of_two_within(CPU_TILE_ELEMENTS // max(batch, 1), CPU_MIN_CHUNK, CPU_MAX_CHUNK)
 
 
 class TileGrad(NamedTuple):
@@ -46,6 +58,8 @@ class TileGrad(NamedTuple):
     grad: torch.Tensor  #: dL/d(x_i . w_j), the operand of the dx and dW GEMMs (includes 1/|w_j| when normalised)
     col_dot: Optional[torch.Tensor]  #: sum_i dL/dc_ij * c_ij per class (normalised weights only)
     max_abs: Optional[torch.Tensor]  #: max |dL/dc_ij| over the tile (only when asked: gradient filtering)
+    #: 1/factor when ``grad`` was multiplied by a power of two before rounding to fp16 (gradient_scale), else None
+    inv_factor: Optional[torch.Tensor] = None
 
 
 class Epilogue(Protocol):
@@ -62,12 +76,18 @@ class Epilogue(Protocol):
 
     def backward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                       row_params: torch.Tensor, spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
-                      g_cos_target: torch.Tensor, want_max_abs: bool) -> TileGrad:
-        """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs."""
+                      g_cos_target: torch.Tensor, want_max_abs: bool,
+                      grad_dtype: Optional[torch.dtype] = None) -> TileGrad:
+        """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs: in place in the tile, or,
+        with ``grad_dtype`` (a 16-bit GEMM operand dtype), a new tile in that dtype, scaled for fp16 as
+        ``gradient_scale`` says (the factor includes the 1/|w_j| folded into it)."""
 
-    def finish_dw(self, dw: torch.Tensor, w_acc: torch.Tensor, col_dot: torch.Tensor,
-                  inv_norm: torch.Tensor) -> None:
-        """In place: the normalisation backward on the dW GEMM output, dw_j -= col_dot_j / |w_j|^2 * w_j."""
+    def finish_dw(self, dw: torch.Tensor, w: torch.Tensor, col_dot: Optional[torch.Tensor],
+                  inv_norm: Optional[torch.Tensor], inv_factor: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None) -> None:
+        """The dW GEMM output's epilogue: dw_j * inv_factor - col_dot_j / |w_j|^2 * w_j (the normalisation
+        backward; no col_dot: raw weights), in place, or written to ``out`` (the gradient's rows, in their
+        dtype). Without inv_factor and out (the fp32 path) ``w`` is in dw's dtype and col_dot is given."""
 
 
 def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype,
@@ -84,10 +104,41 @@ def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype,
     return a.to(acc_dtype) @ b_t.to(acc_dtype)
 
 
-def _gemm_operand(t: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """CPU GEMMs have no mixed-precision path: convert once and reuse the copy for every product of a chunk
-    (CUDA keeps the storage dtype and multiplies with fp32 output)."""
-    return t if t.is_cuda else t.to(acc_dtype)
+def _gemm_operand(t: torch.Tensor, acc_dtype: torch.dtype, operand_dtype: Optional[torch.dtype] = None):
+    """CPU GEMMs have no mixed-precision path: convert once and reuse the copy for every product of a chunk.
+    CUDA keeps the storage dtype and multiplies with fp32 output, or casts fp32 storage to ``operand_dtype``
+    (the 16-bit product of margin_kernels.precision: autocast, matmul precision "medium"), one chunk at a time
+    (never a C x d copy)."""
+    if not t.is_cuda:
+        return t.to(acc_dtype)
+    return t if operand_dtype is None else t.to(operand_dtype)
+
+
+def product_operand_dtype(product: str, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The 16-bit dtype fp32 CUDA operands are cast to for ``product`` (margin_kernels.precision), else None:
+    CPU GEMMs multiply fp32 exactly, and "ieee"/"tf32" are torch.mm's own global setting on CUDA."""
+    return CAST_DTYPES.get(product) if x.is_cuda and x.dtype == torch.float32 else None
+
+
+#: torch.mm(a, b, out_dtype=...) (16-bit operands, fp32 output: cuBLAS on tensor cores); absent in older torch
+_MIXED_MM = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def gradient_operand_dtype(w_mm: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the backward epilogue writes dL/dcos in for the dx and dW GEMMs: the chunk's 16-bit CUDA GEMM
+    operand dtype when torch can multiply it with fp32 output, so both GEMMs run on tensor cores and the tile
+    they read is half the size; None (the fp32 tile, overwritten in place) otherwise."""
+    if _MIXED_MM and w_mm.is_cuda and w_mm.dtype in (torch.float16, torch.bfloat16):
+        return w_mm.dtype
+    return None
+
+
+def mixed_mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b of 16-bit operands, accumulated and returned in acc_dtype (on CPU, where this runs only in tests,
+    by widening first: the products of 16-bit values are exact in fp32, so it is the same computation)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=acc_dtype)
+    return a.to(acc_dtype) @ b.to(acc_dtype)
 
 
 class _Scratch:
@@ -122,26 +173,34 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                    chunk_size: int, epilogue: Epilogue) -> torch.Tensor:
+                    chunk_size: int, epilogue: Epilogue, operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The rows' log-sum-exp over their negatives. ``operand_dtype``: see _gemm_operand."""
     acc = row_params.dtype
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
     num_cols = num_columns(weight, class_index)
-    x_mm = _gemm_operand(x, acc)
+    x_mm = _gemm_operand(x, acc, operand_dtype)
     scratch = _Scratch(x.device, acc)
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
+        w_stored = _chunk_rows(weight, class_index, col0, col1)
+        w = _gemm_operand(w_stored, acc, operand_dtype)
         cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
-        inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
+        # the norms of the stored rows (a cast operand would round them first)
+        inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
         epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
     return run_max + torch.log(run_sum)
 
 
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0):
+                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
+                     operand_dtype: Optional[torch.dtype] = None):
+    """(dx, dW). Per chunk: the recompute GEMM into an fp32 tile, the epilogue's dL/dcos, then the dx and dW
+    GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage) or on a 16-bit copy the epilogue writes instead
+    (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs ``finish_dw`` unscales,
+    normalises and stores in the gradient's dtype in one pass."""
     acc = row_params.dtype
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -149,24 +208,37 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
     # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
     dw_in_place = class_index is None and weight.dtype == acc and dweight.is_contiguous()
-    x_acc = x.to(acc)
-    x_mm = _gemm_operand(x, acc)
+    x_mm = _gemm_operand(x, acc, operand_dtype)
+    x_acc = None  # the fp32 path's dW operand, made on first use
     lse = finite_lse(lse)
     num_cols = num_columns(weight, class_index)
     scratch = _Scratch(x.device, acc)
     skipped = 0
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
+        w_stored = _chunk_rows(weight, class_index, col0, col1)
+        w = _gemm_operand(w_stored, acc, operand_dtype)
         cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
-        inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
+        inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
+        grad_dtype = gradient_operand_dtype(w)
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
-                                      g_cos_target, grad_filter > 0)
+                                      g_cos_target, grad_filter > 0, grad_dtype)
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
             if class_index is None:
                 dweight[col0:col1].zero_()
             continue
+        if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
+            dx_part = mixed_mm(tile.grad, w, acc)
+            dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
+            dw = mixed_mm(tile.grad.t(), x_mm, acc)
+            rows = dweight[col0:col1] if class_index is None else torch.empty_like(w_stored)
+            epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
+            if class_index is not None:
+                dweight.index_copy_(0, class_index[col0:col1], rows)
+            continue
+        if x_acc is None:
+            x_acc = x.to(acc)
         w_acc = w.to(acc)
         dx.addmm_(tile.grad, w_acc)
         dw_out = dweight[col0:col1] if dw_in_place else scratch.get("dw", col1 - col0, dim)
@@ -182,5 +254,3 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), dweight
-
-

@@ -2,8 +2,10 @@
 
 The loop (GEMMs by torch.mm: MKL on CPU, cuBLAS on CUDA) is ``chunk_loop``'s; the epilogue reads each B x chunk
 tile once: forward divides by |w_j|, applies the negative function and scale, masks the target and merges
-into the running max/sum; backward turns the recomputed tile into dL/d(x.w) in place with sum_i dc*c per
-class, and the dW normalisation backward is one in-place pass. ``cpu_backend`` and ``cuda_backend`` are
+into the running max/sum; backward turns the recomputed tile into dL/d(x.w) with sum_i dc*c per class (in
+place, or on CUDA with 16-bit operands into a half-size bf16/fp16 copy that the tensor-core GEMMs read), and
+the dW normalisation backward is one pass over the dW GEMM's output (on CUDA also unscaling it and storing it
+in the gradient's dtype). ``cpu_backend`` and ``cuda_backend`` are
 instances of ``NativeBackend``.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from .. import _native
 from ..losses.negatives import NegativeSpec
 from . import chunk_loop
-from .chunk_loop import TileGrad
+from .chunk_loop import TileGrad, product_operand_dtype
+from .gradient_scale import chunk_operand_scale
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -44,15 +47,21 @@ class NativeEpilogue:
                                run_max, run_sum, _stream(cos))
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse, g_cos_target,
-                      want_max_abs) -> TileGrad:
+                      want_max_abs, grad_dtype=None) -> TileGrad:
         col_dot = None if inv_norm is None else torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device)
         max_abs = torch.empty(1, dtype=cos.dtype, device=cos.device) if want_max_abs else None
+        grad, factor, inv_factor = cos, None, None
+        if grad_dtype is not None:  # CUDA only: the kernel writes the scaled 16-bit copy, the tile is only read
+            grad = torch.empty(cos.shape, dtype=grad_dtype, device=cos.device)
+            factor, inv_factor = chunk_operand_scale(grad_dtype, spec, row_params, g_lse, g_cos_target, inv_norm)
         self._ext.backward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
-                                lse, g_lse, g_cos_target, col_dot, max_abs, _stream(cos))
-        return TileGrad(cos, col_dot, max_abs)
+                                lse, g_lse, g_cos_target, col_dot, max_abs,
+                                grad_out=None if grad_dtype is None else grad, factor=factor, stream=_stream(cos))
+        return TileGrad(grad, col_dot, max_abs, inv_factor)
 
-    def finish_dw(self, dw, w_acc, col_dot, inv_norm):
-        self._ext.finish_dw(dw, _unit_stride_rows(w_acc), col_dot, inv_norm, _stream(dw))
+    def finish_dw(self, dw, w, col_dot, inv_norm, inv_factor=None, out=None):
+        self._ext.finish_dw(dw, _unit_stride_rows(w), col_dot, inv_norm, out=out, inv_factor=inv_factor,
+                            stream=_stream(dw))
 
 
 class NativeBackend:
@@ -110,7 +119,7 @@ class NativeBackend:
         return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
-            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
+            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue(), product_operand_dtype(product, x))
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                      g_cos_target, chunk_size, grad_filter=0.0, product="storage"):
@@ -121,4 +130,5 @@ class NativeBackend:
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
-            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter)
+            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter,
+            product_operand_dtype(product, x))

@@ -7,7 +7,8 @@ import torch
 
 from ..losses.negatives import negative_derivative, negative_logits
 from ..norms import inverse_norms
-from .chunk_loop import TileGrad, chunked_backward, chunked_forward, default_chunk_size
+from .chunk_loop import TileGrad, chunked_backward, chunked_forward, default_chunk_size, product_operand_dtype
+from .gradient_scale import chunk_operand_scale
 
 
 def _target_columns(labels: torch.Tensor, col0: int, width: int):
@@ -34,7 +35,7 @@ class TorchEpilogue:
         run_max.copy_(new_max)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
-                      want_max_abs):
+                      want_max_abs, grad_dtype=None):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
@@ -50,10 +51,19 @@ class TorchEpilogue:
             # per-class correction of the dW rows (finish_dw)
             col_dot = (dcos * cos).sum(dim=0)
             dcos.mul_(inv_norm)
-        return TileGrad(dcos, col_dot, max_abs)
+        if grad_dtype is None:
+            return TileGrad(dcos, col_dot, max_abs)
+        factor, inv_factor = chunk_operand_scale(grad_dtype, spec, row_params, g_lse, g_cos_target, inv_norm)
+        grad = (dcos if factor is None else dcos.mul_(factor)).to(grad_dtype)
+        return TileGrad(grad, col_dot, max_abs, inv_factor)
 
-    def finish_dw(self, dw, w_acc, col_dot, inv_norm):
-        dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w_acc)
+    def finish_dw(self, dw, w, col_dot, inv_norm, inv_factor=None, out=None):
+        if inv_factor is not None:
+            dw.mul_(inv_factor)
+        if col_dot is not None:
+            dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w.to(dw.dtype))
+        if out is not None:
+            out.copy_(dw)
 
 
 _TORCH_EPILOGUE = TorchEpilogue()
@@ -61,14 +71,15 @@ _TORCH_EPILOGUE = TorchEpilogue()
 
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE)
+                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE,
+                           product_operand_dtype(product, x))
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
                  chunk_size, grad_filter=0.0, product="storage"):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
-                            _TORCH_EPILOGUE, grad_filter)
+                            _TORCH_EPILOGUE, grad_filter, product_operand_dtype(product, x))
 
 
 def unavailable_reason():

@@ -33,10 +33,9 @@ import os
 import torch
 import triton  # an ImportError here makes the registry report the backend as unavailable
 
-from . import filter_stats
+from . import filter_stats, gradient_scale
 from . import triton_configs as configs
-from ..losses.negatives import derivative_bound
-from ..precision import PRODUCTS
+from ..precision import CAST_DTYPES, PRODUCTS
 from .chunk_loop import finite_lse, num_columns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -124,7 +123,6 @@ def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, produc
 
 
 #: the dtype a product mode multiplies fp32 storage in, for the backward's dL/dcos buffer
-_CAST_PRODUCTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
@@ -153,16 +151,11 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
 
 
 def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
-    """The power of two dL/dcos is multiplied by before it is rounded to fp16 (1 otherwise): its bound
-    s * max|g'| * max|g_lse| (the softmax probabilities are <= 1) or the largest target gradient, brought to
-    2^14 (fp16's largest finite value is 65504: headroom for the bound being loose by 4x). A device scalar:
-    no host sync. The exponent is clamped so the factor stays finite for any bound."""
-    if buffer_dtype != torch.float16:
+    """dC's power-of-two factor (gradient_scale; 1 unless the buffer is fp16). dC is stored without 1/|w_j|:
+    the kernels apply it in registers, so the bound needs no column scale."""
+    if not gradient_scale.needs_factor(buffer_dtype):
         return row_params.new_ones(1)
-    bound = torch.maximum(abs(spec.scale) * derivative_bound(spec, row_params) * g_lse.abs().max(),
-                          g_cos_target.abs().max())
-    exponent = torch.where(bound > 0, torch.log2(bound).ceil().clamp(-100.0, 100.0), torch.zeros_like(bound))
-    return torch.exp2(14.0 - exponent).reshape(1)
+    return gradient_scale.operand_factor(spec, row_params, g_lse, g_cos_target)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
@@ -184,7 +177,7 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
     # (tensor cores); else the accumulation dtype
-    buffer_dtype = x.dtype if x.element_size() == 2 else _CAST_PRODUCTS.get(product, acc)
+    buffer_dtype = x.dtype if x.element_size() == 2 else CAST_DTYPES.get(product, acc)
     chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8, interpret)
     row_blocks = triton.cdiv(batch, tiles.block_b)
     col_tiles = triton.cdiv(chunk, tiles.block_c)
