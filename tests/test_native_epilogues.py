@@ -142,6 +142,32 @@ def compare_epilogues(ext, kind, dtype, device, *, normalized=True, col0=0, seed
             outs.append(out)
         errors["finish_dw"] = rel_err(outs[0], outs[1])
         errors["inv_norms"] = rel_err(native.inv_norms(w, dtype), torch_epi.inv_norms(w, dtype))
+    if device != "cpu" and dtype == torch.float32:
+        errors.update(compare_16bit_operands(native, torch_epi, inputs, labels, col0, lse, normalized))
+    return errors
+
+
+def compare_16bit_operands(native, torch_epi, inputs, labels, col0, lse, normalized):
+    """CUDA only: the 16-bit dL/dcos copy (bf16; fp16 with its factor) and the finish_dw that unscales and
+    stores into 16-bit rows, against TorchEpilogue's version of the same contract (which the chunk loop's CPU
+    emulation, tests/test_chunk_loop_operands.py, runs). Errors relative to one rounding (2^-8 / 2^-11)."""
+    errors = {}
+    for grad_dtype, ulp in ((torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)):
+        grads = [epi.backward_tile(inputs["tile"].clone(), inputs["inv_norm"], labels, col0, inputs["row_params"],
+                                   inputs["spec"], lse, inputs["g_lse"], inputs["g_cos_target"], False, grad_dtype)
+                 for epi in (native, torch_epi)]
+        assert grads[0].grad.dtype == grad_dtype
+        unscaled = [g.grad.float() * (1.0 if g.inv_factor is None else g.inv_factor) for g in grads]
+        errors[f"grad_{grad_dtype}"] = rel_err(unscaled[0], unscaled[1]) / ulp * 1e-5
+        w = torch.randn(inputs["tile"].shape[1], 9, device=inputs["tile"].device).to(grad_dtype)
+        dw = torch.randn(w.shape, device=w.device)
+        outs = []
+        for epi, g in zip((native, torch_epi), grads):
+            out = torch.empty_like(w)
+            epi.finish_dw(dw.clone(), w, g.col_dot if normalized else None, inputs["inv_norm"] if normalized else None,
+                          g.inv_factor, out=out)
+            outs.append(out.float())
+        errors[f"finish_dw_{grad_dtype}"] = rel_err(outs[0], outs[1]) / ulp * 1e-5
     return errors
 
 
@@ -305,6 +331,11 @@ def test_binding_checks_name_function_and_argument(cpu_ext):
         (lambda: ext.backward_tile(tile, torch.ones(6), labels, 0, rp, 0, 1.0, 0.0, 0.0, *run, torch.zeros(4),
                                    None, None), "col_dot is required"),
         (lambda: ext.finish_dw(torch.zeros(3, 2), torch.zeros(3, 3), torch.zeros(3), torch.zeros(3)), "same shape"),
+        (lambda: ext.backward_tile(tile, None, labels, 0, rp, 0, 1.0, 0.0, 0.0, *run, torch.zeros(4), None, None,
+                                   grad_out=tile.bfloat16()), "CUDA-only"),
+        (lambda: ext.finish_dw(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3), torch.zeros(3),
+                               out=torch.zeros(3, 2)), "CUDA-only"),
+        (lambda: ext.finish_dw(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3), None), "together"),
         (lambda: ext.inv_norms(torch.zeros(3, 2, dtype=torch.bfloat16)), "convert first"),
     ]
     for call, message in cases:
