@@ -227,6 +227,10 @@ def forward_autotune_configs():
                           num_warps=t.num_warps, num_stages=t.num_stages) for t in H100_FORWARD]
 
 
+#: the forward tiling when no autotune candidate fits (fp64: 8-byte operand tiles exceed shared memory)
+FORWARD_FALLBACK = ForwardTiles(32, 32, 32, num_warps=4, num_stages=1)
+
+
 def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool) -> bool:
     """Whether the autotuner may pick ``tiles``: its operand tiles fit shared memory, and, for 4-byte storage
     whose operands are cast to 16 bits in registers (bf16/fp16 products of fp32 weights), it is not one of the
@@ -246,4 +250,8 @@ def prune_forward(configs, named_args, **kwargs):
     kept = [c for c in configs if forward_candidate(ForwardTiles(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"],
                                                                  c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
                                                     elem_bytes, casts)]
-    return kept or [triton.Config({"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    if kept:
+        return kept
+    t = FORWARD_FALLBACK
+    return [triton.Config({"BLOCK_B": t.block_b, "BLOCK_C": t.block_c, "BLOCK_K": t.block_k},
+                          num_warps=t.num_warps, num_stages=t.num_stages)]

@@ -152,9 +152,10 @@ def _cases(dims, dtypes):
         products = ("ieee", "tf32", "bf16") if dtype == "fp32" else ("storage",)
         for product, dim in ((p, d) for p in products for d in dims):
             base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False, PRODUCT=PRODUCTS.index(product))
-            for t in configs.H100_FORWARD:  # what the autotuner may pick for this dtype and product
-                if not configs.forward_candidate(t, elem, product in ("bf16", "fp16")):
-                    continue
+            # what the autotuner may pick for this dtype and product (its fallback when nothing fits: fp64)
+            candidates = [t for t in configs.H100_FORWARD
+                          if configs.forward_candidate(t, elem, product in ("bf16", "fp16"))]
+            for t in candidates or [configs.FORWARD_FALLBACK]:
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
                 for kind in NegativeKind:
                     yield ("lse_forward", label, dtype, kind.name, dim, product,
