@@ -41,7 +41,7 @@ class CombinedMarginLoss(torch.nn.Module):
                 dirty = logits > self.interclass_filtering_threshold
                 dirty = dirty.float()
                 mask = torch.ones([index_positive.size(0), logits.size(1)], device=logits.device)
-                mask.scatter_(1, labels[index_positive], 0)
+                mask.scatter_(1, labels[index_positive].view(-1, 1), 0)
                 dirty[index_positive] *= mask
                 tensor_mul = 1 - dirty
             logits = tensor_mul * logits

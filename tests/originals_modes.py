@@ -24,13 +24,18 @@ def facexzoo_arcface(x, w, labels, margin_arc=0.35, margin_am=0.0, scale=32.0):
     sin_theta = torch.sqrt(1.0 - torch.pow(cos_theta, 2))
     cos_theta_m = cos_theta * math.cos(margin_arc) - sin_theta * math.sin(margin_arc)
     cos_theta_m = torch.where(cos_theta > math.cos(math.pi - margin_arc), cos_theta_m, cos_theta - margin_am)
+    return F.cross_entropy(_facexzoo_output(cos_theta, cos_theta_m, labels, scale), labels)
+
+
+def _facexzoo_output(cos_theta, cos_theta_m, labels, scale):
+    """The tail both FaceX-Zoo heads share: the target column from cos_theta_m, the rest cos_theta, scaled."""
     index = torch.zeros_like(cos_theta)
     index.scatter_(1, labels.data.view(-1, 1), 1)
     index = index.byte().bool()
     output = cos_theta * 1.0
     output[index] = cos_theta_m[index]
     output *= scale
-    return F.cross_entropy(output, labels)
+    return output
 
 
 def facexzoo_magface(x, w, labels, margin_am=0.0, scale=32.0, l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8,
@@ -46,12 +51,7 @@ def facexzoo_magface(x, w, labels, margin_am=0.0, scale=32.0, l_a=10.0, u_a=110.
     cos_theta_m = cos_theta * cos_m - sin_theta * sin_m
     min_cos_theta = torch.cos(math.pi - ada_margin)
     cos_theta_m = torch.where(cos_theta > min_cos_theta, cos_theta_m, cos_theta - margin_am)
-    index = torch.zeros_like(cos_theta)
-    index.scatter_(1, labels.data.view(-1, 1), 1)
-    index = index.byte().bool()
-    output = cos_theta * 1.0
-    output[index] = cos_theta_m[index]
-    output *= scale
+    output = _facexzoo_output(cos_theta, cos_theta_m, labels, scale)
     # FaceX-Zoo's train.py: loss = criterion(outputs, labels) + torch.mean(lamda * loss_g)
     return F.cross_entropy(output, labels) + torch.mean(lamda * loss_g)
 

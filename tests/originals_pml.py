@@ -50,33 +50,29 @@ def _loss(embeddings, labels, W, modify, scale_logits):
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none").mean()
 
 
-def large_margin_softmax(embeddings, labels, W, margin=4, scale=1):
+def _lsoftmax_target(margin):
+    """LargeMarginSoftmaxLoss.modify_cosine_of_target_classes (SphereFaceLoss inherits it)."""
     def modify(c):
         cos_with_margin = _cos_with_margin(c, margin)
         angles = _angles(c)
         with torch.no_grad():
             k = (angles / (math.pi / margin)).floor()
         return ((-1) ** k) * cos_with_margin - (2 * k)
+    return modify
 
+
+def large_margin_softmax(embeddings, labels, W, margin=4, scale=1):
     def scale_logits(logits):
         product_of_magnitudes = torch.norm(W, p=2, dim=0).unsqueeze(0) * torch.norm(embeddings, p=2, dim=1).unsqueeze(1)
         return logits * product_of_magnitudes * scale
 
-    return _loss(embeddings, labels, W, modify, scale_logits)
+    return _loss(embeddings, labels, W, _lsoftmax_target(margin), scale_logits)
 
 
 def sphereface(embeddings, labels, W, margin=4, scale=1):
-    def scale_logits(logits):
-        return logits * torch.norm(embeddings, p=2, dim=1).unsqueeze(1) * scale
-
-    def modify(c):
-        cos_with_margin = _cos_with_margin(c, margin)
-        angles = _angles(c)
-        with torch.no_grad():
-            k = (angles / (math.pi / margin)).floor()
-        return ((-1) ** k) * cos_with_margin - (2 * k)
-
-    return _loss(embeddings, labels, W, modify, scale_logits)
+    # SphereFaceLoss.scale_logits: the embedding norm only (its weights are normalised)
+    return _loss(embeddings, labels, W, _lsoftmax_target(margin),
+                 lambda logits: logits * torch.norm(embeddings, p=2, dim=1).unsqueeze(1) * scale)
 
 
 def arcface(embeddings, labels, W, margin=28.6, scale=64):
