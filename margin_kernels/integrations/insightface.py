@@ -166,5 +166,6 @@ class PartialFC_V2(DistributedMarginHead):  # noqa: N801 - insightface's name
             per_row = super().forward(local_embeddings, local_labels)
         # DistCrossEntropy: -log(clamp_min(p, 1e-30)), the floor in the value only (its backward ignores it)
         capped = per_row - (per_row - per_row.clamp_max(LOSS_CAP)).detach()
-        count = all_reduce_sum_((local_labels != self.ignore_index).sum().reshape(1), self.process_group)
+        valid = (local_labels != self.ignore_index).sum().reshape(1).to(self.weight.device)  # NCCL: on the device
+        count = all_reduce_sum_(valid, self.process_group)
         return capped.sum() / count.clamp_min(1).to(capped.dtype).squeeze(0)
