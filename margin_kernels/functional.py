@@ -61,14 +61,19 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
-                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float):
+                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
+                 product: Optional[str] = None):
     """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable. The target
-    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward."""
+    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward.
+    ``product``: the product mode (``precision.PRODUCTS``), by default decided here from autocast and the
+    matmul precision; a caller that turns autocast off around the op decides it before."""
     spec = margin.negative_spec()
+    if product is None:
+        product = product_mode(weight.dtype, weight.device.type)
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter), product_mode(weight.dtype, weight.device.type))
+        float(grad_filter), product)
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:

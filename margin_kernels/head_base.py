@@ -80,7 +80,8 @@ class HeadBase(nn.Module):
         if not (self.training and self.sampler.active):
             self.sampled_classes = None
             return columns, None
-        index = self.sampler.sample(columns[columns >= 0])
+        # the sampler draws on its generator's device (insightface's on the CPU): the index joins the columns
+        index = self.sampler.sample(columns[columns >= 0]).to(columns.device)
         self.sampled_classes = index + self.shard_range[0]
         return self.sampler.remap(index, columns), index
 

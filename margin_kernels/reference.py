@@ -26,18 +26,28 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     if margin.normalize_weight:
         cos = cos / floored(weight_norms)
     valid = labels != ignore_index
+    logits, regularizer = logits_from_cosines(cos, labels, valid, margin, feature_norm, weight_norms)
+    return logits, valid, regularizer
+
+
+def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=None, weight_norms=None):
+    """(logits B x C, per-row regulariser or None) from the B x C cosines the loss's kernels would see: the
+    negative function on every column, the target formula at each valid row's label. Norms default to 1 (for
+    callers that only have cosines, e.g. insightface's margin modules). Advances the loss's state."""
+    ones = torch.ones((), dtype=cos.dtype, device=cos.device)
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
     rows = RowInputs(
-        cos=torch.where(valid, cos.gather(1, target_col).squeeze(1), torch.zeros((), dtype=acc)),
-        feature_norm=feature_norm,
-        weight_norm=torch.where(valid, weight_norms[target_col.squeeze(1)], torch.ones((), dtype=acc)),
+        cos=torch.where(valid, cos.gather(1, target_col).squeeze(1), torch.zeros((), dtype=cos.dtype)),
+        feature_norm=ones.expand(cos.shape[0]) if feature_norm is None else feature_norm,
+        weight_norm=ones.expand(cos.shape[0]) if weight_norms is None else
+        torch.where(valid, weight_norms[target_col.squeeze(1)], ones),
         valid=valid,
     )
-    row_params = margin.begin_call(rows).to(acc)
+    row_params = margin.begin_call(rows).to(cos.dtype)
     negatives = negative_logits(cos, margin.negative_spec(), row_params)
     is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
     logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
-    return logits, valid, margin.regularizer(rows)
+    return logits, margin.regularizer(rows)
 
 
 def margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, reduction: str = "mean",

@@ -49,12 +49,17 @@ class PartialFCSampler:
         allowed) plus uniformly drawn others, ``max(num_sampled, #unique positives)`` ids in all."""
         device = self.generator.device
         positives = torch.unique(local_positives.to(device=device, dtype=torch.long))
-        if positives.numel() >= self.num_sampled:
+        if positives.numel() > self.num_sampled:
             return positives  # torch.unique sorts
-        # insightface's draw: uniform scores, positives forced to the top, keep the num_sampled best
-        scores = torch.rand(self.num_local, generator=self.generator, device=device)
+        # insightface's draw (also when the positives fill the sample exactly, as its `>= 0` test does):
+        # uniform scores, positives forced to the top, keep the num_sampled best
+        scores = self.scores().to(device)
         scores[positives] = 2.0
         return scores.topk(self.num_sampled, sorted=False).indices.sort().values
+
+    def scores(self) -> torch.Tensor:
+        """One uniform score per local class, from this sampler's generator."""
+        return torch.rand(self.num_local, generator=self.generator, device=self.generator.device)
 
     @staticmethod
     def remap(index: torch.Tensor, local_columns: torch.Tensor) -> torch.Tensor:

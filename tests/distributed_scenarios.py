@@ -7,6 +7,7 @@ with single-process float64 references. A scenario that fails on a rank saves it
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import socket
 import time
@@ -248,7 +249,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world, port, outdir, names, ckpt_dir):
+def _worker(rank, world, port, outdir, names, ckpt_dir, module=__name__):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     warnings.filterwarnings("ignore", message="margin_kernels: backend='auto' skips")
     torch.set_num_threads(1)
@@ -258,7 +259,7 @@ def _worker(rank, world, port, outdir, names, ckpt_dir):
         for name in names:
             try:
                 kwargs = {"ckpt_dir": ckpt_dir} if name == "checkpoint_load" else {}
-                result = SCENARIOS[name](rank, world, outdir, **kwargs)
+                result = importlib.import_module(module).SCENARIOS[name](rank, world, outdir, **kwargs)
             except Exception:  # noqa: BLE001 - reported to the pytest side, which fails the scenario's tests
                 result = {"error": traceback.format_exc()}
             torch.save(result, os.path.join(outdir, f"{name}.rank{rank}.pt"))
@@ -271,9 +272,11 @@ def _worker(rank, world, port, outdir, names, ckpt_dir):
         dist.destroy_process_group()
 
 
-def run_world(world: int, outdir: str, names, *, ckpt_dir=None, timeout: float = 150.0) -> dict:
-    """Spawn ``world`` gloo processes on loopback running ``names``; {name: [rank results]}."""
-    context = mp.start_processes(_worker, args=(world, _free_port(), outdir, list(names), ckpt_dir),
+def run_world(world: int, outdir: str, names, *, ckpt_dir=None, timeout: float = 150.0,
+              module: str = __name__) -> dict:
+    """Spawn ``world`` gloo processes on loopback running ``names`` (functions of ``module``'s ``SCENARIOS``,
+    called as ``fn(rank, world, outdir)``); {name: [rank results]}."""
+    context = mp.start_processes(_worker, args=(world, _free_port(), outdir, list(names), ckpt_dir, module),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):

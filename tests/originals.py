@@ -16,32 +16,10 @@ def _cos(x, w):
 
 
 def insightface_combined(x, w, labels, s=64.0, m1=1.0, m2=0.5, m3=0.0, interclass_filtering_threshold=0.0):
-    logits = _cos(x, w).clamp(-1, 1)
-    index_positive = torch.where(labels != -1)[0]
-    if interclass_filtering_threshold > 0:
-        with torch.no_grad():
-            dirty = logits > interclass_filtering_threshold
-            dirty = dirty.float()
-            mask = torch.ones([index_positive.size(0), logits.size(1)], device=logits.device)
-            mask.scatter_(1, labels[index_positive].view(-1, 1), 0)
-            dirty[index_positive] *= mask
-            tensor_mul = 1 - dirty
-        logits = tensor_mul * logits
-    target_logit = logits[index_positive, labels[index_positive].view(-1)]
-    if m1 == 1.0 and m3 == 0.0:
-        with torch.no_grad():
-            target_logit.arccos_()
-            logits.arccos_()
-            final_target_logit = target_logit + m2
-            logits[index_positive, labels[index_positive].view(-1)] = final_target_logit
-            logits.cos_()
-        logits = logits * s
-    elif m3 > 0:
-        final_target_logit = target_logit - m3
-        logits[index_positive, labels[index_positive].view(-1)] = final_target_logit
-        logits = logits * s
-    else:
-        raise ValueError
+    """arcface_torch's CombinedMarginLoss (tests/originals_insightface.py) on the clamped cosines, then
+    cross-entropy."""
+    from tests.originals_insightface import CombinedMarginLoss
+    logits = CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold)(_cos(x, w).clamp(-1, 1), labels)
     return F.cross_entropy(logits, labels, ignore_index=-1)
 
 

@@ -162,6 +162,21 @@ TOLERANCES = {
 COMPILE_VS_EAGER = 1e-5
 
 
+# the integrations' trajectory tests (tests/test_integration_*.py): N SGD steps of an adapter against a
+# transcription of the code it replaces, from the same seed. ``loss``: max over steps of |ours - theirs| /
+# max(1, |theirs|); ``dx``: the backbone's (or the features') final parameters, ``dw``: the class weight's, both
+# ||ours - theirs|| / ||theirs||. Both codes see the same inputs and the same samples; what differs is the
+# summation order of the products and log-sum-exps (chunked here, full logits there), compounded over steps.
+TRAJECTORY_TOLERANCES = {
+    torch.float64: Bounds(1e-12, 5e-14, 5e-14, (4.1e-15, 1.1e-14, 3.8e-15),
+                          "float64 rounding per step, 20 steps of SGD with momentum: no step amplifies it"),
+    torch.float32: Bounds(1e-5, 3e-5, 3e-5, (4.2e-6, 9.1e-6, 7.1e-6),
+                          "fp32 rounding per step (s = 64 in the logits), compounded over 20 momentum steps; the "
+                          "worst case is the interclass filter, where a cosine near tau can fall on either side "
+                          "(the losses without a threshold stay below 4e-7 / 9e-7 / 9e-7)"),
+}
+
+
 def bounds(backend: str, dtype: torch.dtype, kind: NegativeKind) -> dict:
     """{reference dtype: Bounds} that a case of ``backend`` in ``dtype`` with a loss of negative ``kind``
     must meet."""

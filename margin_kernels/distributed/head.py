@@ -29,6 +29,7 @@ from ..functional import (column_labels, finish_loss, initial_target_pairs, nega
                           start_call)
 from ..losses.base import MarginLoss, RowInputs
 from ..head_base import HeadBase
+from ..precision import product_mode
 from ..reduction import empty_batch_loss
 from ..validation import check_flag
 from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
@@ -52,8 +53,9 @@ class DistributedMarginHead(HeadBase):
       ``head.sampled_classes`` holds the last step's global class ids on this rank (None without sampling).
     * dtypes: the weight's dtype is the compute dtype. Features are cast to it (under AMP autocast a bf16/fp16
       backbone output meets an fp32 weight: the B x d features are cast up, the C x d weight is never copied;
-      store the weight in bf16 with ``dtype=`` for bf16 kernels). Autocast is disabled inside the head; the
-      kernels accumulate in fp32 and the loss is fp32 (fp64 for an fp64 weight). The features' gradient
+      store the weight in bf16 with ``dtype=`` for bf16 kernels). Autocast is disabled inside the head, but
+      fp32 weights still multiply in the caller's autocast dtype (``precision.product_mode``, as in
+      ``MarginHead``); the kernels accumulate in fp32 and the loss is fp32 (fp64 for an fp64 weight). The features' gradient
       comes back in their own dtype.
     * ``ddp_backbone=True``: the gradient returned to the features is multiplied by the world size, because
       DDP averages the backbone's gradients over ranks while this loss is already the global mean (what
@@ -90,6 +92,8 @@ class DistributedMarginHead(HeadBase):
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         weight, margin, group = self.weight, self.margin, self.process_group
+        # fp32 weights multiply in the autocast dtype (precision.py): decided before autocast is turned off
+        product = product_mode(weight.dtype, weight.device.type)
         with torch.autocast(device_type=weight.device.type, enabled=False):
             layout = check_and_layout(local_features, local_labels, weight, num_classes=self.num_classes,
                                       ignore_index=self.ignore_index, check_values=self.check_values, group=group)
@@ -112,7 +116,7 @@ class DistributedMarginHead(HeadBase):
             # the global pair goes through the local op: only the owner (columns >= 0) applies its gradient
             lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
                                                        wnorm0, margin, self.resolved_backend, self.chunk_size,
-                                                       self.grad_filter)
+                                                       self.grad_filter, product)
             shift = max_shift(lse_local, group)
             lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
             return finish_loss(margin, lse, RowInputs(cos, feature_norm, weight_norm, valid), self.reduction)

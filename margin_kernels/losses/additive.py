@@ -6,8 +6,14 @@ from typing import Optional
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, arc_target, cos_plus_margin, straight_through
+from .base import (MarginLoss, RowInputs, _check_choice, _check_range, arc_target, cos_plus_margin,
+                   straight_through)
 from .negatives import NegativeKind
+
+#: ArcFace's modes, each named after the code it reproduces (docs/losses.md, "Which code each mode reproduces")
+ARCFACE_MODES = ("insightface_legacy", "insightface", "facexzoo")
+#: CombinedMargin's modes
+COMBINED_MODES = ("insightface", "paddle")
 
 
 class CosFace(MarginLoss):
@@ -26,49 +32,85 @@ class CosFace(MarginLoss):
 
 
 class ArcFace(MarginLoss):
-    """z_iy = s cos(theta_iy + m) with insightface's easy-margin / th-mm rules (Deng et al. 2019).
+    """z_iy = s cos(theta_iy + m) (Deng et al. 2019), in the form of the code named by ``mode``:
 
-    ``straight_through=True`` reproduces insightface's arcface_torch, which computes the margin under
-    ``torch.no_grad()``: the loss value is the same, the gradient is that of s * c_iy. Default: exact.
+    * ``"insightface_legacy"`` (default): insightface arcface_torch before 2022-12 and most papers' code: the
+      th/mm rule past theta + m = pi (or ``easy_margin=True``), exact gradient;
+    * ``"insightface"``: arcface_torch today (``CombinedMarginLoss`` arc branch): no rule past pi, and the
+      margin applied under ``torch.no_grad()``, so the gradient is that of s * c_iy (straight-through);
+    * ``"facexzoo"``: FaceX-Zoo's ``ArcFace`` head: ``c - margin_am`` past pi - m, exact gradient.
+
+    ``straight_through=None`` follows the mode's code; True/False force the gradient (True on another mode
+    gives that mode's value with the straight-through gradient, a hybrid no original code computes).
     """
 
-    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, straight_through: bool = False):
+    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False,
+                 straight_through: Optional[bool] = None, mode: str = "insightface_legacy", margin_am: float = 0.0):
         super().__init__(s)
         _check_range("m", m, 0.0, math.pi / 2)
-        self.m = float(m)
+        self.mode = _check_choice("mode", mode, ARCFACE_MODES)
+        _check_range("margin_am", margin_am, 0.0, 2.0)
+        if margin_am and mode != "facexzoo":
+            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {mode!r}")
+        if easy_margin and mode != "insightface_legacy":
+            raise ValueError(f"easy_margin is a rule of mode='insightface_legacy'; mode={mode!r} has none")
+        self.m, self.margin_am = float(m), float(margin_am)
         self.easy_margin = bool(easy_margin)
-        self.straight_through = bool(straight_through)
+        self.straight_through = (mode == "insightface") if straight_through is None else bool(straight_through)
+
+    def rule(self) -> str:
+        """The ``ARC_RULES`` entry of this mode (what the target does past theta + m = pi)."""
+        if self.mode == "insightface":
+            return "none"
+        if self.mode == "facexzoo":
+            return "margin_am"
+        return "easy" if self.easy_margin else "th_mm"
 
     def target_logit(self, rows: RowInputs):
-        value = arc_target(rows.cos, self.m, self.easy_margin)
+        value = arc_target(rows.cos, self.m, self.rule(), self.margin_am)
         if self.straight_through:
             value = straight_through(value, rows.cos)
         return self.s * value
 
     def _hparams(self):
-        return {"s": self.s, "m": self.m, "easy_margin": self.easy_margin, "straight_through": self.straight_through}
+        return {"s": self.s, "m": self.m, "easy_margin": self.easy_margin, "straight_through": self.straight_through,
+                "mode": self.mode, "margin_am": self.margin_am}
 
 
 class CombinedMargin(MarginLoss):
-    """z_iy = s (cos(m1 theta_iy + m2) - m3), insightface's CombinedMarginLoss.
+    """insightface's combined margin, in the form of the code named by ``mode``:
 
-    ``interclass_filtering_threshold`` tau > 0 sets negatives with c_ij > tau to 0 (no gradient).
-    ``straight_through=None`` follows insightface: its arc branch (m1 == 1, m3 == 0) applies the margin under
-    no_grad, so the gradient passes through as if the logit were s c_iy; other settings are differentiated
-    exactly. Pass True/False to force either.
+    * ``"insightface"`` (default): arcface_torch's ``CombinedMarginLoss``. Its arc branch (m1 == 1, m3 == 0)
+      is z_iy = s cos(theta_iy + m2), no rule past pi, margin under no_grad (straight-through gradient); its
+      CosFace branch (m3 > 0) is z_iy = s (c_iy - m3), *ignoring m1 and m2*; any other setting raises there,
+      so it raises here (ValueError) and points at ``mode="paddle"``;
+    * ``"paddle"``: PaddlePaddle's ``margin_cross_entropy`` (PLSC's ``MarginLoss``):
+      z_iy = s (cos(m1 theta_iy + m2) - m3) for every setting, exact gradient.
+
+    ``interclass_filtering_threshold`` tau > 0 (insightface only) sets negatives with c_ij > tau to 0 (no
+    gradient). ``straight_through=None`` follows the mode's code; True/False force the gradient.
     """
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-                 interclass_filtering_threshold: float = 0.0, straight_through: Optional[bool] = None):
+                 interclass_filtering_threshold: float = 0.0, straight_through: Optional[bool] = None,
+                 mode: str = "insightface"):
         super().__init__(s)
         _check_range("m1", m1, 0.0, 10.0)
         _check_range("m2", m2, 0.0, math.pi)
         _check_range("m3", m3, 0.0, 2.0)
         _check_range("interclass_filtering_threshold", interclass_filtering_threshold, 0.0, 1.0)
+        self.mode = _check_choice("mode", mode, COMBINED_MODES)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        arc_branch = self.m1 == 1.0 and self.m3 == 0.0
+        if mode == "insightface" and not (arc_branch or self.m3 > 0):
+            raise ValueError(f"CombinedMargin(mode='insightface') has insightface's two branches, m1 == 1 with "
+                             f"m3 == 0 (ArcFace) or m3 > 0 (CosFace); m1={m1}, m3={m3} is neither (insightface "
+                             f"raises): use mode='paddle' for s (cos(m1 theta + m2) - m3)")
+        if mode == "paddle" and self.interclass_filtering_threshold > 0:
+            raise ValueError("interclass_filtering_threshold is insightface's; mode='paddle' has no filter")
         if straight_through is None:
-            straight_through = self.m1 == 1.0 and self.m3 == 0.0
+            straight_through = mode == "insightface" and arc_branch
         self.straight_through = bool(straight_through)
         if self.interclass_filtering_threshold > 0:
             self.negative_kind = NegativeKind.FILTER
@@ -78,7 +120,9 @@ class CombinedMargin(MarginLoss):
 
     def target_logit(self, rows: RowInputs):
         c = rows.cos
-        if self.m1 == 1.0:
+        if self.mode == "insightface" and self.m3 > 0:
+            value = c - self.m3  # insightface's CosFace branch: m1 and m2 play no part
+        elif self.m1 == 1.0:
             value = cos_plus_margin(c, self.m2) - self.m3
         else:
             # keep arccos' derivative finite at |c| = 1
@@ -91,4 +135,4 @@ class CombinedMargin(MarginLoss):
     def _hparams(self):
         return {"s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3,
                 "interclass_filtering_threshold": self.interclass_filtering_threshold,
-                "straight_through": self.straight_through}
+                "straight_through": self.straight_through, "mode": self.mode}

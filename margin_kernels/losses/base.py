@@ -62,19 +62,30 @@ def cos_plus_margin(c: torch.Tensor, m) -> torch.Tensor:
     return c * cos_m - sin_theta * sin_m
 
 
-def arc_target(c: torch.Tensor, m, easy_margin: bool) -> torch.Tensor:
-    """ArcFace's cos(theta + m) with insightface's rules for where theta + m would pass pi.
+#: what ArcFace's target does where theta + m would pass pi (cos(theta + m) rises again there), by the code
+#: each rule comes from: "th_mm" insightface before 2022-12 and most papers' code (c - sin(pi - m) m),
+#: "easy" insightface's easy margin (c where c <= 0), "margin_am" FaceX-Zoo (c - margin_am), "none" insightface
+#: arcface_torch since 2022-12 (cos(theta + m) everywhere)
+ARC_RULES = ("th_mm", "easy", "margin_am", "none")
 
-    easy margin: keep c where c <= 0. Otherwise: where c <= cos(pi - m) use c - sin(pi - m) * m.
-    ``m`` may be a float or a per-row tensor (MagFace).
+
+def arc_target(c: torch.Tensor, m, rule: str = "th_mm", margin_am: float = 0.0) -> torch.Tensor:
+    """ArcFace's cos(theta + m) with one of ``ARC_RULES`` for targets where theta + m would pass pi.
+
+    th_mm: where c <= cos(pi - m) use c - sin(pi - m) * m; easy: keep c where c <= 0; margin_am: where
+    c <= cos(pi - m) use c - margin_am; none: no rule. ``m`` may be a float or a per-row tensor (MagFace).
     """
     cos_theta_m = cos_plus_margin(c, m)
-    if easy_margin:
+    if rule == "none":
+        return cos_theta_m
+    if rule == "easy":
         return torch.where(c > 0, cos_theta_m, c)
-    if isinstance(m, float):
-        threshold, mm = math.cos(math.pi - m), math.sin(math.pi - m) * m
-    else:
-        threshold, mm = torch.cos(math.pi - m), torch.sin(math.pi - m) * m
+    threshold = math.cos(math.pi - m) if isinstance(m, float) else torch.cos(math.pi - m)
+    if rule == "margin_am":
+        return torch.where(c > threshold, cos_theta_m, c - margin_am)
+    if rule != "th_mm":
+        raise ValueError(f"rule must be one of {ARC_RULES}, got {rule!r}")
+    mm = math.sin(math.pi - m) * m if isinstance(m, float) else torch.sin(math.pi - m) * m
     return torch.where(c > threshold, cos_theta_m, c - mm)
 
 
@@ -147,6 +158,12 @@ class MarginLoss(nn.Module):
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def _check_range(name: str, value, low: float, high: float) -> None:

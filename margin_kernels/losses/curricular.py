@@ -34,7 +34,7 @@ class CurricularFace(MarginLoss):
         return torch.stack([threshold, self.t.to(threshold.dtype).expand_as(threshold)], dim=1)
 
     def target_logit(self, rows: RowInputs):
-        return self.s * arc_target(rows.cos, self.m, easy_margin=False)
+        return self.s * arc_target(rows.cos, self.m, "th_mm")
 
     def _hparams(self):
         return {"s": self.s, "m": self.m}

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_positive, arc_target
+from .base import MarginLoss, RowInputs, _check_choice, _check_positive, _check_range, arc_target
+
+#: MagFace's modes: the authors' code (IrvingMeng/MagFace) or FaceX-Zoo's MagFace head
+MAGFACE_MODES = ("magface", "facexzoo")
 
 
 class MagFace(MarginLoss):
@@ -11,10 +14,13 @@ class MagFace(MarginLoss):
 
     a_i is *not* detached: the norm receives gradient through the margin and through the regulariser
     lambda_g (a_i / u_a^2 + 1 / a_i), added to each row's loss (so the mean adds lambda_g mean_i g(a_i)).
+    ``mode="magface"`` (default) is the authors' code: easy margin, or th/mm with ``easy_margin=False``;
+    ``mode="facexzoo"`` is FaceX-Zoo's head: ``c - margin_am`` where c <= cos(pi - m(a_i)).
     """
 
     def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45,
-                 u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = True):
+                 u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = True, mode: str = "magface",
+                 margin_am: float = 0.0):
         super().__init__(s)
         for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m)):
             _check_positive(name, value)
@@ -23,7 +29,18 @@ class MagFace(MarginLoss):
         if lambda_g < 0:
             raise ValueError(f"lambda_g must be >= 0, got {lambda_g}")
         self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
-        self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin)
+        self.mode = _check_choice("mode", mode, MAGFACE_MODES)
+        _check_range("margin_am", margin_am, 0.0, 2.0)
+        if margin_am and mode != "facexzoo":
+            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {mode!r}")
+        # easy_margin=True is the default of the authors' code; FaceX-Zoo's head has no such rule
+        self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin) and mode == "magface"
+        self.margin_am = float(margin_am)
+
+    def rule(self) -> str:
+        if self.mode == "facexzoo":
+            return "margin_am"
+        return "easy" if self.easy_margin else "th_mm"
 
     def magnitude(self, rows: RowInputs) -> torch.Tensor:
         return rows.feature_norm.clamp(self.l_a, self.u_a)
@@ -32,7 +49,7 @@ class MagFace(MarginLoss):
         return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
 
     def target_logit(self, rows: RowInputs):
-        return self.s * arc_target(rows.cos, self.margin(self.magnitude(rows)), self.easy_margin)
+        return self.s * arc_target(rows.cos, self.margin(self.magnitude(rows)), self.rule(), self.margin_am)
 
     def regularizer(self, rows: RowInputs):
         a = self.magnitude(rows)
@@ -40,4 +57,4 @@ class MagFace(MarginLoss):
 
     def _hparams(self):
         return {"s": self.s, "l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
-                "lambda_g": self.lambda_g, "easy_margin": self.easy_margin}
+                "lambda_g": self.lambda_g, "easy_margin": self.easy_margin, "mode": self.mode, "margin_am": self.margin_am}

@@ -4,7 +4,8 @@ Both replace cos(theta) in the target by psi_m(theta) = (-1)^k cos(m theta) - 2k
 with cos(m theta) the Chebyshev polynomial T_m(c) (so the gradient never goes through arccos), and blend it
 with the plain target logit while training starts: z = (lambda z_plain + z_psi) / (1 + lambda),
 lambda = max(lambda_min, lambda_base (1 + gamma iter)^-power). ``iteration`` is a buffer, advanced once per
-call in training mode before lambda is computed (as SphereFace's Caffe layer does).
+call in training mode before lambda is computed (as SphereFace's Caffe layer does). ``s`` (default 1) scales
+every logit, as pytorch-metric-learning's ``scale`` does.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def psi(c: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class _AnnealedMultiplicative(MarginLoss):
-    def __init__(self, m: int, lambda_base: float, lambda_gamma: float, lambda_power: float, lambda_min: float):
-        super().__init__(1.0)
+    def __init__(self, m: int, lambda_base: float, lambda_gamma: float, lambda_power: float, lambda_min: float,
+                 s: float = 1.0):
+        super().__init__(s)
         if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 10:
             raise ValueError(f"m must be an integer in [1, 10], got {m!r}")
         _check_range("lambda_base", lambda_base, 0.0, math.inf)
@@ -58,10 +60,10 @@ class _AnnealedMultiplicative(MarginLoss):
 
     def _blend(self, plain: torch.Tensor, with_margin: torch.Tensor) -> torch.Tensor:
         lam = self.current_lambda().to(plain.dtype)
-        return (lam * plain + with_margin) / (1.0 + lam)
+        return self.s * (lam * plain + with_margin) / (1.0 + lam)
 
     def _hparams(self):
-        return {"m": self.m, "lambda_base": self.lambda_base, "lambda_gamma": self.lambda_gamma,
+        return {"s": self.s, "m": self.m, "lambda_base": self.lambda_base, "lambda_gamma": self.lambda_gamma,
                 "lambda_power": self.lambda_power, "lambda_min": self.lambda_min}
 
 
@@ -72,8 +74,8 @@ class LSoftmax(_AnnealedMultiplicative):
     normalize_weight = False
 
     def __init__(self, m: int = 4, lambda_base: float = 1000.0, lambda_gamma: float = 0.12,
-                 lambda_power: float = 1.0, lambda_min: float = 5.0):
-        super().__init__(m, lambda_base, lambda_gamma, lambda_power, lambda_min)
+                 lambda_power: float = 1.0, lambda_min: float = 5.0, s: float = 1.0):
+        super().__init__(m, lambda_base, lambda_gamma, lambda_power, lambda_min, s)
 
     def target_logit(self, rows: RowInputs):
         scale = rows.feature_norm * rows.weight_norm
@@ -87,8 +89,8 @@ class SphereFace(_AnnealedMultiplicative):
     normalize_features = False
 
     def __init__(self, m: int = 4, lambda_base: float = 1000.0, lambda_gamma: float = 0.12,
-                 lambda_power: float = 1.0, lambda_min: float = 5.0):
-        super().__init__(m, lambda_base, lambda_gamma, lambda_power, lambda_min)
+                 lambda_power: float = 1.0, lambda_min: float = 5.0, s: float = 1.0):
+        super().__init__(m, lambda_base, lambda_gamma, lambda_power, lambda_min, s)
 
     def target_logit(self, rows: RowInputs):
         cos = rows.cos / floored(rows.feature_norm)
