@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .losses.base import MarginLoss, RowInputs
 from .norms import floored
 from .losses.negatives import negative_logits
+from . import row_statistics
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
 
@@ -33,9 +34,16 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
         weight_norm=torch.where(valid, weight_norms[target_col.squeeze(1)], torch.ones((), dtype=acc)),
         valid=valid,
     )
+    is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
+    request = margin.statistics_request(rows.detach(), weight.shape[0])
+    if request is not None:
+        margin.receive_statistics(rows.detach(), row_statistics.from_cosines(cos, is_target, request))
     row_params = margin.begin_call(rows).to(acc)
     negatives = negative_logits(cos, margin.negative_spec(), row_params)
-    is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
+    if margin.training and margin.observes_negative_lse:
+        with torch.no_grad():
+            margin.end_call(rows.detach(), torch.logsumexp(negatives.detach().masked_fill(is_target, float("-inf")),
+                                                           dim=1))
     logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
     return logits, valid, margin.regularizer(rows)
 

@@ -46,7 +46,7 @@ import torch
 from margin_kernels.losses.negatives import NegativeKind
 
 #: negative kinds with a jump at a threshold that low-precision rounding of the cosines can cross
-THRESHOLDED_KINDS = frozenset({NegativeKind.CURRICULAR, NegativeKind.MV, NegativeKind.FILTER})
+THRESHOLDED_KINDS = frozenset({NegativeKind.CURRICULAR, NegativeKind.MV, NegativeKind.FILTER, NegativeKind.AFFINE})
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .adacos import AdaCos
 from .adaface import AdaFace
 from .additive import ArcFace, CombinedMargin, CosFace
 from .base import MarginLoss
 from .circle import CircleLoss
 from .curricular import CurricularFace
+from .elastic import ElasticArcFace, ElasticCosFace
 from .magface import MagFace
 from .multiplicative import LSoftmax, SphereFace
 from .mv_softmax import MVSoftmax
+from .npcface import NPCFace
 from .plain import L2Softmax, NormFace, Softmax
 
 #: family name -> loss class (constructed with its defaults)
@@ -29,6 +32,10 @@ FAMILIES: dict = {
     "magface": MagFace,
     "adaface": AdaFace,
     "circle": CircleLoss,
+    "elasticarcface": ElasticArcFace,
+    "elasticcosface": ElasticCosFace,
+    "adacos": AdaCos,
+    "npcface": NPCFace,
 }
 
 #: variant name -> factory; together they cover every branch of docs/losses.md (easy margin, straight-through,
@@ -52,6 +59,16 @@ VARIANTS: dict = {
     "magface": lambda: MagFace(),
     "adaface": lambda: AdaFace(),
     "circle": lambda: CircleLoss(),
+    # seeded draws (a deep copy draws the same margins); std 0.1 so the rows' margins visibly differ
+    "elastic_arc": lambda: ElasticArcFace(std=0.1, seed=0),
+    "elastic_cos": lambda: ElasticCosFace(std=0.1, seed=0),
+    "elastic_arc_plus": lambda: ElasticArcFace(std=0.1, plus=True, seed=0),
+    "elastic_cos_plus": lambda: ElasticCosFace(std=0.1, plus=True, seed=0),
+    "elastic_arc_plus_paper": lambda: ElasticArcFace(std=0.1, plus=True, plus_order="paper", seed=0),
+    "adacos": lambda: AdaCos(),
+    "adacos_lagged": lambda: AdaCos(update="lagged"),
+    "adacos_fixed": lambda: AdaCos(dynamic=False),
+    "npcface": lambda: NPCFace(),
 }
 
 
