@@ -81,10 +81,10 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
     """Per-row cross-entropy from the negatives' lse and the target logit, plus the regulariser, reduced."""
-    if margin.training and margin.observes_negative_lse:
+    target = margin.target_logit(rows)
+    if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
         with torch.no_grad():
             margin.end_call(rows.detach(), lse_neg.detach())
-    target = margin.target_logit(rows)
     per_row = torch.logaddexp(lse_neg, target) - target
     regularizer = margin.regularizer(rows)
     if regularizer is not None:

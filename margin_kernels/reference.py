@@ -40,11 +40,11 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
         margin.receive_statistics(rows.detach(), row_statistics.from_cosines(cos, is_target, request))
     row_params = margin.begin_call(rows).to(acc)
     negatives = negative_logits(cos, margin.negative_spec(), row_params)
-    if margin.training and margin.observes_negative_lse:
+    logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
+    if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
         with torch.no_grad():
             margin.end_call(rows.detach(), torch.logsumexp(negatives.detach().masked_fill(is_target, float("-inf")),
                                                            dim=1))
-    logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
     return logits, valid, margin.regularizer(rows)
 
 

@@ -108,7 +108,7 @@ class AdaCos(MarginLoss):
         return self._row_params(rows)
 
     def target_logit(self, rows: RowInputs):
-        return self.scale.to(rows.cos.dtype) * rows.cos
+        return self.scale.to(rows.cos.dtype, copy=True) * rows.cos  # a copy: end_call may update the buffer
 
     def _hparams(self):
         return {"num_classes": self.num_classes, "dynamic": self.dynamic, "update": self.update}
