@@ -65,8 +65,8 @@ class AdaCos(MarginLoss):
 
     # ---- the scale's life cycle ------------------------------------------------------------------------
     def _start(self, num_classes: int) -> None:
-        if self.num_classes is None and bool(torch.isnan(self.scale)):
-            self.scale.fill_(fixed_scale(num_classes))
+        if self.num_classes is None:  # a where, not an if on the value: no host sync, traceable
+            self.scale.copy_(torch.where(torch.isnan(self.scale), fixed_scale(num_classes), self.scale))
 
     def statistics_request(self, rows: RowInputs, num_classes: int):
         self._start(num_classes)
@@ -93,8 +93,8 @@ class AdaCos(MarginLoss):
         theta = torch.acos(rows.cos.clamp(-1.0 + ACOS_EPS, 1.0 - ACOS_EPS))
         # the lower median of the valid rows: invalid rows sort last (inf), then take index (count - 1) // 2
         ranked = torch.sort(torch.where(valid, theta, torch.full_like(theta, math.inf))).values
-        theta_med = ranked[((count - 1).clamp_min(0) // 2).clamp_max(max(ranked.numel() - 1, 0))] \
-            if ranked.numel() else theta.new_zeros(())
+        middle = ((count - 1).clamp_min(0) // 2).reshape(1)  # index_select: a tensor index, no host sync
+        theta_med = ranked.index_select(0, middle).squeeze(0)
         new = torch.log(b_avg) / torch.cos(torch.clamp(theta_med, max=math.pi / 4))
         keep = (count == 0) | ~(b_avg > 0)
         self.scale.copy_(torch.where(keep, self.scale, new.to(self.scale.dtype)))
