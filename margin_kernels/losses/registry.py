@@ -2,6 +2,7 @@
 variants that reach each branch of a loss's formula (what the conformance tests run over every backend)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 from .adacos import AdaCos
@@ -17,7 +18,8 @@ from .mv_softmax import MVSoftmax
 from .npcface import NPCFace
 from .plain import L2Softmax, NormFace, Softmax
 
-#: family name -> loss class (constructed with its defaults)
+#: family name -> loss class (constructed with its defaults; ElasticFace seeded, so that fresh copies, as the
+#: CLI builds one per backend it compares, draw the same margins)
 FAMILIES: dict = {
     "softmax": Softmax,
     "l2softmax": L2Softmax,
@@ -32,8 +34,8 @@ FAMILIES: dict = {
     "magface": MagFace,
     "adaface": AdaFace,
     "circle": CircleLoss,
-    "elasticarcface": ElasticArcFace,
-    "elasticcosface": ElasticCosFace,
+    "elasticarcface": partial(ElasticArcFace, seed=0),
+    "elasticcosface": partial(ElasticCosFace, seed=0),
     "adacos": AdaCos,
     "npcface": NPCFace,
 }
