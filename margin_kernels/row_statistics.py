@@ -4,7 +4,7 @@ computed in one no-grad pass over the classes, never as a B x C matrix.
 Two kinds (``StatisticsRequest.kind``):
 
 * ``NEGATIVE_LSE``: log sum_{j != y_i} exp(s g(c_ij)) under a given negative spec and row params: the backend's
-  own forward kernel (``lse_forward``) runs it. AdaCos' faithful mode needs it at the *previous* scale
+  own forward kernel runs it, through the registered op ``margin_lse``. AdaCos' faithful mode needs it at the *previous* scale
   (B_avg of the current batch) before it can choose this call's scale.
 * ``HARD_NEGATIVES``: (sum of c_ij, count) over the negatives with c_ij > T_i (T_i = row_params[i, 0]),
   returned as (B, 2): NPCFace's mean hard-negative cosine. A chunked pass of torch GEMMs (any device).
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .backends import get_backend
+from . import ops
 from .backends.chunk_loop import _chunk_rows, _gemm_operand, _matmul_acc, default_chunk_size, num_columns
 from .losses.negatives import NegativeSpec, negative_logits
 from .norms import inverse_norms
@@ -59,9 +59,11 @@ def chunked(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, cl
     are the op's column labels (-1: no target column in this problem)."""
     acc = request.row_params.dtype
     if request.kind == NEGATIVE_LSE:
-        return get_backend(backend).lse_forward(x_eff.contiguous(), weight, columns, request.row_params.contiguous(),
-                                                class_index, request.spec, normalize_weight, chunk_size or 0,
-                                                product=product)
+        # through the registered op (forward only here): torch.compile sees one opaque node, not the kernels
+        spec, dummy = request.spec, torch.zeros(x_eff.shape[0], dtype=acc, device=x_eff.device)
+        return ops.margin_lse(x_eff.contiguous(), weight, columns, request.row_params.contiguous(), class_index,
+                              dummy, dummy, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend,
+                              chunk_size or 0, 0.0, product)[0]
     batch = x_eff.shape[0]
     chunk = chunk_size or default_chunk_size(batch, x_eff.device.type)
     threshold = request.row_params[:, 0:1]
