@@ -338,6 +338,8 @@ pybind11::dict constants() {
   kinds["MV"] = static_cast<int>(mk::kMV);
   kinds["CIRCLE"] = static_cast<int>(mk::kCircle);
   kinds["FILTER"] = static_cast<int>(mk::kFilter);
+  kinds["ROW_SCALE"] = static_cast<int>(mk::kRowScale);
+  kinds["AFFINE"] = static_cast<int>(mk::kAffine);
   pybind11::dict out;
   out["negative_kinds"] = kinds;
   out["num_negative_kinds"] = mk::kNumNegativeKinds;

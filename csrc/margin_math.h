@@ -1,5 +1,5 @@
 // Per-element math of the fused margin-softmax epilogues, shared by the CUDA kernels (margin_cuda.cu) and the
-// CPU kernels (margin_cpu.cpp): the six negative-function kinds of margin_kernels/losses/negatives.py (value
+// CPU kernels (margin_cpu.cpp): the negative-function kinds of margin_kernels/losses/negatives.py (value
 // and derivative, same table, same kind numbers), exp, the online log-sum-exp merge, the per-element backward
 // (p -> dL/dcos) and the weight-normalisation backward. Written once so the math that runs on GPUs is the math
 // the CPU tests check. Plain C++17 without CUDA; __host__ __device__ under nvcc. No torch headers.
@@ -31,14 +31,16 @@ enum NegativeKind : int {
   kMV = 3,
   kCircle = 4,
   kFilter = 5,
+  kRowScale = 6,
+  kAffine = 7,
 };
-constexpr int kNumNegativeKinds = 6;
+constexpr int kNumNegativeKinds = 8;
 
 // as margin_kernels.norms.NORM_EPS (F.normalize's eps): 1 / max(||w||, eps)
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // ---- exp --------------------------------------------------------------------------------------------------
 MK_HD float bits_as_float(int32_t bits) {
@@ -103,9 +105,13 @@ MK_HD T negative_value(T c, T thr, T aux, T a, T b) {
     // the weight relu(c + a) is detached in the original: it scales the logit but is not differentiated
     T alpha = c + a > T(0) ? c + a : T(0);
     return alpha * (c - a);
-  } else {
-    static_assert(KIND == kFilter, "unknown negative kind");
+  } else if constexpr (KIND == kFilter) {
     return c > a ? T(0) : c;
+  } else if constexpr (KIND == kRowScale) {
+    return aux * c;  // the row's own scale (AdaCos' dynamic one); the spec's scale is 1
+  } else {
+    static_assert(KIND == kAffine, "unknown negative kind");
+    return c > thr ? a * c + b : c;
   }
 }
 
@@ -121,9 +127,13 @@ MK_HD T negative_derivative(T c, T thr, T aux, T a, T b) {
     return c > thr ? a : T(1);
   } else if constexpr (KIND == kCircle) {
     return c + a > T(0) ? c + a : T(0);
-  } else {
-    static_assert(KIND == kFilter, "unknown negative kind");
+  } else if constexpr (KIND == kFilter) {
     return c <= a ? T(1) : T(0);
+  } else if constexpr (KIND == kRowScale) {
+    return aux;
+  } else {
+    static_assert(KIND == kAffine, "unknown negative kind");
+    return c > thr ? a : T(1);
   }
 }
 
@@ -200,6 +210,8 @@ inline bool dispatch_kind(int kind, F&& f) {
     case kMV: f(std::integral_constant<int, kMV>()); return true;
     case kCircle: f(std::integral_constant<int, kCircle>()); return true;
     case kFilter: f(std::integral_constant<int, kFilter>()); return true;
+    case kRowScale: f(std::integral_constant<int, kRowScale>()); return true;
+    case kAffine: f(std::integral_constant<int, kAffine>()); return true;
     default: return false;
   }
 }

@@ -6,6 +6,7 @@ from .functional import margin_cross_entropy
 from .head import MarginHead
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
                      MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace)
+from .losses import AdaCos, ElasticArcFace, ElasticCosFace, NPCFace
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AdaCos", "ElasticArcFace", "ElasticCosFace", "NPCFace",
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
     "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
     "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",

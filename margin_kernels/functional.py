@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import ops, reference
+from . import ops, reference, row_statistics
 from .backends import resolve_backend
 from .losses.base import MarginLoss, RowInputs
 from .precision import product_mode
@@ -54,6 +54,14 @@ def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: tor
         return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc)
 
 
+def negative_statistics(margin: MarginLoss, request: row_statistics.StatisticsRequest, x_eff: torch.Tensor,
+                        weight: torch.Tensor, columns: torch.Tensor, class_index: Optional[torch.Tensor],
+                        backend: str, chunk_size: Optional[int]) -> torch.Tensor:
+    """The statistic a loss asked for (``MarginLoss.statistics_request``) over these columns, no gradient."""
+    return row_statistics.chunked(x_eff, weight, columns, class_index, request, margin.normalize_weight, backend,
+                                  chunk_size, product_mode(weight.dtype, weight.device.type))
+
+
 def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.Tensor:
     """The loss's once-per-call state update (training mode) and its (B, 2) per-row negative parameters."""
     return margin.begin_call(rows).to(acc).contiguous()
@@ -79,6 +87,9 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
     """Per-row cross-entropy from the negatives' lse and the target logit, plus the regulariser, reduced."""
     target = margin.target_logit(rows)
+    if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
+        with torch.no_grad():
+            margin.end_call(rows.detach(), lse_neg.detach())
     per_row = torch.logaddexp(lse_neg, target) - target
     regularizer = margin.regularizer(rows)
     if regularizer is not None:
@@ -125,7 +136,12 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
 
     prepared = prepare_rows(features, margin)
     cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
-    row_params = start_call(margin, RowInputs(cos0, prepared.feature_norm, wnorm0, valid), prepared.acc)
+    rows0 = RowInputs(cos0, prepared.feature_norm, wnorm0, valid)
+    request = margin.statistics_request(rows0.detach(), weight.shape[0])
+    if request is not None:
+        margin.receive_statistics(rows0.detach(), negative_statistics(margin, request, prepared.x_eff, weight, columns,
+                                                                      class_index, backend, chunk_size))
+    row_params = start_call(margin, rows0, prepared.acc)
     lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
                                              wnorm0, margin, backend, chunk_size, grad_filter)
     return finish_loss(margin, lse_neg, RowInputs(cos, prepared.feature_norm, weight_norm, valid), reduction)

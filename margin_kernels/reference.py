@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .losses.base import MarginLoss, RowInputs
 from .norms import floored
 from .losses.negatives import negative_logits
+from . import row_statistics
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
 
@@ -26,14 +27,17 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     if margin.normalize_weight:
         cos = cos / floored(weight_norms)
     valid = labels != ignore_index
-    logits, regularizer = logits_from_cosines(cos, labels, valid, margin, feature_norm, weight_norms)
+    logits, regularizer = logits_from_cosines(cos, labels, valid, margin, feature_norm, weight_norms,
+                                              num_classes=weight.shape[0])
     return logits, valid, regularizer
 
 
-def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=None, weight_norms=None):
+def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=None, weight_norms=None,
+                        num_classes=None):
     """(logits B x C, per-row regulariser or None) from the B x C cosines the loss's kernels would see: the
     negative function on every column, the target formula at each valid row's label. Norms default to 1 (for
-    callers that only have cosines, e.g. insightface's margin modules). Advances the loss's state."""
+    callers that only have cosines, e.g. insightface's margin modules); ``num_classes`` (the whole problem's, for
+    losses whose state depends on it) defaults to the columns. Advances the loss's state."""
     ones = torch.ones((), dtype=cos.dtype, device=cos.device)
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
     rows = RowInputs(
@@ -43,10 +47,17 @@ def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=Non
         torch.where(valid, weight_norms[target_col.squeeze(1)], ones),
         valid=valid,
     )
+    is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
+    request = margin.statistics_request(rows.detach(), num_classes or cos.shape[1])
+    if request is not None:
+        margin.receive_statistics(rows.detach(), row_statistics.from_cosines(cos, is_target, request))
     row_params = margin.begin_call(rows).to(cos.dtype)
     negatives = negative_logits(cos, margin.negative_spec(), row_params)
-    is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
     logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
+    if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
+        with torch.no_grad():
+            margin.end_call(rows.detach(), torch.logsumexp(negatives.detach().masked_fill(is_target, float("-inf")),
+                                                           dim=1))
     return logits, margin.regularizer(rows)
 
 

@@ -23,6 +23,8 @@ SPECS = {
     NegativeKind.MV: NegativeSpec(NegativeKind.MV, 32.0, 1.12),
     NegativeKind.CIRCLE: NegativeSpec(NegativeKind.CIRCLE, 64.0, 0.25),
     NegativeKind.FILTER: NegativeSpec(NegativeKind.FILTER, 64.0, 0.1),
+    NegativeKind.ROW_SCALE: NegativeSpec(NegativeKind.ROW_SCALE, 1.0),
+    NegativeKind.AFFINE: NegativeSpec(NegativeKind.AFFINE, 64.0, 1.1, 0.2),
 }
 
 

@@ -78,3 +78,40 @@ def test_compiled_head_matches_eager(backend, compiler):
     compiled = run(torch.compile(head, fullgraph=True, backend=compiler))
     assert eager[1].abs().sum() > 0 and eager[2].abs().sum() > 0
     _assert_same(compiled, eager)
+
+
+@pytest.mark.parametrize("name", ["adacos", "adacos_lagged", "npcface"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_compiled_statistics_losses_match_eager(backend, name):
+    """Losses with a statistics pass or a post-forward state update (AdaCos' tensor scale, NPCFace's hard
+    negatives) trace fullgraph: the scale never becomes a Python float. Two steps, the state compared."""
+    from tests.helpers import make_loss
+    _skip_unless_available(backend)
+    x, w, labels = random_problem(8, 40, 16, dtype=torch.float32, ignore_rows=(1,))
+    eager_margin, compiled_margin = make_loss(name), make_loss(name)
+
+    def step(margin):
+        def fn(a, b):
+            return mk.margin_cross_entropy(a, b, labels, margin, backend=backend, chunk_size=16)
+        return fn
+
+    compiled = torch.compile(step(compiled_margin), fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        _assert_same(loss_and_grads(compiled, x, w), loss_and_grads(step(eager_margin), x, w))
+    eager_buffers = dict(eager_margin.named_buffers())
+    for buf_name, buf in compiled_margin.named_buffers():
+        assert torch.allclose(buf, eager_buffers[buf_name], rtol=COMPILE_VS_EAGER, atol=0.0), buf_name
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+def test_compiled_elastic_with_explicit_margins_matches_eager(plus):
+    """ElasticFace's margins passed in (``margins=``) trace fullgraph, the "+" ranking included. (Its own draws
+    do not: a torch.Generator cannot be created inside a graph; docs/losses.md.)"""
+    _skip_unless_available("cpu")
+    x, w, labels = random_problem(8, 40, 16, dtype=torch.float32, ignore_rows=(1,))
+    margin = mk.ElasticArcFace(plus=plus, margins=torch.linspace(0.2, 0.8, 8))
+
+    def fn(a, b):
+        return mk.margin_cross_entropy(a, b, labels, margin, backend="cpu", chunk_size=16)
+
+    _assert_same(loss_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, w), loss_and_grads(fn, x, w))

@@ -32,7 +32,8 @@ from .tolerances import THRESHOLDED_KINDS, bounds
 CUDA = torch.cuda.is_available()
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: one loss per negative kind, and Softmax for unnormalised weights
-BRANCH_LOSSES = ["softmax", "arcface", "adaface", "curricularface", "mv_arc", "circle", "combined_filter"]
+BRANCH_LOSSES = ["softmax", "arcface", "adaface", "curricularface", "mv_arc", "circle", "combined_filter", "adacos",
+                 "npcface"]
 
 #: keyword arguments of compare_with_references (``splits``: Triton's class split count, default 2); the base
 #: shape is the helper's default (B=12, C=83, d=24, chunk 32, row 3 ignored)

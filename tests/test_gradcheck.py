@@ -10,13 +10,29 @@ import torch
 import margin_kernels as mk
 from tests.helpers import LOSS_NAMES, make_loss, random_problem
 
-NOT_A_TRUE_GRADIENT = {"arcface_st", "arcface_insightface", "combined", "combined_filter", "circle", "adaface"}
+NOT_A_TRUE_GRADIENT = {"arcface_st", "arcface_insightface", "combined", "combined_filter", "circle", "adaface",
+                       "npcface"}  # NPCFace's margin follows a no-grad statistic of the row's negatives
 
 
 @pytest.mark.parametrize("name", [n for n in LOSS_NAMES if n not in NOT_A_TRUE_GRADIENT])
 def test_gradcheck_torch_backend(name):
     x, w, labels = random_problem(4, 11, 6, seed=7, ignore_rows=(1,))
     margin = make_loss(name).eval()
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def fn(a, b):
+        return mk.margin_cross_entropy(a, b, labels, margin, backend="torch", chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+@pytest.mark.parametrize("loss", [mk.ElasticArcFace, mk.ElasticCosFace], ids=["arc", "cos"])
+def test_gradcheck_elastic_with_explicit_margins(loss, plus):
+    """Per-row margins (explicit, so fixed across gradcheck's evaluations), in training mode."""
+    x, w, labels = random_problem(4, 11, 6, seed=7, ignore_rows=(1,))
+    margin = loss(plus=plus, margins=torch.tensor([0.2, 0.9, 0.5, 0.35], dtype=torch.float64))
     x.requires_grad_(True)
     w.requires_grad_(True)
 

@@ -10,6 +10,9 @@ STATEFUL = {
     "adaface": (lambda: mk.AdaFace(t_alpha=0.3), ("batch_mean", "batch_std")),
     "sphereface": (lambda: mk.SphereFace(m=4), ("iteration",)),
     "lsoftmax": (lambda: mk.LSoftmax(m=2), ("iteration",)),
+    "adacos": (lambda: mk.AdaCos(num_classes=30), ("scale",)),
+    "adacos_lagged": (lambda: mk.AdaCos(num_classes=30, update="lagged"), ("scale",)),
+    "elastic_arc": (lambda: mk.ElasticArcFace(std=0.1, seed=1), ("rng_state",)),
 }
 
 

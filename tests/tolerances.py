@@ -47,7 +47,7 @@ import torch
 from margin_kernels.losses.negatives import NegativeKind
 
 #: negative kinds with a jump at a threshold that low-precision rounding of the cosines can cross
-THRESHOLDED_KINDS = frozenset({NegativeKind.CURRICULAR, NegativeKind.MV, NegativeKind.FILTER})
+THRESHOLDED_KINDS = frozenset({NegativeKind.CURRICULAR, NegativeKind.MV, NegativeKind.FILTER, NegativeKind.AFFINE})
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -81,7 +81,7 @@ F32 = "fp32 products and epilogue: summation order over d and over class chunks 
 F32_TRITON = ("fp32 IEEE products (no TF32) with 16-wide K steps and split partial sums merged at the end: "
               "more partial sums than the chunk loop's single GEMM per chunk")
 LP_F64 = "x/||x|| stored in the storage dtype (2^-9 bf16, 2^-12 fp16) times s up to 256: the API's rounding"
-LP_THRESH = "a rounded cosine crosses T (CurricularFace, MV) or tau (filter): one logit jumps by O(s)"
+LP_THRESH = "a rounded cosine crosses T (CurricularFace, MV, NPCFace) or tau (filter): one logit jumps by O(s)"
 LP_STORAGE = ("same rounded inputs as the reference, fp32 math in both: fp32 accumulation order plus dx/dW "
               "rounded to the storage dtype (one ulp = 2^-8 bf16, 2^-11 fp16 relative per element)")
 LP_STORAGE_TRITON = ("as torch/cpu, plus dL/dcos rounded to the storage dtype for the tensor-core dx/dW GEMMs "

@@ -1,4 +1,4 @@
-"""The six negative functions of ``losses/negatives.py`` as Triton device functions.
+"""The negative functions of ``losses/negatives.py`` as Triton device functions.
 
 Same table, same parameters: ``KIND`` is the ``NegativeKind`` value (a constexpr, so each kernel is compiled
 for one kind and the switch costs nothing), ``T`` and ``U`` are the per-row threshold and auxiliary value
@@ -17,6 +17,8 @@ CURRICULAR = tl.constexpr(int(NegativeKind.CURRICULAR))
 MV = tl.constexpr(int(NegativeKind.MV))
 CIRCLE = tl.constexpr(int(NegativeKind.CIRCLE))
 FILTER = tl.constexpr(int(NegativeKind.FILTER))
+ROW_SCALE = tl.constexpr(int(NegativeKind.ROW_SCALE))
+AFFINE = tl.constexpr(int(NegativeKind.AFFINE))
 
 
 @triton.jit
@@ -32,6 +34,10 @@ def negative_value(c, T, U, a, b, KIND: tl.constexpr):
         return tl.maximum(c + a, 0.0) * (c - a)
     elif KIND == FILTER:
         return tl.where(c > a, 0.0, c)
+    elif KIND == ROW_SCALE:
+        return U * c
+    elif KIND == AFFINE:
+        return tl.where(c > T, a * c + b, c)
     else:
         return c
 
@@ -49,5 +55,9 @@ def negative_derivative(c, T, U, a, b, KIND: tl.constexpr):
         return tl.maximum(c + a, 0.0)
     elif KIND == FILTER:
         return tl.where(c > a, 0.0, 1.0).to(c.dtype)
+    elif KIND == ROW_SCALE:
+        return tl.zeros(c.shape, c.dtype) + U
+    elif KIND == AFFINE:
+        return tl.where(c > T, a, 1.0).to(c.dtype)
     else:
         return tl.full(c.shape, 1.0, c.dtype)

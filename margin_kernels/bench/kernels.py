@@ -140,13 +140,15 @@ def _ptxas() -> str:
         return os.environ.get("TRITON_PTXAS_PATH") or "ptxas"
 
 
-def _cases(dims, dtypes):
+def _cases(dims, dtypes, kinds=None):
     """(kernel, config label, dtype, kind name, d, product, constexprs, warps, stages): every kernel x config x
-    dtype (fp32 under each product mode) x negative kind (the two kernels with a negative epilogue) x d."""
+    dtype (fp32 under each product mode) x negative kind (the two kernels with a negative epilogue; ``kinds``:
+    only these NegativeKind names) x d."""
     from margin_kernels.backends import triton_configs as configs
     from margin_kernels.losses.negatives import NegativeKind
     from margin_kernels.precision import PRODUCTS
 
+    chosen = [k for k in NegativeKind if kinds is None or k.name in kinds]
     for dtype in dtypes:
         elem = DTYPES[dtype]
         products = ("ieee", "tf32", "bf16") if dtype == "fp32" else ("storage",)
@@ -157,14 +159,14 @@ def _cases(dims, dtypes):
                           if configs.forward_candidate(t, elem, product in ("bf16", "fp16"))]
             for t in candidates or [configs.FORWARD_FALLBACK]:
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
-                for kind in NegativeKind:
+                for kind in chosen:
                     yield ("lse_forward", label, dtype, kind.name, dim, product,
                            dict(base, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
                            t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
-            for kind in NegativeKind:
+            for kind in chosen:
                 yield ("dcos", label, dtype, kind.name, dim, product,
                        dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d, **tiles), t.num_warps,
                        t.num_stages)
@@ -189,10 +191,11 @@ def _compile_case(case, workdir: str) -> Variant:
     return variant
 
 
-def compile_all(dims=DIMS, dtypes=DEFAULT_DTYPES, workdir: Optional[str] = None, jobs: int = 2) -> list[Variant]:
+def compile_all(dims=DIMS, dtypes=DEFAULT_DTYPES, workdir: Optional[str] = None, jobs: int = 2,
+                kinds=None) -> list[Variant]:
     workdir = workdir or tempfile.mkdtemp(prefix="margin_kernels_ptx_")
     os.makedirs(workdir, exist_ok=True)
-    cases = list(_cases(dims, dtypes))
+    cases = list(_cases(dims, dtypes, kinds))
     if jobs <= 1:
         return [_compile_case(c, workdir) for c in cases]
     with ProcessPoolExecutor(jobs) as pool:
@@ -305,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="embedding dims (default 128,512,1024)")
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
                         help="storage dtypes among bf16, fp16, fp32, fp64 (default bf16,fp16,fp32)")
+    parser.add_argument("--kinds", default=None,
+                        help="only these negative kinds, comma-separated NegativeKind names (default: every kind)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     parser.add_argument("--markdown", default=None, help="also write the summary table as markdown to this path")
     parser.add_argument("--check", action="store_true", help="exit 1 on a spill, a non-wgmma product (bf16/fp16, "
@@ -321,7 +326,14 @@ def main(argv=None) -> int:
     for d in dtypes:
         if d not in DTYPES:
             parser.error(f"--dtypes: unknown {d!r}; choose from {', '.join(DTYPES)}")
-    variants = compile_all(dims, dtypes, args.ptx_dir, args.jobs)
+    kinds = None
+    if args.kinds:
+        from margin_kernels.losses.negatives import NegativeKind
+        kinds = [k.strip().upper() for k in args.kinds.split(",")]
+        unknown = [k for k in kinds if k not in NegativeKind.__members__]
+        if unknown:
+            parser.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(NegativeKind.__members__)}")
+    variants = compile_all(dims, dtypes, args.ptx_dir, args.jobs, kinds)
     estimate = roofline(variants)
     problems = violations(variants, estimate)
     report = {"arch": args.arch, "variants": [asdict(v) for v in variants], "roofline": estimate,

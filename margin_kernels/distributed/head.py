@@ -25,8 +25,9 @@ from typing import Optional
 
 import torch
 
-from ..functional import (column_labels, finish_loss, initial_target_pairs, negative_lse, prepare_rows,
-                          start_call)
+from ..functional import (column_labels, finish_loss, initial_target_pairs, negative_lse, negative_statistics,
+                          prepare_rows, start_call)
+from ..row_statistics import NEGATIVE_LSE
 from ..losses.base import MarginLoss, RowInputs
 from ..head_base import HeadBase
 from ..precision import product_mode
@@ -111,7 +112,12 @@ class DistributedMarginHead(HeadBase):
 
             cos0, wnorm0 = initial_target_pairs(x_all, weight, columns, class_index, margin, acc)
             cos0, wnorm0 = self._sum_from_owners(cos0, wnorm0, columns, valid)
-            row_params = start_call(margin, RowInputs(cos0, feature_norm, wnorm0, valid), acc)
+            rows0 = RowInputs(cos0, feature_norm, wnorm0, valid)
+            request = margin.statistics_request(rows0.detach(), self.num_classes)
+            if request is not None:
+                margin.receive_statistics(rows0.detach(), self._global_statistics(request, x_all, weight, columns,
+                                                                                  class_index))
+            row_params = start_call(margin, rows0, acc)
 
             # the global pair goes through the local op: only the owner (columns >= 0) applies its gradient
             lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
@@ -120,6 +126,17 @@ class DistributedMarginHead(HeadBase):
             shift = max_shift(lse_local, group)
             lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
             return finish_loss(margin, lse, RowInputs(cos, feature_norm, weight_norm, valid), self.reduction)
+
+    @torch.no_grad()
+    def _global_statistics(self, request, x_all, weight, columns, class_index):
+        """A loss's per-row statistic over every shard: log-sum-exp of the shards' lse, or the sum of their
+        hard-negative sums and counts (row_statistics.py)."""
+        local = negative_statistics(self.margin, request, x_all, weight, columns, class_index, self.resolved_backend,
+                                    self.chunk_size)
+        if request.kind == NEGATIVE_LSE:
+            shift = max_shift(local, self.process_group)
+            return lse_from_shifted_sum(shift, all_reduce_sum_(torch.exp(local - shift), self.process_group))
+        return all_reduce_sum_(local.contiguous(), self.process_group)
 
     def _gather_labels_and_norms(self, local_labels, local_norms, layout: RowLayout):
         """One all-gather for both B-vectors: labels (-1 = ignored, so every value is exact in float64) ride in

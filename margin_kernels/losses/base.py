@@ -140,6 +140,22 @@ class MarginLoss(nn.Module):
         """Per-row term added to each row's loss (MagFace's g(a)); None for most losses."""
         return None
 
+    # ---- optional per-row statistics over the negatives (margin_kernels/row_statistics.py) ----------------
+    def statistics_request(self, rows: RowInputs, num_classes: int):
+        """A ``row_statistics.StatisticsRequest`` when the loss needs a statistic of each row's negatives
+        before ``begin_call`` (called every call, before it, on detached rows; ``num_classes`` is the number
+        of classes of the whole problem); None for most losses."""
+        return None
+
+    def receive_statistics(self, rows: RowInputs, statistics: torch.Tensor) -> None:
+        """The requested statistic, over every class (all shards), before ``begin_call``."""
+
+    #: True when the loss wants ``end_call`` to see the forward's negative lse (AdaCos' lagged mode)
+    observes_negative_lse: bool = False
+
+    def end_call(self, rows: RowInputs, lse_neg: torch.Tensor) -> None:
+        """After the forward, training mode only, under no_grad: the per-row lse over the negatives."""
+
     def begin_call(self, rows: RowInputs) -> torch.Tensor:
         """State update (if training) then the row params; the one entry point every backend uses."""
         with torch.no_grad():

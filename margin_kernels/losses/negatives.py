@@ -1,6 +1,6 @@
 """The negative functions: how a non-target cosine c_ij becomes a logit z_ij = s * g(c_ij).
 
-Every loss in docs/losses.md uses one of six shapes of g. Each backend implements this same table once (here in
+Every loss in docs/losses.md uses one of eight shapes of g. Each backend implements this same table once (here in
 PyTorch, in ``backends/triton_negatives.py`` for Triton, in ``csrc/margin_math.h`` for C++/CUDA); the kind is
 passed to kernels as an int and its parameters as two constants ``a, b`` and two per-row values:
 ``T_i = row_params[i, 0]`` (a threshold derived from the row's target cosine, no gradient) and
@@ -14,6 +14,11 @@ passed to kernels as an int and its parameters as two constants ``a, b`` and two
 | MV          | c if c <= T else a*c + a - 1                | 1 or a                        |
 | CIRCLE      | relu(c + a) * (c - a)   (alpha detached)    | relu(c + a)                   |
 | FILTER      | c if c <= a else 0                          | 1 or 0                        |
+| ROW_SCALE   | U * c   (a per-row scale; spec scale 1)      | U                             |
+| AFFINE      | c if c <= T else a*c + b                    | 1 or a                        |
+
+ROW_SCALE lets a scale that is a tensor (AdaCos' dynamic scale, module state) reach the kernels without a
+host sync: it rides in U. AFFINE is MV's shape with a free intercept (NPCFace's t*c + a on hard negatives).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ class NegativeKind(enum.IntEnum):
     MV = 3
     CIRCLE = 4
     FILTER = 5
+    ROW_SCALE = 6
+    AFFINE = 7
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,10 @@ def negative_value(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor
         return torch.relu(c.detach() + a) * (c - a)
     if kind == NegativeKind.FILTER:
         return torch.where(c > a, torch.zeros_like(c), c)
+    if kind == NegativeKind.ROW_SCALE:
+        return row_params[:, 1:2] * c
+    if kind == NegativeKind.AFFINE:
+        return torch.where(c > threshold, a * c + b, c)
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
@@ -77,6 +88,10 @@ def negative_derivative(c: torch.Tensor, spec: NegativeSpec, row_params: torch.T
         return torch.relu(c + a)
     if kind == NegativeKind.FILTER:
         return (c <= a).to(c.dtype)
+    if kind == NegativeKind.ROW_SCALE:
+        return row_params[:, 1:2].expand_as(c).clone()
+    if kind == NegativeKind.AFFINE:
+        return torch.where(c > threshold, torch.full_like(c, a), torch.ones_like(c))
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
@@ -89,7 +104,9 @@ def derivative_bound(spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tens
     CURRICULAR's depends on the rows' U). What a kernel needs to scale dL/dcos into a narrow dtype."""
     if spec.kind == NegativeKind.CURRICULAR:  # U + 2c
         return 2.0 + row_params[:, 1].abs().max()
-    if spec.kind == NegativeKind.MV:  # 1 or a
+    if spec.kind == NegativeKind.ROW_SCALE:  # U
+        return row_params[:, 1].abs().max() if row_params.shape[0] else row_params.new_tensor(1.0)
+    if spec.kind in (NegativeKind.MV, NegativeKind.AFFINE):  # 1 or a
         return row_params.new_tensor(max(1.0, abs(spec.a)))
     if spec.kind == NegativeKind.CIRCLE:  # relu(c + a)
         return row_params.new_tensor(1.0 + abs(spec.a))

@@ -2,19 +2,24 @@
 variants that reach each branch of a loss's formula (what the conformance tests run over every backend)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
+from .adacos import AdaCos
 from .adaface import AdaFace
 from .additive import ArcFace, CombinedMargin, CosFace
 from .base import MarginLoss
 from .circle import CircleLoss
 from .curricular import CurricularFace
+from .elastic import ElasticArcFace, ElasticCosFace
 from .magface import MagFace
 from .multiplicative import LSoftmax, SphereFace
 from .mv_softmax import MVSoftmax
+from .npcface import NPCFace
 from .plain import L2Softmax, NormFace, Softmax
 
-#: family name -> loss class (constructed with its defaults)
+#: family name -> loss class (constructed with its defaults; ElasticFace seeded, so that fresh copies, as the
+#: CLI builds one per backend it compares, draw the same margins)
 FAMILIES: dict = {
     "softmax": Softmax,
     "l2softmax": L2Softmax,
@@ -29,6 +34,10 @@ FAMILIES: dict = {
     "magface": MagFace,
     "adaface": AdaFace,
     "circle": CircleLoss,
+    "elasticarcface": partial(ElasticArcFace, seed=0),
+    "elasticcosface": partial(ElasticCosFace, seed=0),
+    "adacos": AdaCos,
+    "npcface": NPCFace,
 }
 
 #: variant name -> factory; together they cover every branch of docs/losses.md (easy margin, straight-through,
@@ -56,6 +65,16 @@ VARIANTS: dict = {
     "magface_facexzoo": lambda: MagFace(mode="facexzoo", margin_am=0.1),
     "adaface": lambda: AdaFace(),
     "circle": lambda: CircleLoss(),
+    # seeded draws (a deep copy draws the same margins); std 0.1 so the rows' margins visibly differ
+    "elastic_arc": lambda: ElasticArcFace(std=0.1, seed=0),
+    "elastic_cos": lambda: ElasticCosFace(std=0.1, seed=0),
+    "elastic_arc_plus": lambda: ElasticArcFace(std=0.1, plus=True, seed=0),
+    "elastic_cos_plus": lambda: ElasticCosFace(std=0.1, plus=True, seed=0),
+    "elastic_arc_plus_paper": lambda: ElasticArcFace(std=0.1, plus=True, plus_order="paper", seed=0),
+    "adacos": lambda: AdaCos(),
+    "adacos_lagged": lambda: AdaCos(update="lagged"),
+    "adacos_fixed": lambda: AdaCos(dynamic=False),
+    "npcface": lambda: NPCFace(),
 }
 
 
