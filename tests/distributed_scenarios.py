@@ -7,6 +7,7 @@ with single-process float64 references. A scenario that fails on a rank saves it
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import socket
 import time
@@ -257,11 +258,11 @@ def _worker(rank, world, port, outdir, names, ckpt_dir):
     try:
         for name in names:
             try:
-                kwargs = {"ckpt_dir": ckpt_dir} if name == "checkpoint_load" else {}
-                result = SCENARIOS[name](rank, world, outdir, **kwargs)
+                kwargs = {"ckpt_dir": ckpt_dir} if name.endswith("checkpoint_load") else {}
+                result = _scenario(name)(rank, world, outdir, **kwargs)
             except Exception:  # noqa: BLE001 - reported to the pytest side, which fails the scenario's tests
                 result = {"error": traceback.format_exc()}
-            torch.save(result, os.path.join(outdir, f"{name}.rank{rank}.pt"))
+            torch.save(result, os.path.join(outdir, f"{_file_name(name)}.rank{rank}.pt"))
     finally:
         # torch 2.13 + gloo: without this collect, ~10-20% of worker exits aborted in interpreter finalisation
         # ("terminate called without an active exception"), after every result was written. The cyclic
@@ -269,6 +270,15 @@ def _worker(rank, world, port, outdir, names, ckpt_dir):
         # from the head; collecting it before destroying the group avoided the abort in every trial.
         gc.collect()
         dist.destroy_process_group()
+
+
+def _scenario(name: str):
+    """A scenario of this file by name, or ``"module:function"`` from another scenario file (the worker is
+    spawned fresh, so other files' scenarios are found by import, not by registration)."""
+    if ":" not in name:
+        return SCENARIOS[name]
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def run_world(world: int, outdir: str, names, *, ckpt_dir=None, timeout: float = 150.0) -> dict:
@@ -281,5 +291,9 @@ def run_world(world: int, outdir: str, names, *, ckpt_dir=None, timeout: float =
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"world {world} did not finish within {timeout} s (a hang?)")
-    return {name: [torch.load(os.path.join(outdir, f"{name}.rank{r}.pt"), weights_only=True) for r in range(world)]
-            for name in names}
+    return {name: [torch.load(os.path.join(outdir, f"{_file_name(name)}.rank{r}.pt"), weights_only=True)
+                   for r in range(world)] for name in names}
+
+
+def _file_name(name: str) -> str:
+    return name.split(":")[-1]

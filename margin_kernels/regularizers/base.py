@@ -56,6 +56,8 @@ class Regularizer(nn.Module):
 
     #: whether ``per_row`` needs ``BatchRows.features`` (the distributed head then gathers the raw B x d rows)
     needs_features: bool = False
+    #: names of the state tensors whose rows are the head's classes (sharded and resharded like the weight)
+    class_rows: tuple = ()
 
     def __init__(self):
         super().__init__()

@@ -55,6 +55,7 @@ class CenterLoss(Regularizer):
     size, like the weight); 0 starts from zero centers (the default of the TensorFlow ports)."""
 
     needs_features = True
+    class_rows = ("centers",)
 
     def __init__(self, weight: float = 0.003, *, update: str = "alpha", alpha: float = 0.5,
                  invariant_weight: float = 0.0, init_std: float = 0.0):
