@@ -9,8 +9,8 @@ import torch
 from .functional import checked_margin_cross_entropy, column_labels
 from .head_base import HeadBase
 from .losses.base import MarginLoss
-from .reduction import accumulation_dtype, reduce_rows
-from .regularizers import BatchRows, regularizer_rows
+from .reduction import reduce_rows
+from .regularizers import regularizer_rows, single_process_rows
 from .validation import check_arguments
 
 
@@ -51,7 +51,8 @@ class MarginHead(HeadBase):
                        grad_filter=self.grad_filter)
         check_arguments(features, weight, labels, self.margin, ignore_index=self.ignore_index,
                         class_index=class_index, check_values=self.check_values, **options)
-        rows = self._regularizer_inputs(features, labels, class_index) if len(self.regularizers) else None
+        rows = single_process_rows(features, labels, self.ignore_index, class_index) if len(self.regularizers) \
+            else None
         if class_index is None:
             labels, class_index = self.sample_columns(column_labels(labels, self.ignore_index))
             ignore_index = -1  # column_labels marks ignored rows -1
@@ -64,13 +65,3 @@ class MarginHead(HeadBase):
         per_row = checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
                                                class_index=class_index, **options)
         return reduce_rows(per_row + regularizer_rows(self.regularizers, rows), rows.valid, self.reduction)
-
-    def _regularizer_inputs(self, features, labels, class_index) -> BatchRows:
-        """The regularisers' view of the batch: class ids (through the caller's ``class_index``), -1 if ignored."""
-        valid = labels != self.ignore_index
-        classes = torch.where(valid, labels, torch.zeros_like(labels)).long()
-        if class_index is not None:
-            classes = class_index.long()[classes]
-        acc = accumulation_dtype(features.dtype)
-        return BatchRows(features, features.to(acc).norm(dim=1), torch.where(valid, classes, -torch.ones_like(classes)),
-                         valid, acc)

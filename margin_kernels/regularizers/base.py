@@ -71,6 +71,19 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
 
+def single_process_rows(features: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                        class_index: Optional[torch.Tensor] = None) -> BatchRows:
+    """The regularisers' view of a one-process batch: class ids (through ``class_index`` when the labels index
+    into it), -1 on rows whose label is ``ignore_index``; feature norms in the accumulation dtype."""
+    valid = labels != ignore_index
+    classes = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    if class_index is not None:
+        classes = class_index.long()[classes]
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return BatchRows(features, features.to(acc).norm(dim=1), torch.where(valid, classes, -torch.ones_like(classes)),
+                     valid, acc)
+
+
 def check_regularizers(regularizers) -> list:
     """The head's ``regularizers`` argument as a list; TypeError/ValueError naming the argument otherwise."""
     if regularizers is None:
