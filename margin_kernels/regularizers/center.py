@@ -19,8 +19,8 @@ Two update rules for the centers:
   c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j), n_j its rows in the batch. The features get
   the center term's gradient lambda (x_i - c_{y_i}) (/ B under "mean").
 * ``update="gradient"``: the centers are a trainable parameter (``head.regularizers[k].centers``) and the
-  optimizer updates them from the exact gradient of both terms; give them their own parameter group (the
-  PyTorch ports use a separate SGD with lr 0.5 on gradients divided by lambda).
+  optimizer updates them from the gradients of both terms (the invariant one as defined above); give them
+  their own parameter group (the PyTorch ports use a separate SGD with lr 0.5 on gradients divided by lambda).
 
 Only the B rows of the batch are read and written per call: the owning rank gathers them, one all-reduce of
 B x d values hands every rank its rows' centers, the owner alone updates them.
