@@ -255,3 +255,28 @@ def test_bad_regularizer_arguments_raise_naming_them():
     ring = RingLoss()
     with pytest.raises(ValueError, match="twice"):
         mk.MarginHead(C, D, mk.ArcFace(), regularizers=[ring, ring])
+
+
+# ---- torch.compile ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("update", ["alpha", "gradient"])
+def test_compiled_regularized_head_matches_eager(update):
+    """fullgraph (aot_eager): static shapes throughout (the class sums are a B x B product, no unique), so the
+    head with both regularisers traces; two steps, the centers and radius in step with eager."""
+    from tests.tolerances import COMPILE_VS_EAGER
+
+    x, w, y = random_problem(B, C, D, dtype=torch.float32, duplicate=True)
+
+    def make():
+        return make_head(w, [CenterLoss(0.1, update=update, invariant_weight=0.1 if update == "gradient" else 0.0,
+                                        init_std=1.0), RingLoss(0.01)])
+
+    eager, compiled_head = make(), make()
+    compiled = torch.compile(compiled_head, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        a, b = head_step(eager, x, y), head_step(compiled, x, y)
+        assert abs(a[0].item() - b[0].item()) <= COMPILE_VS_EAGER * max(1.0, abs(a[0].item()))
+        assert rel_err(b[1], a[1]) <= COMPILE_VS_EAGER and rel_err(b[2], a[2]) <= COMPILE_VS_EAGER
+    for (name, p), (_, q) in zip(eager.regularizers.named_parameters(), compiled_head.regularizers.named_parameters()):
+        assert rel_err(q, p) <= COMPILE_VS_EAGER, name
+        if p.grad is not None:
+            assert rel_err(q.grad, p.grad) <= COMPILE_VS_EAGER, name + ".grad"

@@ -114,19 +114,20 @@ def regularizer_rows(regularizers, rows: BatchRows) -> Optional[torch.Tensor]:
     return total
 
 
-def sum_by_row(values: torch.Tensor, index: torch.Tensor):
-    """(the distinct ``index`` values, the sum of ``values`` rows per distinct value in ``values``' dtype, the
-    count of each). One index_put_ with accumulate=True (sorted, deterministic on every device) into a U x d
-    buffer, so duplicates are summed in the accumulation dtype, never in the low-precision storage."""
-    unique, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-    sums = values.new_zeros((unique.shape[0],) + tuple(values.shape[1:]))
-    sums.index_put_((inverse,), values, accumulate=True)
-    return unique, sums, counts
+def class_totals(values: torch.Tensor, local: torch.Tensor, owned: torch.Tensor):
+    """Per row: the sum of ``values`` over the owned rows of its class, and their count (0 and 0 on rows not
+    owned). A B x B same-class product in ``values``' dtype (the accumulation dtype), so duplicates are summed
+    there, never in low-precision storage, in a fixed order, with static shapes (no unique: torch.compile
+    traces it); O(B^2 d), small next to the loss's O(B C d)."""
+    same = (local.unsqueeze(1) == local.unsqueeze(0)) & owned.unsqueeze(1) & owned.unsqueeze(0)
+    same = same.to(values.dtype)
+    return same @ values, same.sum(dim=1)
 
 
 class _OwnedRows(torch.autograd.Function):
-    """rows[i] = table[local[i]] where ``owned[i]``, else 0; the backward writes the B rows' summed gradient
-    into a zero table gradient (deterministic, accumulated in the gradient's dtype before the one write)."""
+    """rows[i] = table[local[i]] where ``owned[i]``, else 0. The backward writes each class's summed gradient
+    (``class_totals``) once into a zero table gradient; rows not owned write zeros into one spare row past the
+    end, so every write is deterministic (duplicates write identical values)."""
 
     @staticmethod
     def forward(ctx, table, local, owned, acc):
@@ -138,11 +139,12 @@ class _OwnedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         local, owned = ctx.saved_tensors
-        table_grad = grad.new_zeros(ctx.table_shape, dtype=ctx.table_dtype)
-        if owned.any():
-            unique, sums, _ = sum_by_row(grad[owned].to(ctx.acc), local[owned])
-            table_grad.index_copy_(0, unique, sums.to(ctx.table_dtype))
-        return table_grad, None, None, None
+        totals, _ = class_totals(grad.to(ctx.acc), local, owned)
+        spare = ctx.table_shape[0]
+        table_grad = grad.new_zeros((spare + 1,) + tuple(ctx.table_shape[1:]), dtype=ctx.table_dtype)
+        table_grad.index_put_((torch.where(owned, local, torch.full_like(local, spare)),),
+                              totals.to(ctx.table_dtype))
+        return table_grad[:spare], None, None, None
 
 
 def owned_rows(table: torch.Tensor, local: torch.Tensor, owned: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

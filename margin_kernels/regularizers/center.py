@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .base import BatchRows, Regularizer, owned_rows, sum_by_row
+from .base import BatchRows, Regularizer, class_totals, owned_rows
 
 UPDATES = ("alpha", "gradient")
 #: rows of the centers reduced at a time for R (bounds the temporary of a low-precision cast to chunk x d)
@@ -128,13 +128,16 @@ class CenterLoss(Regularizer):
     @torch.no_grad()
     def _alpha_step(self, x: torch.Tensor, centers: torch.Tensor, local: torch.Tensor, owned: torch.Tensor):
         """c_j -= alpha * sum_{y_i = j} (c_j - x_i) / (1 + n_j) on the classes this shard owns (every row of a
-        class is owned by the same rank, so n_j is counted here)."""
-        if not bool(owned.any()):
-            return
-        classes, sums, counts = sum_by_row((centers - x)[owned], local[owned])
-        current = self.centers.index_select(0, classes).to(sums.dtype)
-        moved = current - self.alpha * sums / (1.0 + counts.to(sums.dtype)).unsqueeze(1)
-        self.centers.index_copy_(0, classes, moved.to(self.centers.dtype))
+        class is owned by the same rank, so n_j is counted here). Static shapes: every row writes, duplicates
+        of a class the same value; rows not owned write row 0 with the value row 0 ends with."""
+        totals, counts = class_totals(centers - x, local, owned)
+        moved = centers - self.alpha * totals / (1.0 + counts).unsqueeze(1)
+        first = self.centers[0].to(moved.dtype)
+        updates_first = owned & (local == 0)
+        first = torch.where(updates_first.any(), torch.where(updates_first.unsqueeze(1), moved,
+                                                             torch.full_like(moved, -math.inf)).amax(dim=0), first)
+        values = torch.where(owned.unsqueeze(1), moved, first.unsqueeze(0))
+        self.centers.index_put_((torch.where(owned, local, torch.zeros_like(local)),), values.to(self.centers.dtype))
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, update={self.update!r}, alpha={self.alpha}, "
