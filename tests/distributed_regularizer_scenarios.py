@@ -59,6 +59,13 @@ def regularizer_sweep(rank, world, outdir):
     return out
 
 
+def regularizer_empty_rank(rank, world, outdir):
+    """A rank that feeds no rows still owns classes (and centers) and takes part: one alpha-rule step."""
+    x, w, y = S.problem(world, sizes=S.EMPTY_RANK_SIZES)
+    head = S.make_head(world, S.make_loss(MARGIN), w, regularizers=configurations()["ring_auto_and_center"]())
+    return record_step(head, x, y, S.EMPTY_RANK_SIZES, rank)
+
+
 def regularizer_checkpoint_save(rank, world, outdir):
     """One step (SGD on the weight and the centers), save shard-wise, then the next step."""
     _, w, _ = S.problem(world)

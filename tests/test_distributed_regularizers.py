@@ -18,8 +18,8 @@ from tests.tolerances import REGULARIZER_TOLERANCES
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this torch build")
 MODULE = R.__name__
-SWEEP, SAVE, LOAD = (f"{MODULE}:{fn}" for fn in ("regularizer_sweep", "regularizer_checkpoint_save",
-                                                 "regularizer_checkpoint_load"))
+SWEEP, SAVE, LOAD, EMPTY = (f"{MODULE}:{fn}" for fn in ("regularizer_sweep", "regularizer_checkpoint_save",
+                                                        "regularizer_checkpoint_load", "regularizer_empty_rank"))
 TOL = REGULARIZER_TOLERANCES[torch.float64]
 
 
@@ -35,7 +35,8 @@ def world2(checkpoint_dir):
 
 @pytest.fixture(scope="module")
 def world3(tmp_path_factory, world2, checkpoint_dir):
-    return S.run_world(3, str(tmp_path_factory.mktemp("regularizers_world3")), (SWEEP, LOAD), ckpt_dir=checkpoint_dir)
+    return S.run_world(3, str(tmp_path_factory.mktemp("regularizers_world3")), (SWEEP, LOAD, EMPTY),
+                       ckpt_dir=checkpoint_dir)
 
 
 def ranks_of(request, world, scenario):
@@ -54,9 +55,10 @@ def single_head(num_classes, w, regularizers):
     return head
 
 
-def single_steps(head, world, steps, first_seed=0):
-    total = sum(S.LAYOUTS[world][0])
-    return [R.record_step(head, *S.problem(world, seed=first_seed + s)[::2], (total,), 0) for s in range(steps)]
+def single_steps(head, world, steps, first_seed=0, sizes=None):
+    total = sum(sizes or S.LAYOUTS[world][0])
+    return [R.record_step(head, *S.problem(world, seed=first_seed + s, sizes=sizes)[::2], (total,), 0)
+            for s in range(steps)]
 
 
 def assert_ranks_match(records, expected):
@@ -107,3 +109,12 @@ def test_checkpoint_reshards_centers_from_2_to_3_ranks(request):
     assert_ranks_match([r["next"] for r in save], expected)
     assert_ranks_match([r["next"] for r in load], expected)
     assert [tuple(r["shard_range"].tolist()) for r in load] == S.shard_ranges(S.LAYOUTS[R.CHECKPOINT_WORLD][1], 3)
+
+
+@needs_gloo
+def test_rank_without_rows_keeps_its_centers_in_step(request):
+    """3 ranks, the middle one feeds no rows: the loss, gradients and updated centers are the single process's."""
+    records = ranks_of(request, 3, EMPTY)
+    _, w, _ = S.problem(3, sizes=S.EMPTY_RANK_SIZES)
+    head = single_head(S.LAYOUTS[3][1], w, R.configurations()["ring_auto_and_center"]())
+    assert_ranks_match(records, single_steps(head, 3, 1, sizes=S.EMPTY_RANK_SIZES)[0])
