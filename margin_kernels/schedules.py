@@ -23,12 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .losses.base import MarginLoss
-
-
-def _check_scale(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+from .losses.base import MarginLoss, _check_positive
 
 
 def _check_steps(name, value, minimum):
@@ -41,8 +36,8 @@ class ScaleSchedule(nn.Module):
 
     def __init__(self, s_start: float, s_end: float):
         super().__init__()
-        _check_scale("s_start", s_start)
-        _check_scale("s_end", s_end)
+        _check_positive("s_start", s_start)
+        _check_positive("s_end", s_end)
         self.s_start, self.s_end = float(s_start), float(s_end)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._host_iteration = 0  # the buffer's value, kept on the host so no step reads the device

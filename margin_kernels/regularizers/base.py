@@ -8,6 +8,7 @@ B x d values (each row from the rank that owns its class); nothing C x d is ever
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,6 +70,11 @@ class Regularizer(nn.Module):
 
     def per_row(self, rows: BatchRows) -> torch.Tensor:
         raise NotImplementedError
+
+
+def check_nonnegative(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def single_process_rows(features: torch.Tensor, labels: torch.Tensor, ignore_index: int,

@@ -32,18 +32,13 @@ import math
 import torch
 from torch import nn
 
-from .base import BatchRows, Regularizer, class_totals, owned_rows
+from .base import BatchRows, Regularizer, check_nonnegative, class_totals, owned_rows
 
 UPDATES = ("alpha", "gradient")
 #: rows of the centers reduced at a time for R (bounds the temporary of a low-precision cast to chunk x d)
 NORM_CHUNK_ROWS = 65536
 #: the seed stream of the centers' initial values (distinct from the weight's and the sampler's)
 CENTER_STREAM = 3
-
-
-def _check_nonnegative(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class CenterLoss(Regularizer):
@@ -60,12 +55,12 @@ class CenterLoss(Regularizer):
     def __init__(self, weight: float = 0.003, *, update: str = "alpha", alpha: float = 0.5,
                  invariant_weight: float = 0.0, init_std: float = 0.0):
         super().__init__()
-        _check_nonnegative("weight", weight)
+        check_nonnegative("weight", weight)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-        _check_nonnegative("alpha", alpha)
-        _check_nonnegative("invariant_weight", invariant_weight)
-        _check_nonnegative("init_std", init_std)
+        check_nonnegative("alpha", alpha)
+        check_nonnegative("invariant_weight", invariant_weight)
+        check_nonnegative("init_std", init_std)
         if invariant_weight > 0 and update != "gradient":
             raise ValueError("invariant_weight > 0 needs update='gradient': the Center-invariant term moves the "
                              "centers through their gradient, which the alpha rule does not apply")

@@ -14,7 +14,6 @@ authors' code, a radius left at its default (None) is set to the batch's mean fe
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reduction import accumulation_dtype
-from .base import BatchRows, Regularizer
+from ..losses.base import _check_positive
+from .base import BatchRows, Regularizer, check_nonnegative
 
 VARIANTS = ("l2", "auto", "l1")
 #: the authors' floor on the batch mean norm of the "auto" variant
@@ -35,14 +35,11 @@ class RingLoss(Regularizer):
 
     def __init__(self, weight: float = 0.01, *, variant: str = "l2", radius: Optional[float] = None):
         super().__init__()
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) \
-                or weight < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        check_nonnegative("weight", weight)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if radius is not None and (not isinstance(radius, (int, float)) or isinstance(radius, bool)
-                                   or not math.isfinite(radius) or radius <= 0):
-            raise ValueError(f"radius must be a positive finite number or None, got {radius!r}")
+        if radius is not None:
+            _check_positive("radius", radius)
         self.weight, self.variant = float(weight), variant
         self.radius = nn.Parameter(torch.tensor(1.0 if radius is None else float(radius)))
         self.register_buffer("initialized", torch.tensor(radius is not None))
