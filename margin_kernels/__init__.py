@@ -4,6 +4,8 @@ from .backends import available_backends
 from .backends.filter_stats import grad_filter_stats, reset_grad_filter_stats
 from .functional import margin_cross_entropy
 from .head import MarginHead
+from .regularizers import CenterLoss, RingLoss
+from .schedules import CosineScale, HeatedUp, LinearScale, ScaleSchedule, schedule_scale
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
                      MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace)
 from .losses import AdaCos, ElasticArcFace, ElasticCosFace, NPCFace
@@ -24,4 +26,5 @@ __all__ = [
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
     "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
     "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
+    "CenterLoss", "RingLoss", "CosineScale", "HeatedUp", "LinearScale", "ScaleSchedule", "schedule_scale",
 ]

@@ -9,6 +9,8 @@ import torch
 from .functional import checked_margin_cross_entropy, column_labels
 from .head_base import HeadBase
 from .losses.base import MarginLoss
+from .reduction import reduce_rows
+from .regularizers import regularizer_rows, single_process_rows
 from .validation import check_arguments
 
 
@@ -26,17 +28,18 @@ class MarginHead(HeadBase):
     The weight's dtype is the compute dtype: features of another floating dtype (bf16/fp16 from a backbone
     under AMP autocast) are cast to it (B x d, never the C x d weight); store the weight in bf16
     (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values=False`` drops
-    the checks that sync the device each step (finite features, labels in range).
+    the checks that sync the device each step (finite features, labels in range). ``regularizers`` (a list of
+    ``CenterLoss``/``RingLoss``) add their per-row terms to the per-row loss before the reduction.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
                  seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                  chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 dtype: Optional[torch.dtype] = None, device=None, regularizers=None):
         super().__init__(num_classes, embedding_dim, margin, shard_range=(0, num_classes), sample_rate=sample_rate,
                          seed=seed, backend=backend, reduction=reduction, ignore_index=ignore_index,
                          chunk_size=chunk_size, grad_filter=grad_filter, check_values=check_values, dtype=dtype,
-                         device=device)
+                         device=device, regularizers=regularizers)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -48,10 +51,17 @@ class MarginHead(HeadBase):
                        grad_filter=self.grad_filter)
         check_arguments(features, weight, labels, self.margin, ignore_index=self.ignore_index,
                         class_index=class_index, check_values=self.check_values, **options)
+        rows = single_process_rows(features, labels, self.ignore_index, class_index) if len(self.regularizers) \
+            else None
         if class_index is None:
             labels, class_index = self.sample_columns(column_labels(labels, self.ignore_index))
             ignore_index = -1  # column_labels marks ignored rows -1
         else:
             ignore_index = self.ignore_index
-        return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
-                                            class_index=class_index, **options)
+        if rows is None:
+            return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
+                                                class_index=class_index, **options)
+        options["reduction"] = "none"
+        per_row = checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
+                                               class_index=class_index, **options)
+        return reduce_rows(per_row + regularizer_rows(self.regularizers, rows), rows.valid, self.reduction)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .backends import resolve_backend
 from .losses.base import MarginLoss
+from .regularizers import check_regularizers
 from .sampling import INIT_STREAM, PartialFCSampler, derived_seed
 from .validation import REDUCTIONS, check_head_arguments
 
@@ -37,8 +38,10 @@ class HeadBase(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, shard_range: tuple,
                  sample_rate: float, seed: int, backend: str, reduction: str, ignore_index: int,
-                 chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device):
+                 chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device,
+                 regularizers=None):
         super().__init__()
+        regularizers = check_regularizers(regularizers)
         check_head_arguments(num_classes, embedding_dim, margin, backend=backend, reduction=reduction,
                              reductions=self.reductions, ignore_index=ignore_index, chunk_size=chunk_size,
                              grad_filter=grad_filter, sample_rate=sample_rate, seed=seed,
@@ -57,6 +60,11 @@ class HeadBase(nn.Module):
         self._resolved: dict = {}
         self.resolved_backend  # noqa: B018 - resolve now: an unusable backend fails at construction
         self.reset_parameters()
+        #: Center / Ring loss terms added to every row's loss (margin_kernels.regularizers), state sized for the shard
+        self.regularizers = nn.ModuleList(regularizers)
+        for regularizer in regularizers:
+            regularizer.bind(num_classes=num_classes, embedding_dim=embedding_dim, shard_range=self.shard_range,
+                             seed=seed, dtype=self.weight.dtype, device=self.weight.device)
 
     @property
     def num_local(self) -> int:

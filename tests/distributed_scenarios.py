@@ -258,11 +258,11 @@ def _worker(rank, world, port, outdir, names, ckpt_dir, module=__name__):
     try:
         for name in names:
             try:
-                kwargs = {"ckpt_dir": ckpt_dir} if name == "checkpoint_load" else {}
-                result = importlib.import_module(module).SCENARIOS[name](rank, world, outdir, **kwargs)
+                kwargs = {"ckpt_dir": ckpt_dir} if name.endswith("checkpoint_load") else {}
+                result = _scenario(name, module)(rank, world, outdir, **kwargs)
             except Exception:  # noqa: BLE001 - reported to the pytest side, which fails the scenario's tests
                 result = {"error": traceback.format_exc()}
-            torch.save(result, os.path.join(outdir, f"{name}.rank{rank}.pt"))
+            torch.save(result, os.path.join(outdir, f"{_file_name(name)}.rank{rank}.pt"))
     finally:
         # torch 2.13 + gloo: without this collect, ~10-20% of worker exits aborted in interpreter finalisation
         # ("terminate called without an active exception"), after every result was written. The cyclic
@@ -272,10 +272,19 @@ def _worker(rank, world, port, outdir, names, ckpt_dir, module=__name__):
         dist.destroy_process_group()
 
 
+def _scenario(name: str, module: str):
+    """A scenario by name from ``module``'s SCENARIOS, or ``"module:function"`` from another scenario file (the
+    worker is spawned fresh, so other files' scenarios are found by import, not by registration)."""
+    if ":" not in name:
+        return importlib.import_module(module).SCENARIOS[name]
+    other, function = name.split(":")
+    return getattr(importlib.import_module(other), function)
+
+
 def run_world(world: int, outdir: str, names, *, ckpt_dir=None, timeout: float = 150.0,
               module: str = __name__) -> dict:
-    """Spawn ``world`` gloo processes on loopback running ``names`` (functions of ``module``'s ``SCENARIOS``,
-    called as ``fn(rank, world, outdir)``); {name: [rank results]}."""
+    """Spawn ``world`` gloo processes on loopback running ``names`` (functions of ``module``'s ``SCENARIOS``, or
+    ``"module:function"``, called as ``fn(rank, world, outdir)``); {name: [rank results]}."""
     context = mp.start_processes(_worker, args=(world, _free_port(), outdir, list(names), ckpt_dir, module),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
@@ -284,5 +293,9 @@ def run_world(world: int, outdir: str, names, *, ckpt_dir=None, timeout: float =
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"world {world} did not finish within {timeout} s (a hang?)")
-    return {name: [torch.load(os.path.join(outdir, f"{name}.rank{r}.pt"), weights_only=True) for r in range(world)]
-            for name in names}
+    return {name: [torch.load(os.path.join(outdir, f"{_file_name(name)}.rank{r}.pt"), weights_only=True)
+                   for r in range(world)] for name in names}
+
+
+def _file_name(name: str) -> str:
+    return name.split(":")[-1]

@@ -27,6 +27,7 @@ from margin_kernels.validation import check_chunk_size
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
 from .methods import BACKENDS, GEMM_FLOOR, all_methods
 from .peers import PEERS
+from .regularized import REGULARIZERS
 from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
 from .report import payload, markdown, print_report
 from .runner import count_steps, plan, run_sweep
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--peers", default="none",
                       help=f"other implementations: {', '.join(PEERS)}, 'all' or 'none' (default none); "
                            "each runs only where it applies (the Softmax peers for --loss softmax)")
+    what.add_argument("--regularizers", default="",
+                      help=f"head regularisers added to the loss, comma-separated: {', '.join(REGULARIZERS)} "
+                           "(default none; margin_kernels backends only)")
     what.add_argument("--no-floor", action="store_true", help="skip the GEMM floor (no 'x floor' column)")
     what.add_argument("--chunk-size", type=int, default=None, help="class chunk of the fused backends")
     what.add_argument("--seed", type=int, default=0)
@@ -120,6 +124,8 @@ def _method_names(args) -> list[str]:
         backends = parse_names(",".join(backends), BACKENDS, "--backends")
     peers = [] if args.peers == "none" else list(PEERS) if args.peers == "all" else \
         parse_names(args.peers, PEERS, "--peers")
+    if peers and args.regularizers:
+        raise ValueError("--peers compute the plain loss: they cannot run with --regularizers")
     return backends + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
 
 
@@ -144,7 +150,9 @@ def _problems(args, device: str):
     check_chunk_size(args.chunk_size)  # the package's own check: the same wording as chunk_size= everywhere
     return problem_grid(parse_names(args.loss, LOSSES, "--loss"), parse_sizes(args.batch, "--batch"),
                         parse_sizes(args.dim, "--dim"), parse_sizes(args.classes, "--classes"),
-                        parse_dtypes(args.dtype), device, args.seed, args.chunk_size)
+                        parse_dtypes(args.dtype), device, args.seed, args.chunk_size,
+                        ",".join(parse_names(args.regularizers, REGULARIZERS, "--regularizers"))
+                        if args.regularizers else "")
 
 
 def _list_methods(problems, console: Console) -> None:

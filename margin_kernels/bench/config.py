@@ -44,14 +44,17 @@ class Problem:
     device: str
     seed: int = 0
     chunk_size: Optional[int] = None
+    #: comma-separated head regularisers (bench/regularized.py), "" for none
+    regularizers: str = ""
 
     def family(self) -> tuple:
         """Everything but C: the problems of one curve of a sweep over C."""
-        return (self.loss, self.batch, self.dim, self.dtype, self.device, self.chunk_size)
+        return (self.loss, self.batch, self.dim, self.dtype, self.device, self.chunk_size, self.regularizers)
 
     def family_label(self) -> str:
         chunk = f", chunk={self.chunk_size}" if self.chunk_size else ""
-        return f"{self.loss}, B={self.batch}, d={self.dim}, {self.dtype}, {self.device}{chunk}"
+        regularizers = f", + {self.regularizers}" if self.regularizers else ""
+        return f"{self.loss}, B={self.batch}, d={self.dim}, {self.dtype}, {self.device}{chunk}{regularizers}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,7 +147,7 @@ def parse_dtypes(text: str) -> list[str]:
 
 
 def problem_grid(losses, batches, dims, classes, dtypes, device: str, seed: int,
-                 chunk_size: Optional[int]) -> list[Problem]:
+                 chunk_size: Optional[int], regularizers: str = "") -> list[Problem]:
     """Every combination, grouped by family and sorted by C inside a family (so OOM can stop a curve)."""
-    return [Problem(loss, b, d, c, dt, device, seed, chunk_size)
+    return [Problem(loss, b, d, c, dt, device, seed, chunk_size, regularizers)
             for loss, b, d, dt, c in itertools.product(losses, batches, dims, dtypes, classes)]

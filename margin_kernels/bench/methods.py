@@ -17,6 +17,7 @@ from margin_kernels.backends import BACKEND_NAMES, REGISTRY, resolve_backend
 from margin_kernels.backends.chunk_loop import default_chunk_size
 
 from .config import Problem, make_loss
+from .regularized import regularized_loss
 from .problem import Inputs
 
 @dataclass(frozen=True)
@@ -149,6 +150,11 @@ def _backend_builder(name: str):
         margin = make_loss(problem.loss)
         chunk = problem.chunk_size if name != "reference" else None
         backend = resolved_auto(problem.device) if name == "auto" else name
+
+        if problem.regularizers:
+            return AutogradRun(regularized_loss(margin, problem.regularizers, problem.classes, problem.dim,
+                                                inputs.weight.dtype, inputs.weight.device, backend=backend,
+                                                chunk_size=chunk, check_values=False), inputs)
 
         # check_values=False: the value checks (finite features, labels in range) sync the device; the inputs
         # are known good and the bench times the computation, as a training loop that turns them off would

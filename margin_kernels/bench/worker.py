@@ -36,6 +36,7 @@ from .config import Problem, Settings, make_loss
 from .memory import is_out_of_memory, memory_probe, timing_allocator
 from .methods import all_methods, floor_ms, floor_variants, resolved_auto
 from .problem import make_inputs
+from .regularized import regularized_loss
 from .timing import repeats_within, summarize, timed_run
 
 _TINY_BATCH, _TINY_CLASSES = 4, 64
@@ -237,7 +238,11 @@ def _compare(loss: torch.Tensor, grads, truth) -> dict:
 def _float64_truth(problem: Problem, inputs):
     x = inputs.features.double().requires_grad_(True)
     w = inputs.weight.double().requires_grad_(True)
-    loss = mk.margin_cross_entropy(x, w, inputs.labels, make_loss(problem.loss), backend="reference")
+    if problem.regularizers:
+        loss = regularized_loss(make_loss(problem.loss), problem.regularizers, problem.classes, problem.dim,
+                                torch.float64, x.device, backend="reference")(x, w, inputs.labels)
+    else:
+        loss = mk.margin_cross_entropy(x, w, inputs.labels, make_loss(problem.loss), backend="reference")
     dx, dw = torch.autograd.grad(loss, [x, w])
     return float(loss), (dx, dw)
 

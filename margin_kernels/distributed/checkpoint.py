@@ -1,7 +1,8 @@
 """Shard-wise checkpoints of a DistributedMarginHead that load at any world size.
 
 ``save_sharded`` writes one file per rank, ``classes_<start>_<stop>.pt`` (the class range in the name), holding
-that rank's ``state_dict()``: its weight rows, the loss's buffers and the head's extra state (class range,
+that rank's ``state_dict()``: its weight rows (and the regularisers' per-class rows, e.g. Center loss
+centers: the extra state's ``row_keys``), the loss's buffers and the head's extra state (class range,
 sizes, the Partial FC generator). ``load_sharded`` reads, on each rank, only the files whose classes overlap
 its new range (memory-mapped) and assembles its rows, so a run saved on 8 ranks resumes on 4 or 16.
 The margin buffers are identical on every rank by construction; loading checks that the files agree and that
@@ -78,23 +79,14 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     first = pieces[0][EXTRA_STATE] if pieces else None
     if first is None or any(p[EXTRA_STATE].get("format") != CHECKPOINT_FORMAT for p in pieces):
         raise ValueError("reshard_state_dicts needs at least one DistributedMarginHead shard state dict")
-    rows, position = [], start
     for piece in pieces:
-        lo, hi = piece[EXTRA_STATE]["shard_range"]
         if (piece[EXTRA_STATE]["num_classes"], piece[EXTRA_STATE]["embedding_dim"]) != \
                 (first["num_classes"], first["embedding_dim"]):
             raise ValueError("shard state dicts come from heads of different sizes")
-        if hi <= position or lo >= stop:
-            continue
-        if lo > position:
-            raise ValueError(f"no shard holds classes [{position}, {lo})")
-        rows.append(piece[WEIGHT][position - lo:min(hi, stop) - lo])
-        position = min(hi, stop)
-    if position != stop:
-        raise ValueError(f"no shard holds classes [{position}, {stop})")
-    out = {WEIGHT: torch.cat(rows) if len(rows) > 1 else rows[0].clone()}
+    row_keys = first.get("row_keys", [WEIGHT])  # checkpoints written before regularisers hold only the weight
+    out = {key: _class_rows(pieces, key, start, stop) for key in row_keys}
     for key, value in pieces[0].items():
-        if key in (WEIGHT, EXTRA_STATE):
+        if key in row_keys or key == EXTRA_STATE:
             continue
         for other in pieces[1:]:
             if not torch.equal(other[key], value):
@@ -104,6 +96,22 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     out[EXTRA_STATE] = dict(first, shard_range=[start, stop],
                             sampler_state=first.get("sampler_state") if same_shard else None)
     return out
+
+
+def _class_rows(pieces: list[dict], key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the class-sharded tensor ``key``, cut from the sorted pieces that hold them."""
+    rows, position = [], start
+    for piece in pieces:
+        lo, hi = piece[EXTRA_STATE]["shard_range"]
+        if hi <= position or lo >= stop:
+            continue
+        if lo > position:
+            raise ValueError(f"no shard holds classes [{position}, {lo})")
+        rows.append(piece[key][position - lo:min(hi, stop) - lo])
+        position = min(hi, stop)
+    if position != stop:
+        raise ValueError(f"no shard holds classes [{position}, {stop})")
+    return torch.cat(rows) if len(rows) > 1 else rows[0].clone()
 
 
 def load_sharded(head: DistributedMarginHead, directory: str) -> None:

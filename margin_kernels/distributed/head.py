@@ -31,7 +31,8 @@ from ..row_statistics import NEGATIVE_LSE
 from ..losses.base import MarginLoss, RowInputs
 from ..head_base import HeadBase
 from ..precision import product_mode
-from ..reduction import empty_batch_loss
+from ..reduction import empty_batch_loss, reduce_rows
+from ..regularizers import BatchRows, regularizer_rows
 from ..validation import check_flag
 from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
                    group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient)
@@ -64,6 +65,10 @@ class DistributedMarginHead(HeadBase):
     * the constructor takes ``MarginHead``'s arguments plus ``process_group`` and ``ddp_backbone``; the initial
       weight is N(0, 0.01^2) drawn in fixed seeded blocks of classes, so a given ``seed`` gives the same full
       weight at every world size and in a ``MarginHead``.
+    * ``regularizers`` (``CenterLoss``, ``RingLoss``): computed on the global batch like the loss tail; the
+      centers are sharded like the weight (this rank's rows in ``head.regularizers[k].centers``, classes
+      ``shard_range``), only the batch's rows are fetched (one all-reduce of B x d values) and the owner alone
+      updates them; ``save_sharded``/``load_sharded`` reshard them with the weight.
     * gloo (CPU) is tested; NCCL runs the same code (tensors on the current CUDA device) but is untested here.
     """
 
@@ -72,7 +77,8 @@ class DistributedMarginHead(HeadBase):
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
                  seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                  chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
-                 dtype: Optional[torch.dtype] = None, device=None, process_group=None, ddp_backbone: bool = False):
+                 dtype: Optional[torch.dtype] = None, device=None, process_group=None, ddp_backbone: bool = False,
+                 regularizers=None):
         rank, world = group_rank_and_size(process_group)
 
         def build():
@@ -83,7 +89,7 @@ class DistributedMarginHead(HeadBase):
             HeadBase.__init__(self, num_classes, embedding_dim, margin, shard_range=shard_range(num_classes, world, rank),
                               sample_rate=sample_rate, seed=seed, backend=backend, reduction=reduction,
                               ignore_index=ignore_index, chunk_size=chunk_size, grad_filter=grad_filter,
-                              check_values=check_values, dtype=dtype, device=device)
+                              check_values=check_values, dtype=dtype, device=device, regularizers=regularizers)
 
         # a rank failing here alone must not leave the others waiting in the configuration check
         run_collectively(build, process_group, "DistributedMarginHead construction")
@@ -125,7 +131,21 @@ class DistributedMarginHead(HeadBase):
                                                        self.grad_filter, product)
             shift = max_shift(lse_local, group)
             lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
-            return finish_loss(margin, lse, RowInputs(cos, feature_norm, weight_norm, valid), self.reduction)
+            rows = RowInputs(cos, feature_norm, weight_norm, valid)
+            if not len(self.regularizers):
+                return finish_loss(margin, lse, rows, self.reduction)
+            per_row = finish_loss(margin, lse, rows, "none")
+            return reduce_rows(per_row + self._regularizer_rows(features, feature_norm, labels, valid, layout, acc),
+                               valid, self.reduction)
+
+    def _regularizer_rows(self, features, feature_norm, labels, valid, layout: RowLayout, acc):
+        """The regularisers' terms on the global batch, replicated on every rank: the raw features are gathered
+        (B x d, each rank keeping its rows' gradient) only when a regulariser needs them."""
+        raw = None
+        if any(regularizer.needs_features for regularizer in self.regularizers):
+            raw = gather_rows(features, layout, sum_grads=False)
+        rows = BatchRows(raw, feature_norm, labels, valid, acc, distributed=True, group=self.process_group)
+        return regularizer_rows(self.regularizers, rows)
 
     @torch.no_grad()
     def _global_statistics(self, request, x_all, weight, columns, class_index):
@@ -166,7 +186,14 @@ class DistributedMarginHead(HeadBase):
     # ---- checkpoints: see checkpoint.py for saving and resharding ----------------------------------------
     def get_extra_state(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "shard_range": list(self.shard_range), "sampler_state": self.sampler.get_state()}
+                "shard_range": list(self.shard_range), "sampler_state": self.sampler.get_state(),
+                "row_keys": self.class_row_keys()}
+
+    def class_row_keys(self) -> list:
+        """state_dict keys whose rows are this shard's classes (resharded by load_sharded): the weight and the
+        regularisers' per-class state (the centers)."""
+        return ["weight"] + [f"regularizers.{i}.{name}" for i, regularizer in enumerate(self.regularizers)
+                             for name in regularizer.class_rows]
 
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -184,7 +211,7 @@ class DistributedMarginHead(HeadBase):
     def _configuration(self) -> tuple:
         return (self.num_classes, self.embedding_dim, type(self.margin).__name__, repr(self.margin),
                 self.sampler.sample_rate, str(self.weight.dtype), self.reduction, self.ignore_index, self.seed,
-                self.ddp_backbone, self.grad_filter, self.check_values)
+                self.ddp_backbone, self.grad_filter, self.check_values, repr(self.regularizers))
 
     def _check_same_configuration(self) -> None:
         configs = all_gather_objects(self._configuration(), self.process_group)

@@ -160,6 +160,9 @@ class MarginLoss(nn.Module):
         """State update (if training) then the row params; the one entry point every backend uses."""
         with torch.no_grad():
             detached = rows.detach()
+            schedule = self._modules.get("scale_schedule")  # margin_kernels.schedules.schedule_scale
+            if schedule is not None:
+                self.s = schedule.advance(self.training)
             if self.training:
                 self.update_state(detached)
             return self.row_params(detached)
