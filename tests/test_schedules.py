@@ -29,10 +29,11 @@ def test_schedule_values():
 
 
 def test_every_scaled_loss_is_scheduled_and_unscaled_ones_refuse():
-    assert "softmax" not in SCALED and "sphereface" not in SCALED and "lsoftmax" not in SCALED
-    assert {"arcface", "cosface", "circle", "adaface", "normface"} <= set(SCALED)
+    # L-Softmax and SphereFace carry pytorch-metric-learning's scale s (1 by default): schedulable too
+    assert "softmax" not in SCALED and "l2softmax" in SCALED
+    assert {"arcface", "cosface", "circle", "adaface", "normface", "sphereface", "lsoftmax"} <= set(SCALED)
     with pytest.raises(ValueError, match="no scale"):
-        mk.schedule_scale(mk.SphereFace(), mk.HeatedUp())
+        mk.schedule_scale(mk.Softmax(), mk.HeatedUp())
     with pytest.raises(TypeError, match="schedule"):
         mk.schedule_scale(mk.ArcFace(), lambda step: 64.0)
     with pytest.raises(ValueError, match="s_end"):
