@@ -391,7 +391,8 @@ def train(args) -> dict:
             last = history["eval"][-1]
             bar.update(task, completed=step, description=f"loss {loss.item():.3f}  lr {lr:.3g}  held-out acc "
                        f"{last['accuracy']:.3f} TAR@FAR={FAR:g} {last['tar_at_far']:.3f} (step {last['step']})")
-            if args.checkpoint and (step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0)):
+            periodic = args.checkpoint_every and step % args.checkpoint_every == 0
+            if args.checkpoint and (step == args.steps or periodic):
                 save_checkpoint(args.checkpoint, step, backbone, head, optimizers, history, world)
     history["seconds"] = time.perf_counter() - started
 
