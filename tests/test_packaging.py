@@ -83,7 +83,7 @@ def test_build_makes_an_sdist_with_csrc_and_a_wheel_with_the_extension(tmp_path)
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert {f"csrc/{name}" for name in CSRC} <= names, sorted(names)
-    assert {"setup.py", "pyproject.toml", "margin_kernels/native_build.py"} <= names
+    assert {"setup.py", "pyproject.toml", "margin_kernels/native_build.py", "examples/train_arcface.py"} <= names
 
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as whl:
