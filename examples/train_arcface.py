@@ -221,7 +221,7 @@ def verification(embeddings: torch.Tensor, ids: torch.Tensor, seed: int) -> dict
 
 @torch.no_grad()
 def evaluate(backbone: nn.Module, eval_x: torch.Tensor, eval_ids: torch.Tensor, world: World, seed: int) -> dict:
-    module = backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
+    module = unwrap(backbone)
     was_training = module.training
     module.eval()
     embeddings = module(eval_x.to(world.device)).float().cpu()
@@ -230,6 +230,11 @@ def evaluate(backbone: nn.Module, eval_x: torch.Tensor, eval_ids: torch.Tensor, 
 
 
 # ---- model --------------------------------------------------------------------------------------------------
+def unwrap(backbone: nn.Module) -> nn.Module:
+    """The backbone itself, without its DDP wrapper (for evaluation and checkpoints)."""
+    return backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
+
+
 def make_backbone(input_dim: int, args) -> nn.Module:
     torch.manual_seed(args.seed)  # the same initial backbone on every rank and at every world size
     return nn.Sequential(nn.Linear(input_dim, args.hidden), nn.LayerNorm(args.hidden), nn.ReLU(),
@@ -265,7 +270,7 @@ def save_checkpoint(root: str, step: int, backbone, head, optimizers, history, w
     save_sharded(head, os.path.join(folder, "head"))  # collective: returns when every rank's file is complete
     save_momentum(head, optimizers["head"], os.path.join(folder, "head_momentum"))
     if world.is_main:
-        module = backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
+        module = unwrap(backbone)
         trainer = {"step": step, "backbone": module.state_dict(),
                    "backbone_optimizer": optimizers["backbone"].state_dict(), "history": history,
                    "world_size": world.size}
@@ -288,7 +293,7 @@ def load_checkpoint(root: str, backbone, head, optimizers, world: World):
     with open(latest) as f:
         folder = os.path.join(root, f.read().strip())
     trainer = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
-    module = backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
+    module = unwrap(backbone)
     module.load_state_dict(trainer["backbone"])
     optimizers["backbone"].load_state_dict(trainer["backbone_optimizer"])
     load_sharded(head, os.path.join(folder, "head"))
