@@ -32,6 +32,26 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_skip_reason(torch, cpp_extension):
+    """None when margin_kernels._C_cuda is built, else why not (printed, so a CPU-only wheel says so)."""
+    if _flag("MARGIN_KERNELS_NO_CUDA"):
+        return "MARGIN_KERNELS_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc not found (CUDA_HOME unset)"
+    return None
+
+
+def _describe(ext) -> str:
+    """One line of what an extension is compiled from and with: the build log (pip -v, python -m build) then
+    says which native paths a wheel carries."""
+    flags = ext.extra_compile_args if isinstance(ext.extra_compile_args, dict) else {"cxx": ext.extra_compile_args}
+    return (f"margin_kernels: compiling {ext.name} from {', '.join(ext.sources)} ("
+            + "; ".join(f"{tool}: {' '.join(args)}" for tool, args in flags.items()) + ")"
+            + ("" if getattr(ext, "optional", False) else ", a failure is fatal (MARGIN_KERNELS_REQUIRE_NATIVE)"))
+
+
 def _extensions():
     if _flag("MARGIN_KERNELS_NO_NATIVE"):
         return [], {}
@@ -52,7 +72,8 @@ def _extensions():
     extensions = [cpp_extension.CppExtension(
         f"margin_kernels.{build.CPU_MODULE}", rel(build.sources(False)), include_dirs=include,
         extra_compile_args=build.cxx_flags(), extra_link_args=build.ld_flags(), optional=optional)]
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and not _flag("MARGIN_KERNELS_NO_CUDA"):
+    cuda_skipped = _cuda_skip_reason(torch, cpp_extension)
+    if cuda_skipped is None:
         extensions.append(cpp_extension.CUDAExtension(
             f"margin_kernels.{build.CUDA_MODULE}", rel(build.sources(True)), include_dirs=include,
             extra_compile_args={"cxx": build.cxx_flags(True), "nvcc": build.nvcc_flags()},
@@ -62,7 +83,14 @@ def _extensions():
         """torch's builder (ninja, parallel), except that an optional extension that fails only warns:
         torch raises RuntimeError for compiler errors, which setuptools' own `optional` does not catch."""
 
+        def run(self):
+            print(f"margin_kernels: building against torch {torch.__version__}"
+                  + ("" if cuda_skipped is None else f"; not compiling margin_kernels.{build.CUDA_MODULE}: "
+                     f"{cuda_skipped}"), flush=True)
+            super().run()
+
         def build_extension(self, ext):
+            print(_describe(ext), flush=True)
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any build failure of an optional extension

@@ -340,7 +340,8 @@ def test_memory_model_job_prints_the_per_rank_table(capsys):
 
 
 def test_plain_margin_bench_is_the_quick_comparison(monkeypatch):
-    """No arguments: the README's main job, the quick default (C = 2e4 and 5e4) with the floor."""
+    """No arguments: the README's main job, the quick default (C = 2e4 and 5e4) with the floor; on a CPU timed
+    round-robin with one thread (cli.QUICK_CPU), the steady mode; any option of what or how turns that off."""
     seen = {}
 
     def fake_sweep(problems, names, settings, advance=None):
@@ -351,7 +352,11 @@ def test_plain_margin_bench_is_the_quick_comparison(monkeypatch):
     assert cli.main() == 0
     assert [p.classes for p in seen["problems"]] == [20000, 50000]
     assert {p.batch for p in seen["problems"]} == {256} and "gemm-floor" in seen["names"]
-    assert seen["settings"].interleave is False and seen["settings"].clock == "wall"
+    on_cpu = not torch.cuda.is_available()
+    assert seen["settings"].interleave is on_cpu and seen["settings"].clock == "wall"
+    assert seen["settings"].threads == (1 if on_cpu else None)
+    assert cli.main(["--repeats", "4", "--no-progress"]) == 0
+    assert seen["settings"].interleave is False and seen["settings"].threads is None
 
 
 def test_cuda_device_without_cuda_is_explained(capsys):

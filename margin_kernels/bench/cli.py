@@ -1,7 +1,10 @@
 """``margin-bench``: compare backends and peers on time, memory and accuracy, over sweeps.
 
 With no arguments: the quick comparison on the default device (ArcFace, B=256, d=512, C=2e4 and 5e4,
-float32; the reference against every margin_kernels backend usable there, plus the GEMM floor).
+float32; the reference against every margin_kernels backend usable there, plus the GEMM floor); on a CPU it
+times them round-robin in one process with one thread (--interleave --threads 1), which keeps the ratios
+steady on a shared machine. A warning is printed when the 1-minute load exceeds the cores or a median's
+spread passes ±10%; the load is recorded beside the numbers.
 
 Other jobs, as a first argument: ``margin-bench chunks ...`` (a backend's time against its class chunk, to pick
 the default), ``margin-bench kernels ...`` (the Triton kernels compiled for sm_90: registers, spills, wgmma;
@@ -24,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from margin_kernels.backends import BACKEND_NAMES, check_backend_name
 from margin_kernels.validation import check_chunk_size
 
+from .conditions import LoadRecord
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
 from .methods import BACKENDS, GEMM_FLOOR, all_methods
 from .peers import PEERS
@@ -34,6 +38,14 @@ from .runner import count_steps, plan, run_sweep
 from .timing import CLOCKS
 
 DEFAULT_BACKENDS = "reference,torch,cpu,triton,cuda"
+#: what plain ``margin-bench`` (no option of what to run or how to measure) adds on a CPU: every method of a
+#: problem timed round-robin in one process, one thread each, so that load from other jobs hits them alike.
+#: Measured over 5 runs each on the project's shared 2-core machine (bench/README.md#the-quick-default): the
+#: x-floor ratios of the former default (one process per method, torch's threads) spread by up to ±674%
+#: between runs, these by ±4-11%
+QUICK_CPU = ("--interleave", "--threads", "1")
+#: options that say where results go, not what is measured: the quick default still applies with them
+_OUTPUT_OPTIONS = ("json", "plot", "record", "no_progress", "list", "device")
 _CONCRETE = [n for n in BACKEND_NAMES if n != "auto"]
 
 
@@ -155,12 +167,45 @@ def _problems(args, device: str):
                         if args.regularizers else "")
 
 
+def list_status(method, problem) -> str:
+    """``--list``'s verdict: runs / not installed (what to install) / installed but not here (why)."""
+    missing = method.not_installed()
+    if missing is not None:
+        return missing
+    reason = method.unavailable(problem)
+    if reason is None:
+        return "runs"
+    return f"{'installed, ' if method.kind == 'peer' else ''}not here: {reason}"
+
+
 def _list_methods(problems, console: Console) -> None:
     for name, method in all_methods().items():
-        reason = method.unavailable(problems[0])
-        console.print(f"{name:18s} {method.kind:8s} {'runs' if reason is None else 'not here: ' + reason}",
+        console.print(f"{name:22s} {method.kind:8s} {list_status(method, problems[0])}",
                       markup=False, highlight=False)
-        console.print(f"{'':28s}{method.description}", style="dim", markup=False, highlight=False)
+        console.print(f"{'':32s}{method.description}", style="dim", markup=False, highlight=False)
+
+
+def output_paths(args) -> list[str]:
+    """Every file the run will write (--json, --plot, --record's three)."""
+    paths = [p for p in (args.json, args.plot) if p and p != "-"]
+    if args.record:
+        paths += [args.record + suffix for suffix in (".json", ".md", ".png")]
+    return paths
+
+
+def output_path_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be written, checked before the run so that a long sweep never ends in a
+    traceback that loses its results; None when it can."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path!r} is a folder, not a file name"
+    if not os.path.isdir(folder):
+        return f"the folder {folder!r} of {path!r} does not exist (create it first)"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder!r} of {path!r} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path!r} exists and is not writable"
+    return None
 
 
 def _progress(console: Console, disabled: bool) -> Progress:
@@ -183,7 +228,7 @@ def _write_outputs(args, sweep, settings, command: str, console: Console) -> Non
             with open(path, "w") as f:
                 f.write(text)
     for path in plot_paths:
-        write_plot(sweep, path, title=command)
+        write_plot(sweep, path, command=command)
         console.print(f"plot written to {path}", markup=False, highlight=False)
 
 
@@ -205,10 +250,19 @@ def _memory_model(argv: list[str]) -> int:
     return memory_model_main(argv)
 
 
+def is_quick_default(parser, args) -> bool:
+    """True when no option of what to run or how to measure was given (output options may be)."""
+    defaults = vars(parser.parse_args([]))
+    return all(value == defaults[name] for name, value in vars(args).items() if name not in _OUTPUT_OPTIONS)
+
+
 def compare(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = check_device(parser, args.device, args.clock)
+    quick = device == "cpu" and is_quick_default(parser, args)
+    if quick:
+        args = parser.parse_args(list(QUICK_CPU) + list(argv))
     try:
         problems = _problems(args, device)
         settings = _settings(args)
@@ -217,6 +271,13 @@ def compare(argv: list[str]) -> int:
         parser.error(str(exc))
     if (args.plot or args.record) and matplotlib_missing():
         parser.error(MISSING_MATPLOTLIB)
+    if args.record and (args.record.endswith(("/", os.sep)) or os.path.isdir(args.record)):
+        parser.error(f"--record takes a file prefix (PREFIX.json, .md, .png), not the folder {args.record!r}: "
+                     f"e.g. --record {os.path.join(args.record, 'my_run')}")
+    for path in output_paths(args):
+        problem = output_path_problem(path)
+        if problem is not None:
+            parser.error(f"cannot write the results: {problem}")
     # the table goes to stderr when stdout carries JSON
     console = Console(stderr=args.json == "-")
     if not console.is_terminal:  # logs and files: do not fold the table into 80 columns
@@ -225,18 +286,25 @@ def compare(argv: list[str]) -> int:
         _list_methods(problems, console)
         return 0
     command = "margin-bench " + " ".join(shlex.quote(a) for a in argv)
+    if quick:
+        command += f" (the quick default on CPU: {' '.join(QUICK_CPU)})"
     runnable, _ = plan(problems, names)
+    load = LoadRecord()
+    load.sample()
     with _progress(console, args.no_progress) as progress:
         task = progress.add_task("", total=count_steps(problems, runnable, settings))
         started = [False]
 
         def advance(text: str) -> None:
+            load.sample()
             if started[0]:
                 progress.advance(task)
             started[0] = True
             progress.update(task, description=text)
         sweep = run_sweep(problems, names, settings, advance)
         progress.update(task, completed=progress.tasks[0].total)
+    load.sample()
+    sweep.load = load
     print_report(sweep, console)
     _write_outputs(args, sweep, settings, command, console)
     return 1 if any(row.status == "error" for row in sweep.rows) else 0

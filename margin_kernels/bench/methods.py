@@ -29,6 +29,8 @@ class Method:
     build: Callable[[Problem, Inputs], "AutogradRun | GemmFloorRun"]
     #: its loss and gradients are comparable with margin_kernels' reference of the problem's loss
     checkable: bool = True
+    #: None when everything it needs is installed, else why not ("not installed: ..."), for ``--list``
+    not_installed: Callable[[], Optional[str]] = lambda: None
 
 
 class AutogradRun:

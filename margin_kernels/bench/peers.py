@@ -29,11 +29,16 @@ def _softmax_only(problem: Problem) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _missing_module(module: str, package: str) -> Optional[str]:
+    """None if ``module`` imports, else "not installed ..." (checked before whether the peer applies, so that
+    ``--list`` and the "not run" lines say what to install rather than which loss it needs)."""
     try:
         importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a package that fails at import on this machine
-        return f"{package} is not importable here ({type(exc).__name__}: {exc})"
+    except ModuleNotFoundError:
+        return f"not installed (pip install {package})"
+    except Exception as exc:  # installed, but it fails at import on this machine
+        return f"{package} is installed but does not import here ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -65,10 +70,12 @@ def _torch_lce_builder(chunked: bool):
 
 
 # ---- Cut Cross-Entropy and Liger-Kernel ---------------------------------------------------------------------
+_CCE = ("cut_cross_entropy", "cut-cross-entropy")  # (module, pip package)
+_LIGER = ("liger_kernel.transformers", "liger-kernel")
+
 
 def _cce_unavailable(problem: Problem) -> Optional[str]:
-    return (_softmax_only(problem) or _missing_module("cut_cross_entropy", "cut-cross-entropy")
-            or _needs_cuda(problem, "Cut Cross-Entropy"))
+    return (_missing_module(*_CCE) or _softmax_only(problem) or _needs_cuda(problem, "Cut Cross-Entropy"))
 
 
 def _cce_build(problem: Problem, inputs):
@@ -77,8 +84,7 @@ def _cce_build(problem: Problem, inputs):
 
 
 def _liger_unavailable(problem: Problem) -> Optional[str]:
-    return (_softmax_only(problem) or _missing_module("liger_kernel.transformers", "liger-kernel")
-            or _needs_cuda(problem, "Liger-Kernel"))
+    return (_missing_module(*_LIGER) or _softmax_only(problem) or _needs_cuda(problem, "Liger-Kernel"))
 
 
 def _liger_build(problem: Problem, inputs):
@@ -134,8 +140,10 @@ PEERS = {
     "torch-lce-chunked": Method("torch-lce-chunked", "peer",
                                 "F.linear_cross_entropy with LinearCrossEntropyOptions() (row-chunked)",
                                 _torch_lce_unavailable(True), _torch_lce_builder(True)),
-    "cce": Method("cce", "peer", "cut_cross_entropy.linear_cross_entropy", _cce_unavailable, _cce_build),
-    "liger": Method("liger", "peer", "Liger-Kernel fused linear cross-entropy", _liger_unavailable, _liger_build),
+    "cce": Method("cce", "peer", "cut_cross_entropy.linear_cross_entropy", _cce_unavailable, _cce_build,
+                  not_installed=functools.partial(_missing_module, *_CCE)),
+    "liger": Method("liger", "peer", "Liger-Kernel fused linear cross-entropy", _liger_unavailable, _liger_build,
+                    not_installed=functools.partial(_missing_module, *_LIGER)),
     "naive-arcface": Method("naive-arcface", "peer", "ArcFace head as users write it (normalize, linear, "
                             "one-hot margin, scale, F.cross_entropy)", _naive_arcface_unavailable,
                             _naive_arcface_build),

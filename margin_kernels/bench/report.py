@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .conditions import warnings_for
 from .memory import mem_available_bytes
 from .runner import Row, Sweep
 
@@ -88,8 +89,14 @@ def tables(sweep: Sweep) -> list[Table]:
     return out
 
 
+def sweep_warnings(sweep: Sweep) -> list[str]:
+    return [] if sweep.load is None else warnings_for(sweep.rows, sweep.load)
+
+
 def summary_lines(sweep: Sweep) -> list[str]:
-    lines = list(sweep.notes)
+    lines = [f"WARNING: {text}" for text in sweep_warnings(sweep)] + list(sweep.notes)
+    if sweep.load is not None and sweep.load.line():
+        lines.append(sweep.load.line())
     for label, stopped in sweep.stopped.items():
         for name, where in stopped.items():
             lines.append(f"{label}: {name}: {where}")
@@ -117,7 +124,8 @@ def print_report(sweep: Sweep, console: Console) -> None:
         console.print(table)
     console.print(LEGEND, style="dim")
     for line in summary_lines(sweep):
-        console.print(line, markup=False, highlight=False)
+        style = "bold yellow" if line.startswith("WARNING") else None
+        console.print(line, markup=False, highlight=False, style=style)
 
 
 def environment() -> dict:
@@ -133,6 +141,7 @@ def payload(sweep: Sweep, command: str, settings) -> dict:
     return {"command": command, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "environment": environment(), "settings": settings.to_dict(),
             "rows": [row.to_dict() for row in sweep.rows], "stopped": sweep.stopped, "skipped": sweep.skipped,
+            "load_1min": None if sweep.load is None else sweep.load.to_dict(), "warnings": sweep_warnings(sweep),
             "legend": LEGEND}
 
 

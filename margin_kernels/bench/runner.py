@@ -51,6 +51,8 @@ class Sweep:
     #: family label -> {method: "OOM at C = ..."} (also "check")
     stopped: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    #: the 1-minute load averages seen while it ran (conditions.LoadRecord; None: not sampled)
+    load: Optional[object] = None
 
 
 _context = None

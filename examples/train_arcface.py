@@ -1,0 +1,427 @@
+"""Train a face-recognition-style model end to end with ArcFace: a DDP backbone, the model-parallel margin head,
+a verification evaluation on held-out identities, checkpoints that resume at any world size.
+
+    python examples/train_arcface.py --steps 200                               # one process
+    torchrun --standalone --nproc_per_node 2 examples/train_arcface.py --steps 200 --checkpoint ckpt
+    python examples/train_arcface.py --steps 300 --checkpoint ckpt --resume    # continue on 1 process
+
+Under torchrun each process is one rank: NCCL with one GPU per rank when CUDA is available, else gloo on CPU.
+Without torchrun the script is a world of one process (no process group).
+
+The data are made on the fly, nothing is downloaded: an identity is a point on the unit sphere of a
+``--signal-dim`` space; a sample of it is that point plus Gaussian noise (``--noise``) projected back onto
+the sphere, next to ``--nuisance-dim`` coordinates of pure noise, all mixed by one fixed random rotation.
+A random backbone mixes the nuisance into its embeddings (verification starts near chance); training has to
+learn which directions carry identity. Training identities are ``0 .. --identities - 1``; the evaluation
+identities are drawn from another stream, so the backbone never saw them.
+
+Every step draws one global batch from (``--seed``, step) and each rank takes its slice, so a resumed run,
+at any world size, continues the same data stream. The learning rate is a function of the step (cosine
+decay from ``--lr``), so it needs no state of its own.
+
+Evaluation (rank 0, on the backbone's embeddings of ``--eval-identities`` x ``--eval-samples`` held-out
+samples, cosine similarity of every pair): 1:1 verification accuracy over balanced pairs (every genuine pair
+and as many random impostor pairs), threshold chosen by 10-fold cross-validation as in the LFW protocol; and
+TAR at FAR = 1e-3 over every pair (the threshold is the impostor scores' 1 - 1e-3 quantile).
+
+A checkpoint is a folder ``<dir>/step_<N>/``: the head's shards and its SGD momentum as resharding shard files
+(``margin_kernels.distributed.save_sharded``; one file per rank, any world size loads them), and
+``trainer.pt`` (backbone, its optimizer, the step, the metrics so far). ``<dir>/latest`` names the last complete
+one, written after every rank finished, so a crash mid-save resumes from the previous checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import margin_kernels as mk
+from margin_kernels.distributed import DistributedMarginHead, load_sharded, save_sharded
+from margin_kernels.distributed.checkpoint import (WEIGHT, list_shard_files, reshard_state_dicts,
+                                                   shard_file_name)
+
+#: TAR is reported at this false accept rate
+FAR = 1e-3
+#: the LFW protocol's number of cross-validation folds for the accuracy threshold
+FOLDS = 10
+EVAL_STREAM = 1_000_003  # seeds the held-out identities apart from the training ones
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("synthetic identities")
+    data.add_argument("--identities", type=int, default=500, help="training identities (classes of the head)")
+    data.add_argument("--signal-dim", type=int, default=16, help="dimension of the identity sphere")
+    data.add_argument("--nuisance-dim", type=int, default=48, help="coordinates of pure noise next to it")
+    data.add_argument("--noise", type=float, default=0.35, help="per-sample noise around an identity's point")
+    data.add_argument("--nuisance-std", type=float, default=0.3, help="std of the nuisance coordinates")
+    data.add_argument("--eval-identities", type=int, default=100, help="held-out identities for verification")
+    data.add_argument("--eval-samples", type=int, default=10, help="samples per held-out identity")
+    model = p.add_argument_group("model and training")
+    model.add_argument("--hidden", type=int, default=256, help="backbone width")
+    model.add_argument("--embedding-dim", type=int, default=64)
+    # s = 64 is for 10^5+ classes; with a few hundred, s = 64 (or 32) saturates the softmax from the first step
+    # and training stalls (AdaCos's rule of thumb: s ~ sqrt(2) ln(C - 1), about 9 for C = 500)
+    model.add_argument("--s", type=float, default=16.0, help="ArcFace scale")
+    model.add_argument("--m", type=float, default=0.5, help="ArcFace additive angular margin")
+    model.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate of the head")
+    model.add_argument("--backend", default="auto", help="margin_kernels backend of the head")
+    model.add_argument("--batch-size", type=int, default=256, help="global batch (split over the ranks)")
+    model.add_argument("--steps", type=int, default=200, help="total steps (a resumed run stops here too)")
+    model.add_argument("--lr", type=float, default=0.01, help="peak SGD learning rate (cosine decay to 0)")
+    model.add_argument("--momentum", type=float, default=0.9)
+    model.add_argument("--weight-decay", type=float, default=5e-4)
+    model.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("evaluation, checkpoints, output")
+    run.add_argument("--eval-every", type=int, default=50, help="also evaluate before the first step and at the end")
+    run.add_argument("--checkpoint", metavar="DIR", help="save checkpoints into DIR")
+    run.add_argument("--checkpoint-every", type=int, default=0, help="0: only at the end")
+    run.add_argument("--resume", action="store_true", help="continue from DIR/latest when there is one")
+    run.add_argument("--metrics", metavar="JSON", help="write the loss and evaluation history here (rank 0)")
+    run.add_argument("--plot", metavar="PNG", help="loss and verification accuracy against the step (matplotlib)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    args = p.parse_args(argv)
+    for name in ("identities", "signal_dim", "eval_identities", "batch_size", "steps", "hidden", "embedding_dim"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_samples < 2:
+        p.error("--eval-samples must be >= 2 (a genuine pair needs two samples of an identity)")
+    if args.resume and not args.checkpoint:
+        p.error("--resume needs --checkpoint DIR")
+    if args.plot:  # checked before training, so a long run never ends in an import error
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install matplotlib")
+    for path in (args.metrics, args.plot):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            p.error(f"the folder of {path!r} does not exist: create it first (no results are lost this way)")
+    return args
+
+
+# ---- the process group --------------------------------------------------------------------------------------
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def start_world() -> World:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one rank per process, NCCL on GPUs, else gloo."""
+    if "RANK" not in os.environ:
+        return World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+# ---- synthetic identities -----------------------------------------------------------------------------------
+class SyntheticIdentities:
+    """Samples of identities that live on a sphere, hidden among nuisance coordinates (see the module doc)."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        g = torch.Generator().manual_seed(args.seed)
+        self.input_dim = args.signal_dim + args.nuisance_dim
+        self.rotation, _ = torch.linalg.qr(torch.randn(self.input_dim, self.input_dim, generator=g))
+        self.train_centres = self.centres(args.identities, args.seed)
+
+    def centres(self, count: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return F.normalize(torch.randn(count, self.args.signal_dim, generator=g, dtype=torch.float64), dim=1)
+
+    def samples(self, centres: torch.Tensor, ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        a = self.args
+        signal = F.normalize(centres[ids] + a.noise / math.sqrt(a.signal_dim)
+                             * torch.randn(len(ids), a.signal_dim, generator=g, dtype=torch.float64), dim=1)
+        nuisance = a.nuisance_std * torch.randn(len(ids), a.nuisance_dim, generator=g, dtype=torch.float64)
+        return (torch.cat([signal, nuisance], dim=1) @ self.rotation.double()).float()
+
+    def batch(self, step: int, world: World):
+        """This rank's slice of the global batch of ``step``: identical for any world size."""
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        ids = torch.randint(0, self.args.identities, (self.args.batch_size,), generator=g)
+        x = self.samples(self.train_centres, ids, g)
+        per_rank = self.args.batch_size // world.size
+        lo, hi = world.rank * per_rank, (world.rank + 1) * per_rank
+        return x[lo:hi].to(world.device), ids[lo:hi].to(world.device)
+
+    def evaluation_set(self):
+        a = self.args
+        g = torch.Generator().manual_seed(a.seed + EVAL_STREAM)
+        ids = torch.arange(a.eval_identities).repeat_interleave(a.eval_samples)
+        return self.samples(self.centres(a.eval_identities, a.seed + EVAL_STREAM), ids, g), ids
+
+
+# ---- verification --------------------------------------------------------------------------------------------
+def best_threshold_accuracy(scores: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
+    """(threshold, accuracy) of the best threshold 'same identity iff score > threshold'."""
+    order = torch.argsort(scores)
+    s, y = scores[order], same[order].double()
+    # predicting "same" for every pair past position i: correct = impostors at or below i + genuines above i
+    impostors_below = torch.cumsum(1 - y, 0)
+    genuines_above = y.sum() - torch.cumsum(y, 0)
+    correct = torch.cat([y.sum().view(1), impostors_below + genuines_above])
+    best = int(torch.argmax(correct))
+    threshold = s[best - 1].item() if best > 0 else s[0].item() - 1.0
+    return threshold, correct[best].item() / len(s)
+
+
+def verification(embeddings: torch.Tensor, ids: torch.Tensor, seed: int) -> dict:
+    e = F.normalize(embeddings.double(), dim=1)
+    scores = e @ e.T
+    i, j = torch.triu_indices(len(ids), len(ids), offset=1)
+    pair_scores, same = scores[i, j], ids[i] == ids[j]
+    genuine, impostor = pair_scores[same], pair_scores[~same]
+    # TAR at FAR: the threshold lets through a FAR share of every impostor pair
+    threshold = torch.quantile(impostor, 1.0 - FAR).item() if impostor.numel() <= 16_000_000 else \
+        torch.sort(impostor).values[int((1.0 - FAR) * (impostor.numel() - 1))].item()
+    tar = (genuine > threshold).double().mean().item()
+    # 1:1 accuracy on balanced pairs, threshold from the other folds (LFW's 10-fold protocol)
+    g = torch.Generator().manual_seed(seed)
+    chosen = impostor[torch.randperm(impostor.numel(), generator=g)[:genuine.numel()]]
+    balanced = torch.cat([genuine, chosen])
+    labels = torch.cat([torch.ones_like(genuine, dtype=torch.bool), torch.zeros_like(chosen, dtype=torch.bool)])
+    fold_of = torch.randperm(balanced.numel(), generator=g) % FOLDS
+    correct = 0
+    for fold in range(FOLDS):
+        test = fold_of == fold
+        threshold_fold, _ = best_threshold_accuracy(balanced[~test], labels[~test])
+        correct += int(((balanced[test] > threshold_fold) == labels[test]).sum())
+    return {"accuracy": correct / balanced.numel(), "tar_at_far": tar, "far": FAR,
+            "genuine_pairs": genuine.numel(), "impostor_pairs": impostor.numel()}
+
+
+@torch.no_grad()
+def evaluate(backbone: nn.Module, eval_x: torch.Tensor, eval_ids: torch.Tensor, world: World, seed: int) -> dict:
+    module = unwrap(backbone)
+    was_training = module.training
+    module.eval()
+    embeddings = module(eval_x.to(world.device)).float().cpu()
+    module.train(was_training)
+    return verification(embeddings, eval_ids, seed)
+
+
+# ---- model --------------------------------------------------------------------------------------------------
+def unwrap(backbone: nn.Module) -> nn.Module:
+    """The backbone itself, without its DDP wrapper (for evaluation and checkpoints)."""
+    return backbone.module if isinstance(backbone, nn.parallel.DistributedDataParallel) else backbone
+
+
+def make_backbone(input_dim: int, args) -> nn.Module:
+    torch.manual_seed(args.seed)  # the same initial backbone on every rank and at every world size
+    return nn.Sequential(nn.Linear(input_dim, args.hidden), nn.LayerNorm(args.hidden), nn.ReLU(),
+                         nn.Linear(args.hidden, args.hidden), nn.LayerNorm(args.hidden), nn.ReLU(),
+                         nn.Linear(args.hidden, args.embedding_dim))
+
+
+def learning_rate(step: int, args) -> float:
+    return 0.5 * args.lr * (1.0 + math.cos(math.pi * min(step, args.steps) / args.steps))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------
+def save_momentum(head: DistributedMarginHead, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """The head's SGD momentum in the head's own shard format (the buffer in place of the weight), so that
+    ``reshard_state_dicts`` reassembles it for any other sharding, like the weight itself."""
+    os.makedirs(directory, exist_ok=True)
+    state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.state_dict().items()}
+    buffer = optimizer.state.get(head.weight, {}).get("momentum_buffer")
+    state[WEIGHT] = (torch.zeros_like(head.weight) if buffer is None else buffer).detach().cpu()
+    torch.save(state, os.path.join(directory, shard_file_name(*head.shard_range)))
+
+
+def load_momentum(head: DistributedMarginHead, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    start, stop = head.shard_range
+    pieces = [torch.load(path, map_location="cpu", weights_only=True)
+              for lo, hi, path in list_shard_files(directory) if lo < stop and hi > start]
+    buffer = reshard_state_dicts(pieces, head.shard_range)[WEIGHT].to(head.weight.device, head.weight.dtype)
+    optimizer.state[head.weight]["momentum_buffer"] = buffer
+
+
+def save_checkpoint(root: str, step: int, backbone, head, optimizers, history, world: World) -> str:
+    folder = os.path.join(root, f"step_{step:07d}")
+    save_sharded(head, os.path.join(folder, "head"))  # collective: returns when every rank's file is complete
+    save_momentum(head, optimizers["head"], os.path.join(folder, "head_momentum"))
+    if world.is_main:
+        module = unwrap(backbone)
+        trainer = {"step": step, "backbone": module.state_dict(),
+                   "backbone_optimizer": optimizers["backbone"].state_dict(), "history": history,
+                   "world_size": world.size}
+        torch.save(trainer, os.path.join(folder, "trainer.pt.partial"))
+        os.replace(os.path.join(folder, "trainer.pt.partial"), os.path.join(folder, "trainer.pt"))
+    world.barrier()  # every rank's momentum file is written
+    if world.is_main:
+        with open(os.path.join(root, "latest.partial"), "w") as f:
+            f.write(os.path.basename(folder) + "\n")
+        os.replace(os.path.join(root, "latest.partial"), os.path.join(root, "latest"))
+    world.barrier()
+    return folder
+
+
+def load_checkpoint(root: str, backbone, head, optimizers, world: World):
+    """(step, history) of ``root/latest``, or None when there is no checkpoint yet."""
+    latest = os.path.join(root, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        folder = os.path.join(root, f.read().strip())
+    trainer = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
+    module = unwrap(backbone)
+    module.load_state_dict(trainer["backbone"])
+    optimizers["backbone"].load_state_dict(trainer["backbone_optimizer"])
+    load_sharded(head, os.path.join(folder, "head"))
+    load_momentum(head, optimizers["head"], os.path.join(folder, "head_momentum"))
+    history = trainer["history"]
+    history.setdefault("resumed", []).append({"step": trainer["step"], "saved_at_world_size": trainer["world_size"],
+                                              "world_size": world.size})
+    return trainer["step"], history
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+def write_plot(history: dict, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([p["step"] for p in history["loss"]], [p["loss"] for p in history["loss"]], lw=1)
+    ax_loss.set(xlabel="step", ylabel="ArcFace loss (global batch mean)")
+    steps = [p["step"] for p in history["eval"]]
+    ax_acc.plot(steps, [p["accuracy"] for p in history["eval"]], marker="o", label="1:1 accuracy (10-fold)")
+    ax_acc.plot(steps, [p["tar_at_far"] for p in history["eval"]], marker="s", label=f"TAR at FAR={FAR:g}")
+    ax_acc.axhline(0.5, color="gray", ls=":", label="chance (accuracy)")
+    ax_acc.set(xlabel="step", ylabel="held-out verification", ylim=(0, 1.02))
+    for resume in history.get("resumed", []):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(resume["step"], color="gray", ls="--", lw=0.8,
+                       label=f"resumed: {resume['saved_at_world_size']} -> {resume['world_size']} rank(s)")
+    ax_acc.legend(fontsize=8)
+    if history.get("resumed"):
+        ax_loss.legend(fontsize=8)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.description}"), disable=not enabled, transient=False)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+def train(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = start_world()
+    if args.batch_size % world.size:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the world size {world.size}")
+    data = SyntheticIdentities(args, world.device)
+    eval_x, eval_ids = data.evaluation_set()
+
+    backbone = make_backbone(data.input_dim, args).to(world.device)
+    if world.size > 1:
+        backbone = nn.parallel.DistributedDataParallel(backbone)
+    # the same class weight at every world size for a given seed; ddp_backbone: DDP averages the backbone's
+    # gradients over ranks while the head's loss is already the global mean, so the head scales them back
+    head = DistributedMarginHead(args.identities, args.embedding_dim, mk.ArcFace(s=args.s, m=args.m),
+                                 sample_rate=args.sample_rate, seed=args.seed, backend=args.backend,
+                                 device=world.device, ddp_backbone=world.size > 1)
+    optimizers = {
+        "backbone": torch.optim.SGD(backbone.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay),
+        "head": torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay),
+    }
+    step, history = 0, {"loss": [], "eval": [], "world_size": world.size}
+    if args.resume:
+        restored = load_checkpoint(args.checkpoint, backbone, head, optimizers, world)
+        if restored is not None:
+            step, history = restored
+            if world.is_main:
+                print(f"resumed from {args.checkpoint} at step {step} (saved on "
+                      f"{history['resumed'][-1]['saved_at_world_size']} ranks, now {world.size})", flush=True)
+    if step == 0:
+        history["eval"].append({"step": 0, **evaluate(backbone, eval_x, eval_ids, world, args.seed)})
+
+    started = time.perf_counter()
+    show = world.is_main and not args.no_progress
+    with progress_bar(show) as bar:
+        task = bar.add_task("", total=args.steps, completed=step)
+        while step < args.steps:
+            lr = learning_rate(step, args)
+            for optimizer in optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            x, labels = data.batch(step, world)
+            loss = head(backbone(x), labels)  # every rank returns the same global loss
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers.values():
+                optimizer.step()
+            step += 1
+            history["loss"].append({"step": step, "loss": loss.item()})
+            if step % args.eval_every == 0 or step == args.steps:
+                history["eval"].append({"step": step, **evaluate(backbone, eval_x, eval_ids, world, args.seed)})
+            last = history["eval"][-1]
+            bar.update(task, completed=step, description=f"loss {loss.item():.3f}  lr {lr:.3g}  held-out acc "
+                       f"{last['accuracy']:.3f} TAR@FAR={FAR:g} {last['tar_at_far']:.3f} (step {last['step']})")
+            periodic = args.checkpoint_every and step % args.checkpoint_every == 0
+            if args.checkpoint and (step == args.steps or periodic):
+                save_checkpoint(args.checkpoint, step, backbone, head, optimizers, history, world)
+    history["seconds"] = time.perf_counter() - started
+
+    if world.is_main:
+        first, last = history["eval"][0], history["eval"][-1]
+        print(f"step {step}: held-out 1:1 accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}, "
+              f"TAR at FAR={FAR:g} {first['tar_at_far']:.3f} -> {last['tar_at_far']:.3f} "
+              f"(steps {first['step']} -> {last['step']}, {world.size} rank(s), backend {head.resolved_backend})",
+              flush=True)
+        if args.metrics:
+            with open(args.metrics, "w") as f:
+                json.dump(history, f, indent=1)
+        if args.plot:
+            write_plot(history, args.plot, f"ArcFace (s={args.s:g}, m={args.m:g}) on {args.identities} synthetic "
+                       f"identities, global batch {args.batch_size}, {world.size} rank(s)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return history
+
+
+def main(argv=None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
