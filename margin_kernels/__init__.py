@@ -5,7 +5,7 @@ from .backends.filter_stats import grad_filter_stats, reset_grad_filter_stats
 from .functional import margin_cross_entropy
 from .head import MarginHead
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
-                     MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace)
+                     MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace, SubCenterArcFace)
 
 __version__ = "0.1.0"
 
@@ -21,5 +21,6 @@ def __getattr__(name):
 __all__ = [
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
     "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
-    "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
+    "SubCenterArcFace", "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference",
+    "reset_grad_filter_stats",
 ]

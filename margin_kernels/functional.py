@@ -51,7 +51,8 @@ def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: tor
     loss's state update and row params see, computed once per call and passed through the op, which gives
     them their gradient."""
     with torch.no_grad():
-        return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc)
+        return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc,
+                                margin.sub_centers)
 
 
 def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.Tensor:
@@ -68,7 +69,7 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter), product_mode(weight.dtype, weight.device.type))
+        float(grad_filter), product_mode(weight.dtype, weight.device.type), margin.sub_centers)
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .losses.base import MarginLoss, RowInputs
 from .norms import floored
 from .losses.negatives import negative_logits
+from .subcenters import class_rows, max_over_sub_centers
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
 
@@ -20,17 +21,22 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     acc = accumulation_dtype(features.dtype)
     x, feature_norm = margin.prepare_features(features, acc)
     x = x.to(acc)
-    w = weight.to(acc) if class_index is None else weight.to(acc)[class_index.long()]
+    k = margin.sub_centers
+    w = weight.to(acc) if class_index is None else weight.to(acc)[class_rows(class_index.long(), k)]
     weight_norms = w.norm(dim=1)
     cos = x @ w.t()
     if margin.normalize_weight:
         cos = cos / floored(weight_norms)
+    if k > 1:  # each class's best sub-center (autograd routes the gradient to it); norms of the winners
+        cos, winner = max_over_sub_centers(cos, k)
+        weight_norms = weight_norms.view(-1, k).expand(cos.shape[0], -1, -1).gather(2, winner.unsqueeze(2))
+        weight_norms = weight_norms.squeeze(2)
     valid = labels != ignore_index
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
     rows = RowInputs(
         cos=torch.where(valid, cos.gather(1, target_col).squeeze(1), torch.zeros((), dtype=acc)),
         feature_norm=feature_norm,
-        weight_norm=torch.where(valid, weight_norms[target_col.squeeze(1)], torch.ones((), dtype=acc)),
+        weight_norm=torch.where(valid, _target_norms(weight_norms, target_col), torch.ones((), dtype=acc)),
         valid=valid,
     )
     row_params = margin.begin_call(rows).to(acc)
@@ -38,6 +44,13 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
     logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
     return logits, valid, margin.regularizer(rows)
+
+
+def _target_norms(weight_norms: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+    """||w|| of each row's target column: a (C,) vector, or (B, C) with sub-centers (the row's winner)."""
+    if weight_norms.dim() == 1:
+        return weight_norms[target_col.squeeze(1)]
+    return weight_norms.gather(1, target_col).squeeze(1)
 
 
 def margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, reduction: str = "mean",

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 
 from ..losses.negatives import NegativeSpec
+from ..subcenters import class_rows
 from . import filter_stats
 
 #: classes per chunk on CUDA: large enough to keep the GPU busy in every GEMM and elementwise launch
@@ -31,13 +32,14 @@ CPU_TILE_ELEMENTS = 1 << 19
 CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
 
 
-def default_chunk_size(batch: int, device_type: str = "cpu") -> int:
+def default_chunk_size(batch: int, device_type: str = "cpu", sub_centers: int = 1) -> int:
     """CUDA: DEFAULT_CHUNK_SIZE. CPU: CPU_TILE_ELEMENTS / batch rounded down to a power of two, within
-    [CPU_MIN_CHUNK, CPU_MAX_CHUNK] (2048 at B >= 256, 4096 at 128, 8192 at B <= 64)."""
+    [CPU_MIN_CHUNK, CPU_MAX_CHUNK] (2048 at B >= 256, 4096 at 128, 8192 at B <= 64). In classes: with K
+    sub-centers per class a chunk's tile has K columns per class, so the policy's width is divided by K."""
     if device_type != "cpu":
-        return DEFAULT_CHUNK_SIZE
+        return max(1, DEFAULT_CHUNK_SIZE // sub_centers)
     target = CPU_TILE_ELEMENTS // max(batch, 1)
-    return max(CPU_MIN_CHUNK, min(CPU_MAX_CHUNK, 1 << max(target, 1).bit_length() - 1))
+    return max(1, max(CPU_MIN_CHUNK, min(CPU_MAX_CHUNK, 1 << max(target, 1).bit_length() - 1)) // sub_centers)
 
 
 class TileGrad(NamedTuple):
@@ -104,15 +106,26 @@ class _Scratch:
         return flat[: rows * cols].view(rows, cols)
 
 
-def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int) -> torch.Tensor:
+def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int,
+                sub_centers: int = 1) -> torch.Tensor:
+    """The weight rows of columns [col0, col1): K adjacent rows per class with sub-centers."""
     if class_index is None:
-        return weight[col0:col1]
-    return weight.index_select(0, class_index[col0:col1])
+        return weight[col0 * sub_centers:col1 * sub_centers]
+    return weight.index_select(0, class_rows(class_index[col0:col1], sub_centers))
 
 
-def num_columns(weight, class_index) -> int:
-    """Columns of the problem: the classes of ``weight``, or the K entries of a Partial FC ``class_index``."""
-    return weight.shape[0] if class_index is None else class_index.shape[0]
+def _with_sub_centers(epilogue: "Epilogue", sub_centers: int) -> "Epilogue":
+    """The epilogue itself, or wrapped to take each class's max over its K rows (subcenter_epilogue)."""
+    if sub_centers == 1:
+        return epilogue
+    from .subcenter_epilogue import SubCenterEpilogue  # it imports TileGrad from here
+    return SubCenterEpilogue(epilogue, sub_centers)
+
+
+def num_columns(weight, class_index, sub_centers: int = 1) -> int:
+    """Columns of the problem: the classes of ``weight`` (its rows / K with K sub-centers), or the entries of a
+    Partial FC ``class_index``."""
+    return weight.shape[0] // sub_centers if class_index is None else class_index.shape[0]
 
 
 def finite_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -122,18 +135,21 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                    chunk_size: int, epilogue: Epilogue) -> torch.Tensor:
+                    chunk_size: int, epilogue: Epilogue, sub_centers: int = 1) -> torch.Tensor:
+    """``chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K)."""
     acc = row_params.dtype
+    epilogue = _with_sub_centers(epilogue, sub_centers)
+    k = sub_centers
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
-    num_cols = num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index, k)
     x_mm = _gemm_operand(x, acc)
     scratch = _Scratch(x.device, acc)
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
+        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1, k), acc)
+        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
         inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
         epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
     return run_max + torch.log(run_sum)
@@ -141,8 +157,11 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0):
+                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
+                     sub_centers: int = 1):
     acc = row_params.dtype
+    epilogue = _with_sub_centers(epilogue, sub_centers)
+    k = sub_centers
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     # with a class subset only the sampled rows are written; the rest of dW must read as zero
@@ -152,33 +171,33 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     x_acc = x.to(acc)
     x_mm = _gemm_operand(x, acc)
     lse = finite_lse(lse)
-    num_cols = num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index, k)
     scratch = _Scratch(x.device, acc)
     skipped = 0
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
+        w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1, k), acc)
+        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
         inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
                                       g_cos_target, grad_filter > 0)
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
             if class_index is None:
-                dweight[col0:col1].zero_()
+                dweight[col0 * k:col1 * k].zero_()
             continue
         w_acc = w.to(acc)
         dx.addmm_(tile.grad, w_acc)
-        dw_out = dweight[col0:col1] if dw_in_place else scratch.get("dw", col1 - col0, dim)
+        dw_out = dweight[col0 * k:col1 * k] if dw_in_place else scratch.get("dw", (col1 - col0) * k, dim)
         dw = torch.mm(tile.grad.t(), x_acc, out=dw_out)
         if normalize_weight:
             epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
         if dw_in_place:
             continue
         if class_index is None:
-            dweight[col0:col1].copy_(dw)
+            dweight[col0 * k:col1 * k].copy_(dw)
         else:
-            dweight.index_copy_(0, class_index[col0:col1], dw.to(weight.dtype))
+            dweight.index_copy_(0, class_rows(class_index[col0:col1], k), dw.to(weight.dtype))
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), dweight

@@ -65,9 +65,9 @@ class NativeBackend:
     def __init__(self, name: str, device_type: str):
         self.name, self.device_type = name, device_type
 
-    def default_chunk_size(self, batch: int) -> int:
+    def default_chunk_size(self, batch: int, sub_centers: int = 1) -> int:
         """The chunk used when the caller passes none: the chunk loop's policy for this device type."""
-        return chunk_loop.default_chunk_size(batch, self.device_type)
+        return chunk_loop.default_chunk_size(batch, self.device_type, sub_centers)
 
     def unavailable_reason(self) -> Optional[str]:
         if self.device_type == "cuda":
@@ -105,15 +105,15 @@ class NativeBackend:
         return t.to(dtype).contiguous()
 
     def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                    product="storage"):
+                    product="storage", sub_centers=1):
         self._check(x, weight, labels, row_params, class_index)
         return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
-            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
+            chunk_size or self.default_chunk_size(x.shape[0], sub_centers), self._epilogue(), sub_centers)
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0, product="storage"):
+                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
@@ -121,4 +121,4 @@ class NativeBackend:
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
-            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter)
+            chunk_size or self.default_chunk_size(x.shape[0], sub_centers), epilogue, grad_filter, sub_centers)

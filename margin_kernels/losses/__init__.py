@@ -9,9 +9,10 @@ from .multiplicative import LSoftmax, SphereFace
 from .mv_softmax import MVSoftmax
 from .negatives import NegativeKind, NegativeSpec
 from .plain import L2Softmax, NormFace, Softmax
+from .subcenter import SubCenterArcFace
 
 __all__ = [
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
     "MVSoftmax", "MagFace", "MarginLoss", "NegativeKind", "NegativeSpec", "NormFace", "RowInputs", "Softmax",
-    "SphereFace",
+    "SphereFace", "SubCenterArcFace",
 ]

@@ -13,6 +13,7 @@ from .magface import MagFace
 from .multiplicative import LSoftmax, SphereFace
 from .mv_softmax import MVSoftmax
 from .plain import L2Softmax, NormFace, Softmax
+from .subcenter import SubCenterArcFace
 
 #: family name -> loss class (constructed with its defaults)
 FAMILIES: dict = {
@@ -29,6 +30,7 @@ FAMILIES: dict = {
     "magface": MagFace,
     "adaface": AdaFace,
     "circle": CircleLoss,
+    "subcenter_arcface": SubCenterArcFace,
 }
 
 #: variant name -> factory; together they cover every branch of docs/losses.md (easy margin, straight-through,
@@ -52,6 +54,8 @@ VARIANTS: dict = {
     "magface": lambda: MagFace(),
     "adaface": lambda: AdaFace(),
     "circle": lambda: CircleLoss(),
+    "subcenter_arcface": lambda: SubCenterArcFace(),
+    "subcenter_arcface_insightface": lambda: SubCenterArcFace(sub_centers=2, mode="insightface"),
 }
 
 
