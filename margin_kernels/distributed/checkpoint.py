@@ -78,17 +78,18 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     first = pieces[0][EXTRA_STATE] if pieces else None
     if first is None or any(p[EXTRA_STATE].get("format") != CHECKPOINT_FORMAT for p in pieces):
         raise ValueError("reshard_state_dicts needs at least one DistributedMarginHead shard state dict")
+    k = first.get("sub_centers", 1)  # weight rows per class: shards are cut, and rejoined, in whole classes
     rows, position = [], start
     for piece in pieces:
         lo, hi = piece[EXTRA_STATE]["shard_range"]
-        if (piece[EXTRA_STATE]["num_classes"], piece[EXTRA_STATE]["embedding_dim"]) != \
-                (first["num_classes"], first["embedding_dim"]):
+        if (piece[EXTRA_STATE]["num_classes"], piece[EXTRA_STATE]["embedding_dim"],
+                piece[EXTRA_STATE].get("sub_centers", 1)) != (first["num_classes"], first["embedding_dim"], k):
             raise ValueError("shard state dicts come from heads of different sizes")
         if hi <= position or lo >= stop:
             continue
         if lo > position:
             raise ValueError(f"no shard holds classes [{position}, {lo})")
-        rows.append(piece[WEIGHT][position - lo:min(hi, stop) - lo])
+        rows.append(piece[WEIGHT][(position - lo) * k:(min(hi, stop) - lo) * k])
         position = min(hi, stop)
     if position != stop:
         raise ValueError(f"no shard holds classes [{position}, {stop})")
