@@ -216,3 +216,45 @@ def test_grad_filter_keeps_the_loss(backend):
     filtered = _run(backend, margin, x, w, labels, chunk_size=4, grad_filter=1e-3)
     assert torch.equal(filtered[0], exact[0])
     assert (filtered[1] - exact[1]).norm(dim=1).max().item() <= 1e-3 * 30
+
+
+# ---- the fused native passes against the PyTorch ones, tile by tile ------------------------------------------
+NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("normalized", [True, False], ids=["normalised", "raw"])
+def test_native_sub_center_passes_match_pytorch(device, dtype, normalized):
+    """csrc's sub_center_max / sub_center_scatter (margin_math.h's sub_center_best) against
+    subcenter_epilogue's PyTorch path on a strided tile with ties: same maxima, same winners (exactly), same
+    gradient tile and per-row sums."""
+    from margin_kernels import _native
+    from margin_kernels.backends.native_epilogue import NativeEpilogue
+    from margin_kernels.backends.subcenter_epilogue import SubCenterEpilogue
+    from margin_kernels.backends.torch_backend import TorchEpilogue
+    ext, reason = _native.load(with_cuda=device == "cuda")
+    if ext is None:
+        pytest.skip(f"the native extension is unavailable: {reason}")
+    gen = torch.Generator().manual_seed(9)
+    rows, classes = 13, 37
+    storage = torch.randn(rows, classes * K + 5, generator=gen, dtype=dtype)
+    storage[:, 3:6] = storage[:, 0:3]  # class 1 ties class 0 row for row; ...
+    storage[:, 7] = storage[:, 6]      # ... and class 2's sub-centers 0 and 1 tie
+    tile = storage[:, :classes * K].to(device)  # row stride classes K + 5: a strided view
+    inv = (torch.rand(classes * K, generator=gen, dtype=dtype) + 0.5).to(device) if normalized else None
+    native, torch_path = SubCenterEpilogue(NativeEpilogue(ext), K), SubCenterEpilogue(TorchEpilogue(), K)
+    values_n, winner_n = native._class_cosines(tile.clone(), inv)
+    values_t, winner_t = torch_path._class_cosines(tile.clone(), inv)
+    assert torch.equal(winner_n.long(), winner_t) and torch.equal(values_n, values_t)
+    if inv is None:  # raw dots: class 2's sub-centers 0 and 1 are equal, so 1 never wins
+        assert (winner_t[:, 2] != 1).all()
+    grad = torch.randn(rows, classes, generator=gen, dtype=dtype).to(device)
+    out_n, dot_n = native._row_gradient(grad, values_n, winner_n, inv, tile.clone())
+    out_t, dot_t = torch_path._row_gradient(grad, values_t, winner_t, inv, tile.clone())
+    assert torch.allclose(out_n, out_t, rtol=0, atol=0)
+    if normalized:
+        assert torch.allclose(dot_n, dot_t, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    else:
+        assert dot_n is None and dot_t is None

@@ -54,6 +54,15 @@ class NativeEpilogue:
     def finish_dw(self, dw, w_acc, col_dot, inv_norm):
         self._ext.finish_dw(dw, _unit_stride_rows(w_acc), col_dot, inv_norm, _stream(dw))
 
+    # sub-centers (used by subcenter_epilogue.SubCenterEpilogue): one fused pass each way over the chunk's tile
+    def sub_center_max(self, cos, inv_norm, sub_centers):
+        return self._ext.sub_center_max(cos, inv_norm, sub_centers, _stream(cos))
+
+    def sub_center_scatter(self, grad, values, winner, inv_norm, sub_centers, out):
+        col_dot = None if inv_norm is None else torch.empty(out.shape[1], dtype=out.dtype, device=out.device)
+        self._ext.sub_center_scatter(grad, values, winner, inv_norm, sub_centers, out, col_dot, _stream(out))
+        return out, col_dot
+
 
 class NativeBackend:
     """A backend module's three functions over the chunk loop with the native epilogue.

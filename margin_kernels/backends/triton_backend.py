@@ -142,7 +142,7 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
         configs.batch_bucket(batch))
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     meta["SUB_CENTERS"] = sub_centers
-    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"))
+    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers)
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
         _autotuned_kernel(forward.lse_forward_kernel)[grid](*args, **meta)

@@ -148,7 +148,8 @@ def _cases(dims, dtypes):
         elem = DTYPES[dtype]
         products = ("ieee", "tf32", "bf16") if dtype == "fp32" else ("storage",)
         for product, dim in ((p, d) for p in products for d in dims):
-            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False, PRODUCT=PRODUCTS.index(product))
+            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False, PRODUCT=PRODUCTS.index(product),
+                        SUB_CENTERS=1)
             for t in configs.H100_FORWARD:  # what the autotuner may pick for this dtype and product
                 if not configs.forward_candidate(t, elem, product in ("bf16", "fp16")):
                     continue
@@ -183,7 +184,7 @@ def _sub_center_cases(dtype, elem, dim, product, base):
     k = dict(SUB_CENTERS=REPORT_SUB_CENTERS)
     kind = NegativeKind.IDENTITY
     for t in configs.H100_FORWARD:
-        if configs.forward_candidate(t, elem, product in ("bf16", "fp16")):
+        if configs.forward_candidate(t, elem, product in ("bf16", "fp16"), REPORT_SUB_CENTERS):
             yield ("lse_forward", f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}", dtype,
                    kind.name, dim, product, dict(base, **k, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c,
                                                  BLOCK_K=t.block_k), t.num_warps, t.num_stages)
