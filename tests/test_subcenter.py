@@ -258,3 +258,27 @@ def test_native_sub_center_passes_match_pytorch(device, dtype, normalized):
         assert torch.allclose(dot_n, dot_t, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
     else:
         assert dot_n is None and dot_t is None
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", _backends())
+def test_compiled_head_matches_eager(backend):
+    """A sub-center MarginHead under torch.compile(fullgraph=True) (aot_eager: the op stays opaque, no graph
+    break on the target pairs' B x K products around it): the same loss and gradients as eager."""
+    from tests.tolerances import COMPILE_VS_EAGER
+    x, w, labels = random_problem(8, 20, 16, dtype=torch.float32, ignore_rows=(2,), sub_centers=K)
+    head = mk.MarginHead(20, 16, mk.SubCenterArcFace(sub_centers=K), backend=backend, chunk_size=8)
+    with torch.no_grad():
+        head.weight.copy_(w)
+
+    def run(module):
+        features = x.clone().requires_grad_(True)
+        head.weight.grad = None
+        loss = module(features, labels)
+        loss.backward()
+        return loss.detach(), features.grad, head.weight.grad.clone()
+
+    eager = run(head)
+    compiled = run(torch.compile(head, fullgraph=True, backend="aot_eager"))
+    assert abs(compiled[0].item() - eager[0].item()) <= COMPILE_VS_EAGER * max(1.0, abs(eager[0].item()))
+    assert rel_err(compiled[1], eager[1]) <= COMPILE_VS_EAGER and rel_err(compiled[2], eager[2]) <= COMPILE_VS_EAGER
