@@ -86,7 +86,8 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                          chunk_size: Optional[int] = None, class_index: Optional[torch.Tensor] = None,
                          grad_filter: float = 0.0, check_values: bool = True) -> torch.Tensor:
-    """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d).
+    """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d); (C K, d) for a loss
+    with K sub-centers per class (``SubCenterArcFace``: class j's rows j K .. j K + K - 1).
 
     Never builds the B x C logits (except ``backend="reference"``, the full-logit ground truth). ``labels``
     are class ids in [0, C), or ``ignore_index`` for rows that contribute nothing. With ``class_index`` (K class
