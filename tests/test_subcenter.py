@@ -293,3 +293,14 @@ def test_triton_tilings_that_spill_with_sub_centers_are_not_candidates():
     assert configs.ForwardTiles(128, 128, 64, 8, 3) in kept
     assert all(configs.forward_candidate(t, 2, False) for t in configs.H100_FORWARD)  # K = 1 unchanged
     assert configs.default_forward(2, False, K) in kept
+
+
+def test_memory_model_counts_k_rows_per_class():
+    """margin-bench memory-model --sub-centers K: W, dW and the optimizer state K x ArcFace's; the chunk's
+    tile keeps its size (the chunk holds 1/K as many classes)."""
+    from margin_kernels.bench.memory_model import per_rank_bytes
+    kwargs = dict(num_classes=10 ** 6, dim=512, world=2, dtype=torch.bfloat16, sample_rate=1.0, batch_per_rank=128)
+    one, three = per_rank_bytes(**kwargs), per_rank_bytes(**kwargs, sub_centers=K)
+    assert three["weight"] == K * one["weight"] and three["optimizer"] == K * one["optimizer"]
+    assert three["local_classes"] == one["local_classes"]
+    assert abs(three["torch_tiles"] - one["torch_tiles"]) <= 0.01 * one["torch_tiles"]
