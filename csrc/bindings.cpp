@@ -285,6 +285,83 @@ void finish_dw(const Tensor& g, const Tensor& w, const optional<Tensor>& col_dot
   });
 }
 
+// ---- sub-centers: the tile of a chunk's n classes x K rows reduced to n, and a gradient spread back ----------
+void check_sub_centers(const char* fn, const Tensor& tile, int64_t K) {
+  check_matrix(fn, "tile", tile);
+  TORCH_CHECK(is_acc_dtype(tile), "margin_kernels.", fn, ": tile must be float32 or float64, got ",
+              tile.scalar_type());
+  TORCH_CHECK(K >= 1 && tile.size(1) % K == 0, "margin_kernels.", fn, ": the tile's ", tile.size(1),
+              " columns must be whole classes of sub_centers=", K, " rows");
+}
+
+void check_winner(const char* fn, const Tensor& winner, const Tensor& ref, int64_t numel) {
+  TORCH_CHECK(winner.scalar_type() == at::kInt && winner.is_contiguous() && winner.numel() == numel &&
+                  winner.device() == ref.device(),
+              "margin_kernels.", fn, ": winner must be a contiguous int32 tensor of ", numel, " elements on ",
+              ref.device());
+}
+
+std::tuple<Tensor, Tensor> sub_center_max(const Tensor& tile, const optional<Tensor>& inv_norm, int64_t K,
+                                          int64_t stream) {
+  check_sub_centers("sub_center_max", tile, K);
+  if (inv_norm) check_like("sub_center_max", "inv_norm", *inv_norm, tile, tile.size(1));
+  const int64_t rows = tile.size(0), classes = tile.size(1) / K;
+  const int64_t ld = rows <= 1 ? tile.size(1) : tile.stride(0);
+  Tensor values = at::empty({rows, classes}, tile.options());
+  Tensor winner = at::empty({rows, classes}, tile.options().dtype(at::kInt));
+  if (tile.is_cuda()) {
+#ifdef MK_WITH_CUDA
+    check_cuda(mk_cuda_sub_center_max(tile.data_ptr(), rows, classes, ld, inv_norm ? inv_norm->data_ptr() : nullptr,
+                                      static_cast<int>(K), values.data_ptr(), winner.data_ptr<int32_t>(),
+                                      dtype_code(tile), tile.get_device(), reinterpret_cast<void*>(stream)),
+               "sub_center_max");
+    return {values, winner};
+#else
+    no_cuda("sub_center_max");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "sub_center_max", [&] {
+    mk_cpu::sub_center_max<scalar_t>(tile.data_ptr<scalar_t>(), rows, classes, ld,
+                                     inv_norm ? inv_norm->data_ptr<scalar_t>() : nullptr, static_cast<int>(K),
+                                     values.data_ptr<scalar_t>(), winner.data_ptr<int32_t>(), at::get_num_threads());
+  });
+  return {values, winner};
+}
+
+void sub_center_scatter(const Tensor& grad, const optional<Tensor>& values, const Tensor& winner,
+                        const optional<Tensor>& inv_norm, int64_t K, const Tensor& out, const optional<Tensor>& col_dot,
+                        int64_t stream) {
+  check_sub_centers("sub_center_scatter", out, K);
+  const int64_t rows = out.size(0), classes = out.size(1) / K;
+  check_like("sub_center_scatter", "grad", grad, out, rows * classes);
+  check_winner("sub_center_scatter", winner, out, rows * classes);
+  if (inv_norm) check_like("sub_center_scatter", "inv_norm", *inv_norm, out, out.size(1));
+  TORCH_CHECK(!col_dot || values, "margin_kernels.sub_center_scatter: values are required with col_dot");
+  if (values) check_like("sub_center_scatter", "values", *values, out, rows * classes);
+  if (col_dot) check_like("sub_center_scatter", "col_dot", *col_dot, out, out.size(1));
+  const int64_t ld = rows <= 1 ? out.size(1) : out.stride(0);
+  if (out.is_cuda()) {
+#ifdef MK_WITH_CUDA
+    check_cuda(mk_cuda_sub_center_scatter(grad.data_ptr(), values ? values->data_ptr() : nullptr,
+                                          winner.data_ptr<int32_t>(), inv_norm ? inv_norm->data_ptr() : nullptr,
+                                          rows, classes, static_cast<int>(K), out.data_ptr(), ld,
+                                          col_dot ? col_dot->data_ptr() : nullptr, dtype_code(out),
+                                          out.get_device(), reinterpret_cast<void*>(stream)),
+               "sub_center_scatter");
+    return;
+#else
+    no_cuda("sub_center_scatter");
+#endif
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sub_center_scatter", [&] {
+    mk_cpu::sub_center_scatter<scalar_t>(grad.data_ptr<scalar_t>(), values ? values->data_ptr<scalar_t>() : nullptr,
+                                         winner.data_ptr<int32_t>(),
+                                         inv_norm ? inv_norm->data_ptr<scalar_t>() : nullptr, rows, classes,
+                                         static_cast<int>(K), out.data_ptr<scalar_t>(), ld,
+                                         col_dot ? col_dot->data_ptr<scalar_t>() : nullptr, at::get_num_threads());
+  });
+}
+
 // ---- direct access to the header's math, for tests (CPU only) -----------------------------------------------
 void check_cpu_acc(const char* fn, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && is_acc_dtype(t) && t.is_contiguous(), "margin_kernels.", fn, ": ", name,
@@ -366,6 +443,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out") = py::none(), py::arg("factor") = py::none(), py::arg("stream") = 0, nogil);
   m.def("finish_dw", &finish_dw, py::arg("g"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
         py::arg("out") = py::none(), py::arg("inv_factor") = py::none(), py::arg("stream") = 0, nogil);
+  m.def("sub_center_max", &sub_center_max, py::arg("tile"), py::arg("inv_norm"), py::arg("sub_centers"),
+        py::arg("stream") = 0, nogil);
+  m.def("sub_center_scatter", &sub_center_scatter, py::arg("grad"), py::arg("values"), py::arg("winner"),
+        py::arg("inv_norm"), py::arg("sub_centers"), py::arg("out"), py::arg("col_dot"), py::arg("stream") = 0, nogil);
   m.def("negative_eval", &negative_eval, py::arg("c"), py::arg("row_params"), py::arg("kind"), py::arg("a"),
         py::arg("b"), nogil);
   m.def("exp_eval", &exp_eval, py::arg("x"), nogil);

@@ -204,6 +204,41 @@ void finish_dw(T* g, int64_t n, int64_t dim, int64_t ld_g, const T* w, int64_t l
 }
 
 template <typename T>
+void sub_center_max(const T* tile, int64_t rows, int64_t classes, int64_t ld, const T* inv_norm, int K, T* values,
+                    int32_t* winner, int threads) {
+#pragma omp parallel for schedule(static) num_threads(thread_count(threads)) if (rows * classes * K > 32768)
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = tile + i * ld;
+    for (int64_t j = 0; j < classes; ++j)
+      winner[i * classes + j] = mk::sub_center_best(row + j * K, inv_norm ? inv_norm + j * K : nullptr, K,
+                                                    values + i * classes + j);
+  }
+}
+
+template <typename T>
+void sub_center_scatter(const T* grad, const T* values, const int32_t* winner, const T* inv_norm, int64_t rows,
+                        int64_t classes, int K, T* out, int64_t ld_out, T* col_dot, int threads) {
+  // strips of classes, each over all rows in order: col_dot's sums have a fixed order for any thread count
+  const int64_t strip = std::max<int64_t>(1, kStrip / K);
+  const int64_t strips = (classes + strip - 1) / strip;
+#pragma omp parallel for schedule(static) num_threads(thread_count(threads)) if (rows * classes * K > 32768)
+  for (int64_t s = 0; s < strips; ++s) {
+    const int64_t j0 = s * strip, j1 = std::min(classes, j0 + strip);
+    if (col_dot)
+      for (int64_t r = j0 * K; r < j1 * K; ++r) col_dot[r] = T(0);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = out + i * ld_out;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t at = i * classes + j, won = j * K + winner[at];
+        for (int64_t r = j * K; r < (j + 1) * K; ++r) row[r] = T(0);
+        row[won] = inv_norm ? grad[at] * inv_norm[won] : grad[at];
+        if (col_dot) col_dot[won] += grad[at] * values[at];
+      }
+    }
+  }
+}
+
+template <typename T>
 int negative_eval(const T* c, int64_t rows, int64_t cols, const T* row_params, int kind, T a, T b, T* value,
                   T* deriv) {
   const bool known = mk::dispatch_kind(kind, [&](auto kind_c) {
@@ -237,7 +272,10 @@ void lse_merge_eval(T* run_max, T* run_sum, const T* other_max, const T* other_s
   template void finish_dw<T>(T*, int64_t, int64_t, int64_t, const T*, int64_t, const T*, const T*, int);      \
   template int negative_eval<T>(const T*, int64_t, int64_t, const T*, int, T, T, T*, T*);                     \
   template void exp_eval<T>(const T*, int64_t, T*);                                                           \
-  template void lse_merge_eval<T>(T*, T*, const T*, const T*, int64_t);
+  template void lse_merge_eval<T>(T*, T*, const T*, const T*, int64_t);                                     \
+  template void sub_center_max<T>(const T*, int64_t, int64_t, int64_t, const T*, int, T*, int32_t*, int);      \
+  template void sub_center_scatter<T>(const T*, const T*, const int32_t*, const T*, int64_t, int64_t, int, T*,  \
+                                      int64_t, T*, int);
 
 MK_INSTANTIATE(float)
 MK_INSTANTIATE(double)

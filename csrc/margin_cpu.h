@@ -45,6 +45,21 @@ template <typename T>
 void finish_dw(T* g, int64_t n, int64_t dim, int64_t ld_g, const T* w, int64_t ld_w, const T* col_dot,
                const T* inv_norm, int threads);
 
+// ---- sub-centers (K adjacent weight rows per class) ------------------------------------------------------
+// values[i, j] (rows x classes, contiguous) = max_k tile[i, jK + k] * inv_norm[jK + k] (no factor without
+// inv_norm), winner[i, j] = its k (ties: the lowest)
+template <typename T>
+void sub_center_max(const T* tile, int64_t rows, int64_t classes, int64_t ld, const T* inv_norm, int K, T* values,
+                    int32_t* winner, int threads);
+
+// out (rows x classes K, leading dimension ld_out) = grad[i, j] * inv_norm[jK + w] at each class's winning row
+// jK + w (w = winner[i, j]; no factor without inv_norm) and 0 at its other rows; col_dot[jK + k] =
+// sum_i grad[i, j] * values[i, j] over the rows i won by sub-center k (only when col_dot is given), summed in
+// row order. grad, values, winner: rows x classes, contiguous.
+template <typename T>
+void sub_center_scatter(const T* grad, const T* values, const int32_t* winner, const T* inv_norm, int64_t rows,
+                        int64_t classes, int K, T* out, int64_t ld_out, T* col_dot, int threads);
+
 // ---- the header's per-element math, exposed for direct tests ----------------------------------------------
 // value[i, j] = g(c_ij) and deriv[i, j] = g'(c_ij) for a contiguous rows x cols tile
 template <typename T>

@@ -187,6 +187,76 @@ unsigned int grid_for(int64_t work, int64_t per_block) {
   return static_cast<unsigned int>(blocks < 65535 * 16 ? blocks : 65535 * 16);  // grid-stride loops cover the rest
 }
 
+// sub-centers: one thread per (row, class) element of the reduced tile
+template <typename T>
+__global__ void sub_center_max_kernel(const T* __restrict__ tile, int64_t rows, int64_t classes, int64_t ld,
+                                      const T* __restrict__ inv_norm, int K, T* __restrict__ values,
+                                      int32_t* __restrict__ winner) {
+  const int64_t total = rows * classes;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += step) {
+    const int64_t i = e / classes, j = e - i * classes;
+    winner[e] = mk::sub_center_best(tile + i * ld + j * K, inv_norm ? inv_norm + j * K : nullptr, K, values + e);
+  }
+}
+
+template <typename T>
+__global__ void sub_center_scatter_kernel(const T* __restrict__ grad, const int32_t* __restrict__ winner,
+                                          const T* __restrict__ inv_norm, int64_t rows, int64_t classes, int K,
+                                          T* __restrict__ out, int64_t ld_out) {
+  const int64_t total = rows * classes;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += step) {
+    const int64_t i = e / classes, j = e - i * classes;
+    T* row = out + i * ld_out + j * K;
+    const int won = winner[e];
+    for (int k = 0; k < K; ++k) row[k] = k == won ? (inv_norm ? grad[e] * inv_norm[j * K + k] : grad[e]) : T(0);
+  }
+}
+
+// one thread per weight row r = jK + k, summing over the tile's rows in order (deterministic)
+template <typename T>
+__global__ void sub_center_col_dot_kernel(const T* __restrict__ grad, const T* __restrict__ values,
+                                          const int32_t* __restrict__ winner, int64_t rows, int64_t classes, int K,
+                                          T* __restrict__ col_dot) {
+  const int64_t total = classes * K;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < total; r += step) {
+    const int64_t j = r / K;
+    const int k = static_cast<int>(r - j * K);
+    T acc = T(0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t at = i * classes + j;
+      if (winner[at] == k) acc += grad[at] * values[at];
+    }
+    col_dot[r] = acc;
+  }
+}
+
+template <typename T>
+int sub_center_max_for(const void* tile, int64_t rows, int64_t classes, int64_t ld, const void* inv_norm, int K,
+                       void* values, int32_t* winner, cudaStream_t stream) {
+  sub_center_max_kernel<T><<<grid_for(rows * classes, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+      static_cast<const T*>(tile), rows, classes, ld, static_cast<const T*>(inv_norm), K, static_cast<T*>(values),
+      winner);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int sub_center_scatter_for(const void* grad, const void* values, const int32_t* winner, const void* inv_norm,
+                           int64_t rows, int64_t classes, int K, void* out, int64_t ld_out, void* col_dot,
+                           cudaStream_t stream) {
+  if (rows > 0)
+    sub_center_scatter_kernel<T><<<grid_for(rows * classes, kElementwiseThreads), kElementwiseThreads, 0,
+                                   stream>>>(static_cast<const T*>(grad), winner, static_cast<const T*>(inv_norm),
+                                             rows, classes, K, static_cast<T*>(out), ld_out);
+  if (col_dot != nullptr)
+    sub_center_col_dot_kernel<T><<<grid_for(classes * K, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(values), winner, rows, classes, K,
+        static_cast<T*>(col_dot));
+  return static_cast<int>(cudaGetLastError());
+}
+
 template <typename Tacc, typename Tin>
 int launch_inv_norms(const void* w, int64_t n, int64_t dim, int64_t ld, void* out, cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>((n + kNormWarps - 1) / kNormWarps);
@@ -335,6 +405,32 @@ int mk_cuda_finish_dw(const mk_dw_args* args) {
       return finish_dw_for<float, decltype(w_tag), decltype(out_tag)>(a);
     });
   });
+}
+
+int mk_cuda_sub_center_max(const void* tile, int64_t rows, int64_t classes, int64_t ld, const void* inv_norm,
+                           int K, void* values, int32_t* winner, int dtype, int device, void* stream) {
+  if (rows <= 0 || classes <= 0) return 0;
+  DeviceScope scope(device);
+  if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (dtype == MK_DTYPE_F32) return sub_center_max_for<float>(tile, rows, classes, ld, inv_norm, K, values, winner, s);
+  if (dtype == MK_DTYPE_F64)
+    return sub_center_max_for<double>(tile, rows, classes, ld, inv_norm, K, values, winner, s);
+  return MK_CUDA_ERR_BAD_DTYPE;
+}
+
+int mk_cuda_sub_center_scatter(const void* grad, const void* values, const int32_t* winner, const void* inv_norm,
+                               int64_t rows, int64_t classes, int K, void* out, int64_t ld_out, void* col_dot,
+                               int dtype, int device, void* stream) {
+  if (classes <= 0) return 0;
+  DeviceScope scope(device);
+  if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (dtype == MK_DTYPE_F32)
+    return sub_center_scatter_for<float>(grad, values, winner, inv_norm, rows, classes, K, out, ld_out, col_dot, s);
+  if (dtype == MK_DTYPE_F64)
+    return sub_center_scatter_for<double>(grad, values, winner, inv_norm, rows, classes, K, out, ld_out, col_dot, s);
+  return MK_CUDA_ERR_BAD_DTYPE;
 }
 
 const char* mk_cuda_error_string(int code) {

@@ -82,6 +82,17 @@ typedef struct mk_dw_args {
 
 int mk_cuda_finish_dw(const mk_dw_args* args);
 
+/* sub-centers (K adjacent weight rows per class), see margin_cpu.h's sub_center_max / sub_center_scatter:
+ * values/winner (rows x classes, contiguous) = each class's best normalised dot product and its sub-center;
+ * out (rows x classes K, leading dimension ld_out) = grad at each class's winning row times its 1/|w|, 0 at the
+ * others, col_dot (classes K entries, when not NULL) = sum_i grad * values over the rows each row won, summed
+ * in row order. dtype: MK_DTYPE_F32 or MK_DTYPE_F64 of every floating pointer; inv_norm may be NULL. */
+int mk_cuda_sub_center_max(const void* tile, int64_t rows, int64_t classes, int64_t ld, const void* inv_norm,
+                           int K, void* values, int32_t* winner, int dtype, int device, void* stream);
+int mk_cuda_sub_center_scatter(const void* grad, const void* values, const int32_t* winner, const void* inv_norm,
+                               int64_t rows, int64_t classes, int K, void* out, int64_t ld_out, void* col_dot,
+                               int dtype, int device, void* stream);
+
 const char* mk_cuda_error_string(int code);
 
 #ifdef __cplusplus

@@ -1,7 +1,7 @@
 // Per-element math of the fused margin-softmax epilogues, shared by the CUDA kernels (margin_cuda.cu) and the
 // CPU kernels (margin_cpu.cpp): the negative-function kinds of margin_kernels/losses/negatives.py (value
 // and derivative, same table, same kind numbers), exp, the online log-sum-exp merge, the per-element backward
-// (p -> dL/dcos) and the weight-normalisation backward. Written once so the math that runs on GPUs is the math
+// (p -> dL/dcos), the weight-normalisation backward and the sub-center max. Written once so the math that runs on GPUs is the math
 // the CPU tests check. Plain C++17 without CUDA; __host__ __device__ under nvcc. No torch headers.
 #pragma once
 
@@ -40,7 +40,7 @@ constexpr int kNumNegativeKinds = 8;
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 // ---- exp --------------------------------------------------------------------------------------------------
 MK_HD float bits_as_float(int32_t bits) {
@@ -196,6 +196,24 @@ MK_HD T dw_norm_coef(T col_dot, T inv_norm) {
 template <typename T>
 MK_HD T dw_normalize(T g, T w, T coef) {
   return g - coef * w;
+}
+
+// ---- sub-centers (margin_kernels/subcenters.py): a class's cosine is the best of its K adjacent rows ---------
+// The best of one row's K dot products of a class (times their 1/|w| when inv is given): its value in *best and
+// its sub-center index returned; ties go to the lowest index (strict >, k = 0 .. K-1), every backend's rule.
+template <typename T>
+MK_HD int sub_center_best(const T* dots, const T* inv, int K, T* best) {
+  T b = inv ? dots[0] * inv[0] : dots[0];
+  int winner = 0;
+  for (int k = 1; k < K; ++k) {
+    const T c = inv ? dots[k] * inv[k] : dots[k];
+    if (c > b) {
+      b = c;
+      winner = k;
+    }
+  }
+  *best = b;
+  return winner;
 }
 
 // ---- host-side dispatch ----------------------------------------------------------------------------------

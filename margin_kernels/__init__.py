@@ -7,7 +7,7 @@ from .head import MarginHead
 from .regularizers import CenterLoss, RingLoss
 from .schedules import CosineScale, HeatedUp, LinearScale, ScaleSchedule, schedule_scale
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
-                     MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace)
+                     MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace, SubCenterArcFace)
 from .losses import AdaCos, ElasticArcFace, ElasticCosFace, NPCFace
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "AdaCos", "ElasticArcFace", "ElasticCosFace", "NPCFace",
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
     "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
-    "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
+    "SubCenterArcFace", "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference",
+    "reset_grad_filter_stats",
     "CenterLoss", "RingLoss", "CosineScale", "HeatedUp", "LinearScale", "ScaleSchedule", "schedule_scale",
 ]

@@ -51,7 +51,8 @@ def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: tor
     loss's state update and row params see, computed once per call and passed through the op, which gives
     them their gradient."""
     with torch.no_grad():
-        return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc)
+        return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc,
+                                margin.sub_centers)
 
 
 def negative_statistics(margin: MarginLoss, request: row_statistics.StatisticsRequest, x_eff: torch.Tensor,
@@ -81,7 +82,7 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter), product)
+        float(grad_filter), product, margin.sub_centers)
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
@@ -101,7 +102,8 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
                          backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                          chunk_size: Optional[int] = None, class_index: Optional[torch.Tensor] = None,
                          grad_filter: float = 0.0, check_values: bool = True) -> torch.Tensor:
-    """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d).
+    """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d); (C K, d) for a loss
+    with K sub-centers per class (``SubCenterArcFace``: class j's rows j K .. j K + K - 1).
 
     Never builds the B x C logits (except ``backend="reference"``, the full-logit ground truth). ``labels``
     are class ids in [0, C), or ``ignore_index`` for rows that contribute nothing. With ``class_index`` (K class

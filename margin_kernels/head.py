@@ -16,6 +16,7 @@ from .validation import check_arguments
 
 class MarginHead(HeadBase):
     """Holds the class weight (num_classes, embedding_dim) and the loss description; forward returns the loss.
+    With a sub-center loss (``margin.sub_centers`` = K) the weight is (num_classes * K, embedding_dim).
 
     Takes the same arguments as ``DistributedMarginHead`` (less the process group): the weight is initialised
     as insightface's PartialFC, N(0, 0.01^2), drawn from ``seed`` in blocks of classes, so it equals the

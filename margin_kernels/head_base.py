@@ -25,8 +25,8 @@ INIT_BLOCK_ROWS = 4096
 
 
 class HeadBase(nn.Module):
-    """The class-weight shard ``weight`` (rows = classes ``shard_range``), the loss description ``margin`` and
-    the options both heads take. Subclasses implement ``forward``.
+    """The class-weight shard ``weight`` (rows = classes ``shard_range``, K rows per class for a loss with
+    ``sub_centers`` = K), the loss description ``margin`` and the options both heads take. Subclasses implement ``forward``.
 
     The backend is resolved at construction for the weight's device (a backend that cannot run in this
     process raises there, not at the first step) and again, once, for each other device type the head is
@@ -52,7 +52,9 @@ class HeadBase(nn.Module):
         self.chunk_size, self.grad_filter, self.seed = chunk_size, float(grad_filter), seed
         # the value checks (finite features, labels in range) cost a device sync per step on GPU
         self.check_values = check_values
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim, dtype=dtype, device=device))
+        # K adjacent rows per class for a loss with sub-centers (margin.sub_centers)
+        self.weight = nn.Parameter(torch.empty(self.num_local * margin.sub_centers, embedding_dim, dtype=dtype,
+                                               device=device))
         self.sampler = PartialFCSampler(self.num_local, sample_rate, seed=seed, shard_start=self.shard_range[0],
                                         device=self.weight.device)
         #: the last training step's sampled classes (global ids on this shard); None without sampling
@@ -80,7 +82,7 @@ class HeadBase(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            fill_rows_normal(self.weight, self.shard_range[0], self.seed, INIT_STD)
+            fill_rows_normal(self.weight, self.shard_range[0] * self.margin.sub_centers, self.seed, INIT_STD)
 
     def sample_columns(self, columns: torch.Tensor):
         """Partial FC in training mode: (labels as positions in the sampled index, the index), or

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .backends import get_backend
 from .losses.negatives import NegativeKind, NegativeSpec
+from . import subcenters
 from .norms import floored
 
 
@@ -27,32 +28,48 @@ def _target_rows(labels: Tensor, class_index: Optional[Tensor]) -> Tensor:
 
 
 def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
-                 acc_dtype: torch.dtype):
-    """(cos, ||w_y||) of each row's target pair; 0 and 1 on rows without a target (label -1)."""
+                 acc_dtype: torch.dtype, sub_centers: int = 1):
+    """(cos, ||w_y||) of each row's target pair; 0 and 1 on rows without a target (label -1). With sub-centers
+    the pair is the target class's best row (``subcenters.target_pairs``)."""
     valid = labels >= 0
-    w = weight.index_select(0, _target_rows(labels, class_index)).to(acc_dtype)
-    dot = (x.to(acc_dtype) * w).sum(dim=1)
-    norm = w.norm(dim=1)
-    cos = dot / floored(norm) if normalize_weight else dot
+    if sub_centers > 1:
+        cos, norm, _ = subcenters.target_pairs(x, weight, _target_rows(labels, class_index), normalize_weight,
+                                               sub_centers, acc_dtype)
+    else:
+        w = weight.index_select(0, _target_rows(labels, class_index)).to(acc_dtype)
+        dot = (x.to(acc_dtype) * w).sum(dim=1)
+        norm = w.norm(dim=1)
+        cos = dot / floored(norm) if normalize_weight else dot
     return torch.where(valid, cos, torch.zeros_like(cos)), torch.where(valid, norm, torch.ones_like(norm))
+
+
+def _target_weight_rows(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor],
+                        normalize_weight: bool, sub_centers: int, acc_dtype: torch.dtype) -> Tensor:
+    """The weight row of each row's target pair (the winning sub-center with K > 1: the forward's choice,
+    recomputed from the same inputs)."""
+    rows = _target_rows(labels, class_index)
+    if sub_centers == 1:
+        return rows
+    return subcenters.target_pairs(x, weight, rows, normalize_weight, sub_centers, acc_dtype)[2]
 
 
 @torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
                target_cos: Tensor, target_norm: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
-               b: float, backend: str, chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor, Tensor]:
+               b: float, backend: str, chunk_size: int, grad_filter: float, product: str,
+               sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                                           chunk_size, product=product)
+                                           chunk_size, product=product, sub_centers=sub_centers)
     return lse, target_cos.clone(), target_norm.clone()
 
 
 @margin_lse.register_fake
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, normalize_weight, kind,
-                     scale, a, b, backend, chunk_size, grad_filter, product):
+                     scale, a, b, backend, chunk_size, grad_filter, product, sub_centers):
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
         torch.empty_like(target_norm)
 
@@ -61,15 +78,16 @@ def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, tar
 def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor,
                         class_index: Optional[Tensor], lse: Tensor, g_lse: Tensor, g_cos: Tensor, g_norm: Tensor,
                         normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
-                        chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor]:
+                        chunk_size: int, grad_filter: float, product: str, sub_centers: int) -> tuple[Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
     dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                     normalize_weight, lse, g_lse, g_cos, chunk_size,
-                                                    grad_filter, product=product)
+                                                    grad_filter, product=product, sub_centers=sub_centers)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
-    rows = _target_rows(labels, class_index)
+    rows = _target_weight_rows(x, weight, labels, class_index, normalize_weight, sub_centers,
+                              row_params.dtype)
     w = weight.index_select(0, rows).to(g_norm.dtype)
     coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
     dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
@@ -78,7 +96,8 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
 
 @margin_lse_backward.register_fake
 def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
-                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter, product):
+                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter, product,
+                              sub_centers):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -96,7 +115,7 @@ def _backward(ctx, g_lse, g_cos, g_norm):
     g_norm = zeros if g_norm is None else g_norm
     dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
                                       *ctx.constants)
-    return (dx, dweight) + (None,) * 14
+    return (dx, dweight) + (None,) * 15
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

@@ -11,6 +11,7 @@ from .losses.base import MarginLoss, RowInputs
 from .norms import floored
 from .losses.negatives import negative_logits
 from . import row_statistics
+from .subcenters import class_rows, max_over_sub_centers
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
 
@@ -21,14 +22,19 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     acc = accumulation_dtype(features.dtype)
     x, feature_norm = margin.prepare_features(features, acc)
     x = x.to(acc)
-    w = weight.to(acc) if class_index is None else weight.to(acc)[class_index.long()]
+    k = margin.sub_centers
+    w = weight.to(acc) if class_index is None else weight.to(acc)[class_rows(class_index.long(), k)]
     weight_norms = w.norm(dim=1)
     cos = x @ w.t()
     if margin.normalize_weight:
         cos = cos / floored(weight_norms)
+    if k > 1:  # each class's best sub-center (autograd routes the gradient to it); norms of the winners
+        cos, winner = max_over_sub_centers(cos, k)
+        weight_norms = weight_norms.view(-1, k).expand(cos.shape[0], -1, -1).gather(2, winner.unsqueeze(2))
+        weight_norms = weight_norms.squeeze(2)
     valid = labels != ignore_index
     logits, regularizer = logits_from_cosines(cos, labels, valid, margin, feature_norm, weight_norms,
-                                              num_classes=weight.shape[0])
+                                              num_classes=weight.shape[0] // k)
     return logits, valid, regularizer
 
 
@@ -44,7 +50,7 @@ def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=Non
         cos=torch.where(valid, cos.gather(1, target_col).squeeze(1), torch.zeros((), dtype=cos.dtype)),
         feature_norm=ones.expand(cos.shape[0]) if feature_norm is None else feature_norm,
         weight_norm=ones.expand(cos.shape[0]) if weight_norms is None else
-        torch.where(valid, weight_norms[target_col.squeeze(1)], ones),
+        torch.where(valid, _target_norms(weight_norms, target_col), ones),
         valid=valid,
     )
     is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
@@ -59,6 +65,13 @@ def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=Non
             margin.end_call(rows.detach(), torch.logsumexp(negatives.detach().masked_fill(is_target, float("-inf")),
                                                            dim=1))
     return logits, margin.regularizer(rows)
+
+
+def _target_norms(weight_norms: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+    """||w|| of each row's target column: a (C,) vector, or (B, C) with sub-centers (the row's winner)."""
+    if weight_norms.dim() == 1:
+        return weight_norms[target_col.squeeze(1)]
+    return weight_norms.gather(1, target_col).squeeze(1)
 
 
 def margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, reduction: str = "mean",

@@ -134,10 +134,20 @@ def check_tensors(features, weight, labels) -> None:
         raise ValueError(f"labels are on {labels.device} but features are on {features.device}")
 
 
-def check_class_index(class_index, weight) -> int:
-    """Structure of a Partial FC class index; returns the number of columns of the problem."""
+def check_sub_centers(weight, margin) -> int:
+    """The classes of ``weight``: its rows, or its rows / K for a loss with K sub-centers per class."""
+    k = margin.sub_centers
+    if weight.shape[0] % k:
+        raise ValueError(f"weight must have num_classes * sub_centers rows (sub_centers={k}, each class's rows "
+                         f"adjacent), got {weight.shape[0]} rows")
+    return weight.shape[0] // k
+
+
+def check_class_index(class_index, weight, num_classes: Optional[int] = None) -> int:
+    """Structure of a Partial FC class index; returns the number of columns of the problem (``num_classes``:
+    the classes of ``weight``, default its rows)."""
     if class_index is None:
-        return weight.shape[0]
+        return weight.shape[0] if num_classes is None else num_classes
     if not isinstance(class_index, torch.Tensor) or class_index.dim() != 1:
         raise ValueError("class_index must be a 1-D integer tensor of class ids")
     if class_index.dtype not in (torch.int32, torch.int64):
@@ -167,13 +177,15 @@ def label_range_message(labels: torch.Tensor, bad: torch.Tensor, num_columns: in
 NON_FINITE_FEATURES = "features contain NaN or Inf"
 
 
-def check_values_of(features, weight, labels, ignore_index: int, class_index, num_columns: int) -> None:
+def check_values_of(features, weight, labels, ignore_index: int, class_index, num_columns: int,
+                    num_classes: Optional[int] = None) -> None:
     """The checks that read values (a device sync): O(B d) and O(K), never O(C d)."""
     if features.numel() and not bool(torch.isfinite(features).all()):
         raise ValueError(NON_FINITE_FEATURES)
     if class_index is not None:
-        if bool(((class_index < 0) | (class_index >= weight.shape[0])).any()):
-            raise ValueError(f"class_index values must be in [0, {weight.shape[0]})")
+        num_classes = weight.shape[0] if num_classes is None else num_classes
+        if bool(((class_index < 0) | (class_index >= num_classes)).any()):
+            raise ValueError(f"class_index values must be in [0, {num_classes})")
         if torch.unique(class_index).numel() != class_index.numel():
             raise ValueError("class_index must not contain duplicates")
     bad = bad_labels(labels, num_columns, ignore_index)
@@ -194,6 +206,7 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
     check_chunk_size(chunk_size)
     check_grad_filter(grad_filter)
     check_flag("check_values", check_values)
-    num_columns = check_class_index(class_index, weight)
+    num_classes = check_sub_centers(weight, margin)
+    num_columns = check_class_index(class_index, weight, num_classes)
     if value_checks_apply(check_values):
-        check_values_of(features, weight, labels, ignore_index, class_index, num_columns)
+        check_values_of(features, weight, labels, ignore_index, class_index, num_columns, num_classes)

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from margin_kernels.distributed import (DistributedMarginHead, check_buffers_consistent, load_sharded,
                                         save_sharded, shard_ranges)
+from margin_kernels.distributed.sharding import row_range
 from tests.helpers import LOSS_NAMES, make_loss, random_problem
 
 DIM = 16
@@ -28,9 +29,10 @@ DIM = 16
 LAYOUTS = {1: ((9,), 37), 2: ((5, 4), 37), 3: ((4, 2, 5), 38)}
 EMPTY_RANK_SIZES = (4, 0, 5)
 SAMPLE_RATE = 0.4
-SAMPLED_LOSSES = ("arcface", "curricularface", "magface", "mv_arc", "adacos", "npcface", "elastic_arc_plus")
+SAMPLED_LOSSES = ("arcface", "curricularface", "magface", "mv_arc", "adacos", "npcface", "elastic_arc_plus",
+                  "subcenter_arcface")
 EMPTY_RANK_LOSSES = ("arcface", "magface", "adaface")
-CHECKPOINT_LOSSES = ("curricularface", "adaface")
+CHECKPOINT_LOSSES = ("curricularface", "adaface", "subcenter_arcface")  # K rows per class reshard whole
 CHECKPOINT_WORLD = 2  # the checkpoint is saved by the 2-process world and loaded at 3 and 1
 LR = 0.5
 # the 2-process world runs the portable torch backend, the 3-process world the fastest one available ("auto":
@@ -39,14 +41,14 @@ BACKENDS = {1: "torch", 2: "torch", 3: "auto"}
 
 
 # ---- inputs, identical in every process --------------------------------------------------------------------
-def problem(world: int, seed: int = 0, sizes=None, dtype=torch.float64):
+def problem(world: int, seed: int = 0, sizes=None, dtype=torch.float64, sub_centers: int = 1):
     """(x, w, y) of the global batch: random_problem's inputs (one ignored row), redrawn until every rank's
-    class shard holds at least one label, so every rank owns targets."""
+    class shard holds at least one label, so every rank owns targets. ``sub_centers``: K rows per class in w."""
     sizes, num_classes = (sizes or LAYOUTS[world][0]), LAYOUTS[world][1]
     ranges = shard_ranges(num_classes, world)
     for attempt in range(1000):
         x, w, y = random_problem(sum(sizes), num_classes, DIM, dtype=dtype, seed=1000 * seed + attempt,
-                                 ignore_rows=(1,))
+                                 ignore_rows=(1,), sub_centers=sub_centers)
         if all(bool(((y >= a) & (y < b)).any()) for a, b in ranges):
             return x, w, y
     raise AssertionError("no labelling covers every shard")
@@ -59,7 +61,9 @@ def local_rows(tensor, sizes, rank):
 
 def make_head(world, margin, w, **kwargs):
     head = DistributedMarginHead(LAYOUTS[world][1], DIM, margin, dtype=w.dtype, backend=BACKENDS[world], **kwargs)
-    start, stop = head.shard_range
+    start, stop = row_range(LAYOUTS[world][1], world, dist.get_rank() if dist.is_initialized() else 0,
+                            margin.sub_centers)  # a class's K rows all on its owner
+    assert (start, stop) == (head.shard_range[0] * margin.sub_centers, head.shard_range[1] * margin.sub_centers)
     with torch.no_grad():
         head.weight.copy_(w[start:stop])
     return head
@@ -81,10 +85,10 @@ def buffers(module):
 # ---- scenarios ---------------------------------------------------------------------------------------------
 def losses_sweep(rank, world, outdir, dtype=torch.float64, steps=2):
     """Every loss, training mode, ``steps`` calls (stateful losses advance between them)."""
-    x, w, y = problem(world, dtype=dtype)
     sizes = LAYOUTS[world][0]
     out = {}
     for name in LOSS_NAMES:
+        x, w, y = problem(world, dtype=dtype, sub_centers=make_loss(name).sub_centers)
         head = make_head(world, make_loss(name), w)
         out[name] = {"steps": [step(head, x, y, sizes, rank) for _ in range(steps)],
                      "buffers": buffers(head.margin), "shard_range": torch.tensor(head.shard_range),
@@ -106,10 +110,10 @@ def empty_rank(rank, world, outdir):
 def sampling(rank, world, outdir):
     """Partial FC at SAMPLE_RATE: two training steps per loss, the sampled classes recorded, plus a second
     head with the same seed (same draws) and one with another seed."""
-    x, w, y = problem(world)
     sizes = LAYOUTS[world][0]
     out = {}
     for name in SAMPLED_LOSSES:
+        x, w, y = problem(world, sub_centers=make_loss(name).sub_centers)
         head = make_head(world, make_loss(name), w, sample_rate=SAMPLE_RATE, seed=7)
         twin = make_head(world, make_loss(name), w, sample_rate=SAMPLE_RATE, seed=7)
         other = make_head(world, make_loss(name), w, sample_rate=SAMPLE_RATE, seed=8)
@@ -162,7 +166,7 @@ def checkpoint_save(rank, world, outdir):
 
 
 def _train_save_next(rank, world, outdir, name):
-    x, w, y = problem(world)
+    x, w, y = problem(world, sub_centers=make_loss(name).sub_centers)
     sizes = LAYOUTS[world][0]
     head = make_head(world, make_loss(name), w)
     step(head, x, y, sizes, rank)
@@ -170,7 +174,7 @@ def _train_save_next(rank, world, outdir, name):
         head.weight.sub_(LR * head.weight.grad)
     save_sharded(head, os.path.join(outdir, f"ckpt_{name}"))
     saved = {"weight": head.weight.detach().clone(), "buffers": buffers(head.margin)}
-    x2, _, y2 = problem(world, seed=1)  # the next step's batch, with the same labels layout
+    x2, _, y2 = problem(world, seed=1, sub_centers=make_loss(name).sub_centers)  # the next step's batch
     return dict(saved, next=step(head, x2, y2, sizes, rank), buffers_after=buffers(head.margin))
 
 
@@ -185,7 +189,7 @@ def checkpoint_load(rank, world, outdir, ckpt_dir=None):
         check_buffers_consistent(head)
         loaded = {"weight": head.weight.detach().clone(), "shard_range": torch.tensor(head.shard_range),
                   "buffers": buffers(head.margin)}
-        x2, _, y2 = problem(CHECKPOINT_WORLD, seed=1)
+        x2, _, y2 = problem(CHECKPOINT_WORLD, seed=1, sub_centers=make_loss(name).sub_centers)
         sizes = _split(x2.shape[0], world)
         out[name] = dict(loaded, next=step(head, x2, y2, sizes, rank), buffers_after=buffers(head.margin))
     return out

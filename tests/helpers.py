@@ -38,15 +38,17 @@ def twin(margin: mk.MarginLoss) -> mk.MarginLoss:
 
 
 def random_problem(batch, num_classes, dim, *, dtype=torch.float64, seed=0, ignore_rows=(), duplicate=False,
-                   feature_scale=None, device="cpu"):
+                   feature_scale=None, device="cpu", sub_centers=1):
     """Random features, weights and labels. Feature norms are drawn in MagFace's useful range [10, 110]
-    (other losses normalise them away) so that every branch of the norm-dependent losses is reached."""
+    (other losses normalise them away) so that every branch of the norm-dependent losses is reached.
+    ``sub_centers`` K: the weight has K rows per class, and each row is pulled toward a random one of its
+    class's rows (so the winning sub-center varies)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
     norms = torch.empty(batch, dtype=torch.float64).uniform_(5.0, 120.0, generator=gen) if feature_scale is None \
         else torch.full((batch,), float(feature_scale), dtype=torch.float64)
     x = x / x.norm(dim=1, keepdim=True) * norms.unsqueeze(1)
-    w = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) * 0.05
+    w = torch.randn(num_classes * sub_centers, dim, generator=gen, dtype=torch.float64) * 0.05
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     if duplicate and batch > 1:
         labels[batch // 2:] = labels[0]
@@ -55,7 +57,10 @@ def random_problem(batch, num_classes, dim, *, dtype=torch.float64, seed=0, igno
     # pull some features toward their class so targets span easy and hard pairs (all margin branches)
     with torch.no_grad():
         pull = torch.empty(batch, 1, dtype=torch.float64).uniform_(-3.0, 2.0, generator=gen)
-        target_w = w[labels.clamp_min(0)]
+        pick = labels.clamp_min(0) * sub_centers
+        if sub_centers > 1:
+            pick = pick + torch.randint(0, sub_centers, (batch,), generator=gen)
+        target_w = w[pick]
         x = x + pull * target_w / target_w.norm(dim=1, keepdim=True) * norms.unsqueeze(1)
     return (x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), labels.to(device))
 
@@ -108,12 +113,12 @@ def compare_with_references(backend, name, dtype, *, device="cpu", batch=12, cla
     across a branch point moves in both). Per-row losses (reduction="none"), so a wrong row cannot hide in a
     mean. ``transposed_weight`` stores W column-major (a non-contiguous view); ``grad_floor`` bounds the
     gradient errors' denominators below (tiny problems can have an almost exactly zero gradient)."""
+    margin = make_loss(name)
     x, w, labels = random_problem(batch, classes, dim, dtype=dtype, seed=seed, ignore_rows=ignore_rows,
-                                  duplicate=duplicate)
+                                  duplicate=duplicate, sub_centers=margin.sub_centers)
     index = None
     if class_index:
         index, labels = class_subset(classes, labels, seed)
-    margin = make_loss(name)
     ref_margins = [twin(margin) for _ in reference_dtypes]  # each run sees the same initial state
 
     def run(which, loss, a, b, y, idx, **kwargs):

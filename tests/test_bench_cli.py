@@ -271,7 +271,7 @@ def test_interleaved_process_clock_sweep_of_the_fused_cpu_path(tmp_path, capsys)
         assert row["extra_bytes"] is not None and row["grad_bytes"] == (row["classes"] + 8) * 16 * 4
     for row in _rows(payload, "gemm-floor"):
         assert row["floor_ratio"] == 1.0 and set(row["floor_variants"]) == {"full", "chunked"}
-        assert "64 classes" in row["notes"][-1]  # the chunked floor runs at the backends' chunk
+        assert "64 weight rows" in row["notes"][-1]  # the chunked floor runs at the backends' chunk
     for row in payload["rows"]:
         if row["method"] != "gemm-floor":
             assert row["grad_err"] < 1e-4

@@ -250,3 +250,19 @@ def test_derivative_bound_holds_over_the_cosine_range(kind):
     c = torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64).expand(7, -1)
     bound = derivative_bound(spec, row_params)
     assert negative_derivative(c, spec, row_params).abs().max() <= bound
+
+
+# ---- sub-centers (K rows per class): the shape variants that move chunk, tile and split boundaries --------
+#: the base shape already runs every registry loss (both sub-center modes) on every backend and dtype; these
+#: put chunk and Triton tile boundaries inside and between classes' row groups, Partial FC, non-contiguous W
+SUBCENTER_SHAPES = ("classes_not_multiple_of_tile", "chunk_of_one_class", "class_index_and_ignored_rows",
+                    "only_the_target_class", "non_contiguous_weight", "two_row_blocks_3_splits")
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("backend, dtype_name, shape", [
+    pytest.param(backend, dtype_name, shape, marks=[pytest.mark.cuda] if backend == "cuda" else [],
+                 id=f"{backend}-{dtype_name}-subcenter_arcface-{shape}")
+    for backend in ("torch", "cpu", "triton", "cuda") for dtype_name in DTYPES for shape in SUBCENTER_SHAPES])
+def test_sub_center_shape_variants(backend, dtype_name, shape):
+    check_conformance(backend, dtype_name, "subcenter_arcface", shape)

@@ -110,8 +110,8 @@ def test_loss_and_grads_match_single_process(request, world, loss_name):
     (stateful losses advance); buffers identical on every rank and equal to the single-process ones."""
     results = ranks_of(request, world, "losses_sweep")
     assert results[0][loss_name]["backend"] == resolve_backend(S.BACKENDS[world], torch.device("cpu"))
-    x, w, y = S.problem(world)
     margin = make_loss(loss_name)
+    x, w, y = S.problem(world, sub_centers=margin.sub_centers)
     for i in range(2):
         assert_step_matches(results, (loss_name, "steps", i), reference_step(margin, x, w, y), FP64_TOL)
     for name, ref in margin.named_buffers():
@@ -126,7 +126,7 @@ def test_loss_and_grads_match_single_process(request, world, loss_name):
 @pytest.mark.parametrize("loss_name", LOSS_NAMES)
 def test_fp32_matches_float64_reference(request, world, loss_name):
     results = ranks_of(request, world, "losses_fp32")
-    x, w, y = S.problem(world, dtype=torch.float32)
+    x, w, y = S.problem(world, dtype=torch.float32, sub_centers=make_loss(loss_name).sub_centers)
     assert_step_matches(results, (loss_name, "steps", 0), reference_step(make_loss(loss_name), x, w, y), FP32_TOL)
 
 
@@ -146,9 +146,9 @@ def test_partial_fc_sampling(request, world, loss_name):
     """Every positive kept, the requested size, same seed -> same draw, and the loss/grads equal the
     single-process computation restricted to the union of the sampled classes; eval mode uses every class."""
     results = ranks_of(request, world, "sampling")
-    x, w, y = S.problem(world)
-    ranges = shard_ranges(S.LAYOUTS[world][1], world)
     margin = make_loss(loss_name)
+    x, w, y = S.problem(world, sub_centers=margin.sub_centers)
+    ranges = shard_ranges(S.LAYOUTS[world][1], world)
     differs_with_other_seed = False
     for i in range(2):
         indices = [r[loss_name][i]["index"] for r in results]
@@ -190,13 +190,14 @@ def test_bad_input_raises_on_every_rank(request, world):
 def test_checkpoint_reshards_from_2_to_3_and_1(request, loss_name, checkpoint_dir):
     saved = ranks_of(request, 2, "checkpoint_save")
     full_weight = cat_ranks(saved, (loss_name, "weight"))
+    k = make_loss(loss_name).sub_centers  # weight rows per class
     saved_buffers = saved[0][loss_name]["buffers"]
     loaded3 = ranks_of(request, 3, "checkpoint_load")
     loaded1 = [S.checkpoint_load(0, 1, None, ckpt_dir=checkpoint_dir)]
     for loaded in (loaded3, loaded1):
         for result in loaded:
             start, stop = result[loss_name]["shard_range"].tolist()
-            assert torch.equal(result[loss_name]["weight"], full_weight[start:stop])
+            assert torch.equal(result[loss_name]["weight"], full_weight[start * k:stop * k])
             for name, value in saved_buffers.items():
                 assert torch.equal(result[loss_name]["buffers"][name], value)
         # the next step: same loss, gradients and state as the world-2 run that kept going
@@ -299,8 +300,8 @@ def test_full_class_index_equals_no_index(loss_name):
 @pytest.mark.parametrize("loss_name", LOSS_NAMES)
 def test_single_process_driver_still_matches_reference(loss_name):
     """The refactor of functional.py into steps keeps margin_cross_entropy as it was."""
-    x, w, y = random_problem(9, 13, 8, seed=1, ignore_rows=(2,))
     margin = make_loss(loss_name)
+    x, w, y = random_problem(9, 13, 8, seed=1, ignore_rows=(2,), sub_centers=margin.sub_centers)
     fused = driver_step(x, w, lambda xr, wr: mk.margin_cross_entropy(xr, wr, y, margin, backend="torch",
                                                                      chunk_size=4))
     assert_close(*fused, reference_step(make_loss(loss_name), x, w, y), FP64_TOL)

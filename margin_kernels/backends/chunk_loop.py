@@ -20,6 +20,7 @@ import torch
 
 from ..losses.negatives import NegativeSpec
 from ..precision import CAST_DTYPES
+from ..subcenters import class_rows
 from . import filter_stats
 
 #: classes per chunk on CUDA at B = 512 (what memory_model assumes; ``default_chunk_size`` scales it with B)
@@ -42,14 +43,17 @@ def _power_of_two_within(target: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(target, 1).bit_length() - 1))
 
 
-def default_chunk_size(batch: int, device_type: str = "cpu") -> int:
+def default_chunk_size(batch: int, device_type: str = "cpu", sub_centers: int = 1) -> int:
     """The tile of one chunk sized to stay in cache, rounded down to a power of two. CUDA: CUDA_TILE_BYTES
     within [CUDA_MIN_CHUNK, CUDA_MAX_CHUNK] (8192 at B = 512, 4096 at 1024, 16384 at B <= 256). CPU:
-    CPU_TILE_ELEMENTS within [CPU_MIN_CHUNK, CPU_MAX_CHUNK] (2048 at B >= 256, 4096 at 128, 8192 at B <= 64)."""
+    CPU_TILE_ELEMENTS within [CPU_MIN_CHUNK, CPU_MAX_CHUNK] (2048 at B >= 256, 4096 at 128, 8192 at B <= 64).
+    In classes: with K sub-centers a chunk's tile has K columns per class, so the width is divided by K."""
     if device_type != "cpu":
         target = CUDA_TILE_BYTES // (CUDA_TILE_BYTES_PER_ELEMENT * max(batch, 1))
-        return _power_of_two_within(target, CUDA_MIN_CHUNK, CUDA_MAX_CHUNK)
-    return _power_of_two_within(CPU_TILE_ELEMENTS // max(batch, 1), CPU_MIN_CHUNK, CPU_MAX_CHUNK)
+        width = _power_of_two_within(target, CUDA_MIN_CHUNK, CUDA_MAX_CHUNK)
+    else:
+        width = _power_of_two_within(CPU_TILE_ELEMENTS // max(batch, 1), CPU_MIN_CHUNK, CPU_MAX_CHUNK)
+    return max(1, width // sub_centers)
 
 
 class TileGrad(NamedTuple):
@@ -155,15 +159,26 @@ class _Scratch:
         return flat[: rows * cols].view(rows, cols)
 
 
-def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int) -> torch.Tensor:
+def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int,
+                sub_centers: int = 1) -> torch.Tensor:
+    """The weight rows of columns [col0, col1): K adjacent rows per class with sub-centers."""
     if class_index is None:
-        return weight[col0:col1]
-    return weight.index_select(0, class_index[col0:col1])
+        return weight[col0 * sub_centers:col1 * sub_centers]
+    return weight.index_select(0, class_rows(class_index[col0:col1], sub_centers))
 
 
-def num_columns(weight, class_index) -> int:
-    """Columns of the problem: the classes of ``weight``, or the K entries of a Partial FC ``class_index``."""
-    return weight.shape[0] if class_index is None else class_index.shape[0]
+def _with_sub_centers(epilogue: "Epilogue", sub_centers: int) -> "Epilogue":
+    """The epilogue itself, or wrapped to take each class's max over its K rows (subcenter_epilogue)."""
+    if sub_centers == 1:
+        return epilogue
+    from .subcenter_epilogue import SubCenterEpilogue  # it imports TileGrad from here
+    return SubCenterEpilogue(epilogue, sub_centers)
+
+
+def num_columns(weight, class_index, sub_centers: int = 1) -> int:
+    """Columns of the problem: the classes of ``weight`` (its rows / K with K sub-centers), or the entries of a
+    Partial FC ``class_index``."""
+    return weight.shape[0] // sub_centers if class_index is None else class_index.shape[0]
 
 
 def finite_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -173,20 +188,24 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                    chunk_size: int, epilogue: Epilogue, operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The rows' log-sum-exp over their negatives. ``operand_dtype``: see _gemm_operand."""
+                    chunk_size: int, epilogue: Epilogue, operand_dtype: Optional[torch.dtype] = None,
+                    sub_centers: int = 1) -> torch.Tensor:
+    """The rows' log-sum-exp over their negatives. ``operand_dtype``: see _gemm_operand. ``chunk_size``
+    counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K)."""
     acc = row_params.dtype
+    epilogue = _with_sub_centers(epilogue, sub_centers)
+    k = sub_centers
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
-    num_cols = num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index, k)
     x_mm = _gemm_operand(x, acc, operand_dtype)
     scratch = _Scratch(x.device, acc)
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w_stored = _chunk_rows(weight, class_index, col0, col1)
+        w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
+        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
         # the norms of the stored rows (a cast operand would round them first)
         inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
         epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
@@ -196,12 +215,14 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                      lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
-                     operand_dtype: Optional[torch.dtype] = None):
+                     operand_dtype: Optional[torch.dtype] = None, sub_centers: int = 1):
     """(dx, dW). Per chunk: the recompute GEMM into an fp32 tile, the epilogue's dL/dcos, then the dx and dW
-    GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage) or on a 16-bit copy the epilogue writes instead
-    (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs ``finish_dw`` unscales,
-    normalises and stores in the gradient's dtype in one pass."""
+    GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage, sub-centers) or on a 16-bit copy the epilogue
+    writes instead (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs
+    ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one pass."""
     acc = row_params.dtype
+    epilogue = _with_sub_centers(epilogue, sub_centers)
+    k = sub_centers
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     # with a class subset only the sampled rows are written; the rest of dW must read as zero
@@ -211,22 +232,23 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     x_mm = _gemm_operand(x, acc, operand_dtype)
     x_acc = None  # the fp32 path's dW operand, made on first use
     lse = finite_lse(lse)
-    num_cols = num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index, k)
     scratch = _Scratch(x.device, acc)
     skipped = 0
     for col0 in range(0, num_cols, chunk_size):
         col1 = min(col0 + chunk_size, num_cols)
-        w_stored = _chunk_rows(weight, class_index, col0, col1)
+        w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
+        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
         inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
-        grad_dtype = gradient_operand_dtype(w)
+        # the sub-center adapter hands back the fp32 row gradient (its scatter has no 16-bit output)
+        grad_dtype = gradient_operand_dtype(w) if k == 1 else None
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
                                       g_cos_target, grad_filter > 0, grad_dtype)
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
             if class_index is None:
-                dweight[col0:col1].zero_()
+                dweight[col0 * k:col1 * k].zero_()
             continue
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
             dx_part = mixed_mm(tile.grad, w, acc)
@@ -238,19 +260,19 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
                 dweight.index_copy_(0, class_index[col0:col1], rows)
             continue
         if x_acc is None:
-            x_acc = x.to(acc)
+            x_acc = x_mm.to(acc)  # the operands as multiplied (a cast product rounds x too)
         w_acc = w.to(acc)
         dx.addmm_(tile.grad, w_acc)
-        dw_out = dweight[col0:col1] if dw_in_place else scratch.get("dw", col1 - col0, dim)
+        dw_out = dweight[col0 * k:col1 * k] if dw_in_place else scratch.get("dw", (col1 - col0) * k, dim)
         dw = torch.mm(tile.grad.t(), x_acc, out=dw_out)
         if normalize_weight:
             epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
         if dw_in_place:
             continue
         if class_index is None:
-            dweight[col0:col1].copy_(dw)
+            dweight[col0 * k:col1 * k].copy_(dw)
         else:
-            dweight.index_copy_(0, class_index[col0:col1], dw.to(weight.dtype))
+            dweight.index_copy_(0, class_rows(class_index[col0:col1], k), dw.to(weight.dtype))
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), dweight

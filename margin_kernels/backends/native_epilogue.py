@@ -63,6 +63,15 @@ class NativeEpilogue:
         self._ext.finish_dw(dw, _unit_stride_rows(w), col_dot, inv_norm, out=out, inv_factor=inv_factor,
                             stream=_stream(dw))
 
+    # sub-centers (used by subcenter_epilogue.SubCenterEpilogue): one fused pass each way over the chunk's tile
+    def sub_center_max(self, cos, inv_norm, sub_centers):
+        return self._ext.sub_center_max(cos, inv_norm, sub_centers, _stream(cos))
+
+    def sub_center_scatter(self, grad, values, winner, inv_norm, sub_centers, out):
+        col_dot = None if inv_norm is None else torch.empty(out.shape[1], dtype=out.dtype, device=out.device)
+        self._ext.sub_center_scatter(grad, values, winner, inv_norm, sub_centers, out, col_dot, _stream(out))
+        return out, col_dot
+
 
 class NativeBackend:
     """A backend module's three functions over the chunk loop with the native epilogue.
@@ -74,9 +83,9 @@ class NativeBackend:
     def __init__(self, name: str, device_type: str):
         self.name, self.device_type = name, device_type
 
-    def default_chunk_size(self, batch: int) -> int:
+    def default_chunk_size(self, batch: int, sub_centers: int = 1) -> int:
         """The chunk used when the caller passes none: the chunk loop's policy for this device type."""
-        return chunk_loop.default_chunk_size(batch, self.device_type)
+        return chunk_loop.default_chunk_size(batch, self.device_type, sub_centers)
 
     def unavailable_reason(self) -> Optional[str]:
         if self.device_type == "cuda":
@@ -114,15 +123,16 @@ class NativeBackend:
         return t.to(dtype).contiguous()
 
     def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                    product="storage"):
+                    product="storage", sub_centers=1):
         self._check(x, weight, labels, row_params, class_index)
         return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
-            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue(), product_operand_dtype(product, x))
+            chunk_size or self.default_chunk_size(x.shape[0], sub_centers), self._epilogue(),
+            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers)
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0, product="storage"):
+                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
@@ -130,5 +140,5 @@ class NativeBackend:
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
-            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter,
-            product_operand_dtype(product, x))
+            chunk_size or self.default_chunk_size(x.shape[0], sub_centers), epilogue, grad_filter,
+            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers)

@@ -69,17 +69,19 @@ class TorchEpilogue:
 _TORCH_EPILOGUE = TorchEpilogue()
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
+                sub_centers=1):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE,
-                           product_operand_dtype(product, x))
+                           chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
+                           _TORCH_EPILOGUE, operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage"):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                            g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
-                            _TORCH_EPILOGUE, grad_filter, product_operand_dtype(product, x))
+                            g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
+                            _TORCH_EPILOGUE, grad_filter, operand_dtype=product_operand_dtype(product, x),
+                            sub_centers=sub_centers)
 
 
 def unavailable_reason():

@@ -80,7 +80,7 @@ def _autotuned_kernel(kernel):
     size reuses the tuned config instead of timing every config again."""
     if kernel not in _autotuned:
         _autotuned[kernel] = triton.autotune(configs=configs.forward_autotune_configs(),
-                                             key=["B_BUCKET", "D", "PRODUCT"],
+                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS"],
                                              prune_configs_by={"early_config_prune": configs.prune_forward})(kernel)
     return _autotuned[kernel]
 
@@ -125,20 +125,22 @@ def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, produc
 #: the dtype a product mode multiplies fp32 storage in, for the backward's dL/dcos buffer
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
+                sub_centers=1):
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
     acc = row_params.dtype
     batch, dim = x.shape
-    num_cols = num_columns(weight, class_index)
+    num_cols = num_columns(weight, class_index, sub_centers)
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
         partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
         configs.batch_bucket(batch))
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
-    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"))
+    meta["SUB_CENTERS"] = sub_centers
+    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers)
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
         _autotuned_kernel(forward.lse_forward_kernel)[grid](*args, **meta)
@@ -159,59 +161,63 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage"):
-    """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring)."""
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
+    """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring). With K
+    sub-centers the dcos kernel runs over classes and the gradient GEMMs over their K rows each."""
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     _, backward = _kernels()
     acc = row_params.dtype
     batch, dim = x.shape
-    num_cols = num_columns(weight, class_index)
+    k = sub_centers
+    num_cols = num_columns(weight, class_index, k)
     common = _common_args(x, weight, labels, row_params, class_index, spec)
     index = common[5]
     lse = finite_lse(lse).to(acc).contiguous()
     g_lse, g_cos_target = g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous()
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
-    use_filter = grad_filter > 0
+    use_filter = grad_filter > 0 and k == 1  # triton_backward: no filtering with sub-centers
     tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
     # (tensor cores); else the accumulation dtype
     buffer_dtype = x.dtype if x.element_size() == 2 else CAST_DTYPES.get(product, acc)
-    chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8, interpret)
+    chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8 * k, interpret)
     row_blocks = triton.cdiv(batch, tiles.block_b)
-    col_tiles = triton.cdiv(chunk, tiles.block_c)
+    col_tiles = triton.cdiv(chunk * k, tiles.block_c)  # the gradient GEMMs' K steps: tiles of weight rows
     d_tiles = triton.cdiv(dim, tiles.block_d)
     splits = configs.dx_splits(x.device, interpret, row_blocks * d_tiles, col_tiles, batch, dim)
 
     factor = _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target)
-    dc = torch.empty((batch, chunk), dtype=buffer_dtype, device=x.device)
-    col_dot = torch.empty((row_blocks, chunk), dtype=acc, device=x.device)
-    inv_norm = torch.empty(chunk, dtype=acc, device=x.device)
+    dc = torch.empty((batch, chunk * k), dtype=buffer_dtype, device=x.device)
+    col_dot = torch.empty((row_blocks, chunk * k), dtype=acc, device=x.device)
+    inv_norm = torch.empty(chunk * k, dtype=acc, device=x.device)
     flags = torch.ones((row_blocks, col_tiles) if use_filter else (1,), dtype=torch.int8, device=x.device)
     # with a class subset only the sampled rows of dW are written, the rest must read as zero
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
     partial = torch.zeros((splits, batch, dim), dtype=acc, device=x.device)
     gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
                      PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
-                     BLOCK_D=tiles.block_d)
+                     BLOCK_D=tiles.block_d, SUB_CENTERS=k)
     skipped, visited = [], 0
     for col0 in range(0, num_cols, chunk):
         width = min(chunk, num_cols - col0)
         tiles_here = triton.cdiv(width, tiles.block_c)
+        row_tiles = triton.cdiv(width * k, tiles.block_c)  # == tiles_here without sub-centers
         visited += row_blocks * tiles_here
         backward.dcos_kernel[(row_blocks, tiles_here)](
             *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, batch, num_cols, dim, col0,
             chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter),
             **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d,
-            **launch)
-        backward.dweight_kernel[(tiles_here, d_tiles)](
-            x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols, dim, col0, chunk,
-            row_blocks, tiles_here, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            SUB_CENTERS=k, **launch)
+        # the gradient GEMMs count weight rows: K per class
+        backward.dweight_kernel[(row_tiles, d_tiles)](
+            x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols * k, dim, col0 * k,
+            chunk * k, row_blocks, row_tiles, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             dweight.stride(0), dweight.stride(1), **gemm_meta, **launch)
         backward.dx_kernel[(row_blocks, d_tiles, splits)](
-            weight, index, dc, inv_norm, flags, factor, partial, batch, num_cols, dim, col0, chunk, tiles_here,
-            weight.stride(0), weight.stride(1), splits, **gemm_meta, **launch)
+            weight, index, dc, inv_norm, flags, factor, partial, batch, num_cols * k, dim, col0 * k, chunk * k,
+            row_tiles, weight.stride(0), weight.stride(1), splits, **gemm_meta, **launch)
         if use_filter:
             skipped.append((flags[:, :tiles_here] == 0).sum())
     dx = partial[0] if splits == 1 else partial.sum(dim=0)  # the splits' partials in a fixed order

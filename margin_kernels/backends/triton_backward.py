@@ -19,6 +19,12 @@ approach to their probability tiles, without atomics):
    classes, split over SPLITS programs whose fp32 partials persist across chunks (each (split, row block,
    d tile) is owned by one program, chunks run in stream order) and are summed in a fixed order at the end.
 
+Sub-centers (SUB_CENTERS = K > 1): the dcos kernel's tile is BLOCK_C classes, their K rows each a cosine GEMM
+(``triton_tiles.max_cosine_tile``, max and argmax in registers); it writes each class's dc at its winning row
+of a B x (chunk K) buffer (0 at the other K - 1) with per-row partials and norms, so the two gradient GEMMs
+run unchanged over chunk K weight rows (``class_rows`` maps a row back to class_index[r // K] K + r % K).
+Gradient filtering is not applied then (its flags assume one tiling of classes for all three kernels).
+
 Deterministic for a given tiling; every accumulator is an ordinary (BLOCK x BLOCK) GEMM tile, so the
 compiled kernels keep the register use of a GEMM. Memory besides dW: the buffer (B x chunk, at most
 ``triton_configs.BACKWARD_BUFFER_BYTES``), the partials ((B/BLOCK_B) x chunk fp32) and the dx partials
@@ -35,7 +41,7 @@ written as zeros, flagged inactive, and both GEMMs skip its products; the kernel
 import triton
 import triton.language as tl
 
-from .triton_tiles import (class_rows, cosine_tile, dcos_tile, load_constants, load_row_inputs, load_tile, mma,
+from .triton_tiles import (class_rows, dcos_tile, load_constants, load_row_inputs, load_tile, max_cosine_tile, mma,
                            tile_is_active)
 
 
@@ -71,7 +77,9 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
                 stride_xb, stride_xd, stride_wc, stride_wd, filter_threshold,
                 KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
                 PRODUCT: tl.constexpr, FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1):
+    # columns are classes here (CH per chunk); the buffer, the partials and the norms are per weight row:
+    # CH * SUB_CENTERS of them, a class's K rows adjacent
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     acc_dtype = rp_ptr.dtype.element_ty
@@ -79,9 +87,11 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     local, cols, col_ok = chunk_columns(col0, CH, N, pid_c, BLOCK_C)
-    w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
-    cos, inv_norm = cosine_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, row_ok, w_ptr, w_off, stride_wd,
-                                col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
+    cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+    cos, winner = max_cosine_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, row_ok, w_ptr, cls, stride_wc,
+                                  stride_wd, col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C,
+                                  BLOCK_K, SUB_CENTERS, inv_norm_ptr, local, (local < CH) & (local * 0 + pid_b == 0),
+                                  True)
     labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
     lse, g_lse, g_target = load_row_grads(lse_ptr, g_lse_ptr, g_target_ptr, rows, row_ok)
     dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND)
@@ -90,12 +100,18 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
         active = tile_is_active(dc, filter_threshold, FILTER)
         tl.store(flags_ptr + pid_b * tl.num_programs(1) + pid_c, active.to(tl.int8))
         dc = tl.where(active, dc, 0.0)
-    tl.store(col_dot_ptr + pid_b.to(tl.int64) * CH + local, tl.sum(dc * cos, 0), mask=local < CH)
-    if pid_b == 0:
-        tl.store(inv_norm_ptr + local, inv_norm, mask=local < CH)
     factor = tl.load(factor_ptr)
-    offs = rows.to(tl.int64)[:, None] * CH + local[None, :]
-    tl.store(dc_ptr + offs, (dc * factor).to(dc_ptr.dtype.element_ty), mask=row_ok[:, None] & (local < CH)[None, :])
+    row_cols = CH * SUB_CENTERS
+    for k in tl.static_range(SUB_CENTERS):  # each class's dc goes to its winning row, 0 to the others
+        if SUB_CENTERS == 1:
+            dk = dc
+        else:
+            dk = tl.where(winner == k, dc, 0.0)
+        col = local * SUB_CENTERS + k
+        tl.store(col_dot_ptr + pid_b.to(tl.int64) * row_cols + col, tl.sum(dk * cos, 0), mask=local < CH)
+        offs = rows.to(tl.int64)[:, None] * row_cols + col[None, :]
+        tl.store(dc_ptr + offs, (dk * factor).to(dc_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (local < CH)[None, :])
 
 
 @triton.jit
@@ -103,7 +119,9 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
                    B, N, D, col0, CH, n_row_blocks, n_col_tiles, stride_xb, stride_xd, stride_wc, stride_wd,
                    stride_dwc, stride_dwd,
                    NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
-                   FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                   FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                   SUB_CENTERS: tl.constexpr = 1):
+    # columns are weight rows: N, col0 and CH count rows (classes x SUB_CENTERS)
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_dtype = col_dot_ptr.dtype.element_ty
@@ -120,7 +138,7 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
             x = load_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, ks, row_ok, k_ok)
             acc = mma(tl.trans(dc), x.to(dc.dtype), acc, UPCAST, PRODUCT)
     dw = acc * (1.0 / tl.load(factor_ptr))
-    cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+    cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX, SUB_CENTERS)
     if NORMALIZE:
         col_dot = tl.zeros((BLOCK_C,), acc_dtype)
         for row_block in range(0, n_row_blocks):  # the dcos kernel's partials, summed in a fixed order
@@ -136,7 +154,9 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
 def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, flags_ptr, factor_ptr, partial_ptr, B, N, D, col0, CH,
               n_col_tiles, stride_wc, stride_wd, SPLITS,
               NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
-              FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+              FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+              SUB_CENTERS: tl.constexpr = 1):
+    # columns are weight rows, as in dweight_kernel
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -152,7 +172,7 @@ def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, flags_ptr, factor_ptr, par
             local, cols, col_ok = chunk_columns(col0, CH, N, tile, BLOCK_C)
             dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX, SUB_CENTERS)
             w = load_tile(w_ptr, cls * stride_wc, stride_wd, ks, col_ok, k_ok)
             if NORMALIZE:  # W / ||W|| in registers (rows of unit norm: no fp16 overflow), never a copy of W
                 inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)

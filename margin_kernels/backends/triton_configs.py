@@ -126,17 +126,17 @@ def forward_fits(tiles: ForwardTiles, elem_bytes: int) -> bool:
     return (tiles.block_b + tiles.block_c) * tiles.block_k * elem_bytes * tiles.num_stages <= _SHARED_MEMORY_BUDGET
 
 
-def default_forward(elem_bytes: int, casts_operands: bool = False) -> ForwardTiles:
+def default_forward(elem_bytes: int, casts_operands: bool = False, sub_centers: int = 1) -> ForwardTiles:
     """The GPU's fixed forward tiling when autotuning is off: 64 x 128 x 64 with 4 warps and as many stages as
     fit (fp32/fp64 tiles need fewer), else the first autotune candidate ``forward_candidate`` allows (fp32
     weights cast to 16 bits spill in the 4-warp tiling)."""
     preferred = ForwardTiles(64, 128, 64, 4, 4)
     for stages in (4, 3, 2, 1):
         tiles = ForwardTiles(preferred.block_b, preferred.block_c, preferred.block_k, 4, stages)
-        if forward_candidate(tiles, elem_bytes, casts_operands):
+        if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers):
             return tiles
     for tiles in H100_FORWARD:
-        if forward_candidate(tiles, elem_bytes, casts_operands):
+        if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers):
             return tiles
     return ForwardTiles(32, 32, 32, 4, 1)
 
@@ -168,13 +168,14 @@ def autotune_enabled(interpret: bool) -> bool:
     return not interpret and os.environ.get("MARGIN_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False) -> Optional[ForwardTiles]:
+def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False,
+                  sub_centers: int = 1) -> Optional[ForwardTiles]:
     """The fixed forward tiling, or None to autotune."""
     if _override.forward is not None:
         return _override.forward
     if interpret:
         return INTERPRETER_FORWARD
-    return None if autotune_enabled(interpret) else default_forward(elem_bytes, casts_operands)
+    return None if autotune_enabled(interpret) else default_forward(elem_bytes, casts_operands, sub_centers)
 
 
 def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTiles:
@@ -231,15 +232,21 @@ def forward_autotune_configs():
 FORWARD_FALLBACK = ForwardTiles(32, 32, 32, num_warps=4, num_stages=1)
 
 
-def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool) -> bool:
+def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool, sub_centers: int = 1) -> bool:
     """Whether the autotuner may pick ``tiles``: its operand tiles fit shared memory, and, for 4-byte storage
     whose operands are cast to 16 bits in registers (bf16/fp16 products of fp32 weights), it is not one of the
     4-warp tilings of >= 8192 elements that spill there (72 and 536 bytes per thread for 64x128 and 128x64 in
-    ``margin-bench kernels``; the 8-warp tilings of the same size do not)."""
+    ``margin-bench kernels``; the 8-warp tilings of the same size do not).
+
+    Sub-centers (K > 1) keep a running max tile beside the cosine accumulator: in ``margin-bench kernels``
+    (bf16, d = 512, K = 3) the 4-warp tilings of >= 8192 elements spill 32 bytes and 128 x 256 2408 bytes,
+    so those are ruled out too (128 x 128 with 8 warps: 254 registers, no spill)."""
     if not forward_fits(tiles, elem_bytes):
         return False
-    return not (casts_operands and elem_bytes == 4 and tiles.num_warps == 4
-                and tiles.block_b * tiles.block_c >= 8192)
+    big_for_four_warps = tiles.num_warps == 4 and tiles.block_b * tiles.block_c >= 8192
+    if sub_centers > 1 and (big_for_four_warps or tiles.block_b * tiles.block_c > 128 * 128):
+        return False
+    return not (casts_operands and elem_bytes == 4 and big_for_four_warps)
 
 
 def prune_forward(configs, named_args, **kwargs):
@@ -247,9 +254,10 @@ def prune_forward(configs, named_args, **kwargs):
     from ..precision import PRODUCTS
     elem_bytes = named_args["x_ptr"].element_size()
     casts = PRODUCTS[kwargs.get("PRODUCT", 0)] in ("bf16", "fp16")
+    sub_centers = kwargs.get("SUB_CENTERS", 1)
     kept = [c for c in configs if forward_candidate(ForwardTiles(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"],
                                                                  c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
-                                                    elem_bytes, casts)]
+                                                    elem_bytes, casts, sub_centers)]
     if kept:
         return kept
     t = FORWARD_FALLBACK

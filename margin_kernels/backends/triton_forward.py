@@ -2,14 +2,15 @@
 
 Grid: (row blocks, class splits). A program owns BLOCK_B rows and a contiguous range of class tiles; for each
 class tile it forms the cosines (``triton_tiles.cosine_tile``: x . w on the tensor cores with fp32
-accumulation, ||w||^2 from the same loaded W tile), applies the negative function and scale, drops the
+accumulation, ||w||^2 from the same loaded W tile; with K sub-centers ``max_cosine_tile``, one such GEMM per
+sub-center and the max over them in registers), applies the negative function and scale, drops the
 target and padded columns, and merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
 order ``logsumexp`` over a (splits, B) tensor, so the result is deterministic for a given config.
 """
 import triton
 import triton.language as tl
 
-from .triton_tiles import class_rows, cosine_tile, load_constants, load_row_inputs, negative_logits
+from .triton_tiles import class_rows, load_constants, load_row_inputs, max_cosine_tile, negative_logits
 
 
 @triton.jit
@@ -17,7 +18,7 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
                        B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -36,9 +37,10 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
     for tile in range(pid_s * per_split, tile_end):
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < N
-        w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
-        cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
-                             NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
+        cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+        cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
+                                 acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
+                                 partial_ptr, cols, col_ok, False)
         z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
         new_max = tl.maximum(run_max, tl.max(z, 1))
         # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf

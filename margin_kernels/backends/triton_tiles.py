@@ -16,12 +16,22 @@ NORM_EPS = tl.constexpr(norms.NORM_EPS)  # w / max(||w||, eps), the one value ev
 
 
 @triton.jit
-def class_rows(index_ptr, cols, col_ok, HAS_INDEX: tl.constexpr):
-    """int64 weight row of each column: gathered from class_index inside the kernel (no W[index] copy)."""
-    if HAS_INDEX:
-        return tl.load(index_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+def class_rows(index_ptr, cols, col_ok, HAS_INDEX: tl.constexpr, SUB_CENTERS: tl.constexpr = 1):
+    """int64 weight row of each column: gathered from class_index inside the kernel (no W[index] copy).
+
+    With SUB_CENTERS = K > 1, for kernels whose columns are weight rows (the backward's two gradient GEMMs):
+    column r is sub-center r % K of the problem's class r // K, i.e. weight row class_index[r // K] K + r % K."""
+    if SUB_CENTERS == 1:
+        if HAS_INDEX:
+            return tl.load(index_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+        else:
+            return cols.to(tl.int64)
     else:
-        return cols.to(tl.int64)
+        if HAS_INDEX:
+            cls = tl.load(index_ptr + cols // SUB_CENTERS, mask=col_ok, other=0).to(tl.int64)
+            return cls * SUB_CENTERS + (cols % SUB_CENTERS).to(tl.int64)
+        else:
+            return cols.to(tl.int64)
 
 
 @triton.jit
@@ -101,6 +111,33 @@ def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok
         sumsq += tl.sum(w_acc * w_acc, 1)
     inv_norm = inverse_norms(sumsq, NORMALIZE)
     return dots * inv_norm[None, :], inv_norm
+
+
+@triton.jit
+def max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
+                    acc_dtype: tl.constexpr, NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SUB_CENTERS: tl.constexpr, inv_norm_ptr, inv_off, inv_ok, STORE_INV: tl.constexpr):
+    """(cos, winning sub-center) of a (BLOCK_B rows x BLOCK_C classes) tile: class j's cosine is the max over
+    its K weight rows cls_j K + k (``margin_kernels.subcenters``), one ``cosine_tile`` GEMM per k, the max and
+    the argmax kept in registers (never a B x C x K tensor). The scan over k = 0 .. K-1 keeps the first
+    maximum (strict >), the tie rule of every backend. K = 1 is exactly ``cosine_tile`` (winner 0).
+    STORE_INV writes each row's 1/||w|| at inv_norm_ptr + inv_off * K + k (the backward's per-row norms)."""
+    best, inv = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, (cls * SUB_CENTERS) * stride_wc, stride_wd,
+                            col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
+    if STORE_INV:
+        tl.store(inv_norm_ptr + inv_off * SUB_CENTERS, inv, mask=inv_ok)
+    winner = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
+    for k in tl.static_range(1, SUB_CENTERS):
+        cos, inv = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, (cls * SUB_CENTERS + k) * stride_wc,
+                               stride_wd, col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C,
+                               BLOCK_K)
+        if STORE_INV:
+            tl.store(inv_norm_ptr + inv_off * SUB_CENTERS + k, inv, mask=inv_ok)
+        better = cos > best
+        best = tl.where(better, cos, best)
+        winner = tl.where(better, k, winner)
+    return best, winner
 
 
 @triton.jit

@@ -7,8 +7,12 @@ d divisible by 16), writes its PTX, runs ``ptxas -v --gpu-name sm_90a`` on it an
 bytes (stores + loads per thread), shared memory, and whether every ``tl.dot`` became a Hopper warpgroup
 MMA (``wgmma``: no ``tt.dot`` left in the TTGIR, which would be ``mma.sync`` or FMA).
 
+Sub-center variants (``SUB_CENTERS`` = 3, SubCenterArcFace's launches) are compiled too and reported as
+"<kernel> K=3".
+
 Then a roofline estimate of one forward + backward step at B = 512, d = 512, C = 1e6 in bf16 on an H100 SXM,
-per backend, as a multiple of the floor. The model, stated once:
+per backend, as a multiple of the floor (and the Triton one for SubCenterArcFace, K = 3, whose floor is the
+four GEMMs of B x C K x d). The model, stated once:
 
 * the floor is the four GEMMs of B x C x d (forward, recompute, dx, dW) at ``PEAK_TFLOPS`` (bf16 dense,
   what cuBLAS sustains): 8 B C d FLOP;
@@ -71,6 +75,8 @@ class Variant:
     dim: int
     #: how fp32 operands are multiplied (margin_kernels.precision); "storage" for 16-bit and fp64
     product: str = "storage"
+    #: weight rows per class (SUB_CENTERS; SubCenterArcFace's K)
+    sub_centers: int = 1
     registers: Optional[int] = None
     spill_bytes: Optional[int] = None
     shared_bytes: Optional[int] = None
@@ -153,7 +159,8 @@ def _cases(dims, dtypes, kinds=None):
         elem = DTYPES[dtype]
         products = ("ieee", "tf32", "bf16") if dtype == "fp32" else ("storage",)
         for product, dim in ((p, d) for p in products for d in dims):
-            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False, PRODUCT=PRODUCTS.index(product))
+            base = dict(NORMALIZE=True, HAS_INDEX=True, UPCAST=False, PRODUCT=PRODUCTS.index(product),
+                        SUB_CENTERS=1)
             # what the autotuner may pick for this dtype and product (its fallback when nothing fits: fp64)
             candidates = [t for t in configs.H100_FORWARD
                           if configs.forward_candidate(t, elem, product in ("bf16", "fp16"))]
@@ -173,14 +180,43 @@ def _cases(dims, dtypes, kinds=None):
             for name in ("dweight", "dx"):
                 yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),
                        t.num_warps, t.num_stages)
+            yield from _sub_center_cases(dtype, elem, dim, product, base)
+
+
+#: K of the sub-center variants in the report (SubCenterArcFace's default; the kernels unroll k = 0 .. K-1)
+REPORT_SUB_CENTERS = 3
+
+
+def _sub_center_cases(dtype, elem, dim, product, base):
+    """The kernels as SubCenterArcFace launches them (``SUB_CENTERS`` = K, IDENTITY negatives, no gradient
+    filtering): the forward under every tiling the autotuner may pick, the backward's tiling."""
+    from margin_kernels.backends import triton_configs as configs
+    from margin_kernels.losses.negatives import NegativeKind
+
+    k = dict(SUB_CENTERS=REPORT_SUB_CENTERS)
+    kind = NegativeKind.IDENTITY
+    for t in configs.H100_FORWARD:
+        if configs.forward_candidate(t, elem, product in ("bf16", "fp16"), REPORT_SUB_CENTERS):
+            yield ("lse_forward", f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}", dtype,
+                   kind.name, dim, product, dict(base, **k, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c,
+                                                 BLOCK_K=t.block_k), t.num_warps, t.num_stages)
+    t = configs.default_backward(elem, "sm_90")
+    label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
+    tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
+    yield ("dcos", label, dtype, kind.name, dim, product,
+           dict(base, **k, KIND=int(kind), FILTER=False, BLOCK_K=t.block_d, **tiles), t.num_warps, t.num_stages)
+    for name in ("dweight", "dx"):
+        yield (name, label, dtype, "-", dim, product, dict(base, **k, FILTER=False, BLOCK_D=t.block_d, **tiles),
+               t.num_warps, t.num_stages)
 
 
 def _compile_case(case, workdir: str) -> Variant:
     name, label, dtype, kind, dim, product, constexprs, warps, stages = case
-    variant = Variant(name, label, dtype, kind, dim, product)
+    variant = Variant(name, label, dtype, kind, dim, product, constexprs.get("SUB_CENTERS", 1))
     try:
         compiled = compile_sm90(_kernels()[name], dtype, dim, constexprs, warps, stages, product)
-        file_name = re.sub(r"[^A-Za-z0-9_]+", "_", f"{name}_{dtype}_{product}_d{dim}_{kind}_{label}")
+        file_name = re.sub(r"[^A-Za-z0-9_]+", "_", f"{name}_{dtype}_{product}_d{dim}_{kind}_{label}"
+                                                   f"_K{variant.sub_centers}")
         variant.registers, variant.spill_bytes = ptxas_facts(compiled.asm["ptx"], workdir, file_name)
         variant.ptx = os.path.join(workdir, file_name + ".ptx")
         variant.shared_bytes = int(compiled.metadata.shared)
@@ -203,10 +239,11 @@ def compile_all(dims=DIMS, dtypes=DEFAULT_DTYPES, workdir: Optional[str] = None,
 
 
 # ---- the roofline model (see the module docstring) -------------------------------------------------------
-def _efficiency(variants: list[Variant], kernel: str, dtype: str = "bf16", dim: int = 512) -> float:
+def _efficiency(variants: list[Variant], kernel: str, dtype: str = "bf16", dim: int = 512,
+                sub_centers: int = 1) -> float:
     """Product efficiency of the worst compiled variant of ``kernel`` (1 = wgmma, no spills)."""
     rows = [v for v in variants if v.kernel == kernel and v.dtype == dtype and v.dim == dim and v.error is None
-            and v.product == "storage"]
+            and v.product == "storage" and v.sub_centers == sub_centers]
     if not rows:
         return float("nan")
     worst = 1.0
@@ -217,25 +254,37 @@ def _efficiency(variants: list[Variant], kernel: str, dtype: str = "bf16", dim: 
 
 
 def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes: int = 10 ** 6,
-             elem: int = 2) -> dict:
+             elem: int = 2, sub_centers: int = 1) -> dict:
+    """The model of the module docstring. With K = ``sub_centers`` every product has K x the rows (C K x d:
+    the floor is K x as long) and W, dW and the dL/dcos buffer are K x as large; the class chunk shrinks by K
+    so the buffer keeps its byte budget. Only the Triton estimate is given for K > 1."""
     from margin_kernels.backends import triton_configs as configs
 
-    gemm = 2.0 * batch * classes * dim          # FLOP of one B x C x d product
+    rows = classes * sub_centers
+    gemm = 2.0 * batch * rows * dim             # FLOP of one B x C K x d product
     peak = PEAK_TFLOPS * 1e12
     bw = HBM_TBPS * 1e12
     floor_s = 4 * gemm / peak
-    w_bytes = classes * dim * elem
-    buffer = batch * classes * elem              # the dL/dcos buffer over all chunks
-    chunk = configs.backward_chunk(configs.default_backward(elem), batch, classes, elem, interpret=False)
+    w_bytes = rows * dim * elem
+    buffer = batch * rows * elem                 # the dL/dcos buffer over all chunks
+    chunk = configs.backward_chunk(configs.default_backward(elem), batch, classes, elem * sub_centers,
+                                   interpret=False)
     chunks = -(-classes // chunk)
 
     def kernel_s(flop, nbytes, eff, launches=1):
         return max(flop / (peak * eff), nbytes / bw) + launches * LAUNCH_US * 1e-6
 
-    triton_s = (kernel_s(gemm, w_bytes, _efficiency(variants, "lse_forward"))
-                + kernel_s(gemm, w_bytes + buffer, _efficiency(variants, "dcos"), chunks)
-                + kernel_s(gemm, buffer + 2 * w_bytes, _efficiency(variants, "dweight"), chunks)
-                + kernel_s(gemm, buffer + w_bytes, _efficiency(variants, "dx"), chunks))
+    def eff(kernel):
+        return _efficiency(variants, kernel, sub_centers=sub_centers)
+
+    triton_s = (kernel_s(gemm, w_bytes, eff("lse_forward"))
+                + kernel_s(gemm, w_bytes + buffer, eff("dcos"), chunks)
+                + kernel_s(gemm, buffer + 2 * w_bytes, eff("dweight"), chunks)
+                + kernel_s(gemm, buffer + w_bytes, eff("dx"), chunks))
+    if sub_centers > 1:
+        return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16", sub_centers=sub_centers),
+                "floor_ms": floor_s * 1e3, "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor_s,
+                "backward_chunk": chunk, "model": "see margin_kernels/bench/kernels.py"}
     from margin_kernels.backends.chunk_loop import default_chunk_size
     cuda_chunk = default_chunk_size(batch, "cuda")
     cuda_chunks = -(-classes // cuda_chunk)
@@ -268,6 +317,10 @@ def violations(variants: list[Variant], estimate: dict) -> list[str]:
         out.append(f"triton estimate {estimate['triton_x_floor']:.2f}x the floor > {TRITON_ESTIMATE_LIMIT}x")
     if not estimate["cuda_x_floor"] <= CUDA_ESTIMATE_LIMIT:
         out.append(f"cuda estimate {estimate['cuda_x_floor']:.2f}x the floor > {CUDA_ESTIMATE_LIMIT}x")
+    sub = estimate.get("sub_centers")
+    if sub is not None and not sub["triton_x_floor"] <= TRITON_ESTIMATE_LIMIT:
+        out.append(f"triton sub-center (K = {sub['shape']['sub_centers']}) estimate {sub['triton_x_floor']:.2f}x "
+                   f"the floor > {TRITON_ESTIMATE_LIMIT}x")
     return out
 
 
@@ -275,11 +328,13 @@ def summary_markdown(report: dict) -> str:
     """One row per (kernel, dtype / product mode): ranges over configs, negative kinds and d."""
     groups: dict = {}
     for v in report["variants"]:
-        groups.setdefault((v["kernel"], v["dtype"], v["product"]), []).append(v)
+        kernel = v["kernel"] if v.get("sub_centers", 1) == 1 else f"{v['kernel']} K={v['sub_centers']}"
+        groups.setdefault((kernel, v["dtype"], v["product"]), []).append(v)
     order = ["lse_forward", "dcos", "dweight", "dx"]
     lines = ["| kernel | dtype / product | variants | registers | spill bytes (max) | shared memory | every tl.dot on "
              "wgmma |", "|---|---|---|---|---|---|---|"]
-    for (kernel, dtype, product), rows in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
+    for (kernel, dtype, product), rows in sorted(groups.items(), key=lambda kv: (
+            order.index(kv[0][0].split()[0]), kv[0][0], kv[0][1:])):
         ok = [v for v in rows if v["error"] is None]
         if len(ok) < len(rows):
             lines.append(f"| {kernel} | {dtype} / {product} | {len(rows)} | {len(rows) - len(ok)} do not compile | | | |")
@@ -297,6 +352,13 @@ def summary_markdown(report: dict) -> str:
               f"| triton ({r['backward_chunk']}-class backward chunks) | {r['triton_ms']:.2f} | "
               f"{r['triton_x_floor']:.2f} |",
               f"| cuda | {r['cuda_ms']:.2f} | {r['cuda_x_floor']:.2f} |"]
+    sub = r.get("sub_centers")
+    if sub is not None:
+        k = sub["shape"]["sub_centers"]
+        lines += ["", f"SubCenterArcFace, K = {k} (the floor: 4 GEMMs of B x C K x d, {k} x ArcFace's):", "",
+                  "| | ms | x floor |", "|---|---|---|", f"| the 4 GEMMs (floor) | {sub['floor_ms']:.2f} | 1.00 |",
+                  f"| triton ({sub['backward_chunk']}-class backward chunks) | {sub['triton_ms']:.2f} | "
+                  f"{sub['triton_x_floor']:.2f} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -335,6 +397,8 @@ def main(argv=None) -> int:
             parser.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(NegativeKind.__members__)}")
     variants = compile_all(dims, dtypes, args.ptx_dir, args.jobs, kinds)
     estimate = roofline(variants)
+    if any(v.sub_centers > 1 for v in variants):
+        estimate["sub_centers"] = roofline(variants, sub_centers=REPORT_SUB_CENTERS)
     problems = violations(variants, estimate)
     report = {"arch": args.arch, "variants": [asdict(v) for v in variants], "roofline": estimate,
               "violations": problems}
@@ -342,7 +406,8 @@ def main(argv=None) -> int:
     print(f"{'kernel':12} {'dtype':12} {'d':>5} {'kind':11} {'config':22} {'regs':>4} {'spill':>5} {'smem':>7} "
           f"wgmma", file=stream)
     for v in variants:
-        what = f"{v.kernel:12} {v.dtype + '/' + v.product:12} {v.dim:5} {v.kind:11} {v.config:22}"
+        kernel = v.kernel if v.sub_centers == 1 else f"{v.kernel} K={v.sub_centers}"
+        what = f"{kernel:12} {v.dtype + '/' + v.product:12} {v.dim:5} {v.kind:11} {v.config:22}"
         if v.error:
             print(f"{what} ERROR {v.error[:80]}", file=stream)
         else:
@@ -351,6 +416,10 @@ def main(argv=None) -> int:
     print(f"roofline B=512 d=512 C=1e6 bf16: floor {estimate['floor_ms']:.2f} ms; triton "
           f"{estimate['triton_ms']:.2f} ms = {estimate['triton_x_floor']:.2f}x; cuda {estimate['cuda_ms']:.2f} ms = "
           f"{estimate['cuda_x_floor']:.2f}x (estimates from the compiled code, not measurements)", file=stream)
+    if "sub_centers" in estimate:
+        sub = estimate["sub_centers"]
+        print(f"roofline SubCenterArcFace K={sub['shape']['sub_centers']}: floor {sub['floor_ms']:.2f} ms; triton "
+              f"{sub['triton_ms']:.2f} ms = {sub['triton_x_floor']:.2f}x", file=stream)
     for problem in problems:
         print("VIOLATION " + problem, file=stream)
     if args.markdown:

@@ -44,21 +44,24 @@ def _size(dtype: torch.dtype) -> int:
 
 
 def per_rank_bytes(*, num_classes: int, dim: int, world: int, dtype: torch.dtype, sample_rate: float,
-                   batch_per_rank: int, optimizer: str = "sgd_momentum", chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
-    """Bytes on the rank with the largest shard, and the classes its kernels visit per step."""
+                   batch_per_rank: int, optimizer: str = "sgd_momentum", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   sub_centers: int = 1) -> dict:
+    """Bytes on the rank with the largest shard, and the classes its kernels visit per step. ``sub_centers``
+    K: K weight rows per class (SubCenterArcFace): W, dW, the optimizer state and a chunk's tiles are K x as
+    large (the chunk counts classes of K rows; the default chunk is divided by K, see chunk_loop)."""
     local = max_shard_size(num_classes, world)
     elem, acc = _size(dtype), _size(accumulation_dtype(dtype))
     batch = batch_per_rank * world
     columns = num_sampled(local, sample_rate)
     sampling = columns < local
-    weight = local * dim * elem
+    weight = local * sub_centers * dim * elem
     activations = (batch * dim * elem              # gathered features x_eff, saved for backward
                    + batch * dim * (acc + elem)    # their gradient: fp32 accumulator, then cast to storage
                    + batch_per_rank * dim * elem   # the reduce-scatter's output: this rank's rows
                    + batch * (2 * FP64 + 8 * acc))  # B-vectors: labels+norms, target pairs, shift, sums, lse
     if sampling:
         activations += local * 4 + 2 * columns * INT64  # fp32 scores over the shard, top-k and sorted index
-    tile_columns = min(chunk_size, columns)
+    tile_columns = min(max(1, chunk_size // sub_centers), columns) * sub_centers  # weight rows per tile
     tiles = TORCH_TILES_ALIVE * batch * tile_columns * 4 + tile_columns * dim * (2 * acc + elem)
     return {"local_classes": local, "sampled_classes": columns, "weight": weight, "grad": weight,
             "optimizer": OPTIMIZER_BUFFERS[optimizer] * weight, "activations": activations, "torch_tiles": tiles}
@@ -83,7 +86,8 @@ def per_step_comm_bytes(*, world: int, dim: int, dtype: torch.dtype, batch_per_r
 
 
 def table(*, classes=(10 ** 6, 10 ** 7, 10 ** 8), worlds=(1, 2, 4, 8, 16, 32, 64), dim=512, batch_per_rank=128,
-          sample_rates=(1.0, 0.1), dtypes=("bf16", "fp32"), optimizer="sgd_momentum") -> list[dict]:
+          sample_rates=(1.0, 0.1), dtypes=("bf16", "fp32"), optimizer="sgd_momentum",
+          sub_centers: int = 1) -> list[dict]:
     rows = []
     for num_classes in classes:
         for dtype_name in dtypes:
@@ -91,7 +95,8 @@ def table(*, classes=(10 ** 6, 10 ** 7, 10 ** 8), worlds=(1, 2, 4, 8, 16, 32, 64
                 for world in worlds:
                     sizes = per_rank_bytes(num_classes=num_classes, dim=dim, world=world,
                                            dtype=DTYPES[dtype_name], sample_rate=rate,
-                                           batch_per_rank=batch_per_rank, optimizer=optimizer)
+                                           batch_per_rank=batch_per_rank, optimizer=optimizer,
+                                           sub_centers=sub_centers)
                     comm = per_step_comm_bytes(world=world, dim=dim, dtype=DTYPES[dtype_name],
                                                batch_per_rank=batch_per_rank)
                     rows.append(dict(sizes, classes=num_classes, dtype=dtype_name, sample_rate=rate, world=world,
@@ -155,11 +160,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch-per-rank", type=int, default=128)
     parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_BUFFERS), default="sgd_momentum")
+    parser.add_argument("--sub-centers", type=int, default=1,
+                        help="weight rows per class (SubCenterArcFace's K; default 1)")
     parser.add_argument("--detail", action="store_true", help="one row per configuration with every term")
     args = parser.parse_args(argv)
     rows = table(classes=tuple(int(c) for c in args.classes), worlds=tuple(args.worlds), dim=args.dim,
                  batch_per_rank=args.batch_per_rank, sample_rates=tuple(args.sample_rates),
-                 optimizer=args.optimizer)
+                 optimizer=args.optimizer, sub_centers=args.sub_centers)
     print(f"GiB per rank (largest shard): W + dW + optimizer ({args.optimizer}) + activations; d = {args.dim}, "
           f"{args.batch_per_rank} rows per rank\n")
     print(render_markdown(rows))

@@ -96,14 +96,17 @@ class GemmFloorRun:
 
 
 def floor_chunk(problem: Problem) -> int:
-    """The class tile of the chunked floor: the fused backends' own (``--chunk-size`` or their default)."""
-    return problem.chunk_size or default_chunk_size(problem.batch, problem.device)
+    """The tile of the chunked floor, in weight rows: the fused backends' own (``--chunk-size`` classes or their
+    default) times the loss's K sub-centers per class (each class's K rows are all multiplied: K x the GEMM
+    work of a one-row-per-class head, so the floor scales with K)."""
+    k = make_loss(problem.loss).sub_centers
+    return k * (problem.chunk_size or default_chunk_size(problem.batch, problem.device, k))
 
 
 def floor_ms(variant_ms: dict) -> tuple[str, float]:
     """THE GEMM floor, the one yardstick of every "x floor" ratio of margin-bench.
 
-    Every exact method does four GEMMs of B x C x d per step: the forward logits x W^T, their recompute in
+    Every exact method does four GEMMs of B x C x d per step (B x C K x d with K sub-centers per class): the forward logits x W^T, their recompute in
     backward, dx = G W and dW = G^T x. The floor is the time of those four alone, in the storage dtype, timed
     in the same run as the methods two ways: full size (one B x C product each) and in class chunks at the
     fused backends' tile (``floor_chunk``: chunks can run faster, the tile staying in cache, or slower, at
@@ -119,7 +122,7 @@ def floor_ms(variant_ms: dict) -> tuple[str, float]:
 
 def floor_variants(problem: Problem) -> dict:
     """The two timings whose minimum is the floor: name -> builder of a ``GemmFloorRun`` on the inputs."""
-    return {"full": lambda inputs: GemmFloorRun(inputs, problem.classes),
+    return {"full": lambda inputs: GemmFloorRun(inputs, inputs.weight.shape[0]),
             "chunked": lambda inputs: GemmFloorRun(inputs, floor_chunk(problem))}
 
 

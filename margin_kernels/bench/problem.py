@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DTYPES, Problem
+from .config import DTYPES, Problem, make_loss
 
 WEIGHT_STD = 0.01
 _BLOCK_ROWS = 1 << 16
@@ -20,7 +20,7 @@ _BLOCK_ROWS = 1 << 16
 @dataclass
 class Inputs:
     features: torch.Tensor  # (B, d) storage dtype
-    weight: torch.Tensor    # (C, d) storage dtype
+    weight: torch.Tensor    # (C K, d) storage dtype (K = the loss's sub_centers, 1 for most)
     labels: torch.Tensor    # (B,) int64 in [0, C)
 
     def nbytes(self) -> int:
@@ -33,7 +33,9 @@ def make_inputs(problem: Problem) -> Inputs:
     gen = torch.Generator(device=device).manual_seed(problem.seed)
     features = torch.randn(problem.batch, problem.dim, generator=gen, device=device).to(dtype)
     labels = torch.randint(0, problem.classes, (problem.batch,), generator=gen, device=device)
-    weight = torch.empty(problem.classes, problem.dim, dtype=dtype, device=device)
+    # a loss with K sub-centers per class (SubCenterArcFace) has K weight rows per class
+    weight = torch.empty(problem.classes * make_loss(problem.loss).sub_centers, problem.dim, dtype=dtype,
+                         device=device)
     for row0 in range(0, problem.classes, _BLOCK_ROWS):
         block = weight[row0:row0 + _BLOCK_ROWS]
         block.copy_(torch.randn(block.shape, generator=gen, device=device).mul_(WEIGHT_STD))

@@ -152,7 +152,7 @@ def _finish_floor(out: dict, variants: list) -> None:
     best, _ = floor_ms(medians)
     winner = next(v for v in variants if v.variant == best)
     out.update({k: val for k, val in winner.out.items() if k not in ("notes", "status")})
-    widths = {v.variant: "B x C" if v.variant == "full" else f"{v.run_width} classes" for v in variants}
+    widths = {v.variant: "B x C" if v.variant == "full" else f"{v.run_width} weight rows" for v in variants}
     parts = [f"{name} ({widths[name]}) " + (f"{ms:.3g} ms" if isinstance(ms, float) else ms)
              for name, ms in out["floor_variants"].items()]
     out["notes"].append(f"floor = {best}, the min of " + ", ".join(parts))

@@ -79,12 +79,14 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     first = pieces[0][EXTRA_STATE] if pieces else None
     if first is None or any(p[EXTRA_STATE].get("format") != CHECKPOINT_FORMAT for p in pieces):
         raise ValueError("reshard_state_dicts needs at least one DistributedMarginHead shard state dict")
+    k = first.get("sub_centers", 1)  # weight rows per class: shards are cut, and rejoined, in whole classes
     for piece in pieces:
-        if (piece[EXTRA_STATE]["num_classes"], piece[EXTRA_STATE]["embedding_dim"]) != \
-                (first["num_classes"], first["embedding_dim"]):
+        if (piece[EXTRA_STATE]["num_classes"], piece[EXTRA_STATE]["embedding_dim"],
+                piece[EXTRA_STATE].get("sub_centers", 1)) != (first["num_classes"], first["embedding_dim"], k):
             raise ValueError("shard state dicts come from heads of different sizes")
     row_keys = first.get("row_keys", [WEIGHT])  # checkpoints written before regularisers hold only the weight
-    out = {key: _class_rows(pieces, key, start, stop) for key in row_keys}
+    # the weight has K rows per class, the regularisers' per-class state (centers) one
+    out = {key: _class_rows(pieces, key, start, stop, k if key == WEIGHT else 1) for key in row_keys}
     for key, value in pieces[0].items():
         if key in row_keys or key == EXTRA_STATE:
             continue
@@ -98,8 +100,9 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     return out
 
 
-def _class_rows(pieces: list[dict], key: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of the class-sharded tensor ``key``, cut from the sorted pieces that hold them."""
+def _class_rows(pieces: list[dict], key: str, start: int, stop: int, rows_per_class: int = 1) -> torch.Tensor:
+    """Classes [start, stop) of the class-sharded tensor ``key`` (``rows_per_class`` adjacent rows each), cut
+    from the sorted pieces that hold them."""
     rows, position = [], start
     for piece in pieces:
         lo, hi = piece[EXTRA_STATE]["shard_range"]
@@ -107,7 +110,7 @@ def _class_rows(pieces: list[dict], key: str, start: int, stop: int) -> torch.Te
             continue
         if lo > position:
             raise ValueError(f"no shard holds classes [{position}, {lo})")
-        rows.append(piece[key][position - lo:min(hi, stop) - lo])
+        rows.append(piece[key][(position - lo) * rows_per_class:(min(hi, stop) - lo) * rows_per_class])
         position = min(hi, stop)
     if position != stop:
         raise ValueError(f"no shard holds classes [{position}, {stop})")

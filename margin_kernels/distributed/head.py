@@ -46,7 +46,8 @@ class DistributedMarginHead(HeadBase):
     """Model-parallel margin head: ``loss = head(local_features, local_labels)`` on every rank.
 
     ``num_classes`` are split into contiguous shards (sizes differ by at most one); this rank's rows are
-    ``head.weight`` and their classes ``head.shard_range = (start, stop)``. ``local_labels`` are global class ids
+    ``head.weight`` and their classes ``head.shard_range = (start, stop)`` (with sub-centers, K rows per class:
+    a class's rows are never split across ranks). ``local_labels`` are global class ids
     in [0, num_classes) or ``ignore_index``. Every rank returns the same loss, equal to the single-process
     ``margin_cross_entropy`` over the concatenated batch (rows in rank order); only "mean" and "sum"
     reductions exist, because backward must start from the same gradient on every rank.
@@ -187,7 +188,7 @@ class DistributedMarginHead(HeadBase):
     def get_extra_state(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
                 "shard_range": list(self.shard_range), "sampler_state": self.sampler.get_state(),
-                "row_keys": self.class_row_keys()}
+                "row_keys": self.class_row_keys(), "sub_centers": self.margin.sub_centers}
 
     def class_row_keys(self) -> list:
         """state_dict keys whose rows are this shard's classes (resharded by load_sharded): the weight and the
@@ -201,6 +202,9 @@ class DistributedMarginHead(HeadBase):
         if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
             raise ValueError(f"checkpoint is for {state['num_classes']} classes x {state['embedding_dim']}, "
                              f"this head has {self.num_classes} x {self.embedding_dim}")
+        if state.get("sub_centers", 1) != self.margin.sub_centers:
+            raise ValueError(f"checkpoint has {state.get('sub_centers', 1)} weight rows per class, this head's loss "
+                             f"has sub_centers={self.margin.sub_centers}")
         if tuple(state["shard_range"]) != tuple(self.shard_range):
             raise ValueError(f"checkpoint shard holds classes {tuple(state['shard_range'])}, this rank owns "
                              f"{self.shard_range}: load with margin_kernels.distributed.load_sharded to reshard")

@@ -2,6 +2,8 @@
 
 The first ``C % world`` ranks hold ``C // world + 1`` classes, the others ``C // world``. Everything that
 needs shard sizes (the head, the checkpoint loader, ``margin-bench memory-model``) calls these functions.
+Shards are cut in classes: with K sub-centers per class a shard holds K rows per class (``row_range``), so a
+class's rows never straddle two ranks and its max over them stays local.
 """
 from __future__ import annotations
 
@@ -38,3 +40,9 @@ def shard_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
 def max_shard_size(num_classes: int, world_size: int) -> int:
     """The largest shard (rank 0's): what memory planning must provision on every rank."""
     return shard_size(num_classes, world_size, 0)
+
+
+def row_range(num_classes: int, world_size: int, rank: int, sub_centers: int = 1) -> tuple[int, int]:
+    """The weight rows ``[start, stop)`` of ``rank``'s classes when each class has ``sub_centers`` adjacent rows."""
+    start, stop = shard_range(num_classes, world_size, rank)
+    return start * sub_centers, stop * sub_centers

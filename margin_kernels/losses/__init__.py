@@ -12,10 +12,11 @@ from .mv_softmax import MVSoftmax
 from .negatives import NegativeKind, NegativeSpec
 from .npcface import NPCFace
 from .plain import L2Softmax, NormFace, Softmax
+from .subcenter import SubCenterArcFace
 
 __all__ = [
     "AdaCos", "ElasticArcFace", "ElasticCosFace", "NPCFace",
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
     "MVSoftmax", "MagFace", "MarginLoss", "NegativeKind", "NegativeSpec", "NormFace", "RowInputs", "Softmax",
-    "SphereFace",
+    "SphereFace", "SubCenterArcFace",
 ]

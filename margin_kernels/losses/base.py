@@ -103,6 +103,9 @@ class MarginLoss(nn.Module):
     normalize_weight: bool = True
     #: the shape of the negative function
     negative_kind: NegativeKind = NegativeKind.IDENTITY
+    #: rows of the weight per class (sub-center ArcFace's K): class j owns rows [j K, (j + 1) K) and its cosine
+    #: is the max over them, taken inside every backend's tile (``margin_kernels.subcenters``)
+    sub_centers: int = 1
 
     def __init__(self, s: float = 1.0):
         super().__init__()

@@ -17,6 +17,7 @@ from .multiplicative import LSoftmax, SphereFace
 from .mv_softmax import MVSoftmax
 from .npcface import NPCFace
 from .plain import L2Softmax, NormFace, Softmax
+from .subcenter import SubCenterArcFace
 
 #: family name -> loss class (constructed with its defaults; ElasticFace seeded, so that fresh copies, as the
 #: CLI builds one per backend it compares, draw the same margins)
@@ -38,6 +39,7 @@ FAMILIES: dict = {
     "elasticcosface": partial(ElasticCosFace, seed=0),
     "adacos": AdaCos,
     "npcface": NPCFace,
+    "subcenter_arcface": SubCenterArcFace,
 }
 
 #: variant name -> factory; together they cover every branch of docs/losses.md (easy margin, straight-through,
@@ -75,6 +77,8 @@ VARIANTS: dict = {
     "adacos_lagged": lambda: AdaCos(update="lagged"),
     "adacos_fixed": lambda: AdaCos(dynamic=False),
     "npcface": lambda: NPCFace(),
+    "subcenter_arcface": lambda: SubCenterArcFace(),
+    "subcenter_arcface_insightface": lambda: SubCenterArcFace(sub_centers=2, mode="insightface"),
 }
 
 
