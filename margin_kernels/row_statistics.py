@@ -63,7 +63,7 @@ def chunked(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, cl
         spec, dummy = request.spec, torch.zeros(x_eff.shape[0], dtype=acc, device=x_eff.device)
         return ops.margin_lse(x_eff.contiguous(), weight, columns, request.row_params.contiguous(), class_index,
                               dummy, dummy, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend,
-                              chunk_size or 0, 0.0, product)[0]
+                              chunk_size or 0, 0.0, product, 1)[0]  # no statistics loss has sub-centers
     batch = x_eff.shape[0]
     chunk = chunk_size or default_chunk_size(batch, x_eff.device.type)
     threshold = request.row_params[:, 0:1]
