@@ -9,7 +9,7 @@ import torch
 from .functional import checked_margin_cross_entropy, column_labels
 from .head_base import HeadBase
 from .losses.base import MarginLoss
-from .validation import check_arguments
+from .validation import bad_labels, check_arguments
 
 
 class MarginHead(HeadBase):
@@ -49,9 +49,14 @@ class MarginHead(HeadBase):
         check_arguments(features, weight, labels, self.margin, ignore_index=self.ignore_index,
                         class_index=class_index, check_values=self.check_values, **options)
         if class_index is None:
-            labels, class_index = self.sample_columns(column_labels(labels, self.ignore_index))
+            # an out-of-range label (only with check_values=False) must not reach the sampler's gathers; it
+            # comes back as -2, which the driver treats as out of range: that row's loss is NaN
+            bad = bad_labels(labels, self.num_classes, self.ignore_index)
+            columns = torch.where(bad, torch.full_like(labels, -1), labels)
+            labels, class_index = self.sample_columns(column_labels(columns, self.ignore_index))
+            labels = torch.where(bad, torch.full_like(labels, -2), labels)
             ignore_index = -1  # column_labels marks ignored rows -1
         else:
             ignore_index = self.ignore_index
         return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
-                                            class_index=class_index, **options)
+                                            class_index=class_index, check_values=self.check_values, **options)

@@ -165,6 +165,6 @@ def max_shift(lse_local: torch.Tensor, group) -> torch.Tensor:
 def lse_from_shifted_sum(shift: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``shift + log(total)`` where ``total`` is the all-reduced sum of ``exp(lse_r - shift)``: the log-sum-exp
     over every shard's negatives; -inf where there is none (total 0), with a zero (not NaN) gradient there."""
-    has = total > 0
+    has = ~(total <= 0)  # NaN (a non-finite weight on some shard) counts as "has": it must reach the loss
     safe = torch.where(has, total, torch.ones_like(total))
     return torch.where(has, shift + torch.log(safe), torch.full_like(total, float("-inf")))

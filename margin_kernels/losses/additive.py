@@ -6,17 +6,18 @@ from typing import Optional
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, arc_target, cos_plus_margin, straight_through
+from .base import MarginLoss, RowInputs, arc_target, cos_plus_margin, flag, in_range, straight_through
 from .negatives import NegativeKind
 
 
 class CosFace(MarginLoss):
     """z_iy = s (c_iy - m), z_ij = s c_ij (Wang et al. 2018; AM-Softmax)."""
 
+    params = {"m": in_range(0.0, 2.0)}
+
     def __init__(self, s: float = 64.0, m: float = 0.35):
         super().__init__(s)
-        _check_range("m", m, 0.0, 2.0)
-        self.m = float(m)
+        self.m = m
 
     def target_logit(self, rows: RowInputs):
         return self.s * (rows.cos - self.m)
@@ -32,12 +33,11 @@ class ArcFace(MarginLoss):
     ``torch.no_grad()``: the loss value is the same, the gradient is that of s * c_iy. Default: exact.
     """
 
+    params = {"m": in_range(0.0, math.pi / 2), "easy_margin": flag, "straight_through": flag}
+
     def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, straight_through: bool = False):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi / 2)
-        self.m = float(m)
-        self.easy_margin = bool(easy_margin)
-        self.straight_through = bool(straight_through)
+        self.m, self.easy_margin, self.straight_through = m, easy_margin, straight_through
 
     def target_logit(self, rows: RowInputs):
         value = arc_target(rows.cos, self.m, self.easy_margin)
@@ -58,20 +58,22 @@ class CombinedMargin(MarginLoss):
     exactly. Pass True/False to force either.
     """
 
+    params = {"m1": in_range(0.0, 10.0), "m2": in_range(0.0, math.pi), "m3": in_range(0.0, 2.0),
+              "interclass_filtering_threshold": in_range(0.0, 1.0), "straight_through": flag}
+
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
                  interclass_filtering_threshold: float = 0.0, straight_through: Optional[bool] = None):
         super().__init__(s)
-        _check_range("m1", m1, 0.0, 10.0)
-        _check_range("m2", m2, 0.0, math.pi)
-        _check_range("m3", m3, 0.0, 2.0)
-        _check_range("interclass_filtering_threshold", interclass_filtering_threshold, 0.0, 1.0)
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
-        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.m1, self.m2, self.m3 = m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
         if straight_through is None:
             straight_through = self.m1 == 1.0 and self.m3 == 0.0
-        self.straight_through = bool(straight_through)
-        if self.interclass_filtering_threshold > 0:
-            self.negative_kind = NegativeKind.FILTER
+        self.straight_through = straight_through
+
+    @property
+    def negative_kind(self) -> NegativeKind:
+        """FILTER while a threshold is set (it may be assigned after construction), else IDENTITY."""
+        return NegativeKind.FILTER if self.interclass_filtering_threshold > 0 else NegativeKind.IDENTITY
 
     def negative_constants(self):
         return self.interclass_filtering_threshold, 0.0

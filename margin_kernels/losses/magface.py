@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_positive, arc_target
+import math
+
+from .base import MarginLoss, RowInputs, arc_target, flag, in_range, positive
 
 
 class MagFace(MarginLoss):
@@ -13,17 +15,18 @@ class MagFace(MarginLoss):
     lambda_g (a_i / u_a^2 + 1 / a_i), added to each row's loss (so the mean adds lambda_g mean_i g(a_i)).
     """
 
+    params = {"l_a": positive, "u_a": positive, "l_m": positive, "u_m": positive,
+              "lambda_g": in_range(0.0, math.inf), "easy_margin": flag}
+
     def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45,
                  u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = True):
         super().__init__(s)
-        for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m)):
-            _check_positive(name, value)
-        if not u_a > l_a:
-            raise ValueError(f"u_a must be greater than l_a, got l_a={l_a}, u_a={u_a}")
-        if lambda_g < 0:
-            raise ValueError(f"lambda_g must be >= 0, got {lambda_g}")
-        self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
-        self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin)
+        self.l_a, self.u_a, self.l_m, self.u_m = l_a, u_a, l_m, u_m
+        self.lambda_g, self.easy_margin = lambda_g, easy_margin
+
+    def check_params(self) -> None:
+        if not self.u_a > self.l_a:
+            raise ValueError(f"u_a must be greater than l_a, got l_a={self.l_a}, u_a={self.u_a}")
 
     def magnitude(self, rows: RowInputs) -> torch.Tensor:
         return rows.feature_norm.clamp(self.l_a, self.u_a)
