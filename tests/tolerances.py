@@ -199,3 +199,17 @@ EXTREME_SCALE_F32 = Bounds(6e-7, 2e-5, 1e-4, (2.2e-7, 4.0e-6, 3.1e-5),
                            "s times the fp32 rounding of the cosines on unsaturated rows, the same in every backend")
 #: relative L2 distance between two fp32 backends' gradients at extreme s (observed 1.9e-7)
 EXTREME_SCALE_BETWEEN_BACKENDS = 1e-6
+
+
+def scale_bound(dtype: torch.dtype, scale: float, dim: int) -> float:
+    """The error floor of any backend at a large scale s, for the fuzz suite (tests/fuzz_cases.py): a cosine
+    carries ~sqrt(d) rounding errors of its dtype's epsilon, and a row whose softmax is not saturated turns
+    it into s times as large an error of its p (see EXTREME_SCALE_F32, where s = 1e4 gave 3e-5 at d = 16;
+    this bound gives 4 * 1e4 * 4 * 6e-8 = 1e-2 there: it catches NaN and garbage, the sharp checks at extreme
+    s live in tests/test_bad_values.py). Added to the table's bound; negligible below s ~ 100."""
+    eps = torch.finfo(accumulation_dtype_of(dtype)).eps
+    return 4.0 * scale * (dim ** 0.5) * eps
+
+
+def accumulation_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
