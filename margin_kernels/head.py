@@ -25,8 +25,8 @@ class MarginHead(HeadBase):
 
     The weight's dtype is the compute dtype: features of another floating dtype (bf16/fp16 from a backbone
     under AMP autocast) are cast to it (B x d, never the C x d weight); store the weight in bf16
-    (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values=False`` drops
-    the checks that sync the device each step (finite features, labels in range).
+    (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values`` as in
+    ``margin_cross_entropy`` (device-side on a GPU, no host sync); with False a bad label gives a NaN loss.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
