@@ -52,7 +52,7 @@ class SafeColumns(NamedTuple):
     columns: torch.Tensor      # (B,) column ids in [0, num_columns), -1 for rows without a target
     usable: torch.Tensor       # (B,) bool: rows with a target column (what the loss's state sees)
     poisoned: torch.Tensor     # (B,) bool: rows whose loss is NaN (a label or class id out of range)
-    class_index: Optional[torch.Tensor]  # int64, clamped into [0, C)
+    class_index: Optional[torch.Tensor]  # int64 (the op clamps it into [0, C) before gathering)
 
 
 def safe_columns(labels: torch.Tensor, ignore_index: int, num_columns: int, class_index: Optional[torch.Tensor],
@@ -60,14 +60,13 @@ def safe_columns(labels: torch.Tensor, ignore_index: int, num_columns: int, clas
     """Labels and class ids that can never be read out of bounds, without a host sync (so it also holds with
     ``check_values=False`` and under torch.compile, where nothing stops a bad value first). A label outside
     [0, num_columns) that is not ``ignore_index`` gets no target column and a NaN loss; a class id outside
-    [0, C) is clamped for the kernels' gathers and makes every row's loss NaN: never a finite wrong value."""
+    [0, C) makes every row's loss NaN (the op clamps ids before any gather): never a finite wrong value."""
     bad = bad_labels(labels, num_columns, ignore_index)
     usable = (labels != ignore_index) & ~bad
     columns = torch.where(usable, labels, torch.full_like(labels, -1)).long()
     if class_index is not None:
         class_index = class_index.long()
         bad = bad | ((class_index < 0) | (class_index >= num_classes)).any()
-        class_index = class_index.clamp(0, num_classes - 1)
     return SafeColumns(columns, usable, bad, class_index)
 
 

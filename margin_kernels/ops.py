@@ -21,16 +21,25 @@ from .losses.negatives import NegativeKind, NegativeSpec
 from .norms import floored
 
 
-def _target_rows(labels: Tensor, class_index: Optional[Tensor]) -> Tensor:
-    rows = labels.clamp_min(0)
-    return rows if class_index is None else class_index[rows]
+def _target_rows(labels: Tensor, class_index: Optional[Tensor], num_rows: int) -> Tensor:
+    """The weight row of each row's target. Clamped, so no label or class id can address memory outside W:
+    the driver (functional.safe_columns) already hands the op only ids in range, and gives bad ones NaN."""
+    columns = num_rows if class_index is None else class_index.shape[0]
+    rows = labels.clamp(0, max(columns - 1, 0))
+    return rows if class_index is None else class_index[rows].clamp(0, num_rows - 1)
+
+
+def _clamped_index(class_index: Optional[Tensor], weight: Tensor) -> Optional[Tensor]:
+    """Class ids clamped into [0, C) before any backend gathers W rows with them (the Triton kernels gather
+    in-kernel): a bad id is never an out-of-bounds read. O(K); the driver turns bad ids into a NaN loss."""
+    return None if class_index is None else class_index.clamp(0, weight.shape[0] - 1)
 
 
 def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
                  acc_dtype: torch.dtype):
     """(cos, ||w_y||) of each row's target pair; 0 and 1 on rows without a target (label -1)."""
     valid = labels >= 0
-    w = weight.index_select(0, _target_rows(labels, class_index)).to(acc_dtype)
+    w = weight.index_select(0, _target_rows(labels, class_index, weight.shape[0])).to(acc_dtype)
     dot = (x.to(acc_dtype) * w).sum(dim=1)
     norm = w.norm(dim=1)
     cos = dot / floored(norm) if normalize_weight else dot
@@ -45,6 +54,7 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    class_index = _clamped_index(class_index, weight)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product)
     return lse, target_cos.clone(), target_norm.clone()
@@ -63,13 +73,14 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
                         normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
                         chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    class_index = _clamped_index(class_index, weight)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
     dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                     normalize_weight, lse, g_lse, g_cos, chunk_size,
                                                     grad_filter, product=product)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
-    rows = _target_rows(labels, class_index)
+    rows = _target_rows(labels, class_index, weight.shape[0])
     w = weight.index_select(0, rows).to(g_norm.dtype)
     coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
     dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
