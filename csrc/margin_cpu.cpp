@@ -90,12 +90,22 @@ MK_ISA_CLONES void forward_row(const TileArgs<T>& g, int64_t i, T* run_max, T* r
   alignas(64) T buf[kRowBlock];
   for (int64_t j0 = 0; j0 < g.cols; j0 += kRowBlock) {
     const int64_t len = std::min(kRowBlock, g.cols - j0);
+    // a NaN logit (a non-finite weight row, margin_math.h's negative_logit) is flagged here, in the pass that
+    // makes the logits: the max below is a vector max, which may drop a NaN instead of propagating it
+    int bad = 0;
+#pragma omp simd reduction(| : bad)
     for (int64_t j = 0; j < len; ++j) {
       T c = row[j0 + j];
       if constexpr (NORM) c *= inv[j0 + j];
-      buf[j] = mk::negative_logit<KIND>(c, thr, aux, k);
+      const T z = mk::negative_logit<KIND>(c, thr, aux, k);
+      bad |= z != z;
+      buf[j] = z;
     }
     if (target >= j0 && target < j0 + len) buf[target - j0] = mk::neg_infinity<T>();
+    if (bad) {  // NaN in the sum survives every later merge (NaN * anything is NaN)
+      M = S = static_cast<T>(NAN);
+      break;
+    }
     const T block_max = lane_max(buf, len);
     if (block_max == mk::neg_infinity<T>()) continue;
     if (block_max > M) {

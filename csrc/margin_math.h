@@ -40,7 +40,7 @@ constexpr int kNumNegativeKinds = 8;
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 // ---- exp --------------------------------------------------------------------------------------------------
 MK_HD float bits_as_float(int32_t bits) {
@@ -55,7 +55,7 @@ MK_HD float bits_as_float(int32_t bits) {
 
 // exp in float from a degree-6 polynomial (Cephes' expf, ~1 ulp) made only of arithmetic and a bit cast, so a
 // CPU loop calling it vectorises without -ffast-math or a vector libm, and the GPU computes the same values.
-// exp(-inf) and anything below the float range give exactly 0 (masked logits); NaN propagates.
+// exp(-inf) and anything below the float range give exactly 0 (masked logits); NaN gives NaN.
 MK_HD float mk_exp(float x) {
   const float lo = -87.33654f, hi = 88.37626f;
   float xc = x < lo ? lo : (x > hi ? hi : x);
@@ -71,7 +71,8 @@ MK_HD float mk_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   float y = p * bits_as_float((static_cast<int32_t>(n) + 127) << 23);
-  return x < lo ? 0.0f : y;
+  // NaN in, NaN out, spelled out: a vectorised or fmaxf/fminf clamp above may turn a NaN into lo or hi
+  return x < lo ? 0.0f : (x == x ? y : x);
 }
 
 MK_HD double mk_exp(double x) { return exp(x); }
@@ -143,9 +144,41 @@ struct NegativeConsts {
   T scale, a, b;
 };
 
+// true for finite c (c - c is 0), false for +-inf and NaN (c - c is NaN); no -ffast-math anywhere, so the
+// compiler may not fold it
+template <typename T>
+MK_HD bool is_finite(T c) {
+  return c - c == T(0);
+}
+
+// a product rounded to T before anything else uses it: the backward's p = exp(z - lse) is a softmax only if z
+// is the very value the forward's lse was taken over, and a fused multiply-add of scale * g(c) - lse skips
+// that rounding (at s = 1e4 the exponent moves by up to ulp(z) / 2 ~ 5e-4: a 1e-4 gradient error; at s = 1e30
+// exp overflows and the gradient turns NaN). nvcc contracts across statements, hence __fmul_rn; the host
+// compilers get -ffp-contract=off (margin_kernels/native_build.py), under which a plain product is rounded.
+MK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MK_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// z = scale * g(c); NaN when c itself is not finite. A finite feature row gives a non-finite x.w_j only when
+// w_j holds a NaN or an Inf, and such a class must make the row's loss NaN, never drop out of it (a raw -inf
+// logit would add exp(-inf) = 0 to the sum and leave a finite, wrong loss): the forward flags a bad weight
+// row in the pass that reads it anyway.
 template <int KIND, typename T>
 MK_HD T negative_logit(T c, T thr, T aux, NegativeConsts<T> k) {
-  return k.scale * negative_value<KIND>(c, thr, aux, k.a, k.b);
+  const T z = mul_rn(k.scale, negative_value<KIND>(c, thr, aux, k.a, k.b));
+  return is_finite(c) ? z : static_cast<T>(NAN);
 }
 
 // backward of one negative pair: p = exp(z - lse) * g_lse is the softmax weight times the incoming gradient of
@@ -162,7 +195,12 @@ MK_HD T negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
 template <typename T>
 MK_HD void lse_merge(T& run_max, T& run_sum, T other_max, T other_sum) {
   T m = max_of(run_max, other_max);
-  if (m == neg_infinity<T>()) return;  // both empty: keep exp away from -inf - -inf
+  if (m == neg_infinity<T>()) {
+    // no finite max on either side: keep exp away from -inf - -inf. The sums are 0 for empty sets, but a
+    // NaN logit leaves max -inf with sum NaN (NaN compares false in every max), and the NaN must survive
+    run_sum = run_sum + other_sum;
+    return;
+  }
   run_sum = run_sum * mk_exp(run_max - m) + other_sum * mk_exp(other_max - m);
   run_max = m;
 }

@@ -13,7 +13,7 @@ collectives: no formula and no loss tail exists twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,7 +22,8 @@ from .backends import resolve_backend
 from .losses.base import MarginLoss, RowInputs
 from .precision import product_mode
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
-from .validation import check_arguments
+from .validation import (NON_FINITE_WEIGHT, bad_labels, check_arguments, check_no_bad_rows,
+                         value_check_mode)
 
 
 @dataclass
@@ -43,6 +44,30 @@ def prepare_rows(features: torch.Tensor, margin: MarginLoss) -> PreparedRows:
 def column_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Class ids as the op's column ids: ignored rows become -1 (no target)."""
     return torch.where(labels != ignore_index, labels, torch.full_like(labels, -1)).long()
+
+
+class SafeColumns(NamedTuple):
+    """What the kernels may be given whatever the labels and class ids hold (``safe_columns``)."""
+
+    columns: torch.Tensor      # (B,) column ids in [0, num_columns), -1 for rows without a target
+    usable: torch.Tensor       # (B,) bool: rows with a target column (what the loss's state sees)
+    poisoned: torch.Tensor     # (B,) bool: rows whose loss is NaN (a label or class id out of range)
+    class_index: Optional[torch.Tensor]  # int64 (the op clamps it into [0, C) before gathering)
+
+
+def safe_columns(labels: torch.Tensor, ignore_index: int, num_columns: int, class_index: Optional[torch.Tensor],
+                 num_classes: int) -> SafeColumns:
+    """Labels and class ids that can never be read out of bounds, without a host sync (so it also holds with
+    ``check_values=False`` and under torch.compile, where nothing stops a bad value first). A label outside
+    [0, num_columns) that is not ``ignore_index`` gets no target column and a NaN loss; a class id outside
+    [0, C) makes every row's loss NaN (the op clamps ids before any gather): never a finite wrong value."""
+    bad = bad_labels(labels, num_columns, ignore_index)
+    usable = (labels != ignore_index) & ~bad
+    columns = torch.where(usable, labels, torch.full_like(labels, -1)).long()
+    if class_index is not None:
+        class_index = class_index.long()
+        bad = bad | ((class_index < 0) | (class_index >= num_classes)).any()
+    return SafeColumns(columns, usable, bad, class_index)
 
 
 def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor,
@@ -85,8 +110,18 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
         float(grad_filter), product, margin.sub_centers)
 
 
-def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
-    """Per-row cross-entropy from the negatives' lse and the target logit, plus the regulariser, reduced."""
+def check_weight_values(lse_neg: torch.Tensor, rows: RowInputs, mode: Optional[str]) -> None:
+    """The forward's flag for a NaN/Inf weight: every backend's lse is NaN for a row that met a non-finite
+    class among its negatives (losses/negatives.py), its target cosine is non-finite when the target class
+    is. B values, read after the op: no extra pass over W."""
+    bad = rows.valid & (torch.isnan(lse_neg.detach()) | ~torch.isfinite(rows.cos.detach()))
+    check_no_bad_rows(bad, NON_FINITE_WEIGHT, mode)
+
+
+def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str,
+                poisoned: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row cross-entropy from the negatives' lse and the target logit, plus the regulariser, reduced.
+    ``poisoned`` rows (``safe_columns``) get a NaN loss and count as rows of the mean."""
     target = margin.target_logit(rows)
     if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
         with torch.no_grad():
@@ -95,7 +130,10 @@ def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, redu
     regularizer = margin.regularizer(rows)
     if regularizer is not None:
         per_row = per_row + regularizer
-    return reduce_rows(per_row, rows.valid, reduction)
+    if poisoned is None:
+        return reduce_rows(per_row, rows.valid, reduction)
+    per_row = torch.where(poisoned, torch.full_like(per_row, float("nan")), per_row)
+    return reduce_rows(per_row, rows.valid | poisoned, reduction)
 
 
 def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: MarginLoss, *,
@@ -110,31 +148,37 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     ids, Partial FC) only those classes are used and ``labels`` index into ``class_index``. The loss is
     returned in fp32 (fp64 for fp64 inputs). ``grad_filter > 0`` lets the backward skip the dx/dW products of a
     class tile whose every |dL/dc_ij| is below it (Cut Cross-Entropy's gradient filtering; off by default; the
-    loss is unchanged, see ``margin_kernels.grad_filter_stats()``). ``check_values=False`` skips the checks
-    that need a device sync (finite features, labels in range); they are skipped under torch.compile as well.
+    loss is unchanged, see ``margin_kernels.grad_filter_stats()``).
+
+    ``check_values`` (finite features and weights, labels and class ids in range, no duplicate class ids):
+    on CPU a ValueError naming the argument; on a GPU and under torch.compile the same conditions without a
+    host sync (``torch._assert_async``; see ``validation.value_check_mode``). With ``check_values=False``
+    nothing is checked and nothing is ever read out of bounds: a bad label gives its row a NaN loss, a bad
+    class id or a NaN/Inf feature or weight the loss NaN; duplicated class ids are counted twice.
     """
     check_arguments(features, weight, labels, margin, backend=backend, reduction=reduction,
                     ignore_index=ignore_index, chunk_size=chunk_size, class_index=class_index,
                     grad_filter=grad_filter, check_values=check_values)
     return checked_margin_cross_entropy(features, weight, labels, margin, backend=backend, reduction=reduction,
                                         ignore_index=ignore_index, chunk_size=chunk_size,
-                                        class_index=class_index, grad_filter=grad_filter)
+                                        class_index=class_index, grad_filter=grad_filter,
+                                        check_values=check_values)
 
 
 def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
                                  ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
-                                 grad_filter: float) -> torch.Tensor:
+                                 grad_filter: float, check_values: bool = True) -> torch.Tensor:
     """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
-                                              ignore_index=ignore_index, class_index=class_index)
+                                              ignore_index=ignore_index, class_index=class_index,
+                                              check_values=check_values)
     if features.shape[0] == 0:
         return empty_batch_loss(features, weight, reduction)
     backend = resolve_backend(backend, features.device)
-    valid = labels != ignore_index
-    columns = column_labels(labels, ignore_index)
-    if class_index is not None:
-        class_index = class_index.long()
+    num_columns = weight.shape[0] if class_index is None else class_index.shape[0]
+    safe = safe_columns(labels, ignore_index, num_columns, class_index, weight.shape[0])
+    columns, valid, class_index = safe.columns, safe.usable, safe.class_index
 
     prepared = prepare_rows(features, margin)
     cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
@@ -146,4 +190,6 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
     row_params = start_call(margin, rows0, prepared.acc)
     lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
                                              wnorm0, margin, backend, chunk_size, grad_filter)
-    return finish_loss(margin, lse_neg, RowInputs(cos, prepared.feature_norm, weight_norm, valid), reduction)
+    rows = RowInputs(cos, prepared.feature_norm, weight_norm, valid)
+    check_weight_values(lse_neg, rows, value_check_mode(check_values, features.device))
+    return finish_loss(margin, lse_neg, rows, reduction, safe.poisoned)

@@ -11,7 +11,7 @@ from .head_base import HeadBase
 from .losses.base import MarginLoss
 from .reduction import reduce_rows
 from .regularizers import regularizer_rows, single_process_rows
-from .validation import check_arguments
+from .validation import bad_labels, check_arguments
 
 
 class MarginHead(HeadBase):
@@ -28,9 +28,10 @@ class MarginHead(HeadBase):
 
     The weight's dtype is the compute dtype: features of another floating dtype (bf16/fp16 from a backbone
     under AMP autocast) are cast to it (B x d, never the C x d weight); store the weight in bf16
-    (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values=False`` drops
-    the checks that sync the device each step (finite features, labels in range). ``regularizers`` (a list of
-    ``CenterLoss``/``RingLoss``) add their per-row terms to the per-row loss before the reduction.
+    (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values`` as in
+    ``margin_cross_entropy`` (device-side on a GPU, no host sync); with False a bad label gives a NaN loss.
+    ``regularizers`` (a list of ``CenterLoss``/``RingLoss``) add their per-row terms to the per-row loss
+    before the reduction.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
@@ -55,10 +56,16 @@ class MarginHead(HeadBase):
         rows = single_process_rows(features, labels, self.ignore_index, class_index) if len(self.regularizers) \
             else None
         if class_index is None:
-            labels, class_index = self.sample_columns(column_labels(labels, self.ignore_index))
+            # an out-of-range label (only with check_values=False) must not reach the sampler's gathers; it
+            # comes back as -2, which the driver treats as out of range: that row's loss is NaN
+            bad = bad_labels(labels, self.num_classes, self.ignore_index)
+            columns = torch.where(bad, torch.full_like(labels, -1), labels)
+            labels, class_index = self.sample_columns(column_labels(columns, self.ignore_index))
+            labels = torch.where(bad, torch.full_like(labels, -2), labels)
             ignore_index = -1  # column_labels marks ignored rows -1
         else:
             ignore_index = self.ignore_index
+        options["check_values"] = self.check_values
         if rows is None:
             return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
                                                 class_index=class_index, **options)

@@ -50,7 +50,8 @@ class HeadBase(nn.Module):
         self.shard_range = tuple(shard_range)
         self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index
         self.chunk_size, self.grad_filter, self.seed = chunk_size, float(grad_filter), seed
-        # the value checks (finite features, labels in range) cost a device sync per step on GPU
+        # the value checks (finite features and weights, labels in range): host-side on CPU, device-side
+        # (torch._assert_async, no sync) on a GPU; the distributed head's input exchange syncs anyway
         self.check_values = check_values
         # K adjacent rows per class for a loss with sub-centers (margin.sub_centers)
         self.weight = nn.Parameter(torch.empty(self.num_local * margin.sub_centers, embedding_dim, dtype=dtype,

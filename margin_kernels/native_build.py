@@ -34,6 +34,10 @@ def cxx_flags(with_cuda: bool = False) -> list[str]:
         flags = ["-O3"]
     else:
         flags = ["-O3", "-fopenmp"]
+    if sys.platform != "win32":
+        # no fused multiply-add across statements: the logit z the forward's lse sums must be the z the
+        # backward exponentiates (csrc/margin_math.h, mul_rn), and the CPU ISA clones then agree bit for bit
+        flags.append("-ffp-contract=off")
     return flags + (["-DMK_WITH_CUDA"] if with_cuda else [])
 
 

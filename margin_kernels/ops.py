@@ -22,9 +22,19 @@ from . import subcenters
 from .norms import floored
 
 
-def _target_rows(labels: Tensor, class_index: Optional[Tensor]) -> Tensor:
-    rows = labels.clamp_min(0)
-    return rows if class_index is None else class_index[rows]
+def _target_rows(labels: Tensor, class_index: Optional[Tensor], num_rows: int) -> Tensor:
+    """The class of each row's target (its weight row without sub-centers), ``num_rows`` classes. Clamped, so
+    no label or class id can address memory outside W: the driver (functional.safe_columns) already hands the
+    op only ids in range, and gives bad ones NaN."""
+    columns = num_rows if class_index is None else class_index.shape[0]
+    rows = labels.clamp(0, max(columns - 1, 0))
+    return rows if class_index is None else class_index[rows].clamp(0, num_rows - 1)
+
+
+def _clamped_index(class_index: Optional[Tensor], num_classes: int) -> Optional[Tensor]:
+    """Class ids clamped into [0, C) before any backend gathers W rows with them (the Triton kernels gather
+    in-kernel): a bad id is never an out-of-bounds read. O(K); the driver turns bad ids into a NaN loss."""
+    return None if class_index is None else class_index.clamp(0, num_classes - 1)
 
 
 def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
@@ -32,11 +42,11 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
     """(cos, ||w_y||) of each row's target pair; 0 and 1 on rows without a target (label -1). With sub-centers
     the pair is the target class's best row (``subcenters.target_pairs``)."""
     valid = labels >= 0
+    classes = _target_rows(labels, class_index, weight.shape[0] // sub_centers)
     if sub_centers > 1:
-        cos, norm, _ = subcenters.target_pairs(x, weight, _target_rows(labels, class_index), normalize_weight,
-                                               sub_centers, acc_dtype)
+        cos, norm, _ = subcenters.target_pairs(x, weight, classes, normalize_weight, sub_centers, acc_dtype)
     else:
-        w = weight.index_select(0, _target_rows(labels, class_index)).to(acc_dtype)
+        w = weight.index_select(0, classes).to(acc_dtype)
         dot = (x.to(acc_dtype) * w).sum(dim=1)
         norm = w.norm(dim=1)
         cos = dot / floored(norm) if normalize_weight else dot
@@ -47,7 +57,7 @@ def _target_weight_rows(x: Tensor, weight: Tensor, labels: Tensor, class_index: 
                         normalize_weight: bool, sub_centers: int, acc_dtype: torch.dtype) -> Tensor:
     """The weight row of each row's target pair (the winning sub-center with K > 1: the forward's choice,
     recomputed from the same inputs)."""
-    rows = _target_rows(labels, class_index)
+    rows = _target_rows(labels, class_index, weight.shape[0] // sub_centers)
     if sub_centers == 1:
         return rows
     return subcenters.target_pairs(x, weight, rows, normalize_weight, sub_centers, acc_dtype)[2]
@@ -62,6 +72,7 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    class_index = _clamped_index(class_index, weight.shape[0] // sub_centers)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product, sub_centers=sub_centers)
     return lse, target_cos.clone(), target_norm.clone()
@@ -80,6 +91,7 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
                         normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
                         chunk_size: int, grad_filter: float, product: str, sub_centers: int) -> tuple[Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    class_index = _clamped_index(class_index, weight.shape[0] // sub_centers)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
     dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,

@@ -22,5 +22,6 @@ def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> t
 def empty_batch_loss(features, weight, reduction):
     """B = 0: loss 0 (or an empty vector) connected to both inputs, so backward gives zero gradients."""
     acc = accumulation_dtype(features.dtype)
-    zero = (features.sum() * 0).to(acc) + (weight.sum() * 0).to(acc)
+    # sums of empty slices: exactly 0 even when weight holds a NaN (w.sum() * 0 would be NaN), still connected
+    zero = features.reshape(-1)[:0].sum().to(acc) + weight.reshape(-1)[:0].sum().to(acc)
     return zero.expand(0) if reduction == "none" else zero

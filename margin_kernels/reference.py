@@ -13,7 +13,7 @@ from .losses.negatives import negative_logits
 from . import row_statistics
 from .subcenters import class_rows, max_over_sub_centers
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
-from .validation import check_arguments
+from .validation import NON_FINITE_WEIGHT, check_arguments, check_no_bad_rows, value_check_mode
 
 
 def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index: int = -1,
@@ -75,15 +75,22 @@ def _target_norms(weight_norms: torch.Tensor, target_col: torch.Tensor) -> torch
 
 
 def margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, reduction: str = "mean",
-                         ignore_index: int = -1, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         ignore_index: int = -1, class_index: Optional[torch.Tensor] = None,
+                         check_values: bool = True) -> torch.Tensor:
+    """The ground truth. With ``check_values`` a NaN/Inf weight row it reads raises as in every backend; the
+    reference is not meant to run on unchecked bad labels or class ids (it indexes with them)."""
     check_arguments(features, weight, labels, margin, backend="reference", reduction=reduction,
-                    ignore_index=ignore_index, chunk_size=None, class_index=class_index)
+                    ignore_index=ignore_index, chunk_size=None, class_index=class_index,
+                    check_values=check_values)
     if features.shape[0] == 0:
         return empty_batch_loss(features, weight, reduction)
     logits, valid, regularizer = margin_logits(features, weight, labels, margin, ignore_index=ignore_index,
                                                class_index=class_index)
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long()
     per_row = torch.logsumexp(logits, dim=1) - logits.gather(1, target_col.unsqueeze(1)).squeeze(1)
+    # features were checked finite, so a NaN row here comes from a weight row (negatives.py flags them)
+    check_no_bad_rows(valid & torch.isnan(per_row.detach()), NON_FINITE_WEIGHT,
+                      value_check_mode(check_values, features.device))
     if regularizer is not None:
         per_row = per_row + regularizer
     return reduce_rows(per_row, valid, reduction)

@@ -160,8 +160,24 @@ def check_class_index(class_index, weight, num_classes: Optional[int] = None) ->
 
 
 def value_checks_apply(check_values: bool) -> bool:
-    """The value checks sync the device; they are off with check_values=False and under torch.compile."""
+    """Whether the host-side value checks run (they read values on the host: the distributed head's input
+    exchange, which syncs anyway); off with check_values=False and under torch.compile."""
     return check_values and not _is_compiling()
+
+
+#: how the value checks run (``value_check_mode``): on the host with a ValueError, or on the device
+SYNC, DEVICE = "sync", "device"
+
+
+def value_check_mode(check_values: bool, device: torch.device) -> Optional[str]:
+    """None with check_values=False; SYNC (host checks, ValueError naming the argument) in eager mode on CPU,
+    where reading a value costs nothing; DEVICE otherwise (a GPU, or any device under torch.compile): the same
+    conditions as ``torch._assert_async``, so no host sync and nothing for dynamo to break on. A failed device
+    check raises a RuntimeError with the same message: at once on CPU, at the next synchronisation on CUDA
+    (a device-side assert, after which the CUDA context is unusable: the process must restart)."""
+    if not check_values:
+        return None
+    return SYNC if device.type == "cpu" and not _is_compiling() else DEVICE
 
 
 def bad_labels(labels: torch.Tensor, num_columns: int, ignore_index: int) -> torch.Tensor:
@@ -175,6 +191,8 @@ def label_range_message(labels: torch.Tensor, bad: torch.Tensor, num_columns: in
 
 
 NON_FINITE_FEATURES = "features contain NaN or Inf"
+#: found in the forward pass, which reads every weight row of the call anyway (no extra pass over W)
+NON_FINITE_WEIGHT = "weight contains NaN or Inf in a class this call reads"
 
 
 def check_values_of(features, weight, labels, ignore_index: int, class_index, num_columns: int,
@@ -194,6 +212,34 @@ def check_values_of(features, weight, labels, ignore_index: int, class_index, nu
         raise ValueError(label_range_message(labels, bad, num_columns, ignore_index, what))
 
 
+def assert_values_on_device(features, weight, labels, ignore_index: int, class_index, num_columns: int,
+                            num_classes: Optional[int] = None) -> None:
+    """``check_values_of`` without a host sync (``torch._assert_async``): same conditions, messages without
+    the offending value (reading it would sync)."""
+    if features.numel():
+        torch._assert_async(torch.isfinite(features).all(), NON_FINITE_FEATURES)
+    if class_index is not None:
+        num_classes = weight.shape[0] if num_classes is None else num_classes
+        torch._assert_async(((class_index >= 0) & (class_index < num_classes)).all(),
+                            f"class_index values must be in [0, {num_classes})")
+        ordered = torch.sort(class_index).values
+        torch._assert_async((ordered[1:] != ordered[:-1]).all(), "class_index must not contain duplicates")
+    what = "len(class_index)" if class_index is not None else "num_classes"
+    if labels.numel():
+        torch._assert_async((~bad_labels(labels, num_columns, ignore_index)).all(),
+                            f"labels must be in [0, {num_columns}) ({what}) or equal ignore_index={ignore_index}")
+
+
+def check_no_bad_rows(bad: torch.Tensor, message: str, mode: Optional[str]) -> None:
+    """Raise ``message`` if any entry of the B-vector ``bad`` is set: a ValueError (SYNC), a device assert
+    (DEVICE), nothing (None: the rows' documented NaN stands)."""
+    if mode == SYNC:
+        if bool(bad.any()):
+            raise ValueError(message)
+    elif mode == DEVICE and bad.numel():
+        torch._assert_async((~bad).all(), message)
+
+
 def check_arguments(features, weight, labels, margin, *, backend: str, reduction: str, ignore_index: int,
                     chunk_size: Optional[int], class_index: Optional[torch.Tensor] = None,
                     grad_filter: float = 0.0, check_values: bool = True) -> None:
@@ -208,5 +254,8 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
     check_flag("check_values", check_values)
     num_classes = check_sub_centers(weight, margin)
     num_columns = check_class_index(class_index, weight, num_classes)
-    if value_checks_apply(check_values):
+    mode = value_check_mode(check_values, features.device)
+    if mode == SYNC:
         check_values_of(features, weight, labels, ignore_index, class_index, num_columns, num_classes)
+    elif mode == DEVICE:
+        assert_values_on_device(features, weight, labels, ignore_index, class_index, num_columns, num_classes)

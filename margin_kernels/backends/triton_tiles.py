@@ -151,9 +151,11 @@ def inverse_norms(sumsq, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND: tl.constexpr):
-    """z = scale * g(cos) with the target column and padded columns set to -inf; also the target mask."""
+    """z = scale * g(cos) with the target column and padded columns set to -inf; also the target mask. A
+    non-finite cosine (a NaN/Inf weight row) gives z = NaN, as in every backend (losses/negatives.py)."""
     is_target = cols[None, :] == labels[:, None]
     z = scale * negative_value(cos, T, U, a, b, KIND)
+    z = tl.where((cos == cos) & (tl.abs(cos) < float("inf")), z, float("nan"))
     return tl.where(col_ok[None, :] & (~is_target), z, float("-inf")), is_target
 
 

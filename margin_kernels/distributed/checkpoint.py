@@ -1,65 +1,157 @@
-"""Shard-wise checkpoints of a DistributedMarginHead that load at any world size.
+"""Shard-wise, crash-safe checkpoints of a DistributedMarginHead that load at any world size.
 
-``save_sharded`` writes one file per rank, ``classes_<start>_<stop>.pt`` (the class range in the name), holding
-that rank's ``state_dict()``: its weight rows (and the regularisers' per-class rows, e.g. Center loss
-centers: the extra state's ``row_keys``), the loss's buffers and the head's extra state (class range,
-sizes, the Partial FC generator). ``load_sharded`` reads, on each rank, only the files whose classes overlap
-its new range (memory-mapped) and assembles its rows, so a run saved on 8 ranks resumes on 4 or 16.
-The margin buffers are identical on every rank by construction; loading checks that the files agree and that
-every rank ends with the same buffers. Errors are raised on every rank together (no rank left waiting).
+Layout of a checkpoint directory:
+
+* one file per saving rank, ``classes_<start>_<stop>.g<generation>.pt`` (the class range and the save's
+  generation in the name), holding that rank's ``state_dict()``: its weight rows (and the regularisers'
+  per-class rows, e.g. Center loss centers: the extra state's ``row_keys``), the loss's buffers and the
+  head's extra state (class range, sizes, the Partial FC generator);
+* ``manifest.json``, written last: format, generation, world size, num_classes, embedding_dim, and per shard
+  the saving rank, file name, class range, size in bytes and sha256.
+
+Crash safety: every file is written under a temporary name, fsynced, renamed into place and its directory
+fsynced; the manifest is replaced the same way only after every rank's shard is in place, and only then are
+the previous generation's shards deleted. A process killed at any point leaves the previous manifest, which
+names the previous, intact shards: the previous checkpoint still loads. ``load_sharded`` trusts nothing but
+the manifest: it checks that its shards tile the classes, and every file it reads for its size and sha256
+before unpickling it; every error names the file and the rank that saved it (and, raised on every rank, the
+rank that found it). Each rank reads only the files whose classes overlap its new range (memory-mapped), so
+a run saved on 8 ranks resumes on 4 or 16. The margin buffers are identical on every rank by construction;
+loading checks that the files agree and that every rank ends with the same buffers.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import re
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_stacked, group_rank_and_size
+from .comm import all_gather_objects, all_gather_stacked, group_rank_and_size
 from .head import CHECKPOINT_FORMAT, DistributedMarginHead
 from .validation import run_collectively
 
 EXTRA_STATE = "_extra_state"
 WEIGHT = "weight"
-_FILE = re.compile(r"^classes_(\d+)_(\d+)\.pt$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2
+_PARTIAL = ".partial"
 
 
-def shard_file_name(start: int, stop: int) -> str:
-    return f"classes_{start:012d}_{stop:012d}.pt"
+def shard_file_name(start: int, stop: int, generation: int = 1) -> str:
+    return f"classes_{start:012d}_{stop:012d}.g{generation}.pt"
+
+
+# ---- durable writes ------------------------------------------------------------------------------------------
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, write) -> None:
+    """``write(file)`` into ``path + '.partial'``, fsync, rename over ``path``, fsync the directory: a crash
+    at any point leaves either the old ``path`` or the complete new one, never a torn file under its name."""
+    partial = path + _PARTIAL
+    with open(partial, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    _fsync_directory(os.path.dirname(path) or ".")
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------
+def read_manifest(directory: str) -> dict:
+    """The manifest of a checkpoint directory; a ValueError naming the file if it is missing or unreadable."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: missing: {directory} is not a complete save_sharded checkpoint (the manifest "
+                         "is written last, so an interrupted first save leaves none)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    keys = ("format", "generation", "world_size", "num_classes", "embedding_dim", "shards")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in keys) or \
+            manifest["format"] != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a save_sharded manifest of format {MANIFEST_FORMAT}")
+    return manifest
 
 
 def save_sharded(head: DistributedMarginHead, directory: str) -> str:
-    """Collective: each rank writes its shard file into ``directory`` (created if needed); returns its path.
-    Returns after every rank's file is complete."""
-    return run_collectively(lambda: _save(head, directory), head.process_group, f"save_sharded({directory!r})")
+    """Collective: each rank writes its shard file into ``directory`` (created if needed), then rank 0 the
+    manifest; returns this rank's shard path once the manifest names every rank's file."""
+    group = head.process_group
+    what = f"save_sharded({directory!r})"
+    rank, world = group_rank_and_size(group)
+
+    def next_generation():
+        os.makedirs(directory, exist_ok=True)
+        try:
+            return read_manifest(directory)["generation"] + 1 if rank == 0 else None
+        except ValueError:
+            return 1  # no (readable) previous checkpoint: start over
+    generation = all_gather_objects(run_collectively(next_generation, group, what), group)[0]
+    entry = run_collectively(lambda: _save_shard(head, directory, generation, rank), group, what)
+    entries = all_gather_objects(entry, group)
+    if rank == 0:
+        run_collectively(lambda: _write_manifest(head, directory, generation, world, entries), group, what)
+    else:
+        run_collectively(lambda: None, group, what)
+    return os.path.join(directory, entry["file"])
 
 
-def _save(head: DistributedMarginHead, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
+def _save_shard(head: DistributedMarginHead, directory: str, generation: int, rank: int) -> dict:
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.state_dict().items()}
-    path = os.path.join(directory, shard_file_name(*head.shard_range))
-    partial = path + ".partial"
-    torch.save(state, partial)
-    os.replace(partial, path)  # a crash mid-write never leaves a file that looks complete
-    return path
+    name = shard_file_name(*head.shard_range, generation)
+    path = os.path.join(directory, name)
+    write_durably(path, lambda handle: torch.save(state, handle))
+    size, sha256 = file_digest(path)
+    return {"rank": rank, "file": name, "range": list(head.shard_range), "size": size, "sha256": sha256}
 
 
-def list_shard_files(directory: str) -> list[tuple[int, int, str]]:
-    """(start, stop, path) of every shard file in ``directory``, sorted by class range."""
-    found = []
+def _write_manifest(head: DistributedMarginHead, directory: str, generation: int, world: int,
+                    entries: list) -> None:
+    manifest = {"format": MANIFEST_FORMAT, "generation": generation, "world_size": world,
+                "num_classes": head.num_classes, "embedding_dim": head.embedding_dim, "shards": entries}
+    text = json.dumps(manifest, indent=1).encode("utf-8")
+    write_durably(os.path.join(directory, MANIFEST), lambda handle: handle.write(text))
+    # only now is the previous generation unreferenced; leftovers of killed saves go too
+    keep = {entry["file"] for entry in entries} | {MANIFEST}
     for name in os.listdir(directory):
-        match = _FILE.match(name)
-        if match:
-            found.append((int(match.group(1)), int(match.group(2)), os.path.join(directory, name)))
-    return sorted(found)
+        if name.startswith("classes_") and name not in keep:
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 def check_tiling(ranges: list[tuple[int, int]], num_classes: int) -> Optional[str]:
     """None if the sorted ranges cover [0, num_classes) exactly once, else what is wrong."""
     if not ranges:
-        return "no shard files (classes_<start>_<stop>.pt) found"
+        return "no shards listed"
     position = 0
     for start, stop in ranges:
         if start != position:
@@ -123,14 +215,50 @@ def load_sharded(head: DistributedMarginHead, directory: str) -> None:
     check_buffers_consistent(head)
 
 
+def _shard_label(path: str, entry: dict, saved_world: int) -> str:
+    lo, hi = entry["range"]
+    return f"{path} (saved by rank {entry['rank']} of {saved_world}, classes [{lo}, {hi}))"
+
+
+def verified_shard(directory: str, entry: dict, saved_world: int) -> dict:
+    """One shard's state dict, after checking the file against its manifest entry (size, sha256)."""
+    path = os.path.join(directory, entry["file"])
+    label = _shard_label(path, entry, saved_world)
+    if os.path.basename(entry["file"]) != entry["file"]:
+        raise ValueError(f"{label}: the manifest names a file outside the checkpoint directory")
+    if not os.path.exists(path):
+        raise ValueError(f"{label}: missing")
+    size, sha256 = file_digest(path)
+    if size != entry["size"]:
+        raise ValueError(f"{label}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+    if sha256 != entry["sha256"]:
+        raise ValueError(f"{label}: sha256 {sha256[:16]}... differs from the manifest's {entry['sha256'][:16]}... "
+                         "(corrupted)")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure, reported with the file's name
+        raise ValueError(f"{label}: cannot be read ({type(exc).__name__}: {exc})") from None
+    extra = state.get(EXTRA_STATE) if isinstance(state, dict) else None
+    if not isinstance(extra, dict) or list(extra.get("shard_range", ())) != list(entry["range"]):
+        raise ValueError(f"{label}: its content does not match the manifest (not this save's shard)")
+    return state
+
+
 def _load(head: DistributedMarginHead, directory: str) -> None:
-    files = list_shard_files(directory)
-    problem = check_tiling([(start, stop) for start, stop, _ in files], head.num_classes)
+    manifest = read_manifest(directory)
+    where = os.path.join(directory, MANIFEST)
+    if (manifest["num_classes"], manifest["embedding_dim"]) != (head.num_classes, head.embedding_dim):
+        raise ValueError(f"{where}: checkpoint is for {manifest['num_classes']} classes x "
+                         f"{manifest['embedding_dim']}, this head has {head.num_classes} x {head.embedding_dim}")
+    entries = sorted(manifest["shards"], key=lambda e: tuple(e["range"]))
+    if len(entries) != manifest["world_size"]:
+        raise ValueError(f"{where}: {len(entries)} shards listed for world size {manifest['world_size']}")
+    problem = check_tiling([tuple(e["range"]) for e in entries], head.num_classes)
     if problem is not None:
-        raise ValueError(f"{directory}: {problem}")
+        raise ValueError(f"{where}: {problem}")
     start, stop = head.shard_range
-    pieces = [torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-              for lo, hi, path in files if lo < stop and hi > start]
+    pieces = [verified_shard(directory, e, manifest["world_size"]) for e in entries
+              if e["range"][0] < stop and e["range"][1] > start]
     head.load_state_dict(reshard_state_dicts(pieces, head.shard_range))
 
 

@@ -26,6 +26,25 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 
+class CollectiveError(RuntimeError):
+    """A collective of the head failed on this rank: a peer died, raised outside the head, or did not reach
+    the collective within the process group's timeout. The backend's own error is the ``__cause__``."""
+
+
+def _collective(fn, *args, **kwargs):
+    """Run one torch.distributed call; a failure becomes a CollectiveError saying which rank saw it and what
+    it means (gloo's own message names a peer's address, not its rank)."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:
+        group = kwargs.get("group")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise CollectiveError(
+            f"margin_kernels.distributed: {getattr(fn, '__name__', 'a collective')} failed on rank {rank} of "
+            f"{world}: another rank died, raised outside the head, or did not reach this collective within the "
+            f"process group's timeout (init_process_group(timeout=...)). Backend error: {exc}") from exc
+
+
 def group_rank_and_size(group) -> tuple[int, int]:
     """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised (one process)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -41,7 +60,8 @@ class _GatherStacked(torch.autograd.Function):
         ctx.group, ctx.rank, ctx.world, ctx.sum_grads = group, rank, world, sum_grads
         tensor = tensor.contiguous()
         out = tensor.new_empty((world,) + tuple(tensor.shape))
-        _all_gather_single(out.view((world * tensor.shape[0],) + tuple(tensor.shape[1:])), tensor, group=group)
+        _collective(_all_gather_single, out.view((world * tensor.shape[0],) + tuple(tensor.shape[1:])), tensor,
+                    group=group)
         return out
 
     @staticmethod
@@ -50,7 +70,8 @@ class _GatherStacked(torch.autograd.Function):
             return grad[ctx.rank], None, None, None, None
         grad = grad.contiguous()
         out = grad.new_empty(grad.shape[1:])
-        _reduce_scatter_single(out, grad.view((ctx.world * grad.shape[1],) + tuple(grad.shape[2:])), group=ctx.group)
+        _collective(_reduce_scatter_single, out, grad.view((ctx.world * grad.shape[1],) + tuple(grad.shape[2:])),
+                    group=ctx.group)
         return out, None, None, None, None
 
 
@@ -104,7 +125,7 @@ class _AllReduceReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, group):
         out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
+        _collective(dist.all_reduce, out, group=group)
         return out
 
     @staticmethod
@@ -123,7 +144,7 @@ def all_reduce_replicated(tensor: torch.Tensor, group) -> torch.Tensor:
 def all_reduce_sum_(tensor: torch.Tensor, group) -> torch.Tensor:
     """In-place sum over ranks, no autograd (values computed under no_grad)."""
     if group_rank_and_size(group)[1] > 1:
-        dist.all_reduce(tensor, group=group)
+        _collective(dist.all_reduce, tensor, group=group)
     return tensor
 
 
@@ -133,7 +154,7 @@ def all_gather_objects(obj, group) -> list:
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj, group=group)
+    _collective(dist.all_gather_object, out, obj, group=group)
     return out
 
 
@@ -158,13 +179,13 @@ def max_shift(lse_local: torch.Tensor, group) -> torch.Tensor:
     log-sum-exp and the same gradient), 0 where every shard is -inf. One all-reduce of B values."""
     shift = lse_local.detach().clone()
     if group_rank_and_size(group)[1] > 1:
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+        _collective(dist.all_reduce, shift, op=dist.ReduceOp.MAX, group=group)
     return torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
 
 
 def lse_from_shifted_sum(shift: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``shift + log(total)`` where ``total`` is the all-reduced sum of ``exp(lse_r - shift)``: the log-sum-exp
     over every shard's negatives; -inf where there is none (total 0), with a zero (not NaN) gradient there."""
-    has = total > 0
+    has = ~(total <= 0)  # NaN (a non-finite weight on some shard) counts as "has": it must reach the loss
     safe = torch.where(has, total, torch.ones_like(total))
     return torch.where(has, shift + torch.log(safe), torch.full_like(total, float("-inf")))

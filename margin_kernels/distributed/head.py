@@ -25,15 +25,15 @@ from typing import Optional
 
 import torch
 
-from ..functional import (column_labels, finish_loss, initial_target_pairs, negative_lse, negative_statistics,
-                          prepare_rows, start_call)
+from ..functional import (check_weight_values, column_labels, finish_loss, initial_target_pairs, negative_lse,
+                          negative_statistics, prepare_rows, start_call)
 from ..row_statistics import NEGATIVE_LSE
 from ..losses.base import MarginLoss, RowInputs
 from ..head_base import HeadBase
 from ..precision import product_mode
 from ..reduction import empty_batch_loss, reduce_rows
 from ..regularizers import BatchRows, regularizer_rows
-from ..validation import check_flag
+from ..validation import check_flag, value_check_mode
 from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
                    group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient)
 from .sharding import shard_range
@@ -114,6 +114,9 @@ class DistributedMarginHead(HeadBase):
             acc = prepared.acc
             x_all = gather_rows(prepared.x_eff, layout, sum_grads=True)
             labels, feature_norm = self._gather_labels_and_norms(local_labels, prepared.feature_norm, layout)
+            # unchecked labels out of range (check_values=False) have no owner: a NaN row, never a wrong one
+            poisoned = (labels != -1) & ((labels < 0) | (labels >= self.num_classes))
+            labels = torch.where(poisoned, torch.full_like(labels, -1), labels)
             valid = labels >= 0
             columns, class_index = self._local_columns(labels)
 
@@ -133,9 +136,11 @@ class DistributedMarginHead(HeadBase):
             shift = max_shift(lse_local, group)
             lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
             rows = RowInputs(cos, feature_norm, weight_norm, valid)
+            # lse and cos are global here (a NaN on any shard reaches every rank): all ranks raise together
+            check_weight_values(lse, rows, value_check_mode(self.check_values, weight.device))
             if not len(self.regularizers):
-                return finish_loss(margin, lse, rows, self.reduction)
-            per_row = finish_loss(margin, lse, rows, "none")
+                return finish_loss(margin, lse, rows, self.reduction, poisoned)
+            per_row = finish_loss(margin, lse, rows, "none", poisoned)
             return reduce_rows(per_row + self._regularizer_rows(features, feature_norm, labels, valid, layout, acc),
                                valid, self.reduction)
 

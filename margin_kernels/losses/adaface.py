@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, masked_mean
+from .base import MarginLoss, RowInputs, in_range, masked_mean
 from .negatives import NegativeKind
 
 EPS = 1e-3
@@ -22,12 +22,11 @@ class AdaFace(MarginLoss):
 
     negative_kind = NegativeKind.CLAMP
 
+    params = {"m": in_range(0.0, math.pi / 2), "h": in_range(0.0, 10.0), "t_alpha": in_range(0.0, 1.0)}
+
     def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333, t_alpha: float = 1.0):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi / 2)
-        _check_range("h", h, 0.0, 10.0)
-        _check_range("t_alpha", t_alpha, 0.0, 1.0)
-        self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
+        self.m, self.h, self.t_alpha = m, h, t_alpha
         self.register_buffer("batch_mean", torch.full((), 20.0))
         self.register_buffer("batch_std", torch.full((), 100.0))
 

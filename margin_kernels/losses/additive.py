@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .base import (MarginLoss, RowInputs, _check_choice, _check_range, arc_target, cos_plus_margin,
+from .base import (MarginLoss, RowInputs, arc_target, cos_plus_margin, flag, in_range, one_of,
                    straight_through)
 from .negatives import NegativeKind
 
@@ -19,10 +19,11 @@ COMBINED_MODES = ("insightface", "paddle")
 class CosFace(MarginLoss):
     """z_iy = s (c_iy - m), z_ij = s c_ij (Wang et al. 2018; AM-Softmax)."""
 
+    params = {"m": in_range(0.0, 2.0)}
+
     def __init__(self, s: float = 64.0, m: float = 0.35):
         super().__init__(s)
-        _check_range("m", m, 0.0, 2.0)
-        self.m = float(m)
+        self.m = m
 
     def target_logit(self, rows: RowInputs):
         return self.s * (rows.cos - self.m)
@@ -44,19 +45,20 @@ class ArcFace(MarginLoss):
     gives that mode's value with the straight-through gradient, a hybrid no original code computes).
     """
 
+    params = {"m": in_range(0.0, math.pi / 2), "easy_margin": flag, "straight_through": flag,
+              "mode": one_of(*ARCFACE_MODES), "margin_am": in_range(0.0, 2.0)}
+
     def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False,
                  straight_through: Optional[bool] = None, mode: str = "insightface_legacy", margin_am: float = 0.0):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi / 2)
-        self.mode = _check_choice("mode", mode, ARCFACE_MODES)
-        _check_range("margin_am", margin_am, 0.0, 2.0)
-        if margin_am and mode != "facexzoo":
-            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {mode!r}")
-        if easy_margin and mode != "insightface_legacy":
-            raise ValueError(f"easy_margin is a rule of mode='insightface_legacy'; mode={mode!r} has none")
-        self.m, self.margin_am = float(m), float(margin_am)
-        self.easy_margin = bool(easy_margin)
-        self.straight_through = (mode == "insightface") if straight_through is None else bool(straight_through)
+        self.m, self.mode, self.margin_am, self.easy_margin = m, mode, margin_am, easy_margin
+        self.straight_through = (mode == "insightface") if straight_through is None else straight_through
+
+    def check_params(self) -> None:
+        if self.margin_am and self.mode != "facexzoo":
+            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {self.mode!r}")
+        if self.easy_margin and self.mode != "insightface_legacy":
+            raise ValueError(f"easy_margin is a rule of mode='insightface_legacy'; mode={self.mode!r} has none")
 
     def rule(self) -> str:
         """The ``ARC_RULES`` entry of this mode (what the target does past theta + m = pi)."""
@@ -91,29 +93,34 @@ class CombinedMargin(MarginLoss):
     gradient). ``straight_through=None`` follows the mode's code; True/False force the gradient.
     """
 
+    params = {"m1": in_range(0.0, 10.0), "m2": in_range(0.0, math.pi), "m3": in_range(0.0, 2.0),
+              "interclass_filtering_threshold": in_range(0.0, 1.0), "straight_through": flag,
+              "mode": one_of(*COMBINED_MODES)}
+
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
                  interclass_filtering_threshold: float = 0.0, straight_through: Optional[bool] = None,
                  mode: str = "insightface"):
         super().__init__(s)
-        _check_range("m1", m1, 0.0, 10.0)
-        _check_range("m2", m2, 0.0, math.pi)
-        _check_range("m3", m3, 0.0, 2.0)
-        _check_range("interclass_filtering_threshold", interclass_filtering_threshold, 0.0, 1.0)
-        self.mode = _check_choice("mode", mode, COMBINED_MODES)
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
-        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
-        arc_branch = self.m1 == 1.0 and self.m3 == 0.0
-        if mode == "insightface" and not (arc_branch or self.m3 > 0):
-            raise ValueError(f"CombinedMargin(mode='insightface') has insightface's two branches, m1 == 1 with "
-                             f"m3 == 0 (ArcFace) or m3 > 0 (CosFace); m1={m1}, m3={m3} is neither (insightface "
-                             f"raises): use mode='paddle' for s (cos(m1 theta + m2) - m3)")
-        if mode == "paddle" and self.interclass_filtering_threshold > 0:
-            raise ValueError("interclass_filtering_threshold is insightface's; mode='paddle' has no filter")
+        self.mode = mode
+        self.m1, self.m2, self.m3 = m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
         if straight_through is None:
-            straight_through = mode == "insightface" and arc_branch
-        self.straight_through = bool(straight_through)
-        if self.interclass_filtering_threshold > 0:
-            self.negative_kind = NegativeKind.FILTER
+            straight_through = mode == "insightface" and self.m1 == 1.0 and self.m3 == 0.0
+        self.straight_through = straight_through
+
+    def check_params(self) -> None:
+        arc_branch = self.m1 == 1.0 and self.m3 == 0.0
+        if self.mode == "insightface" and not (arc_branch or self.m3 > 0):
+            raise ValueError(f"CombinedMargin(mode='insightface') has insightface's two branches, m1 == 1 with "
+                             f"m3 == 0 (ArcFace) or m3 > 0 (CosFace); m1={self.m1}, m3={self.m3} is neither "
+                             f"(insightface raises): use mode='paddle' for s (cos(m1 theta + m2) - m3)")
+        if self.mode == "paddle" and self.interclass_filtering_threshold > 0:
+            raise ValueError("interclass_filtering_threshold is insightface's; mode='paddle' has no filter")
+
+    @property
+    def negative_kind(self) -> NegativeKind:
+        """FILTER while a threshold is set (it may be assigned after construction), else IDENTITY."""
+        return NegativeKind.FILTER if self.interclass_filtering_threshold > 0 else NegativeKind.IDENTITY
 
     def negative_constants(self):
         return self.interclass_filtering_threshold, 0.0

@@ -94,8 +94,75 @@ def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     return surrogate + (value - surrogate).detach()
 
 
-class MarginLoss(nn.Module):
-    """Base of every loss description. Subclasses set the class attributes and override the hooks."""
+# ---- hyperparameter rules: checked on every assignment (``MarginLoss.params``) ----------------------------
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive(name: str, value) -> float:
+    """A positive finite number (scales, norms)."""
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def in_range(low: float, high: float):
+    """A rule: a number in [low, high] (high may be math.inf; NaN never passes)."""
+    def rule(name: str, value) -> float:
+        if not _is_real(value) or not (low <= value <= high):
+            raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        return float(value)
+    return rule
+
+
+def integer_in(low: int, high: int):
+    """A rule: an int in [low, high]."""
+    def rule(name: str, value) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        return value
+    return rule
+
+
+def one_of(*choices):
+    """A rule: one of ``choices``."""
+    def rule(name: str, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+    return rule
+
+
+def flag(name: str, value) -> bool:
+    """A bool (0/1 ints are accepted as the constructors always did: bool(value))."""
+    if not isinstance(value, (bool, int)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+class _ParamsReady(type):
+    """Metaclass of MarginLoss: once the outermost constructor returns, the cross-parameter checks run and
+    from then on run after every assignment (not during construction, when not every name is set yet)."""
+
+    def __call__(cls, *args, **kwargs):
+        loss = super().__call__(*args, **kwargs)
+        loss.finish_init()
+        return loss
+
+
+class MarginLoss(nn.Module, metaclass=_ParamsReady):
+    """Base of every loss description. Subclasses set the class attributes and override the hooks.
+
+    Hyperparameters are validated where they are set, in the constructor and on any later assignment
+    (``loss.s = -64`` raises): ``params`` maps each name to a rule ``(name, value) -> stored value`` that raises
+    a ValueError/TypeError naming it (``positive``, ``in_range(lo, hi)``, ``integer_in``, ``one_of``, ``flag``).
+    A subclass lists only its own names (the rules of base classes are inherited) and assigns plainly in
+    ``__init__`` (``self.m = m``). Constraints between parameters go in ``check_params`` (called after each
+    assignment once the constructor has finished; a failing assignment is undone).
+    """
+
+    #: name -> rule, merged over the class hierarchy (see the class docstring)
+    params: dict = {"s": positive}
 
     #: the kernels dot x/||x|| (True) or x itself (False) with the weights
     normalize_features: bool = True
@@ -107,10 +174,44 @@ class MarginLoss(nn.Module):
     #: is the max over them, taken inside every backend's tile (``margin_kernels.subcenters``)
     sub_centers: int = 1
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        merged = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("params", {}))
+        cls._rules = merged
+
     def __init__(self, s: float = 1.0):
         super().__init__()
-        _check_positive("s", s)
-        self.s = float(s)
+        self.s = s
+
+    def __setattr__(self, name: str, value) -> None:
+        rule = type(self)._rules.get(name)
+        if rule is None:
+            return super().__setattr__(name, value)
+        checked = rule(name, value)
+        missing = object()
+        previous = self.__dict__.get(name, missing)
+        super().__setattr__(name, checked)
+        if not self.__dict__.get("_params_ready", False):
+            return
+        try:
+            self.check_params()
+        except Exception:
+            if previous is missing:
+                del self.__dict__[name]
+            else:
+                super().__setattr__(name, previous)
+            raise
+
+    def check_params(self) -> None:
+        """Constraints between hyperparameters (raise a ValueError naming them); the base has none."""
+
+    def finish_init(self) -> None:
+        """Called when the constructor has returned (``_ParamsReady``): from now on ``check_params`` runs
+        after each assignment."""
+        self.check_params()
+        self.__dict__["_params_ready"] = True
 
     # ---- what kernels see -------------------------------------------------------------------------------
     def negative_spec(self) -> NegativeSpec:
@@ -177,9 +278,11 @@ class MarginLoss(nn.Module):
         return {"s": self.s}
 
 
+MarginLoss._rules = dict(MarginLoss.params)
+
+
 def _check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    positive(name, value)
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -189,5 +292,4 @@ def _check_choice(name: str, value, choices) -> str:
 
 
 def _check_range(name: str, value, low: float, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    in_range(low, high)(name, value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_positive, _check_range
+from .base import MarginLoss, RowInputs, in_range, positive
 from .negatives import NegativeKind
 
 
@@ -14,12 +14,20 @@ class CircleLoss(MarginLoss):
 
     negative_kind = NegativeKind.CIRCLE
 
+    params = {"m": in_range(0.0, 1.0)}
+
     def __init__(self, gamma: float = 256.0, m: float = 0.25):
         """``gamma`` is the paper's name for the scale: it is stored as ``s``, the scale of every loss."""
-        _check_positive("gamma", gamma)
-        super().__init__(gamma)
-        _check_range("m", m, 0.0, 1.0)
-        self.m = float(m)
+        super().__init__(positive("gamma", gamma))
+        self.m = m
+
+    @property
+    def gamma(self) -> float:
+        return self.s
+
+    @gamma.setter
+    def gamma(self, value) -> None:
+        self.s = positive("gamma", value)
 
     def negative_constants(self):
         return self.m, 0.0

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, arc_target, cos_plus_margin, masked_mean
+from .base import MarginLoss, RowInputs, arc_target, cos_plus_margin, in_range, masked_mean
 from .negatives import NegativeKind
 
 
@@ -18,10 +18,11 @@ class CurricularFace(MarginLoss):
 
     negative_kind = NegativeKind.CURRICULAR
 
+    params = {"m": in_range(0.0, math.pi / 2)}
+
     def __init__(self, s: float = 64.0, m: float = 0.5):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi / 2)
-        self.m = float(m)
+        self.m = m
         self.register_buffer("t", torch.zeros(()))
 
     def update_state(self, rows: RowInputs) -> None:

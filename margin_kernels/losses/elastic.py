@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, cos_plus_margin
+from .base import MarginLoss, RowInputs, cos_plus_margin, flag, in_range, one_of
 
 #: how ``plus=True`` assigns the sorted margins (docs/losses.md, ElasticFace)
 PLUS_ORDERS = ("code", "paper")
@@ -32,22 +32,21 @@ class _ElasticMargin(MarginLoss):
     (the row with the k-th largest cosine takes the k-th smallest margin).
     """
 
+    params = {"m": in_range(0.0, math.pi), "std": in_range(0.0, 1.0), "plus": flag,
+              "plus_order": one_of(*PLUS_ORDERS)}
+
     def __init__(self, s: float, m: float, std: float, plus: bool, plus_order: str, seed: Optional[int],
                  generator: Optional[torch.Generator], margins: Optional[torch.Tensor]):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi)
-        _check_range("std", std, 0.0, 1.0)
-        if not isinstance(plus, bool):
+        if not isinstance(plus, bool):  # stricter than the flag rule at construction: 0/1 are not accepted
             raise ValueError(f"plus must be a bool, got {plus!r}")
-        if plus_order not in PLUS_ORDERS:
-            raise ValueError(f"plus_order must be one of {PLUS_ORDERS}, got {plus_order!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
-        self.m, self.std, self.plus, self.plus_order = float(m), float(std), plus, plus_order
+        self.m, self.std, self.plus, self.plus_order = m, std, plus, plus_order
         self.seed, self.generator, self.margins = seed, generator, margins
         if seed is not None:
             self.register_buffer("rng_state", torch.Generator().manual_seed(seed).get_state())

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_choice, _check_positive, _check_range, arc_target
+import math
+
+from .base import MarginLoss, RowInputs, arc_target, flag, in_range, one_of, positive
 
 #: MagFace's modes: the authors' code (IrvingMeng/MagFace) or FaceX-Zoo's MagFace head
 MAGFACE_MODES = ("magface", "facexzoo")
@@ -18,24 +20,24 @@ class MagFace(MarginLoss):
     ``mode="facexzoo"`` is FaceX-Zoo's head: ``c - margin_am`` where c <= cos(pi - m(a_i)).
     """
 
+    params = {"l_a": positive, "u_a": positive, "l_m": positive, "u_m": positive,
+              "lambda_g": in_range(0.0, math.inf), "easy_margin": flag, "mode": one_of(*MAGFACE_MODES),
+              "margin_am": in_range(0.0, 2.0)}
+
     def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45,
                  u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = True, mode: str = "magface",
                  margin_am: float = 0.0):
         super().__init__(s)
-        for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m)):
-            _check_positive(name, value)
-        if not u_a > l_a:
-            raise ValueError(f"u_a must be greater than l_a, got l_a={l_a}, u_a={u_a}")
-        if lambda_g < 0:
-            raise ValueError(f"lambda_g must be >= 0, got {lambda_g}")
-        self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
-        self.mode = _check_choice("mode", mode, MAGFACE_MODES)
-        _check_range("margin_am", margin_am, 0.0, 2.0)
-        if margin_am and mode != "facexzoo":
-            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {mode!r}")
+        self.l_a, self.u_a, self.l_m, self.u_m = l_a, u_a, l_m, u_m
+        self.mode, self.margin_am = mode, margin_am
         # easy_margin=True is the default of the authors' code; FaceX-Zoo's head has no such rule
-        self.lambda_g, self.easy_margin = float(lambda_g), bool(easy_margin) and mode == "magface"
-        self.margin_am = float(margin_am)
+        self.lambda_g, self.easy_margin = lambda_g, bool(easy_margin) and mode == "magface"
+
+    def check_params(self) -> None:
+        if not self.u_a > self.l_a:
+            raise ValueError(f"u_a must be greater than l_a, got l_a={self.l_a}, u_a={self.u_a}")
+        if self.margin_am and self.mode != "facexzoo":
+            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {self.mode!r}")
 
     def rule(self) -> str:
         if self.mode == "facexzoo":

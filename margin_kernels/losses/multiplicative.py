@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import MarginLoss, floored, RowInputs, _check_positive, _check_range
+from .base import MarginLoss, floored, RowInputs, in_range, integer_in
 
 
 def chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
@@ -36,18 +36,15 @@ def psi(c: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class _AnnealedMultiplicative(MarginLoss):
+    params = {"m": integer_in(1, 10), "lambda_base": in_range(0.0, math.inf), "lambda_gamma": in_range(0.0, math.inf),
+              "lambda_power": in_range(0.0, math.inf), "lambda_min": in_range(0.0, math.inf)}
+
     def __init__(self, m: int, lambda_base: float, lambda_gamma: float, lambda_power: float, lambda_min: float,
                  s: float = 1.0):
         super().__init__(s)
-        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= 10:
-            raise ValueError(f"m must be an integer in [1, 10], got {m!r}")
-        _check_range("lambda_base", lambda_base, 0.0, math.inf)
-        _check_range("lambda_gamma", lambda_gamma, 0.0, math.inf)
-        _check_range("lambda_power", lambda_power, 0.0, math.inf)
-        _check_range("lambda_min", lambda_min, 0.0, math.inf)
         self.m = m
-        self.lambda_base, self.lambda_gamma = float(lambda_base), float(lambda_gamma)
-        self.lambda_power, self.lambda_min = float(lambda_power), float(lambda_min)
+        self.lambda_base, self.lambda_gamma = lambda_base, lambda_gamma
+        self.lambda_power, self.lambda_min = lambda_power, lambda_min
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
 
     def update_state(self, rows: RowInputs) -> None:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, cos_plus_margin
+from .base import MarginLoss, RowInputs, cos_plus_margin, in_range, one_of
 from .negatives import NegativeKind
 
 
@@ -16,13 +16,11 @@ class MVSoftmax(MarginLoss):
 
     negative_kind = NegativeKind.MV
 
+    params = {"m": in_range(0.0, math.pi / 2), "mv_weight": in_range(1.0, 10.0), "variant": one_of("am", "arc")}
+
     def __init__(self, s: float = 32.0, m: float = 0.35, mv_weight: float = 1.12, variant: str = "am"):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi / 2)
-        _check_range("mv_weight", mv_weight, 1.0, 10.0)
-        if variant not in ("am", "arc"):
-            raise ValueError(f"variant must be 'am' or 'arc', got {variant!r}")
-        self.m, self.mv_weight, self.variant = float(m), float(mv_weight), variant
+        self.m, self.mv_weight, self.variant = m, mv_weight, variant
 
     def negative_constants(self):
         return self.mv_weight, 0.0

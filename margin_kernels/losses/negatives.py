@@ -96,7 +96,11 @@ def negative_derivative(c: torch.Tensor, spec: NegativeSpec, row_params: torch.T
 
 
 def negative_logits(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
-    return spec.scale * negative_value(c, spec, row_params)
+    """z = s * g(c), NaN where c is not finite. With finite features a non-finite x.w_j comes only from a
+    NaN/Inf in w_j, and that class must make the row's loss NaN: a raw -inf logit would drop out of the sum
+    and leave a finite, wrong loss. Every backend applies the same rule (docs/losses.md, "Bad values")."""
+    z = spec.scale * negative_value(c, spec, row_params)
+    return torch.where(torch.isfinite(c), z, torch.full_like(z, float("nan")))
 
 
 def derivative_bound(spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..row_statistics import HARD_NEGATIVES, StatisticsRequest
-from .base import MarginLoss, RowInputs, _check_range, cos_plus_margin
+from .base import MarginLoss, RowInputs, cos_plus_margin, in_range
 from .negatives import NegativeKind, NegativeSpec
 
 
@@ -25,16 +25,13 @@ class NPCFace(MarginLoss):
     """
 
     negative_kind = NegativeKind.AFFINE
+    params = {"margin": in_range(0.0, math.pi / 2), "m0": in_range(0.0, math.pi / 2),
+              "m1": in_range(0.0, math.pi / 2), "t": in_range(0.0, 10.0), "a": in_range(-1.0, 1.0)}
 
     def __init__(self, margin: float = 0.5, scale: float = 64.0, m0: float = 0.40, m1: float = 0.20,
                  t: float = 1.10, a: float = 0.20):
         super().__init__(scale)
-        _check_range("margin", margin, 0.0, math.pi / 2)
-        _check_range("m0", m0, 0.0, math.pi / 2)
-        _check_range("m1", m1, 0.0, math.pi / 2)
-        _check_range("t", t, 0.0, 10.0)
-        _check_range("a", a, -1.0, 1.0)
-        self.margin, self.m0, self.m1, self.t, self.a = float(margin), float(m0), float(m1), float(t), float(a)
+        self.margin, self.m0, self.m1, self.t, self.a = margin, m0, m1, t, a
         self._hard_mean = None
 
     @property

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .base import MarginLoss, RowInputs, _check_range, cos_plus_margin
+from .base import MarginLoss, RowInputs, cos_plus_margin, in_range, integer_in, one_of
 
 #: PML's ArcFaceLoss.get_angles clamps the cosine by this before acos (so its gradient is 0 beyond it)
 PML_ACOS_CLAMP = 1e-7
@@ -33,16 +33,11 @@ class SubCenterArcFace(MarginLoss):
       the gradient stays finite at |c| = 1 where MXNet's arccos gradient is infinite.
     """
 
+    params = {"m": in_range(0.0, math.pi / 2), "sub_centers": integer_in(1, 1 << 20), "mode": one_of(*MODES)}
+
     def __init__(self, s: float = 64.0, m: float = 0.5, sub_centers: int = 3, mode: str = "pml"):
         super().__init__(s)
-        _check_range("m", m, 0.0, math.pi / 2)
-        if not isinstance(sub_centers, int) or isinstance(sub_centers, bool) or sub_centers <= 0:
-            raise ValueError(f"sub_centers must be a positive int, got {sub_centers!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.m = float(m)
-        self.sub_centers = sub_centers
-        self.mode = mode
+        self.m, self.sub_centers, self.mode = m, sub_centers, mode
 
     def target_logit(self, rows: RowInputs) -> torch.Tensor:
         if self.mode == "pml":

@@ -1,0 +1,227 @@
+"""The property-based fuzz suite's cases and oracle (hypothesis, derandomized), shared by the in-process smoke
+run and the subprocess runs of tests/test_fuzz.py.
+
+A case: a backend, a loss variant (with a parameter possibly re-assigned to an edge or invalid value), random
+B (0, 1 and odd sizes), C, d (1 and odd), dtype, scale (up to 1e30 in fp32/fp64), reduction, class_index
+(none, a subset, or one with a bad id or a duplicate), labels with ignored, duplicated and out-of-range
+entries, NaN/Inf injected into the features or the weight at the first, last or a middle row (or a target
+row), check_values on or off. The oracle, one of:
+
+* a ValueError/TypeError whose message names the argument that is wrong (the parameter, "features",
+  "weight", "labels", "class_index"), when the input is invalid and checked;
+* the documented NaN when it is invalid and unchecked: every valid row that reads a non-finite weight row,
+  the row of a NaN feature or an out-of-range label, every row for a bad class id;
+* otherwise the float64 reference within tests/tolerances.py (loss, dx, dW), plus the large-scale floor.
+Never a finite wrong value, a crash or a hang (the subprocess runs have a timeout).
+
+Run directly: ``python -m tests.fuzz_cases BACKEND EXAMPLES`` prints ``examples: N`` after N passing cases.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import margin_kernels as mk
+
+from .helpers import LOSS_NAMES, loss_and_grads, make_loss, rel_err, twin
+from .tolerances import bounds, scale_bound
+
+BAD_VALUES = (float("nan"), float("inf"), float("-inf"))
+#: values assigned to a loss's margin parameter after construction: edges, and invalid ones that must raise
+M_VALUES = (None, 0.0, 0.05, 1.5, -0.1, 3.5, float("nan"))
+SCALES = (None, 0.5, 8.0, 100.0, 1e4, 1e30)
+
+
+@dataclass
+class Case:
+    backend: str
+    loss: str
+    batch: int
+    classes: int
+    dim: int
+    dtype: torch.dtype
+    scale: Optional[float]
+    m: Optional[float]
+    reduction: str
+    use_index: str          # "none", "subset", "bad_id", "duplicate"
+    bad_label: Optional[int]
+    inject: str             # "none", "features", "weight", "target_weight"
+    position: str           # "first", "last", "middle"
+    bad_value: float
+    ignore_some: bool
+    check_values: bool
+    seed: int
+
+
+def cases(backend: str, max_classes: int = 70, max_batch: int = 9):
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    return st.builds(
+        Case, backend=st.just(backend), loss=st.sampled_from(LOSS_NAMES),
+        batch=st.integers(0, max_batch), classes=st.integers(1, max_classes), dim=st.integers(1, 19),
+        dtype=st.sampled_from(dtypes), scale=st.sampled_from(SCALES), m=st.sampled_from(M_VALUES),
+        reduction=st.sampled_from(["mean", "sum", "none"]),
+        use_index=st.sampled_from(["none", "none", "subset", "bad_id", "duplicate"]),
+        bad_label=st.sampled_from([None, None, None, -5, 0, 10**6]),  # 0 becomes C (one past the end)
+        inject=st.sampled_from(["none", "none", "features", "weight", "target_weight"]),
+        position=st.sampled_from(["first", "last", "middle"]), bad_value=st.sampled_from(BAD_VALUES),
+        ignore_some=st.booleans(), check_values=st.booleans(), seed=st.integers(0, 2**16))
+
+
+def _row(position: str, n: int) -> int:
+    return {"first": 0, "last": n - 1, "middle": n // 2}[position]
+
+
+def _margin(case: Case):
+    """The loss, or the expected error of assigning the case's parameters to it."""
+    margin = make_loss(case.loss)
+    for name, value in (("s", case.scale), ("m", case.m)):
+        if value is None or name not in type(margin)._rules or (name == "s" and case.loss == "softmax"):
+            continue
+        if name == "s" and case.dtype not in (torch.float32, torch.float64) and value > 256:
+            continue  # large scales only where the tolerance floor is defined
+        try:
+            setattr(margin, name, value)
+        except (ValueError, TypeError) as exc:
+            assert name in str(exc), f"the error does not name {name!r}: {exc}"
+            return None, name
+    return margin, None
+
+
+def problem(case: Case):
+    gen = torch.Generator().manual_seed(case.seed)
+    x = torch.randn(case.batch, case.dim, generator=gen, dtype=torch.float64) * 3.0
+    w = torch.randn(case.classes, case.dim, generator=gen, dtype=torch.float64) * 0.05
+    index = None
+    columns = case.classes
+    if case.use_index != "none" and case.classes >= 2:
+        index = torch.randperm(case.classes, generator=gen)[: max(1, case.classes // 2)]
+        if case.use_index == "bad_id":
+            index[-1] = case.classes + 3
+        elif case.use_index == "duplicate" and index.numel() >= 2:
+            index[-1] = index[0]
+        columns = index.numel()
+    labels = torch.randint(0, columns, (case.batch,), generator=gen)
+    if case.ignore_some and case.batch:
+        labels[torch.rand(case.batch, generator=gen) < 0.3] = -1
+    if case.bad_label is not None and case.batch:
+        labels[_row(case.position, case.batch)] = columns if case.bad_label == 0 else case.bad_label
+    return x.to(case.dtype), w.to(case.dtype), labels, index
+
+
+def check_case(case: Case) -> None:
+    margin, bad_param = _margin(case)
+    if bad_param is not None:
+        return
+    x, w, labels, index = problem(case)
+    valid = labels != -1
+    num_columns = case.classes if index is None else index.numel()
+    out_of_range = valid & ((labels < 0) | (labels >= num_columns))
+    bad_index = index is not None and bool(((index < 0) | (index >= case.classes)).any())
+    duplicate = index is not None and torch.unique(index).numel() != index.numel()
+    read = torch.arange(case.classes) if index is None else index[(index >= 0) & (index < case.classes)]
+    poisoned_rows = torch.zeros(case.batch, dtype=torch.bool)
+    weight_read = False
+    if case.inject == "features" and case.batch:
+        r = _row(case.position, case.batch)
+        x[r, case.dim // 2] = case.bad_value
+        poisoned_rows[r] = True
+    elif case.inject in ("weight", "target_weight"):
+        r = _row(case.position, case.classes)
+        if case.inject == "target_weight" and bool((valid & ~out_of_range).any()):
+            row = int(torch.nonzero(valid & ~out_of_range)[0, 0])
+            r = int(labels[row]) if index is None else int(index[labels[row]].clamp(0, case.classes - 1))
+        w[r, case.dim // 2] = case.bad_value
+        weight_read = bool((read == r).any())
+    bad_input = bool(poisoned_rows.any()) or weight_read or bool(out_of_range.any()) or bad_index or duplicate
+
+    def call(a, b):
+        return mk.margin_cross_entropy(a, b, labels, twin(margin), backend=case.backend, reduction=case.reduction,
+                                       class_index=index, check_values=case.check_values, chunk_size=16)
+
+    if case.check_values and bad_input:
+        try:
+            call(x, w)
+        except ValueError as exc:
+            named = ("features" if poisoned_rows.any() else "class_index" if (bad_index or duplicate)
+                     else "labels" if out_of_range.any() else "weight")
+            if case.batch == 0 and named == "weight":
+                return
+            assert named in str(exc) or any(k in str(exc) for k in ("features", "labels", "class_index", "weight")), exc
+            return
+        # allowed without an error: nothing reads the bad value (no valid row, B = 0)
+        assert not (valid & ~out_of_range).any() and not (bad_index or duplicate) and not out_of_range.any() \
+            and not poisoned_rows.any(), f"{case}: bad input accepted"
+        return
+    if not case.check_values and bad_input:
+        if duplicate or case.backend == "reference":
+            return  # documented: duplicates are counted twice; the reference needs checked input
+        per_row = mk.margin_cross_entropy(x, w, labels, twin(margin), backend=case.backend, reduction="none",
+                                          class_index=index, check_values=False, chunk_size=16)
+        usable = valid & ~out_of_range
+        must_be_nan = out_of_range | (poisoned_rows & valid)
+        if bad_index:
+            must_be_nan = valid.clone()
+        if weight_read:
+            must_be_nan = must_be_nan | usable
+        assert not torch.isfinite(per_row[must_be_nan]).any(), f"{case}: finite loss on a bad row {per_row}"
+        return
+    # valid input: the float64 reference within the table
+    if case.batch == 0 and case.reduction == "none":
+        return
+    out = loss_and_grads(lambda a, b: call(a, b), x, w)
+    ref_margin = margin
+    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, twin(ref_margin), backend="reference",
+                                                              reduction=case.reduction, class_index=index),
+                         x.double(), w.double())
+    # "reference" in a storage dtype against itself in float64: the portable chunk loop's bounds apply (it
+    # computes in the same accumulation dtype, with no more rounding)
+    table_key = {"auto": "cpu", "reference": "torch"}.get(case.backend, case.backend)
+    tol = bounds(table_key, case.dtype, margin.negative_kind)[torch.float64]
+    floor = scale_bound(case.dtype, margin.s, case.dim)
+    assert all(torch.isfinite(t).all() for t in out), f"{case}: non-finite result on valid input"
+    scale = max(1.0, ref[0].abs().max().item()) if ref[0].numel() else 1.0
+    loss_err = (out[0].double() - ref[0]).abs().max().item() / scale if ref[0].numel() else 0.0
+    assert loss_err <= tol.loss + floor, f"{case}: loss error {loss_err:.2e}"
+    # a gradient that is exactly 0 in theory (d = 1 with normalised features: x/|x| is constant) is measured
+    # against 1e-3 of the larger gradient, not against its own rounding noise
+    eps = torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps
+    # (or, when both are, against the rounding of the terms that cancel: s |x| / |w_j| per element of the
+    # B x C tile, the normalisation backward's two halves)
+    x_max = x.double().abs().max().item() if x.numel() else 0.0
+    w_min = max(w.double().norm(dim=1).min().item(), 1e-6)
+    noise = 10 * eps * max(1.0, margin.s) * max(1.0, x_max) / min(1.0, w_min) * math.sqrt(case.batch * case.classes)
+    grad_floor = max(1e-3 * max(ref[1].norm().item(), ref[2].norm().item()), noise, 1e-12)
+    dx_err, dw_err = rel_err(out[1], ref[1], grad_floor), rel_err(out[2], ref[2], grad_floor)
+    # d = 1: a normalised side is the constant +-1 and its exact gradient is 0; what a backend returns there
+    # is the rounding of two cancelling halves (checked finite above), not a value to compare
+    if not (case.dim == 1 and margin.normalize_features):
+        assert dx_err <= tol.dx + floor, f"{case}: dx error {dx_err:.2e}"
+    if not (case.dim == 1 and margin.normalize_weight):
+        assert dw_err <= tol.dw + floor, f"{case}: dw error {dw_err:.2e}"
+
+
+def run(backend: str, examples: int, **limits) -> int:
+    """Check ``examples`` derandomized cases on ``backend``; returns how many ran."""
+    count = [0]
+
+    @settings(max_examples=examples, derandomize=True, deadline=None, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(cases(backend, **limits))
+    def test(case):
+        count[0] += 1
+        check_case(case)
+
+    test()
+    return count[0]
+
+
+if __name__ == "__main__":
+    name, n = sys.argv[1], int(sys.argv[2])
+    limits = {"max_classes": int(sys.argv[3])} if len(sys.argv) > 3 else {}
+    print(f"examples: {run(name, n, **limits)}")
