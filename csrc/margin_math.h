@@ -239,13 +239,14 @@ MK_HD T dw_normalize(T g, T w, T coef) {
 // ---- sub-centers (margin_kernels/subcenters.py): a class's cosine is the best of its K adjacent rows ---------
 // The best of one row's K dot products of a class (times their 1/|w| when inv is given): its value in *best and
 // its sub-center index returned; ties go to the lowest index (strict >, k = 0 .. K-1), every backend's rule.
+// A NaN wins and sticks (torch.max's rule), so a non-finite weight row makes the class NaN, never skipped.
 template <typename T>
 MK_HD int sub_center_best(const T* dots, const T* inv, int K, T* best) {
   T b = inv ? dots[0] * inv[0] : dots[0];
   int winner = 0;
   for (int k = 1; k < K; ++k) {
     const T c = inv ? dots[k] * inv[k] : dots[k];
-    if (c > b) {
+    if (c > b || c != c) {
       b = c;
       winner = k;
     }

@@ -59,10 +59,15 @@ class Case:
     seed: int
 
 
+#: losses with one weight row per class (sub-center losses have their own NaN and layout tests in
+#: tests/test_subcenter.py)
+SINGLE_ROW_LOSSES = [name for name in LOSS_NAMES if make_loss(name).sub_centers == 1]
+
+
 def cases(backend: str, max_classes: int = 70, max_batch: int = 9):
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     return st.builds(
-        Case, backend=st.just(backend), loss=st.sampled_from(LOSS_NAMES),
+        Case, backend=st.just(backend), loss=st.sampled_from(SINGLE_ROW_LOSSES),
         batch=st.integers(0, max_batch), classes=st.integers(1, max_classes), dim=st.integers(1, 19),
         dtype=st.sampled_from(dtypes), scale=st.sampled_from(SCALES), m=st.sampled_from(M_VALUES),
         reduction=st.sampled_from(["mean", "sum", "none"]),

@@ -304,3 +304,18 @@ def test_memory_model_counts_k_rows_per_class():
     assert three["weight"] == K * one["weight"] and three["optimizer"] == K * one["optimizer"]
     assert three["local_classes"] == one["local_classes"]
     assert abs(three["torch_tiles"] - one["torch_tiles"]) <= 0.01 * one["torch_tiles"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
+def test_a_non_finite_sub_center_is_never_skipped_by_the_max(backend):
+    """A NaN in one sub-center row (not the target class's): an error with checks on, and with them off NaN on
+    every row (that class is every row's negative), not a finite loss from the max skipping the NaN row."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 8, generator=gen), torch.randn(5 * 3, 8, generator=gen)
+    labels = torch.tensor([0, 1, 3, 4])
+    w[2 * 3 + 1, 3] = float("nan")  # class 2, sub-center 1: nobody's target
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        mk.margin_cross_entropy(x, w, labels, mk.SubCenterArcFace(), backend=backend)
+    out = mk.margin_cross_entropy(x, w, labels, mk.SubCenterArcFace(), backend=backend, check_values=False,
+                                  reduction="none")
+    assert torch.isnan(out).all(), out

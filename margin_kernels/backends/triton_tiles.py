@@ -134,7 +134,7 @@ def max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stri
                                BLOCK_K)
         if STORE_INV:
             tl.store(inv_norm_ptr + inv_off * SUB_CENTERS + k, inv, mask=inv_ok)
-        better = cos > best
+        better = (cos > best) | (cos != cos)  # a NaN wins and sticks, as torch.max: never skipped
         best = tl.where(better, cos, best)
         winner = tl.where(better, k, winner)
     return best, winner
