@@ -6,6 +6,7 @@ from .functional import margin_cross_entropy
 from .head import MarginHead
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
                      MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace)
+from .losses import SphereFace2, UniFace
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,5 @@ def __getattr__(name):
 __all__ = [
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
     "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
-    "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
+    "SphereFace2", "UniFace", "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference", "reset_grad_filter_stats",
 ]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .losses.base import MarginLoss, RowInputs
 from .norms import floored
 from .losses.negatives import negative_logits
+from .losses.reductions import ReductionKind, softplus_terms
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import check_arguments
 
@@ -35,6 +36,9 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     )
     row_params = margin.begin_call(rows).to(acc)
     negatives = negative_logits(cos, margin.negative_spec(), row_params)
+    shift = margin.logit_shift()
+    if shift is not None:  # the binary family's learnable bias, in every negative logit
+        negatives = negatives + shift.to(acc)
     is_target = F.one_hot(target_col.squeeze(1), cos.shape[1]).bool() & valid.unsqueeze(1)
     logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
     return logits, valid, margin.regularizer(rows)
@@ -49,7 +53,13 @@ def margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, reduct
     logits, valid, regularizer = margin_logits(features, weight, labels, margin, ignore_index=ignore_index,
                                                class_index=class_index)
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    per_row = torch.logsumexp(logits, dim=1) - logits.gather(1, target_col.unsqueeze(1)).squeeze(1)
+    target = logits.gather(1, target_col.unsqueeze(1)).squeeze(1)
+    if margin.reduction_kind == ReductionKind.SOFTPLUS_SUM:
+        is_target = F.one_hot(target_col, logits.shape[1]).bool() & valid.unsqueeze(1)
+        terms = softplus_terms(logits, margin.negative_spec().clamp)
+        per_row = margin.row_loss(target, torch.where(is_target, torch.zeros_like(terms), terms).sum(dim=1))
+    else:
+        per_row = torch.logsumexp(logits, dim=1) - target
     if regularizer is not None:
         per_row = per_row + regularizer
     return reduce_rows(per_row, valid, reduction)

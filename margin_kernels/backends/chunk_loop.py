@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 
 from ..losses.negatives import NegativeSpec
+from ..losses.reductions import ReductionKind
 from . import filter_stats
 
 #: classes per chunk on CUDA: large enough to keep the GPU busy in every GEMM and elementwise launch
@@ -46,6 +47,8 @@ class TileGrad(NamedTuple):
     grad: torch.Tensor  #: dL/d(x_i . w_j), the operand of the dx and dW GEMMs (includes 1/|w_j| when normalised)
     col_dot: Optional[torch.Tensor]  #: sum_i dL/dc_ij * c_ij per class (normalised weights only)
     max_abs: Optional[torch.Tensor]  #: max |dL/dc_ij| over the tile (only when asked: gradient filtering)
+    #: the binary reduction: sum over the tile's negatives of dL/dz_ij, the tile's share of the shift's gradient
+    shift_grad: Optional[torch.Tensor] = None
 
 
 class Epilogue(Protocol):
@@ -57,13 +60,15 @@ class Epilogue(Protocol):
 
     def forward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                      row_params: torch.Tensor, spec: NegativeSpec, run_max: torch.Tensor,
-                     run_sum: torch.Tensor) -> None:
-        """Merge logits of the negatives of this tile into the running max/sum (in place)."""
+                     run_sum: torch.Tensor, shift: torch.Tensor) -> None:
+        """Merge logits of the negatives of this tile into the running max/sum (in place); for the binary
+        reduction add the tile's softplus terms of z + shift to run_sum (run_max stays unused)."""
 
     def backward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                       row_params: torch.Tensor, spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
-                      g_cos_target: torch.Tensor, want_max_abs: bool) -> TileGrad:
-        """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs."""
+                      g_cos_target: torch.Tensor, want_max_abs: bool, shift: torch.Tensor) -> TileGrad:
+        """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs; for the binary reduction
+        also the tile's sum of dL/dz (``shift_grad``)."""
 
     def finish_dw(self, dw: torch.Tensor, w_acc: torch.Tensor, col_dot: torch.Tensor,
                   inv_norm: torch.Tensor) -> None:
@@ -120,10 +125,25 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def zero_shift(shift: Optional[torch.Tensor], row_params: torch.Tensor) -> torch.Tensor:
+    """The (1,) logit shift in the accumulation dtype, contiguous (zeros when the caller passes none)."""
+    if shift is None:
+        return row_params.new_zeros(1)
+    return shift.reshape(1).to(row_params.dtype).contiguous()
+
+
+def reduced_negatives(run_max: torch.Tensor, run_sum: torch.Tensor, spec: NegativeSpec) -> torch.Tensor:
+    """The row's value from its running pair: log-sum-exp, or the binary reduction's plain sum."""
+    if spec.reduction == ReductionKind.SOFTPLUS_SUM:
+        return run_sum
+    return run_max + torch.log(run_sum)
+
+
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                    chunk_size: int, epilogue: Epilogue) -> torch.Tensor:
+                    chunk_size: int, epilogue: Epilogue, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     acc = row_params.dtype
+    shift = zero_shift(shift, row_params)
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
@@ -135,14 +155,18 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
         w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
         cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
         inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
-        epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
-    return run_max + torch.log(run_sum)
+        epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
+    return reduced_negatives(run_max, run_sum, spec)
 
 
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0):
+                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
+                     shift: Optional[torch.Tensor] = None):
+    """(dx, dW, d shift): d shift sums the tiles' shares in chunk order (deterministic; zero for LSE)."""
     acc = row_params.dtype
+    shift = zero_shift(shift, row_params)
+    dshift = torch.zeros(1, dtype=acc, device=x.device)
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     # with a class subset only the sampled rows are written; the rest of dW must read as zero
@@ -161,7 +185,9 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
         cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
         inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
-                                      g_cos_target, grad_filter > 0)
+                                      g_cos_target, grad_filter > 0, shift)
+        if tile.shift_grad is not None:  # before any filtering: the forward never filters, nor does d shift
+            dshift += tile.shift_grad
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
             if class_index is None:
@@ -181,6 +207,6 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
             dweight.index_copy_(0, class_index[col0:col1], dw.to(weight.dtype))
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
-    return dx.to(x.dtype), dweight
+    return dx.to(x.dtype), dweight, dshift
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.negatives import negative_derivative, negative_logits
+from ..losses.reductions import ReductionKind, softplus_grad, softplus_terms
 from ..norms import inverse_norms
 from .chunk_loop import TileGrad, chunked_backward, chunked_forward, default_chunk_size
 
@@ -21,11 +22,16 @@ class TorchEpilogue:
     def inv_norms(self, w, acc_dtype):
         return inverse_norms(w, acc_dtype)
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
+        if spec.reduction == ReductionKind.SOFTPLUS_SUM:
+            terms = softplus_terms(z + shift, spec.clamp)
+            terms[rows, cols] = 0.0
+            run_sum.add_(terms.sum(dim=1))
+            return
         z[rows, cols] = float("-inf")
         new_max = torch.maximum(run_max, z.amax(dim=1))
         # rows whose max is still -inf have nothing to merge; keep exp() away from inf - inf
@@ -34,13 +40,19 @@ class TorchEpilogue:
         run_max.copy_(new_max)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
-                      want_max_abs):
+                      want_max_abs, shift):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
-        z[rows, cols] = float("-inf")
-        p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
+        shift_grad = None
+        if spec.reduction == ReductionKind.SOFTPLUS_SUM:  # dL/dz = g sigmoid(z + shift), per element
+            p = softplus_grad(z + shift, spec.clamp) * g_lse.unsqueeze(1)
+            p[rows, cols] = 0.0
+            shift_grad = p.sum().reshape(1)
+        else:
+            z[rows, cols] = float("-inf")
+            p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
         dcos = p.mul_(negative_derivative(cos, spec, row_params)).mul_(spec.scale)
         dcos[rows, cols] = g_cos_target[rows]
         max_abs = dcos.abs().amax() if want_max_abs else None
@@ -50,7 +62,7 @@ class TorchEpilogue:
             # per-class correction of the dW rows (finish_dw)
             col_dot = (dcos * cos).sum(dim=0)
             dcos.mul_(inv_norm)
-        return TileGrad(dcos, col_dot, max_abs)
+        return TileGrad(dcos, col_dot, max_abs, shift_grad)
 
     def finish_dw(self, dw, w_acc, col_dot, inv_norm):
         dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w_acc)
@@ -59,16 +71,17 @@ class TorchEpilogue:
 _TORCH_EPILOGUE = TorchEpilogue()
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
+                shift=None):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE)
+                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE, shift)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage"):
+                 chunk_size, grad_filter=0.0, product="storage", shift=None):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
-                            _TORCH_EPILOGUE, grad_filter)
+                            _TORCH_EPILOGUE, grad_filter, shift)
 
 
 def unavailable_reason():

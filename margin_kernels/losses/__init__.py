@@ -2,16 +2,18 @@
 from .adaface import AdaFace
 from .additive import ArcFace, CombinedMargin, CosFace
 from .base import MarginLoss, RowInputs
+from .binary import SphereFace2, UniFace
 from .circle import CircleLoss
 from .curricular import CurricularFace
 from .magface import MagFace
 from .multiplicative import LSoftmax, SphereFace
 from .mv_softmax import MVSoftmax
 from .negatives import NegativeKind, NegativeSpec
+from .reductions import ReductionKind
 from .plain import L2Softmax, NormFace, Softmax
 
 __all__ = [
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "L2Softmax", "LSoftmax",
     "MVSoftmax", "MagFace", "MarginLoss", "NegativeKind", "NegativeSpec", "NormFace", "RowInputs", "Softmax",
-    "SphereFace",
+    "SphereFace", "SphereFace2", "UniFace", "ReductionKind",
 ]

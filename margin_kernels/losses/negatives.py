@@ -1,6 +1,6 @@
 """The negative functions: how a non-target cosine c_ij becomes a logit z_ij = s * g(c_ij).
 
-Every loss in docs/losses.md uses one of six shapes of g. Each backend implements this same table once (here in
+Every loss in docs/losses.md uses one of eight shapes of g. Each backend implements this same table once (here in
 PyTorch, in ``backends/triton_negatives.py`` for Triton, in ``csrc/margin_math.h`` for C++/CUDA); the kind is
 passed to kernels as an int and its parameters as two constants ``a, b`` and two per-row values:
 ``T_i = row_params[i, 0]`` (a threshold derived from the row's target cosine, no gradient) and
@@ -14,13 +14,23 @@ passed to kernels as an int and its parameters as two constants ``a, b`` and two
 | MV          | c if c <= T else a*c + a - 1                | 1 or a                        |
 | CIRCLE      | relu(c + a) * (c - a)   (alpha detached)    | relu(c + a)                   |
 | FILTER      | c if c <= a else 0                          | 1 or 0                        |
+| POWER       | 2 ((c+1)/2)^a - 1 + b                       | a ((c+1)/2)^(a-1)             |
+| POWER_ST    | 2 ((c+1)/2)^a - 1 + b                       | 1 (straight-through)          |
+
+POWER is SphereFace2's similarity adjustment h(c) with t = a and the negatives' margin b = +m; the base
+(c+1)/2 is floored at 0 (a cosine rounded below -1 would give a NaN power for non-integer t). POWER_ST has the
+same value with the derivative of c: opensphere computes the adjustment under ``no_grad``.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
+import math
+
 import torch
+
+from .reductions import NO_CLAMP, ReductionKind
 
 
 class NegativeKind(enum.IntEnum):
@@ -30,6 +40,8 @@ class NegativeKind(enum.IntEnum):
     MV = 3
     CIRCLE = 4
     FILTER = 5
+    POWER = 6
+    POWER_ST = 7
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,14 @@ class NegativeSpec:
     scale: float = 1.0
     a: float = 0.0
     b: float = 0.0
+    #: how the row's negative logits are reduced (reductions.py); the binary family's softplus clamp
+    reduction: ReductionKind = ReductionKind.LSE
+    clamp: float = NO_CLAMP
+
+
+def power_base(c: torch.Tensor) -> torch.Tensor:
+    """(c + 1) / 2 floored at 0: the base of POWER's power."""
+    return ((c + 1.0) * 0.5).clamp_min(0.0)
 
 
 def negative_value(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
@@ -58,6 +78,11 @@ def negative_value(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor
         return torch.relu(c.detach() + a) * (c - a)
     if kind == NegativeKind.FILTER:
         return torch.where(c > a, torch.zeros_like(c), c)
+    if kind == NegativeKind.POWER:
+        return 2.0 * power_base(c) ** a - 1.0 + b
+    if kind == NegativeKind.POWER_ST:
+        value = 2.0 * power_base(c.detach()) ** a - 1.0 + b
+        return c + (value - c.detach())
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
@@ -77,6 +102,10 @@ def negative_derivative(c: torch.Tensor, spec: NegativeSpec, row_params: torch.T
         return torch.relu(c + a)
     if kind == NegativeKind.FILTER:
         return (c <= a).to(c.dtype)
+    if kind == NegativeKind.POWER:
+        return a * power_base(c) ** (a - 1.0)
+    if kind == NegativeKind.POWER_ST:
+        return torch.ones_like(c)
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
@@ -93,4 +122,6 @@ def derivative_bound(spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tens
         return row_params.new_tensor(max(1.0, abs(spec.a)))
     if spec.kind == NegativeKind.CIRCLE:  # relu(c + a)
         return row_params.new_tensor(1.0 + abs(spec.a))
-    return row_params.new_tensor(1.0)  # IDENTITY, CLAMP, FILTER: 0 or 1
+    if spec.kind == NegativeKind.POWER:  # a base^(a-1), base in [0, 1]: a for a >= 1, unbounded below 1
+        return row_params.new_tensor(abs(spec.a) if spec.a >= 1.0 else math.inf)
+    return row_params.new_tensor(1.0)  # IDENTITY, CLAMP, FILTER, POWER_ST: 0 or 1
