@@ -69,11 +69,13 @@ __global__ void inv_norms_kernel(const Tin* __restrict__ w, int64_t n, int64_t d
   if (lane == 0) out[row] = mk::inv_norm_from_sumsq(sumsq);
 }
 
-template <int KIND, bool NORM, typename T>
+// BINARY: the binary reduction (a plain sum of softplus terms of z + shift, in the same fixed tree)
+template <int KIND, bool NORM, bool BINARY, typename T>
 __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols, int64_t ld,
                                         const T* __restrict__ inv_norm, const int64_t* __restrict__ labels,
                                         int64_t col0, const T* __restrict__ row_params,
-                                        mk::NegativeConsts<T> k, T* run_max, T* run_sum) {
+                                        mk::NegativeConsts<T> k, const T* __restrict__ shift_ptr, T clamp,
+                                        T* run_max, T* run_sum) {
   __shared__ T shared_max[kForwardThreads];
   __shared__ T shared_sum[kForwardThreads];
   const int64_t i = blockIdx.x;
@@ -81,11 +83,26 @@ __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols
   const T thr = row_params[2 * i], aux = row_params[2 * i + 1];
   const int64_t target = labels[i] - col0;
   T m = mk::neg_infinity<T>(), s = T(0);
+  const T shift = BINARY ? *shift_ptr : T(0);
   for (int64_t j = threadIdx.x; j < cols; j += kForwardThreads) {
     if (j == target) continue;
     T c = row[j];
     if (NORM) c *= inv_norm[j];
-    mk::lse_push(m, s, mk::negative_logit<KIND>(c, thr, aux, k));
+    if (BINARY) {
+      s += mk::softplus_term(mk::negative_logit<KIND>(c, thr, aux, k) + shift, clamp);
+    } else {
+      mk::lse_push(m, s, mk::negative_logit<KIND>(c, thr, aux, k));
+    }
+  }
+  if (BINARY) {  // the same tree over the partial sums
+    shared_sum[threadIdx.x] = s;
+    __syncthreads();
+    for (int stride = kForwardThreads / 2; stride > 0; stride /= 2) {
+      if (threadIdx.x < stride) shared_sum[threadIdx.x] += shared_sum[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) run_sum[i] += shared_sum[0];
+    return;
   }
   shared_max[threadIdx.x] = m;
   shared_sum[threadIdx.x] = s;
@@ -102,26 +119,38 @@ __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols
   if (threadIdx.x == 0) mk::lse_merge(run_max[i], run_sum[i], shared_max[0], shared_sum[0]);
 }
 
-template <int KIND, bool NORM, typename T>
+// BINARY: dL/dz = g sigmoid(z + shift) (the binary reduction), its per-column sums into col_shift
+template <int KIND, bool NORM, bool BINARY, typename T>
 __global__ void backward_epilogue_kernel(T* tile, int64_t rows, int64_t cols, int64_t ld,
                                          const T* __restrict__ inv_norm, const int64_t* __restrict__ labels,
                                          int64_t col0, const T* __restrict__ row_params,
                                          mk::NegativeConsts<T> k, const T* __restrict__ lse,
                                          const T* __restrict__ g_lse, const T* __restrict__ g_cos_target,
-                                         T* __restrict__ col_dot, T* max_abs) {
+                                         T* __restrict__ col_dot, T* max_abs, const T* __restrict__ shift_ptr,
+                                         T clamp, T* __restrict__ col_shift) {
   __shared__ T shared_dot[kStripRows][kStripCols + 1];
   __shared__ T shared_max[kStripRows][kStripCols + 1];
+  __shared__ T shared_dz[kStripRows][kStripCols + 1];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kStripCols + threadIdx.x;
-  T dot = T(0), amax = T(0);
+  const T shift = BINARY ? *shift_ptr : T(0);
+  T dot = T(0), amax = T(0), dzs = T(0);
   if (j < cols) {
     const T inv = NORM ? inv_norm[j] : T(1);
     for (int64_t i = threadIdx.y; i < rows; i += kStripRows) {
       T* p = tile + i * ld + j;
       T c = *p;
       if (NORM) c *= inv;
-      const T dc = labels[i] - col0 == j
-                       ? g_cos_target[i]
-                       : mk::negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, lse[i], g_lse[i]);
+      T dc;
+      if (labels[i] - col0 == j) {
+        dc = g_cos_target[i];
+      } else if (BINARY) {
+        T dz;
+        dc = mk::binary_negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, shift, clamp,
+                                            g_lse[i], dz);
+        dzs += dz;
+      } else {
+        dc = mk::negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, lse[i], g_lse[i]);
+      }
       dot += dc * c;
       amax = mk::max_of(amax, dc < T(0) ? -dc : dc);
       *p = NORM ? dc * inv : dc;
@@ -129,13 +158,16 @@ __global__ void backward_epilogue_kernel(T* tile, int64_t rows, int64_t cols, in
   }
   shared_dot[threadIdx.y][threadIdx.x] = dot;
   shared_max[threadIdx.y][threadIdx.x] = amax;
+  shared_dz[threadIdx.y][threadIdx.x] = dzs;
   __syncthreads();
   if (threadIdx.y != 0) return;
   for (int y = 1; y < kStripRows; ++y) {  // fixed order: row phase 0, 1, ... 7
     dot += shared_dot[y][threadIdx.x];
     amax = mk::max_of(amax, shared_max[y][threadIdx.x]);
+    dzs += shared_dz[y][threadIdx.x];
   }
   if (NORM && j < cols) col_dot[j] = dot;
+  if (BINARY && j < cols) col_shift[j] = dzs;
   if (max_abs != nullptr) {
     for (int offset = 16; offset > 0; offset /= 2)
       amax = mk::max_of(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
@@ -184,19 +216,24 @@ template <typename T>
 int forward_for(const mk_tile_args& g, void* run_max, void* run_sum) {
   const mk::NegativeConsts<T> k{static_cast<T>(g.scale), static_cast<T>(g.a), static_cast<T>(g.b)};
   const cudaStream_t stream = static_cast<cudaStream_t>(g.stream);
+  const bool binary = g.reduction == mk::kSoftplusSum;
   const bool known = mk::dispatch_kind(g.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
-    const auto kernel = g.inv_norm ? forward_epilogue_kernel<K, true, T> : forward_epilogue_kernel<K, false, T>;
+    const auto kernel = binary ? (g.inv_norm ? forward_epilogue_kernel<K, true, true, T>
+                                             : forward_epilogue_kernel<K, false, true, T>)
+                               : (g.inv_norm ? forward_epilogue_kernel<K, true, false, T>
+                                             : forward_epilogue_kernel<K, false, false, T>);
     kernel<<<static_cast<unsigned int>(g.rows), kForwardThreads, 0, stream>>>(
         static_cast<const T*>(g.tile), g.cols, g.ld, static_cast<const T*>(g.inv_norm), g.labels, g.col0,
-        static_cast<const T*>(g.row_params), k, static_cast<T*>(run_max), static_cast<T*>(run_sum));
+        static_cast<const T*>(g.row_params), k, static_cast<const T*>(g.shift), static_cast<T>(g.clamp),
+        static_cast<T*>(run_max), static_cast<T*>(run_sum));
   });
   return known ? static_cast<int>(cudaGetLastError()) : MK_CUDA_ERR_UNKNOWN_KIND;
 }
 
 template <typename T>
 int backward_for(const mk_tile_args& g, const void* lse, const void* g_lse, const void* g_cos_target,
-                 void* col_dot, void* max_abs) {
+                 void* col_dot, void* max_abs, void* col_shift) {
   const mk::NegativeConsts<T> k{static_cast<T>(g.scale), static_cast<T>(g.a), static_cast<T>(g.b)};
   const cudaStream_t stream = static_cast<cudaStream_t>(g.stream);
   if (max_abs != nullptr) {
@@ -205,13 +242,19 @@ int backward_for(const mk_tile_args& g, const void* lse, const void* g_lse, cons
   }
   const dim3 block(kStripCols, kStripRows);
   const unsigned int blocks = static_cast<unsigned int>((g.cols + kStripCols - 1) / kStripCols);
+  const bool binary = g.reduction == mk::kSoftplusSum;
+  if (binary && col_shift == nullptr) return MK_CUDA_ERR_MISSING_OUTPUT;
   const bool known = mk::dispatch_kind(g.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
-    const auto kernel = g.inv_norm ? backward_epilogue_kernel<K, true, T> : backward_epilogue_kernel<K, false, T>;
+    const auto kernel = binary ? (g.inv_norm ? backward_epilogue_kernel<K, true, true, T>
+                                             : backward_epilogue_kernel<K, false, true, T>)
+                               : (g.inv_norm ? backward_epilogue_kernel<K, true, false, T>
+                                             : backward_epilogue_kernel<K, false, false, T>);
     kernel<<<blocks, block, 0, stream>>>(
         static_cast<T*>(g.tile), g.rows, g.cols, g.ld, static_cast<const T*>(g.inv_norm), g.labels, g.col0,
         static_cast<const T*>(g.row_params), k, static_cast<const T*>(lse), static_cast<const T*>(g_lse),
-        static_cast<const T*>(g_cos_target), static_cast<T*>(col_dot), static_cast<T*>(max_abs));
+        static_cast<const T*>(g_cos_target), static_cast<T*>(col_dot), static_cast<T*>(max_abs),
+        static_cast<const T*>(g.shift), static_cast<T>(g.clamp), static_cast<T*>(col_shift));
   });
   return known ? static_cast<int>(cudaGetLastError()) : MK_CUDA_ERR_UNKNOWN_KIND;
 }
@@ -252,7 +295,7 @@ int mk_cuda_forward_epilogue(const mk_tile_args* args, void* run_max, void* run_
 }
 
 int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const void* g_lse,
-                              const void* g_cos_target, void* col_dot, void* max_abs) {
+                              const void* g_cos_target, void* col_dot, void* max_abs, void* col_shift) {
   DeviceScope scope(args->device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
   if (args->rows <= 0 || args->cols <= 0) {
@@ -263,10 +306,14 @@ int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const v
     if (max_abs != nullptr) status = cudaMemsetAsync(max_abs, 0, width, s);
     if (status == cudaSuccess && col_dot != nullptr && args->cols > 0)
       status = cudaMemsetAsync(col_dot, 0, width * static_cast<size_t>(args->cols), s);
+    if (status == cudaSuccess && col_shift != nullptr && args->cols > 0)
+      status = cudaMemsetAsync(col_shift, 0, width * static_cast<size_t>(args->cols), s);
     return static_cast<int>(status);
   }
-  if (args->dtype == MK_DTYPE_F32) return backward_for<float>(*args, lse, g_lse, g_cos_target, col_dot, max_abs);
-  if (args->dtype == MK_DTYPE_F64) return backward_for<double>(*args, lse, g_lse, g_cos_target, col_dot, max_abs);
+  if (args->dtype == MK_DTYPE_F32)
+    return backward_for<float>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, col_shift);
+  if (args->dtype == MK_DTYPE_F64)
+    return backward_for<double>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, col_shift);
   return MK_CUDA_ERR_BAD_DTYPE;
 }
 
@@ -286,6 +333,7 @@ const char* mk_cuda_error_string(int code) {
     case MK_CUDA_ERR_UNKNOWN_KIND: return "unknown negative-function kind";
     case MK_CUDA_ERR_BAD_DTYPE: return "unsupported dtype code";
     case MK_CUDA_ERR_TOO_MANY_ROWS: return "too many rows for one launch";
+    case MK_CUDA_ERR_MISSING_OUTPUT: return "the binary reduction needs col_shift";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

@@ -14,6 +14,7 @@ import torch
 
 from .. import _native
 from ..losses.negatives import NegativeSpec
+from ..losses.reductions import ReductionKind
 from . import chunk_loop
 from .chunk_loop import TileGrad
 
@@ -39,17 +40,21 @@ class NativeEpilogue:
         out = self._ext.inv_norms(_unit_stride_rows(w), _stream(w))
         return out if out.dtype == acc_dtype else out.to(acc_dtype)
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum, shift):
         self._ext.forward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
-                               run_max, run_sum, _stream(cos))
+                               run_max, run_sum, _stream(cos), int(spec.reduction), spec.clamp, shift)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse, g_cos_target,
-                      want_max_abs) -> TileGrad:
+                      want_max_abs, shift) -> TileGrad:
         col_dot = None if inv_norm is None else torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device)
         max_abs = torch.empty(1, dtype=cos.dtype, device=cos.device) if want_max_abs else None
+        binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
+        # the binary reduction: per-class sums of dL/dz, summed here in a fixed order (the shift's gradient)
+        col_shift = torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device) if binary else None
         self._ext.backward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
-                                lse, g_lse, g_cos_target, col_dot, max_abs, _stream(cos))
-        return TileGrad(cos, col_dot, max_abs)
+                                lse, g_lse, g_cos_target, col_dot, max_abs, _stream(cos), int(spec.reduction),
+                                spec.clamp, shift, col_shift)
+        return TileGrad(cos, col_dot, max_abs, None if col_shift is None else col_shift.sum().reshape(1))
 
     def finish_dw(self, dw, w_acc, col_dot, inv_norm):
         self._ext.finish_dw(dw, _unit_stride_rows(w_acc), col_dot, inv_norm, _stream(dw))
@@ -105,15 +110,15 @@ class NativeBackend:
         return t.to(dtype).contiguous()
 
     def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                    product="storage"):
+                    product="storage", shift=None):
         self._check(x, weight, labels, row_params, class_index)
         return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
-            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue())
+            chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue(), shift)
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0, product="storage"):
+                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", shift=None):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
@@ -121,4 +126,4 @@ class NativeBackend:
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
-            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter)
+            chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter, shift)
