@@ -3,21 +3,23 @@
 Grid: (row blocks, class splits). A program owns BLOCK_B rows and a contiguous range of class tiles; for each
 class tile it forms the cosines (``triton_tiles.cosine_tile``: x . w on the tensor cores with fp32
 accumulation, ||w||^2 from the same loaded W tile), applies the negative function and scale, drops the
-target and padded columns, and merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
+target and padded columns, and merges into an online max / sum (the binary reduction, REDUCTION =
+SOFTPLUS_SUM: sums the softplus terms instead; its splits are merged by a fixed-order sum). Each split writes its partial LSE; the host merges the splits with a fixed
 order ``logsumexp`` over a (splits, B) tensor, so the result is deterministic for a given config.
 """
 import triton
 import triton.language as tl
 
-from .triton_tiles import class_rows, cosine_tile, load_constants, load_row_inputs, negative_logits
+from .triton_tiles import (SOFTPLUS_SUM, class_rows, cosine_tile, load_binary_constants, load_constants,
+                           load_row_inputs, negative_logits, softplus_tile)
 
 
 @triton.jit
 def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
-                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET,
+                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET, shift_ptr,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, REDUCTION: tl.constexpr = 0):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -27,6 +29,7 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
     x_off = rows.to(tl.int64) * stride_xb
     labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
     scale, a, b = load_constants(consts_ptr)
+    clamp, beta = load_binary_constants(consts_ptr, shift_ptr)
 
     num_tiles = tl.cdiv(N, BLOCK_C)
     per_split = tl.cdiv(num_tiles, SPLITS)
@@ -39,10 +42,16 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
         w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
         cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
                              NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
-        z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
-        new_max = tl.maximum(run_max, tl.max(z, 1))
-        # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
-        run_max = new_max
-    tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)
+        if REDUCTION == SOFTPLUS_SUM:  # the binary reduction: a plain sum, no running max
+            run_sum += tl.sum(softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, beta, KIND), 1)
+        else:
+            z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
+            new_max = tl.maximum(run_max, tl.max(z, 1))
+            # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+            run_max = new_max
+    if REDUCTION == SOFTPLUS_SUM:
+        tl.store(partial_ptr + pid_s * B + rows, run_sum, mask=row_ok)
+    else:
+        tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)

@@ -1,4 +1,4 @@
-"""The six negative functions of ``losses/negatives.py`` as Triton device functions.
+"""The eight negative functions of ``losses/negatives.py`` as Triton device functions.
 
 Same table, same parameters: ``KIND`` is the ``NegativeKind`` value (a constexpr, so each kernel is compiled
 for one kind and the switch costs nothing), ``T`` and ``U`` are the per-row threshold and auxiliary value
@@ -17,6 +17,17 @@ CURRICULAR = tl.constexpr(int(NegativeKind.CURRICULAR))
 MV = tl.constexpr(int(NegativeKind.MV))
 CIRCLE = tl.constexpr(int(NegativeKind.CIRCLE))
 FILTER = tl.constexpr(int(NegativeKind.FILTER))
+POWER = tl.constexpr(int(NegativeKind.POWER))
+POWER_ST = tl.constexpr(int(NegativeKind.POWER_ST))
+
+
+@triton.jit
+def power_of_base(c, e):
+    """((c + 1) / 2)^e with the base floored at 0 (negatives.power_base): exp2(e log2 base), and 0^e = 0 for
+    e > 0, 1 for e = 0 (where log2(0) = -inf would give NaN)."""
+    base = tl.maximum((c + 1.0) * 0.5, 0.0)
+    safe = tl.where(base > 0.0, base, 1.0)
+    return tl.where(base > 0.0, tl.exp2(e * tl.log2(safe)), tl.where(e == 0.0, 1.0, 0.0).to(c.dtype))
 
 
 @triton.jit
@@ -32,6 +43,8 @@ def negative_value(c, T, U, a, b, KIND: tl.constexpr):
         return tl.maximum(c + a, 0.0) * (c - a)
     elif KIND == FILTER:
         return tl.where(c > a, 0.0, c)
+    elif (KIND == POWER) or (KIND == POWER_ST):
+        return 2.0 * power_of_base(c, a) - 1.0 + b
     else:
         return c
 
@@ -49,5 +62,7 @@ def negative_derivative(c, T, U, a, b, KIND: tl.constexpr):
         return tl.maximum(c + a, 0.0)
     elif KIND == FILTER:
         return tl.where(c > a, 0.0, 1.0).to(c.dtype)
-    else:
+    elif KIND == POWER:
+        return a * power_of_base(c, a - 1.0)
+    else:  # IDENTITY, and POWER_ST (opensphere's no_grad adjustment: the gradient of c)
         return tl.full(c.shape, 1.0, c.dtype)
