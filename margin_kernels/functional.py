@@ -61,14 +61,17 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
-                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float):
+                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
+                 shift: Optional[torch.Tensor] = None):
     """The custom op: (lse over the negatives, or their softplus sum for the binary family, target cos,
     target ||w||), each (B,), differentiable. The target
-    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward."""
+    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward.
+    ``shift``: the logit shift as ``logit_shift`` makes it (the default), or wrapped by the caller (the
+    model-parallel head sums its gradient over the ranks)."""
     spec = margin.negative_spec()
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
-        logit_shift(margin, row_params), margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b,
+        logit_shift(margin, row_params) if shift is None else shift, margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b,
         int(spec.reduction), spec.clamp, backend, chunk_size or 0, float(grad_filter),
         product_mode(weight.dtype, weight.device.type))
 

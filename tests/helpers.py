@@ -23,6 +23,9 @@ SPECS = {
     NegativeKind.MV: NegativeSpec(NegativeKind.MV, 32.0, 1.12),
     NegativeKind.CIRCLE: NegativeSpec(NegativeKind.CIRCLE, 64.0, 0.25),
     NegativeKind.FILTER: NegativeSpec(NegativeKind.FILTER, 64.0, 0.1),
+    # SphereFace2's h(c) with t = 3 and the negatives' margin 0.4 (no branch point inside: the floor at c = -1)
+    NegativeKind.POWER: NegativeSpec(NegativeKind.POWER, 40.0, 3.0, 0.4),
+    NegativeKind.POWER_ST: NegativeSpec(NegativeKind.POWER_ST, 40.0, 3.0, 0.4),
 }
 
 

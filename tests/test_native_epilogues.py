@@ -171,7 +171,7 @@ def test_cuda_norms_read_low_precision_storage(cuda_ext, dtype):
 def test_header_rejects_unknown_kind(cpu_ext):
     c, rp = torch.zeros(1, 1), torch.zeros(1, 2)
     with pytest.raises(RuntimeError, match="negative_eval.*kind"):
-        cpu_ext.negative_eval(c, rp, 6, 0.0, 0.0)
+        cpu_ext.negative_eval(c, rp, len(NegativeKind), 0.0, 0.0)
 
 
 def test_header_exp(cpu_ext):

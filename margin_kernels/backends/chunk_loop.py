@@ -60,13 +60,14 @@ class Epilogue(Protocol):
 
     def forward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                      row_params: torch.Tensor, spec: NegativeSpec, run_max: torch.Tensor,
-                     run_sum: torch.Tensor, shift: torch.Tensor) -> None:
+                     run_sum: torch.Tensor, shift: Optional[torch.Tensor] = None) -> None:
         """Merge logits of the negatives of this tile into the running max/sum (in place); for the binary
         reduction add the tile's softplus terms of z + shift to run_sum (run_max stays unused)."""
 
     def backward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                       row_params: torch.Tensor, spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
-                      g_cos_target: torch.Tensor, want_max_abs: bool, shift: torch.Tensor) -> TileGrad:
+                      g_cos_target: torch.Tensor, want_max_abs: bool,
+                      shift: Optional[torch.Tensor] = None) -> TileGrad:
         """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs; for the binary reduction
         also the tile's sum of dL/dz (``shift_grad``)."""
 

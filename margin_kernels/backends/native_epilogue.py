@@ -40,12 +40,12 @@ class NativeEpilogue:
         out = self._ext.inv_norms(_unit_stride_rows(w), _stream(w))
         return out if out.dtype == acc_dtype else out.to(acc_dtype)
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum, shift):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum, shift=None):
         self._ext.forward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
                                run_max, run_sum, _stream(cos), int(spec.reduction), spec.clamp, shift)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse, g_cos_target,
-                      want_max_abs, shift) -> TileGrad:
+                      want_max_abs, shift=None) -> TileGrad:
         col_dot = None if inv_norm is None else torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device)
         max_abs = torch.empty(1, dtype=cos.dtype, device=cos.device) if want_max_abs else None
         binary = spec.reduction == ReductionKind.SOFTPLUS_SUM

@@ -22,13 +22,13 @@ class TorchEpilogue:
     def inv_norms(self, w, acc_dtype):
         return inverse_norms(w, acc_dtype)
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
         if spec.reduction == ReductionKind.SOFTPLUS_SUM:
-            terms = softplus_terms(z + shift, spec.clamp)
+            terms = softplus_terms(z if shift is None else z + shift, spec.clamp)
             terms[rows, cols] = 0.0
             run_sum.add_(terms.sum(dim=1))
             return
@@ -40,14 +40,14 @@ class TorchEpilogue:
         run_max.copy_(new_max)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
-                      want_max_abs, shift):
+                      want_max_abs, shift=None):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
         shift_grad = None
         if spec.reduction == ReductionKind.SOFTPLUS_SUM:  # dL/dz = g sigmoid(z + shift), per element
-            p = softplus_grad(z + shift, spec.clamp) * g_lse.unsqueeze(1)
+            p = softplus_grad(z if shift is None else z + shift, spec.clamp) * g_lse.unsqueeze(1)
             p[rows, cols] = 0.0
             shift_grad = p.sum().reshape(1)
         else:

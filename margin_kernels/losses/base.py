@@ -95,6 +95,8 @@ class MarginLoss(nn.Module):
     negative_kind: NegativeKind = NegativeKind.IDENTITY
     #: how the negatives are reduced per row: softmax's log-sum-exp, or the binary family's softplus sum
     reduction_kind: ReductionKind = ReductionKind.LSE
+    #: why the heads refuse Partial FC (sample_rate < 1) for this loss; None: sampling is supported
+    no_partial_fc_reason: Optional[str] = None
 
     def __init__(self, s: float = 1.0):
         super().__init__()

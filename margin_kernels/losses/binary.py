@@ -27,6 +27,10 @@ class BinaryMarginLoss(MarginLoss):
 
     reduction_kind = ReductionKind.SOFTPLUS_SUM
 
+    def logit_shift_parameter(self) -> nn.Parameter:
+        """The learnable bias itself (``b`` of SphereFace2, ``bias`` of UniFace)."""
+        raise NotImplementedError
+
     def _bias_parameter(self, value: float) -> nn.Parameter:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"the bias must be a finite number, got {value!r}")
@@ -50,6 +54,11 @@ class SphereFace2(BinaryMarginLoss):
     ``straight_through=True`` (the code): the adjustment h and the margins are computed under ``no_grad``, so
     the gradient is that of r c. False: the exact gradient (opensphere's ``sphereface2c.py`` for 'C').
     """
+
+    no_partial_fc_reason = (
+        "opensphere trains SphereFace2 on every class, and a uniform sample of the negatives (the batch's classes "
+        "always kept) gives no unbiased estimate of its sum over the classes without per-class weights; use "
+        "sample_rate=1.0")
 
     def __init__(self, magn_type: str = "C", alpha: float = 0.7, r: float = 40.0, m: float = 0.4, t: float = 3.0,
                  lw: float = 50.0, num_class: Optional[int] = None, b: Optional[float] = None,
@@ -106,6 +115,9 @@ class SphereFace2(BinaryMarginLoss):
     def logit_shift(self):
         return self.b
 
+    def logit_shift_parameter(self):
+        return self.b
+
     def row_loss(self, target, negatives):
         return (self.lw / self.r) * (self.alpha * softplus(-target) + (1.0 - self.alpha) * negatives)
 
@@ -145,6 +157,9 @@ class UniFace(BinaryMarginLoss):
 
     def logit_shift(self):
         return -self.bias
+
+    def logit_shift_parameter(self):
+        return self.bias
 
     def row_loss(self, target, negatives):
         return softplus(-clamp_logits(target, self.s)) + self.l * negatives
