@@ -36,22 +36,27 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
     tile_end = tl.minimum(pid_s * per_split + per_split, num_tiles)
     run_max = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
     run_sum = tl.zeros((BLOCK_B,), acc_dtype)
-    for tile in range(pid_s * per_split, tile_end):
-        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < N
-        w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
-        cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
-                             NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
-        if REDUCTION == SOFTPLUS_SUM:  # the binary reduction: a plain sum, no running max
+    if REDUCTION == SOFTPLUS_SUM:  # the binary reduction: a plain sum of softplus terms, no running max
+        clamp, beta = load_binary_constants(consts_ptr, shift_ptr)
+        for tile in range(pid_s * per_split, tile_end):
+            cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < N
+            w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
+            cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
+                                 NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
             run_sum += tl.sum(softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, beta, KIND), 1)
-        else:
+        tl.store(partial_ptr + pid_s * B + rows, run_sum, mask=row_ok)
+    else:  # a loop of its own: the log-sum-exp's compiled code (and registers) as without the binary branch
+        for tile in range(pid_s * per_split, tile_end):
+            cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < N
+            w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
+            cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
+                                 NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
             z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
             new_max = tl.maximum(run_max, tl.max(z, 1))
             # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
             run_max = new_max
-    if REDUCTION == SOFTPLUS_SUM:
-        tl.store(partial_ptr + pid_s * B + rows, run_sum, mask=row_ok)
-    else:
         tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)
