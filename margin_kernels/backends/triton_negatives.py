@@ -43,7 +43,9 @@ def negative_value(c, T, U, a, b, KIND: tl.constexpr):
         return tl.maximum(c + a, 0.0) * (c - a)
     elif KIND == FILTER:
         return tl.where(c > a, 0.0, c)
-    elif (KIND == POWER) or (KIND == POWER_ST):
+    elif KIND == POWER:  # two comparisons, not `or`: each stays a compile-time branch
+        return 2.0 * power_of_base(c, a) - 1.0 + b
+    elif KIND == POWER_ST:
         return 2.0 * power_of_base(c, a) - 1.0 + b
     else:
         return c

@@ -142,7 +142,8 @@ def _cases(dims, dtypes):
 
     # (label, constexprs) of every negative epilogue: each kind under the log-sum-exp, and the kinds the binary
     # family uses (UniFace: IDENTITY, SphereFace2: POWER / POWER_ST) under its softplus sum
-    epilogues = [(kind.name, dict(KIND=int(kind))) for kind in NegativeKind] + [
+    # (REDUCTION always named: a constexpr left out would compile as a runtime argument, both branches kept)
+    epilogues = [(kind.name, dict(KIND=int(kind), REDUCTION=int(ReductionKind.LSE))) for kind in NegativeKind] + [
         (f"{kind.name}+SP", dict(KIND=int(kind), REDUCTION=int(ReductionKind.SOFTPLUS_SUM)))
         for kind in (NegativeKind.IDENTITY, NegativeKind.POWER, NegativeKind.POWER_ST)]
 
@@ -156,6 +157,9 @@ def _cases(dims, dtypes):
                     continue
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
                 for kind_label, epilogue in epilogues:
+                    if not configs.forward_candidate(t, elem, product in ("bf16", "fp16"), epilogue["KIND"],
+                                                     epilogue["REDUCTION"]):
+                        continue  # the autotuner never picks it for this epilogue
                     yield ("lse_forward", label, dtype, kind_label, dim, product,
                            dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
                            t.num_warps, t.num_stages)
