@@ -48,7 +48,11 @@ struct Tile {
   Tensor row_params;
   int64_t kind;
   double scale, a, b;
+  int64_t reduction;         // mk::ReductionKind
+  double clamp;              // the binary reduction's logit clamp
+  optional<Tensor> shift;    // the binary reduction's logit shift (one element, the tile's dtype and device)
 
+  bool binary() const { return reduction == mk::kSoftplusSum; }
   int64_t rows() const { return tile.size(0); }
   int64_t cols() const { return tile.size(1); }
   int64_t ld() const { return tile.size(0) <= 1 ? tile.size(1) : tile.stride(0); }
@@ -61,6 +65,10 @@ struct Tile {
                 kind);
     if (inv_norm) check_like(fn, "inv_norm", *inv_norm, tile, cols());
     check_like(fn, "row_params", row_params, tile, 2 * rows());
+    TORCH_CHECK(reduction >= 0 && reduction < mk::kNumReductionKinds, "margin_kernels.", fn,
+                ": unknown reduction kind ", reduction);
+    TORCH_CHECK(!binary() || shift, "margin_kernels.", fn, ": shift is required by the binary reduction");
+    if (shift) check_like(fn, "shift", *shift, tile, 1);
     TORCH_CHECK(labels.scalar_type() == at::kLong, "margin_kernels.", fn, ": labels must be int64, got ",
                 labels.scalar_type());
     TORCH_CHECK(labels.device() == tile.device(), "margin_kernels.", fn, ": labels are on ", labels.device(),
@@ -75,13 +83,16 @@ struct Tile {
     return mk_cpu::TileArgs<T>{tile.data_ptr<T>(), rows(), cols(), ld(),
                                inv_norm ? inv_norm->data_ptr<T>() : nullptr, labels.data_ptr<int64_t>(), col0,
                                row_params.data_ptr<T>(), static_cast<int>(kind), static_cast<T>(scale),
-                               static_cast<T>(a), static_cast<T>(b)};
+                               static_cast<T>(a), static_cast<T>(b), static_cast<int>(reduction),
+                               static_cast<T>(clamp), shift ? shift->data_ptr<T>() : nullptr};
   }
 };
 
 void check_status(int status, const char* fn) {
   TORCH_CHECK(status == mk_cpu::kOk, "margin_kernels.", fn, " failed: ",
-              status == mk_cpu::kUnknownKind ? "unknown negative kind" : "error code " + std::to_string(status));
+              status == mk_cpu::kUnknownKind     ? "unknown negative kind"
+              : status == mk_cpu::kMissingOutput ? "the binary reduction needs col_shift"
+                                                 : "error code " + std::to_string(status));
 }
 
 #ifdef MK_WITH_CUDA
@@ -113,6 +124,9 @@ mk_tile_args cuda_args(const Tile& t, int64_t stream) {
   args.scale = t.scale;
   args.a = t.a;
   args.b = t.b;
+  args.reduction = static_cast<int>(t.reduction);
+  args.clamp = t.clamp;
+  args.shift = t.shift ? t.shift->data_ptr() : nullptr;
   args.dtype = dtype_code(t.tile);
   args.device = t.tile.get_device();
   args.stream = reinterpret_cast<void*>(stream);
@@ -152,8 +166,9 @@ Tensor inv_norms(const Tensor& w, int64_t stream) {
 
 void forward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const Tensor& labels, int64_t col0,
                   const Tensor& row_params, int64_t kind, double scale, double a, double b, const Tensor& run_max,
-                  const Tensor& run_sum, int64_t stream) {
-  const Tile t{tile, inv_norm, labels, col0, row_params, kind, scale, a, b};
+                  const Tensor& run_sum, int64_t stream, int64_t reduction, double clamp,
+                  const optional<Tensor>& shift) {
+  const Tile t{tile, inv_norm, labels, col0, row_params, kind, scale, a, b, reduction, clamp, shift};
   t.check("forward_tile");
   check_like("forward_tile", "run_max", run_max, tile, t.rows());
   check_like("forward_tile", "run_sum", run_sum, tile, t.rows());
@@ -177,8 +192,9 @@ void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const T
                    const Tensor& row_params, int64_t kind, double scale, double a, double b, const Tensor& lse,
                    const Tensor& g_lse, const Tensor& g_cos_target, const optional<Tensor>& col_dot,
                    const optional<Tensor>& max_abs, const optional<Tensor>& grad_out, const optional<Tensor>& factor,
-                   int64_t stream) {
-  const Tile t{tile, inv_norm, labels, col0, row_params, kind, scale, a, b};
+                   int64_t stream, int64_t reduction, double clamp, const optional<Tensor>& shift,
+                   const optional<Tensor>& col_shift) {
+  const Tile t{tile, inv_norm, labels, col0, row_params, kind, scale, a, b, reduction, clamp, shift};
   t.check("backward_tile");
   check_like("backward_tile", "lse", lse, tile, t.rows());
   check_like("backward_tile", "g_lse", g_lse, tile, t.rows());
@@ -193,6 +209,8 @@ void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const T
                 "margin_kernels.backward_tile: grad_out must have the tile's shape and device with unit column "
                 "stride, got ", grad_out->sizes(), " on ", grad_out->device());
   }
+  TORCH_CHECK(!t.binary() || col_shift, "margin_kernels.backward_tile: col_shift is required by the binary reduction");
+  if (col_shift) check_like("backward_tile", "col_shift", *col_shift, tile, t.cols());
   if (tile.is_cuda()) {
 #ifdef MK_WITH_CUDA
     const mk_tile_args args = cuda_args(t, stream);
@@ -205,7 +223,8 @@ void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const T
     }
     check_cuda(mk_cuda_backward_epilogue(&args, lse.data_ptr(), g_lse.data_ptr(), g_cos_target.data_ptr(),
                                          col_dot ? col_dot->data_ptr() : nullptr,
-                                         max_abs ? max_abs->data_ptr() : nullptr, grad_out ? &out : nullptr),
+                                         max_abs ? max_abs->data_ptr() : nullptr,
+                                         col_shift ? col_shift->data_ptr() : nullptr, grad_out ? &out : nullptr),
                "backward_epilogue");
     return;
 #else
@@ -219,6 +238,7 @@ void backward_tile(const Tensor& tile, const optional<Tensor>& inv_norm, const T
                                                   g_lse.data_ptr<scalar_t>(), g_cos_target.data_ptr<scalar_t>(),
                                                   col_dot ? col_dot->data_ptr<scalar_t>() : nullptr,
                                                   max_abs ? max_abs->data_ptr<scalar_t>() : nullptr,
+                                                  col_shift ? col_shift->data_ptr<scalar_t>() : nullptr,
                                                   at::get_num_threads()),
                  "backward_tile");
   });
@@ -417,8 +437,14 @@ pybind11::dict constants() {
   kinds["FILTER"] = static_cast<int>(mk::kFilter);
   kinds["ROW_SCALE"] = static_cast<int>(mk::kRowScale);
   kinds["AFFINE"] = static_cast<int>(mk::kAffine);
+  kinds["POWER"] = static_cast<int>(mk::kPower);
+  kinds["POWER_ST"] = static_cast<int>(mk::kPowerSt);
+  pybind11::dict reductions;
+  reductions["LSE"] = static_cast<int>(mk::kLse);
+  reductions["SOFTPLUS_SUM"] = static_cast<int>(mk::kSoftplusSum);
   pybind11::dict out;
   out["negative_kinds"] = kinds;
+  out["reduction_kinds"] = reductions;
   out["num_negative_kinds"] = mk::kNumNegativeKinds;
   out["norm_eps"] = mk::kNormEps;
   return out;
@@ -436,11 +462,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inv_norms", &inv_norms, py::arg("w"), py::arg("stream") = 0, nogil);
   m.def("forward_tile", &forward_tile, py::arg("tile"), py::arg("inv_norm"), py::arg("labels"), py::arg("col0"),
         py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("run_max"),
-        py::arg("run_sum"), py::arg("stream") = 0, nogil);
+        py::arg("run_sum"), py::arg("stream") = 0, py::arg("reduction") = 0, py::arg("clamp") = INFINITY,
+        py::arg("shift") = py::none(), nogil);
   m.def("backward_tile", &backward_tile, py::arg("tile"), py::arg("inv_norm"), py::arg("labels"), py::arg("col0"),
         py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"), py::arg("lse"),
         py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("max_abs"),
-        py::arg("grad_out") = py::none(), py::arg("factor") = py::none(), py::arg("stream") = 0, nogil);
+        py::arg("grad_out") = py::none(), py::arg("factor") = py::none(), py::arg("stream") = 0,
+        py::arg("reduction") = 0, py::arg("clamp") = INFINITY, py::arg("shift") = py::none(),
+        py::arg("col_shift") = py::none(), nogil);
   m.def("finish_dw", &finish_dw, py::arg("g"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
         py::arg("out") = py::none(), py::arg("inv_factor") = py::none(), py::arg("stream") = 0, nogil);
   m.def("sub_center_max", &sub_center_max, py::arg("tile"), py::arg("inv_norm"), py::arg("sub_centers"),

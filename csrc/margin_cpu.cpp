@@ -79,6 +79,26 @@ MK_INLINE T lane_sum_squares(const T* p, int64_t n) {
 
 // One row of the tile: the row's negatives are read once, turned into logits in an L1 block buffer, and merged
 // block by block into (M, S); the target column is masked to -inf (exp gives exactly 0).
+// The binary reduction's row: the sum of the negatives' softplus terms, in fixed 16-lane blocks.
+template <int KIND, bool NORM, typename T>
+MK_ISA_CLONES void forward_row_binary(const TileArgs<T>& g, int64_t i, T* run_sum) {
+  const T* __restrict row = g.tile + i * g.ld;
+  const T thr = g.row_params[2 * i], aux = g.row_params[2 * i + 1];
+  const mk::NegativeConsts<T> k{g.scale, g.a, g.b};
+  const T shift = *g.shift, clamp = g.clamp;
+  const int64_t target = g.labels[i] - g.col0;
+  T acc[kLanes] = {};
+  for (int64_t j = 0; j < g.cols; ++j) {
+    T c = row[j];
+    if constexpr (NORM) c *= g.inv_norm[j];
+    const T term = mk::softplus_term(mk::negative_logit<KIND>(c, thr, aux, k) + shift, clamp);
+    acc[j % kLanes] += j == target ? T(0) : term;
+  }
+  T s = T(0);
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  run_sum[i] += s;
+}
+
 template <int KIND, bool NORM, typename T>
 MK_ISA_CLONES void forward_row(const TileArgs<T>& g, int64_t i, T* run_max, T* run_sum) {
   const T* __restrict row = g.tile + i * g.ld;
@@ -157,6 +177,49 @@ MK_ISA_CLONES void backward_strip(const TileArgs<T>& g, int64_t j0, const T* lse
   *strip_max = m;
 }
 
+// The binary reduction's strip: dL/dz = g_i sigmoid(z + shift), per-column sums of it (the shift's gradient)
+// beside sum_i dc*c, both accumulated in row order.
+template <int KIND, bool NORM, typename T>
+MK_ISA_CLONES void backward_strip_binary(const TileArgs<T>& g, int64_t j0, const T* g_lse, const T* g_cos_target,
+                                         T* col_dot, T* col_shift, T* strip_max) {
+  const int32_t len = static_cast<int32_t>(std::min(kStrip, g.cols - j0));
+  const mk::NegativeConsts<T> k{g.scale, g.a, g.b};
+  const T shift = *g.shift, clamp = g.clamp;
+  alignas(64) T inv[kStrip];
+  alignas(64) T dot[kStrip];
+  alignas(64) T dzs[kStrip];
+  alignas(64) T amax[kStrip];
+  for (int32_t j = 0; j < len; ++j) {
+    inv[j] = NORM ? g.inv_norm[j0 + j] : T(1);
+    dot[j] = dzs[j] = amax[j] = T(0);
+  }
+  for (int64_t i = 0; i < g.rows; ++i) {
+    T* __restrict row = g.tile + i * g.ld + j0;
+    const T thr = g.row_params[2 * i], aux = g.row_params[2 * i + 1];
+    const T row_g = g_lse[i], target_grad = g_cos_target[i];
+    const int64_t t64 = g.labels[i] - g.col0 - j0;
+    const int32_t target = (t64 >= 0 && t64 < len) ? static_cast<int32_t>(t64) : -1;
+    for (int32_t j = 0; j < len; ++j) {
+      T c = row[j];
+      if constexpr (NORM) c *= inv[j];
+      T dz;
+      T dc = mk::binary_negative_grad<KIND>(c, thr, aux, k, shift, clamp, row_g, dz);
+      dzs[j] += j == target ? T(0) : dz;
+      dc = j == target ? target_grad : dc;
+      if constexpr (NORM) dot[j] += dc * c;
+      amax[j] = mk::max_of(amax[j], dc < T(0) ? -dc : dc);
+      row[j] = NORM ? dc * inv[j] : dc;
+    }
+  }
+  T m = T(0);
+  for (int32_t j = 0; j < len; ++j) {
+    if constexpr (NORM) col_dot[j0 + j] = dot[j];
+    col_shift[j0 + j] = dzs[j];
+    m = mk::max_of(m, amax[j]);
+  }
+  *strip_max = m;
+}
+
 template <typename T>
 MK_ISA_CLONES void inv_norm_row(const T* w, int64_t dim, T* out) {
   *out = mk::inv_norm_from_sumsq(lane_sum_squares(w, dim));
@@ -180,6 +243,12 @@ int forward_tile(const TileArgs<T>& args, T* run_max, T* run_sum, int threads) {
   const int nt = thread_count(threads);
   const bool known = mk::dispatch_kind(args.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
+    if (args.reduction == mk::kSoftplusSum) {
+      const auto row_fn = args.inv_norm ? &forward_row_binary<K, true, T> : &forward_row_binary<K, false, T>;
+#pragma omp parallel for schedule(static) num_threads(nt)
+      for (int64_t i = 0; i < args.rows; ++i) row_fn(args, i, run_sum);
+      return;
+    }
     const auto row_fn = args.inv_norm ? &forward_row<K, true, T> : &forward_row<K, false, T>;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t i = 0; i < args.rows; ++i) row_fn(args, i, run_max, run_sum);
@@ -189,12 +258,21 @@ int forward_tile(const TileArgs<T>& args, T* run_max, T* run_sum, int threads) {
 
 template <typename T>
 int backward_tile(const TileArgs<T>& args, const T* lse, const T* g_lse, const T* g_cos_target, T* col_dot,
-                  T* max_abs, int threads) {
+                  T* max_abs, T* col_shift, int threads) {
   const int nt = thread_count(threads);
   const int64_t strips = (args.cols + kStrip - 1) / kStrip;
   std::vector<T> strip_max(static_cast<size_t>(std::max<int64_t>(strips, 1)), T(0));
+  const bool binary = args.reduction == mk::kSoftplusSum;
+  if (binary && col_shift == nullptr) return kMissingOutput;
   const bool known = mk::dispatch_kind(args.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
+    if (binary) {
+      const auto strip_fn = args.inv_norm ? &backward_strip_binary<K, true, T> : &backward_strip_binary<K, false, T>;
+#pragma omp parallel for schedule(static) num_threads(nt)
+      for (int64_t s = 0; s < strips; ++s)
+        strip_fn(args, s * kStrip, g_lse, g_cos_target, col_dot, col_shift, &strip_max[static_cast<size_t>(s)]);
+      return;
+    }
     const auto strip_fn = args.inv_norm ? &backward_strip<K, true, T> : &backward_strip<K, false, T>;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t s = 0; s < strips; ++s)
@@ -278,7 +356,7 @@ void lse_merge_eval(T* run_max, T* run_sum, const T* other_max, const T* other_s
 #define MK_INSTANTIATE(T)                                                                                     \
   template void inv_norms<T>(const T*, int64_t, int64_t, int64_t, T*, int);                                   \
   template int forward_tile<T>(const TileArgs<T>&, T*, T*, int);                                              \
-  template int backward_tile<T>(const TileArgs<T>&, const T*, const T*, const T*, T*, T*, int);               \
+  template int backward_tile<T>(const TileArgs<T>&, const T*, const T*, const T*, T*, T*, T*, int);           \
   template void finish_dw<T>(T*, int64_t, int64_t, int64_t, const T*, int64_t, const T*, const T*, int);      \
   template int negative_eval<T>(const T*, int64_t, int64_t, const T*, int, T, T, T*, T*);                     \
   template void exp_eval<T>(const T*, int64_t, T*);                                                           \

@@ -11,6 +11,7 @@ namespace mk_cpu {
 enum Status : int {
   kOk = 0,
   kUnknownKind = 1,
+  kMissingOutput = 2,
 };
 
 template <typename T>
@@ -23,22 +24,27 @@ struct TileArgs {
   const T* row_params;    // rows x 2, contiguous: (T_i, U_i) of the negative function
   int kind;               // mk::NegativeKind
   T scale, a, b;
+  int reduction;          // mk::ReductionKind
+  T clamp;                // the binary reduction's logit clamp (inf: none)
+  const T* shift;         // the binary reduction's logit shift (one element; unused for kLse)
 };
 
 // out[j] = 1 / max(|w_j|, eps) for the n rows of w (leading dimension ld)
 template <typename T>
 void inv_norms(const T* w, int64_t n, int64_t dim, int64_t ld, T* out, int threads);
 
-// merge the tile's negative logits (target column excluded) into run_max/run_sum (rows entries, in place)
+// merge the tile's negative logits (target column excluded) into run_max/run_sum (rows entries, in place);
+// the binary reduction adds the row's softplus terms to run_sum instead (run_max untouched)
 template <typename T>
 int forward_tile(const TileArgs<T>& args, T* run_max, T* run_sum, int threads);
 
 // overwrite the tile with dL/d(x_i . w_j): dL/dc_ij (target column: g_cos_target_i) times 1/|w_j| when
 // normalised; col_dot[j] = sum_i dL/dc_ij * c_ij (needed, and only written, when inv_norm is given);
-// *max_abs = max |dL/dc_ij| when max_abs is not null (gradient filtering). lse must be finite.
+// *max_abs = max |dL/dc_ij| when max_abs is not null (gradient filtering). lse must be finite. The binary
+// reduction (lse unused) also writes col_shift[j] = sum_i dL/dz_ij over the negatives (cols entries, required).
 template <typename T>
 int backward_tile(const TileArgs<T>& args, const T* lse, const T* g_lse, const T* g_cos_target, T* col_dot,
-                  T* max_abs, int threads);
+                  T* max_abs, T* col_shift, int threads);
 
 // in place on the dW GEMM output g (n x dim, leading dimension ld_g): g_j -= col_dot_j / |w_j|^2 * w_j
 template <typename T>

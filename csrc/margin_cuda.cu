@@ -89,11 +89,13 @@ __global__ void inv_norms_kernel(const Tin* __restrict__ w, int64_t n, int64_t d
   if (lane == 0) out[row] = mk::inv_norm_from_sumsq(sumsq);
 }
 
-template <int KIND, bool NORM, typename T>
+// BINARY: the binary reduction (a plain sum of softplus terms of z + shift, in the same fixed tree)
+template <int KIND, bool NORM, bool BINARY, typename T>
 __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols, int64_t ld,
                                         const T* __restrict__ inv_norm, const int64_t* __restrict__ labels,
                                         int64_t col0, const T* __restrict__ row_params,
-                                        mk::NegativeConsts<T> k, T* run_max, T* run_sum) {
+                                        mk::NegativeConsts<T> k, const T* __restrict__ shift_ptr, T clamp,
+                                        T* run_max, T* run_sum) {
   __shared__ T shared_max[kForwardThreads];
   __shared__ T shared_sum[kForwardThreads];
   const int64_t i = blockIdx.x;
@@ -101,11 +103,26 @@ __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols
   const T thr = row_params[2 * i], aux = row_params[2 * i + 1];
   const int64_t target = labels[i] - col0;
   T m = mk::neg_infinity<T>(), s = T(0);
+  const T shift = BINARY ? *shift_ptr : T(0);
   for (int64_t j = threadIdx.x; j < cols; j += kForwardThreads) {
     if (j == target) continue;
     T c = row[j];
     if (NORM) c *= inv_norm[j];
-    mk::lse_push(m, s, mk::negative_logit<KIND>(c, thr, aux, k));
+    if (BINARY) {
+      s += mk::softplus_term(mk::negative_logit<KIND>(c, thr, aux, k) + shift, clamp);
+    } else {
+      mk::lse_push(m, s, mk::negative_logit<KIND>(c, thr, aux, k));
+    }
+  }
+  if (BINARY) {  // the same tree over the partial sums
+    shared_sum[threadIdx.x] = s;
+    __syncthreads();
+    for (int stride = kForwardThreads / 2; stride > 0; stride /= 2) {
+      if (threadIdx.x < stride) shared_sum[threadIdx.x] += shared_sum[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) run_sum[i] += shared_sum[0];
+    return;
   }
   shared_max[threadIdx.x] = m;
   shared_sum[threadIdx.x] = s;
@@ -122,28 +139,40 @@ __global__ void forward_epilogue_kernel(const T* __restrict__ tile, int64_t cols
   if (threadIdx.x == 0) mk::lse_merge(run_max[i], run_sum[i], shared_max[0], shared_sum[0]);
 }
 
-// `out` may be the tile itself (in place: each element is read, then written, by the same thread)
-template <int KIND, bool NORM, typename T, typename Tout>
+// `out` may be the tile itself (in place: each element is read, then written, by the same thread).
+// BINARY: dL/dz = g sigmoid(z + shift) (the binary reduction), its per-column sums into col_shift
+template <int KIND, bool NORM, bool BINARY, typename T, typename Tout>
 __global__ void backward_epilogue_kernel(const T* tile, int64_t rows, int64_t cols, int64_t ld,
                                          const T* __restrict__ inv_norm, const int64_t* __restrict__ labels,
                                          int64_t col0, const T* __restrict__ row_params,
                                          mk::NegativeConsts<T> k, const T* __restrict__ lse,
                                          const T* __restrict__ g_lse, const T* __restrict__ g_cos_target,
-                                         T* __restrict__ col_dot, T* max_abs, Tout* out, int64_t ld_out,
+                                         T* __restrict__ col_dot, T* max_abs, const T* __restrict__ shift_ptr,
+                                         T clamp, T* __restrict__ col_shift, Tout* out, int64_t ld_out,
                                          const T* __restrict__ factor) {
   __shared__ T shared_dot[kStripRows][kStripCols + 1];
   __shared__ T shared_max[kStripRows][kStripCols + 1];
+  __shared__ T shared_dz[kStripRows][kStripCols + 1];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kStripCols + threadIdx.x;
-  T dot = T(0), amax = T(0);
+  const T shift = BINARY ? *shift_ptr : T(0);
+  T dot = T(0), amax = T(0), dzs = T(0);
   if (j < cols) {
     const T inv = NORM ? inv_norm[j] : T(1);
     const T out_scale = inv * scalar_or_one(factor);  // 1/|w_j| folded into dL/d(x.w), then the fp16 factor
     for (int64_t i = threadIdx.y; i < rows; i += kStripRows) {
       T c = tile[i * ld + j];
       if (NORM) c *= inv;
-      const T dc = labels[i] - col0 == j
-                       ? g_cos_target[i]
-                       : mk::negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, lse[i], g_lse[i]);
+      T dc;
+      if (labels[i] - col0 == j) {
+        dc = g_cos_target[i];
+      } else if (BINARY) {
+        T dz;
+        dc = mk::binary_negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, shift, clamp,
+                                            g_lse[i], dz);
+        dzs += dz;
+      } else {
+        dc = mk::negative_grad<KIND>(c, row_params[2 * i], row_params[2 * i + 1], k, lse[i], g_lse[i]);
+      }
       dot += dc * c;
       amax = mk::max_of(amax, dc < T(0) ? -dc : dc);
       out[i * ld_out + j] = narrow<Tout>(dc * out_scale);
@@ -151,13 +180,16 @@ __global__ void backward_epilogue_kernel(const T* tile, int64_t rows, int64_t co
   }
   shared_dot[threadIdx.y][threadIdx.x] = dot;
   shared_max[threadIdx.y][threadIdx.x] = amax;
+  shared_dz[threadIdx.y][threadIdx.x] = dzs;
   __syncthreads();
   if (threadIdx.y != 0) return;
   for (int y = 1; y < kStripRows; ++y) {  // fixed order: row phase 0, 1, ... 7
     dot += shared_dot[y][threadIdx.x];
     amax = mk::max_of(amax, shared_max[y][threadIdx.x]);
+    dzs += shared_dz[y][threadIdx.x];
   }
   if (NORM && j < cols) col_dot[j] = dot;
+  if (BINARY && j < cols) col_shift[j] = dzs;
   if (max_abs != nullptr) {
     for (int offset = 16; offset > 0; offset /= 2)
       amax = mk::max_of(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
@@ -281,19 +313,24 @@ template <typename T>
 int forward_for(const mk_tile_args& g, void* run_max, void* run_sum) {
   const mk::NegativeConsts<T> k{static_cast<T>(g.scale), static_cast<T>(g.a), static_cast<T>(g.b)};
   const cudaStream_t stream = static_cast<cudaStream_t>(g.stream);
+  const bool binary = g.reduction == mk::kSoftplusSum;
   const bool known = mk::dispatch_kind(g.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
-    const auto kernel = g.inv_norm ? forward_epilogue_kernel<K, true, T> : forward_epilogue_kernel<K, false, T>;
+    const auto kernel = binary ? (g.inv_norm ? forward_epilogue_kernel<K, true, true, T>
+                                             : forward_epilogue_kernel<K, false, true, T>)
+                               : (g.inv_norm ? forward_epilogue_kernel<K, true, false, T>
+                                             : forward_epilogue_kernel<K, false, false, T>);
     kernel<<<static_cast<unsigned int>(g.rows), kForwardThreads, 0, stream>>>(
         static_cast<const T*>(g.tile), g.cols, g.ld, static_cast<const T*>(g.inv_norm), g.labels, g.col0,
-        static_cast<const T*>(g.row_params), k, static_cast<T*>(run_max), static_cast<T*>(run_sum));
+        static_cast<const T*>(g.row_params), k, static_cast<const T*>(g.shift), static_cast<T>(g.clamp),
+        static_cast<T*>(run_max), static_cast<T*>(run_sum));
   });
   return known ? static_cast<int>(cudaGetLastError()) : MK_CUDA_ERR_UNKNOWN_KIND;
 }
 
 template <typename T, typename Tout>
 int backward_for(const mk_tile_args& g, const void* lse, const void* g_lse, const void* g_cos_target,
-                 void* col_dot, void* max_abs, void* out, int64_t ld_out, const void* factor) {
+                 void* col_dot, void* max_abs, void* col_shift, void* out, int64_t ld_out, const void* factor) {
   const mk::NegativeConsts<T> k{static_cast<T>(g.scale), static_cast<T>(g.a), static_cast<T>(g.b)};
   const cudaStream_t stream = static_cast<cudaStream_t>(g.stream);
   if (max_abs != nullptr) {
@@ -302,14 +339,19 @@ int backward_for(const mk_tile_args& g, const void* lse, const void* g_lse, cons
   }
   const dim3 block(kStripCols, kStripRows);
   const unsigned int blocks = static_cast<unsigned int>((g.cols + kStripCols - 1) / kStripCols);
+  const bool binary = g.reduction == mk::kSoftplusSum;
+  if (binary && col_shift == nullptr) return MK_CUDA_ERR_MISSING_OUTPUT;
   const bool known = mk::dispatch_kind(g.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
-    const auto kernel =
-        g.inv_norm ? backward_epilogue_kernel<K, true, T, Tout> : backward_epilogue_kernel<K, false, T, Tout>;
+    const auto kernel = binary ? (g.inv_norm ? backward_epilogue_kernel<K, true, true, T, Tout>
+                                             : backward_epilogue_kernel<K, false, true, T, Tout>)
+                               : (g.inv_norm ? backward_epilogue_kernel<K, true, false, T, Tout>
+                                             : backward_epilogue_kernel<K, false, false, T, Tout>);
     kernel<<<blocks, block, 0, stream>>>(
         static_cast<const T*>(g.tile), g.rows, g.cols, g.ld, static_cast<const T*>(g.inv_norm), g.labels, g.col0,
         static_cast<const T*>(g.row_params), k, static_cast<const T*>(lse), static_cast<const T*>(g_lse),
         static_cast<const T*>(g_cos_target), static_cast<T*>(col_dot), static_cast<T*>(max_abs),
+        static_cast<const T*>(g.shift), static_cast<T>(g.clamp), static_cast<T*>(col_shift),
         static_cast<Tout*>(out), ld_out, static_cast<const T*>(factor));
   });
   return known ? static_cast<int>(cudaGetLastError()) : MK_CUDA_ERR_UNKNOWN_KIND;
@@ -363,7 +405,8 @@ int mk_cuda_forward_epilogue(const mk_tile_args* args, void* run_max, void* run_
 }
 
 int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const void* g_lse,
-                              const void* g_cos_target, void* col_dot, void* max_abs, const mk_grad_out* out) {
+                              const void* g_cos_target, void* col_dot, void* max_abs, void* col_shift,
+                              const mk_grad_out* out) {
   DeviceScope scope(args->device);
   if (scope.status() != cudaSuccess) return static_cast<int>(scope.status());
   if (args->rows <= 0 || args->cols <= 0) {
@@ -374,18 +417,22 @@ int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const v
     if (max_abs != nullptr) status = cudaMemsetAsync(max_abs, 0, width, s);
     if (status == cudaSuccess && col_dot != nullptr && args->cols > 0)
       status = cudaMemsetAsync(col_dot, 0, width * static_cast<size_t>(args->cols), s);
+    if (status == cudaSuccess && col_shift != nullptr && args->cols > 0)
+      status = cudaMemsetAsync(col_shift, 0, width * static_cast<size_t>(args->cols), s);
     return static_cast<int>(status);
   }
   const mk_grad_out in_place{args->tile, args->ld, args->dtype, nullptr};
   const mk_grad_out& o = out != nullptr ? *out : in_place;
   if (args->dtype == MK_DTYPE_F64) {
     if (o.dtype != MK_DTYPE_F64) return MK_CUDA_ERR_BAD_DTYPE;
-    return backward_for<double, double>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, o.data, o.ld, o.factor);
+    return backward_for<double, double>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, col_shift, o.data,
+                                        o.ld, o.factor);
   }
   if (args->dtype != MK_DTYPE_F32) return MK_CUDA_ERR_BAD_DTYPE;
   return dispatch_storage_f32(o.dtype, [&](auto tag) {
     using Tout = decltype(tag);
-    return backward_for<float, Tout>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, o.data, o.ld, o.factor);
+    return backward_for<float, Tout>(*args, lse, g_lse, g_cos_target, col_dot, max_abs, col_shift, o.data, o.ld,
+                                     o.factor);
   });
 }
 
@@ -439,6 +486,7 @@ const char* mk_cuda_error_string(int code) {
     case MK_CUDA_ERR_BAD_DTYPE: return "unsupported dtype code";
     case MK_CUDA_ERR_TOO_MANY_ROWS: return "too many rows for one launch";
     case MK_CUDA_ERR_BAD_ARGUMENT: return "col_dot and inv_norm must be given together";
+    case MK_CUDA_ERR_MISSING_OUTPUT: return "the binary reduction needs col_shift";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));
   }
 }

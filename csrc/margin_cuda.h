@@ -19,6 +19,7 @@ enum {
   MK_CUDA_ERR_BAD_DTYPE = 100002,
   MK_CUDA_ERR_TOO_MANY_ROWS = 100003,
   MK_CUDA_ERR_BAD_ARGUMENT = 100004, /* an inconsistent set of optional pointers */
+  MK_CUDA_ERR_MISSING_OUTPUT = 100005,
 };
 
 /* one B x n tile of dot products x_i . w_j and what the epilogue needs to turn it into logits or gradients */
@@ -31,6 +32,9 @@ typedef struct mk_tile_args {
   const void* row_params; /* rows x 2, contiguous: (T_i, U_i) of the negative function */
   int kind;              /* NegativeKind */
   double scale, a, b;
+  int reduction;         /* ReductionKind: 0 log-sum-exp, 1 the binary family's softplus sum */
+  double clamp;          /* the binary reduction's logit clamp (inf: none) */
+  const void* shift;     /* the binary reduction's logit shift, one element of the tile's dtype (device) */
   int dtype;             /* MK_DTYPE_F32 or MK_DTYPE_F64: of the tile, inv_norm, row_params, every row vector */
   int device;            /* CUDA device ordinal of every pointer */
   void* stream;          /* cudaStream_t */
@@ -40,7 +44,8 @@ typedef struct mk_tile_args {
 int mk_cuda_inv_norms(const void* w, int w_dtype, int64_t n, int64_t dim, int64_t ld, void* out, int out_dtype,
                       int device, void* stream);
 
-/* merge the tile's negative logits (target column excluded) into run_max/run_sum (rows entries, in place) */
+/* merge the tile's negative logits (target column excluded) into run_max/run_sum (rows entries, in place); the
+ * binary reduction adds the row's softplus terms to run_sum instead */
 int mk_cuda_forward_epilogue(const mk_tile_args* args, void* run_max, void* run_sum);
 
 /* where the backward epilogue writes dL/d(x_i . w_j): a rows x cols matrix (leading dimension ld) of
@@ -55,9 +60,11 @@ typedef struct mk_grad_out {
 
 /* dL/d(x_i . w_j) of the tile (see margin_cpu.h's backward_tile), over the tile itself (out NULL) or into
  * *out; col_dot (cols entries) is written when inv_norm is given; *max_abs (one element, zeroed here) gets
- * max |dL/dc| when not NULL */
+ * max |dL/dc| when not NULL; the binary reduction writes col_shift[j] = sum_i dL/dz_ij (cols entries,
+ * required) */
 int mk_cuda_backward_epilogue(const mk_tile_args* args, const void* lse, const void* g_lse,
-                              const void* g_cos_target, void* col_dot, void* max_abs, const mk_grad_out* out);
+                              const void* g_cos_target, void* col_dot, void* max_abs, void* col_shift,
+                              const mk_grad_out* out);
 
 /* the epilogue of the dW GEMM: out_j = g_j * inv_factor - col_dot_j / |w_j|^2 * w_j for the n x dim GEMM output
  * g (dtype F32/F64, leading dimension ld_g); w (any MK_DTYPE_*) are the chunk's weight rows; col_dot and

@@ -1,7 +1,8 @@
 // Per-element math of the fused margin-softmax epilogues, shared by the CUDA kernels (margin_cuda.cu) and the
 // CPU kernels (margin_cpu.cpp): the negative-function kinds of margin_kernels/losses/negatives.py (value
-// and derivative, same table, same kind numbers), exp, the online log-sum-exp merge, the per-element backward
-// (p -> dL/dcos), the weight-normalisation backward and the sub-center max. Written once so the math that runs on GPUs is the math
+// and derivative, same table, same kind numbers), exp, the online log-sum-exp merge, the binary reduction's
+// softplus terms, the per-element backward (p -> dL/dcos), the weight-normalisation backward and the
+// sub-center max. Written once so the math that runs on GPUs is the math
 // the CPU tests check. Plain C++17 without CUDA; __host__ __device__ under nvcc. No torch headers.
 #pragma once
 
@@ -33,14 +34,23 @@ enum NegativeKind : int {
   kFilter = 5,
   kRowScale = 6,
   kAffine = 7,
+  kPower = 8,
+  kPowerSt = 9,
 };
-constexpr int kNumNegativeKinds = 8;
+constexpr int kNumNegativeKinds = 10;
+
+// must match margin_kernels.losses.reductions.ReductionKind: how a row's negative logits are reduced
+enum ReductionKind : int {
+  kLse = 0,          // log-sum-exp (the softmax family)
+  kSoftplusSum = 1,  // sum of softplus(clamp(z + shift)) (the binary family: SphereFace2, UniFace)
+};
+constexpr int kNumReductionKinds = 2;
 
 // as margin_kernels.norms.NORM_EPS (F.normalize's eps): 1 / max(||w||, eps)
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 // ---- exp --------------------------------------------------------------------------------------------------
 MK_HD float bits_as_float(int32_t bits) {
@@ -77,6 +87,11 @@ MK_HD float mk_exp(float x) {
 
 MK_HD double mk_exp(double x) { return exp(x); }
 
+MK_HD float mk_log1p(float x) { return log1pf(x); }
+MK_HD double mk_log1p(double x) { return log1p(x); }
+MK_HD float mk_pow(float x, float e) { return powf(x, e); }
+MK_HD double mk_pow(double x, double e) { return pow(x, e); }
+
 MK_HD float mk_sqrt(float x) { return sqrtf(x); }
 MK_HD double mk_sqrt(double x) { return sqrt(x); }
 
@@ -110,9 +125,12 @@ MK_HD T negative_value(T c, T thr, T aux, T a, T b) {
     return c > a ? T(0) : c;
   } else if constexpr (KIND == kRowScale) {
     return aux * c;  // the row's own scale (AdaCos' dynamic one); the spec's scale is 1
-  } else {
-    static_assert(KIND == kAffine, "unknown negative kind");
+  } else if constexpr (KIND == kAffine) {
     return c > thr ? a * c + b : c;
+  } else {
+    // SphereFace2's 2 ((c+1)/2)^t - 1 + m with t = a, m = b; the base floored at 0 (negatives.power_base)
+    static_assert(KIND == kPower || KIND == kPowerSt, "unknown negative kind");
+    return T(2) * mk_pow(max_of((c + T(1)) * T(0.5), T(0)), a) - T(1) + b;
   }
 }
 
@@ -132,9 +150,13 @@ MK_HD T negative_derivative(T c, T thr, T aux, T a, T b) {
     return c <= a ? T(1) : T(0);
   } else if constexpr (KIND == kRowScale) {
     return aux;
-  } else {
-    static_assert(KIND == kAffine, "unknown negative kind");
+  } else if constexpr (KIND == kAffine) {
     return c > thr ? a : T(1);
+  } else if constexpr (KIND == kPower) {
+    return a * mk_pow(max_of((c + T(1)) * T(0.5), T(0)), a - T(1));
+  } else {
+    static_assert(KIND == kPowerSt, "unknown negative kind");
+    return T(1);  // opensphere computes the adjustment under no_grad: the gradient of c
   }
 }
 
@@ -188,6 +210,34 @@ MK_HD T negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
   T z = negative_logit<KIND>(c, thr, aux, k);
   T p = mk_exp(z - lse) * g_lse;
   return p * negative_derivative<KIND>(c, thr, aux, k.a, k.b) * k.scale;
+}
+
+// ---- the binary reduction (reductions.py) ------------------------------------------------------------------
+// softplus(clamp(z, -L, L)), stable for any z (L = inf: no clamp)
+template <typename T>
+MK_HD T clamp_logit(T z, T clamp) {
+  return z < -clamp ? -clamp : (z > clamp ? clamp : z);
+}
+
+template <typename T>
+MK_HD T softplus_term(T z, T clamp) {
+  z = clamp_logit(z, clamp);
+  return max_of(z, T(0)) + mk_log1p(mk_exp(z < T(0) ? z : -z));
+}
+
+// d softplus(clamp(z)) / dz: the sigmoid inside the clamp (boundaries included, as torch.clamp), 0 outside
+template <typename T>
+MK_HD T softplus_term_grad(T z, T clamp) {
+  if (z < -clamp || z > clamp) return T(0);
+  return T(1) / (T(1) + mk_exp(-z));
+}
+
+// backward of one negative pair under the binary reduction: dz = g * sigmoid(z + shift) is the pair's share of
+// the shift's gradient, and dL/dc = scale * g'(c) * dz
+template <int KIND, typename T>
+MK_HD T binary_negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T shift, T clamp, T g, T& dz) {
+  dz = softplus_term_grad(negative_logit<KIND>(c, thr, aux, k) + shift, clamp) * g;
+  return dz * negative_derivative<KIND>(c, thr, aux, k.a, k.b) * k.scale;
 }
 
 // ---- online log-sum-exp -------------------------------------------------------------------------------------
@@ -269,6 +319,8 @@ inline bool dispatch_kind(int kind, F&& f) {
     case kFilter: f(std::integral_constant<int, kFilter>()); return true;
     case kRowScale: f(std::integral_constant<int, kRowScale>()); return true;
     case kAffine: f(std::integral_constant<int, kAffine>()); return true;
+    case kPower: f(std::integral_constant<int, kPower>()); return true;
+    case kPowerSt: f(std::integral_constant<int, kPowerSt>()); return true;
     default: return false;
   }
 }

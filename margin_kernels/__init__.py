@@ -9,6 +9,7 @@ from .schedules import CosineScale, HeatedUp, LinearScale, ScaleSchedule, schedu
 from .losses import (AdaFace, ArcFace, CircleLoss, CombinedMargin, CosFace, CurricularFace, L2Softmax, LSoftmax,
                      MagFace, MarginLoss, MVSoftmax, NormFace, Softmax, SphereFace, SubCenterArcFace)
 from .losses import AdaCos, ElasticArcFace, ElasticCosFace, NPCFace
+from .losses import SphereFace2, UniFace
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,7 @@ __all__ = [
     "AdaCos", "ElasticArcFace", "ElasticCosFace", "NPCFace",
     "AdaFace", "ArcFace", "CircleLoss", "CombinedMargin", "CosFace", "CurricularFace", "DistributedMarginHead",
     "L2Softmax", "LSoftmax", "MVSoftmax", "MagFace", "MarginHead", "MarginLoss", "NormFace", "Softmax", "SphereFace",
-    "SubCenterArcFace", "available_backends", "grad_filter_stats", "margin_cross_entropy", "reference",
-    "reset_grad_filter_stats",
+    "SphereFace2", "UniFace", "SubCenterArcFace", "available_backends", "grad_filter_stats", "margin_cross_entropy",
+    "reference", "reset_grad_filter_stats",
     "CenterLoss", "RingLoss", "CosineScale", "HeatedUp", "LinearScale", "ScaleSchedule", "schedule_scale",
 ]

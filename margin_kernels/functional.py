@@ -96,18 +96,30 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
                  margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
-                 product: Optional[str] = None):
-    """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable. The target
-    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward.
-    ``product``: the product mode (``precision.PRODUCTS``), by default decided here from autocast and the
-    matmul precision; a caller that turns autocast off around the op decides it before."""
+                 product: Optional[str] = None, shift: Optional[torch.Tensor] = None):
+    """The custom op: (lse over the negatives, or their softplus sum for the binary family, target cos,
+    target ||w||), each (B,), differentiable. The target pair goes in as computed by ``initial_target_pairs``
+    and comes out attached to the op's backward. ``product``: the product mode (``precision.PRODUCTS``), by
+    default decided here from autocast and the matmul precision; a caller that turns autocast off around the
+    op decides it before. ``shift``: the logit shift as ``logit_shift`` makes it (the default), or wrapped by
+    the caller (the model-parallel head sums its gradient over the ranks)."""
     spec = margin.negative_spec()
     if product is None:
         product = product_mode(weight.dtype, weight.device.type)
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
-        margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter), product, margin.sub_centers)
+        logit_shift(margin, row_params) if shift is None else shift, margin.normalize_weight, int(spec.kind),
+        spec.scale, spec.a, spec.b, int(spec.reduction), spec.clamp, backend, chunk_size or 0, float(grad_filter),
+        product, margin.sub_centers)
+
+
+def logit_shift(margin: MarginLoss, row_params: torch.Tensor) -> torch.Tensor:
+    """The loss's shift of every negative logit as the op's (1,) input in the accumulation dtype (its
+    gradient flows back to the loss's bias); zero for losses without one."""
+    shift = margin.logit_shift()
+    if shift is None:
+        return row_params.new_zeros(1)
+    return shift.reshape(1).to(device=row_params.device, dtype=row_params.dtype)
 
 
 def check_weight_values(lse_neg: torch.Tensor, rows: RowInputs, mode: Optional[str]) -> None:
@@ -120,13 +132,14 @@ def check_weight_values(lse_neg: torch.Tensor, rows: RowInputs, mode: Optional[s
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str,
                 poisoned: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-row cross-entropy from the negatives' lse and the target logit, plus the regulariser, reduced.
-    ``poisoned`` rows (``safe_columns``) get a NaN loss and count as rows of the mean."""
+    """Per-row loss from the reduced negatives (their lse, or the binary family's softplus sum) and the target
+    logit (``MarginLoss.row_loss``), plus the regulariser, reduced. ``poisoned`` rows (``safe_columns``) get a
+    NaN loss and count as rows of the mean."""
     target = margin.target_logit(rows)
     if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
         with torch.no_grad():
             margin.end_call(rows.detach(), lse_neg.detach())
-    per_row = torch.logaddexp(lse_neg, target) - target
+    per_row = margin.row_loss(target, lse_neg)
     regularizer = margin.regularizer(rows)
     if regularizer is not None:
         per_row = per_row + regularizer

@@ -46,6 +46,9 @@ class HeadBase(nn.Module):
                              reductions=self.reductions, ignore_index=ignore_index, chunk_size=chunk_size,
                              grad_filter=grad_filter, sample_rate=sample_rate, seed=seed,
                              check_values=check_values, dtype=dtype)
+        if sample_rate < 1.0 and margin.no_partial_fc_reason is not None:
+            raise ValueError(f"sample_rate={sample_rate} (Partial FC) is not supported by {type(margin).__name__}: "
+                             f"{margin.no_partial_fc_reason}")
         self.num_classes, self.embedding_dim, self.margin = num_classes, embedding_dim, margin
         self.shard_range = tuple(shard_range)
         self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index

@@ -8,6 +8,11 @@ flows into the op's backward, where dW is written by the backend in one place (n
 it) and the B target rows' share is added to it. In the model-parallel head the pair passed in is the global
 one (summed over the owning ranks) while the op's labels mark only this shard's targets, so only the owner
 applies the target gradient, with no collective in backward for it.
+
+The first output is the row's reduced negatives: their log-sum-exp, or for the binary family
+(``reduction`` = ReductionKind.SOFTPLUS_SUM) the sum of softplus(clamp(z_ij + shift)). ``shift`` (a (1,)
+tensor, zero for softmax losses) is differentiable: its gradient, sum_ij dL/dz_ij, comes back from the
+backend's backward in a fixed order.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from torch import Tensor
 from .backends import get_backend
 from .losses.negatives import NegativeKind, NegativeSpec
 from . import subcenters
+from .losses.reductions import ReductionKind
 from .norms import floored
 
 
@@ -65,22 +71,22 @@ def _target_weight_rows(x: Tensor, weight: Tensor, labels: Tensor, class_index: 
 
 @torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
-               target_cos: Tensor, target_norm: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
-               b: float, backend: str, chunk_size: int, grad_filter: float, product: str,
-               sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
+               target_cos: Tensor, target_norm: Tensor, shift: Tensor, normalize_weight: bool, kind: int,
+               scale: float, a: float, b: float, reduction: int, clamp: float, backend: str, chunk_size: int,
+               grad_filter: float, product: str, sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it)."""
-    spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = _clamped_index(class_index, weight.shape[0] // sub_centers)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                                           chunk_size, product=product, sub_centers=sub_centers)
+                                           chunk_size, product=product, sub_centers=sub_centers, shift=shift)
     return lse, target_cos.clone(), target_norm.clone()
 
 
 @margin_lse.register_fake
-def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, normalize_weight, kind,
-                     scale, a, b, backend, chunk_size, grad_filter, product, sub_centers):
+def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, shift, normalize_weight,
+                     kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter, product, sub_centers):
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
         torch.empty_like(target_norm)
 
@@ -88,46 +94,48 @@ def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, tar
 @torch.library.custom_op("margin_kernels::margin_lse_backward", mutates_args=())
 def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor,
                         class_index: Optional[Tensor], lse: Tensor, g_lse: Tensor, g_cos: Tensor, g_norm: Tensor,
-                        normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
-                        chunk_size: int, grad_filter: float, product: str, sub_centers: int) -> tuple[Tensor, Tensor]:
-    spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+                        shift: Tensor, normalize_weight: bool, kind: int, scale: float, a: float, b: float,
+                        reduction: int, clamp: float, backend: str, chunk_size: int, grad_filter: float,
+                        product: str, sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
+    spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = _clamped_index(class_index, weight.shape[0] // sub_centers)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
-    dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
-                                                    normalize_weight, lse, g_lse, g_cos, chunk_size,
-                                                    grad_filter, product=product, sub_centers=sub_centers)
+    dx, dweight, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
+                                                            normalize_weight, lse, g_lse, g_cos, chunk_size,
+                                                            grad_filter, product=product, sub_centers=sub_centers,
+                                                            shift=shift)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
     rows = _target_weight_rows(x, weight, labels, class_index, normalize_weight, sub_centers,
                               row_params.dtype)
     w = weight.index_select(0, rows).to(g_norm.dtype)
     coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
     dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
-    return dx, dweight
+    return dx, dweight, dshift.reshape(shift.shape).to(shift.dtype)
 
 
 @margin_lse_backward.register_fake
-def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
-                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter, product,
-                              sub_centers):
-    return torch.empty_like(x), torch.empty_like(weight)
+def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm, shift,
+                              normalize_weight, kind, scale, a, b, reduction, clamp, backend, chunk_size,
+                              grad_filter, product, sub_centers):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(shift)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, row_params, class_index, _target_cos, _target_norm, *constants = inputs
+    x, weight, labels, row_params, class_index, _target_cos, _target_norm, shift, *constants = inputs
     ctx.constants = constants
-    ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0])
+    ctx.save_for_backward(x, weight, labels, row_params, class_index, shift, output[0])
 
 
 def _backward(ctx, g_lse, g_cos, g_norm):
-    x, weight, labels, row_params, class_index, lse = ctx.saved_tensors
+    x, weight, labels, row_params, class_index, shift, lse = ctx.saved_tensors
     zeros = lse.new_zeros(lse.shape)
     g_lse = zeros if g_lse is None else g_lse
     g_cos = zeros if g_cos is None else g_cos
     g_norm = zeros if g_norm is None else g_norm
-    dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
-                                      *ctx.constants)
-    return (dx, dweight) + (None,) * 15
+    dx, dweight, dshift = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos,
+                                              g_norm, shift, *ctx.constants)
+    return (dx, dweight) + (None,) * 5 + (dshift,) + (None,) * 12
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

@@ -11,6 +11,7 @@ from .losses.base import MarginLoss, RowInputs
 from .norms import floored
 from .losses.negatives import negative_logits
 from . import row_statistics
+from .losses.reductions import ReductionKind, softplus_terms
 from .subcenters import class_rows, max_over_sub_centers
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import NON_FINITE_WEIGHT, check_arguments, check_no_bad_rows, value_check_mode
@@ -59,6 +60,9 @@ def logits_from_cosines(cos, labels, valid, margin: MarginLoss, feature_norm=Non
         margin.receive_statistics(rows.detach(), row_statistics.from_cosines(cos, is_target, request))
     row_params = margin.begin_call(rows).to(cos.dtype)
     negatives = negative_logits(cos, margin.negative_spec(), row_params)
+    shift = margin.logit_shift()
+    if shift is not None:  # the binary family's learnable bias, in every negative logit
+        negatives = negatives + shift.to(cos.dtype)
     logits = torch.where(is_target, margin.target_logit(rows).unsqueeze(1), negatives)
     if margin.training and margin.observes_negative_lse:  # after the target: it uses this call's state
         with torch.no_grad():
@@ -87,7 +91,13 @@ def margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, reduct
     logits, valid, regularizer = margin_logits(features, weight, labels, margin, ignore_index=ignore_index,
                                                class_index=class_index)
     target_col = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    per_row = torch.logsumexp(logits, dim=1) - logits.gather(1, target_col.unsqueeze(1)).squeeze(1)
+    target = logits.gather(1, target_col.unsqueeze(1)).squeeze(1)
+    if margin.reduction_kind == ReductionKind.SOFTPLUS_SUM:
+        is_target = F.one_hot(target_col, logits.shape[1]).bool() & valid.unsqueeze(1)
+        terms = softplus_terms(logits, margin.negative_spec().clamp)
+        per_row = margin.row_loss(target, torch.where(is_target, torch.zeros_like(terms), terms).sum(dim=1))
+    else:
+        per_row = torch.logsumexp(logits, dim=1) - target
     # features were checked finite, so a NaN row here comes from a weight row (negatives.py flags them)
     check_no_bad_rows(valid & torch.isnan(per_row.detach()), NON_FINITE_WEIGHT,
                       value_check_mode(check_values, features.device))

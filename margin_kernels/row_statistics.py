@@ -61,9 +61,11 @@ def chunked(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, cl
     if request.kind == NEGATIVE_LSE:
         # through the registered op (forward only here): torch.compile sees one opaque node, not the kernels
         spec, dummy = request.spec, torch.zeros(x_eff.shape[0], dtype=acc, device=x_eff.device)
+        no_shift = torch.zeros(1, dtype=acc, device=x_eff.device)
+        # the softmax reduction, K = 1: no statistics loss is binary or has sub-centers
         return ops.margin_lse(x_eff.contiguous(), weight, columns, request.row_params.contiguous(), class_index,
-                              dummy, dummy, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend,
-                              chunk_size or 0, 0.0, product, 1)[0]  # no statistics loss has sub-centers
+                              dummy, dummy, no_shift, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b,
+                              int(spec.reduction), spec.clamp, backend, chunk_size or 0, 0.0, product, 1)[0]
     batch = x_eff.shape[0]
     chunk = chunk_size or default_chunk_size(batch, x_eff.device.type)
     threshold = request.row_params[:, 0:1]

@@ -242,8 +242,32 @@ def _backbone(dtype):
     return layer
 
 
+BINARY_LOSSES = ("sphereface2", "sphereface2_exact", "uniface", "uniface_clamp")
+
+
+def binary_bias(rank, world, outdir):
+    """The binary family's learnable bias (replicated on every rank, each shard's op returning its classes'
+    share of the gradient): its gradient after one step and its value after SGD_STEPS plain SGD steps."""
+    x, w, y = problem(world)
+    sizes = LAYOUTS[world][0]
+    out = {}
+    for name in BINARY_LOSSES:
+        head = make_head(world, make_loss(name), w)
+        bias = head.margin.logit_shift_parameter()
+        record = step(head, x, y, sizes, rank)
+        record["bias_grad"] = bias.grad.clone()
+        optimizer = torch.optim.SGD([bias], lr=LR)
+        for _ in range(3):
+            optimizer.step()
+            optimizer.zero_grad()
+            step(head, x, y, sizes, rank)
+        record["bias_after"] = bias.detach().clone()
+        out[name] = record
+    return out
+
+
 SCENARIOS = {fn.__name__: fn for fn in (losses_sweep, losses_fp32, empty_rank, sampling, bad_inputs,
-                                          checkpoint_save, checkpoint_load, ddp_and_amp)}
+                                          checkpoint_save, checkpoint_load, ddp_and_amp, binary_bias)}
 
 
 # ---- process management ------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ SPECS = {
     NegativeKind.FILTER: NegativeSpec(NegativeKind.FILTER, 64.0, 0.1),
     NegativeKind.ROW_SCALE: NegativeSpec(NegativeKind.ROW_SCALE, 1.0),
     NegativeKind.AFFINE: NegativeSpec(NegativeKind.AFFINE, 64.0, 1.1, 0.2),
+    # SphereFace2's h(c) with t = 3 and the negatives' margin 0.4 (no branch point inside: the floor at c = -1)
+    NegativeKind.POWER: NegativeSpec(NegativeKind.POWER, 40.0, 3.0, 0.4),
+    NegativeKind.POWER_ST: NegativeSpec(NegativeKind.POWER_ST, 40.0, 3.0, 0.4),
 }
 
 

@@ -29,8 +29,9 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available in this torch build")
 
 WORLD_SCENARIOS = {
-    2: ("losses_sweep", "losses_fp32", "sampling", "bad_inputs", "checkpoint_save", "ddp_and_amp"),
-    3: ("losses_sweep", "losses_fp32", "sampling", "bad_inputs", "checkpoint_load", "ddp_and_amp", "empty_rank"),
+    2: ("losses_sweep", "losses_fp32", "sampling", "bad_inputs", "checkpoint_save", "ddp_and_amp", "binary_bias"),
+    3: ("losses_sweep", "losses_fp32", "sampling", "bad_inputs", "checkpoint_load", "ddp_and_amp", "empty_rank",
+        "binary_bias"),
 }
 
 
@@ -408,3 +409,28 @@ def test_memory_model_uses_the_code_sizes():
     assert row["weight"] == local * 512 * 2 and row["grad"] == local * 512 * 2
     assert row["sampled_classes"] == max(num_sampled(local, 0.1), 1)
     assert model.render_markdown(model.table(classes=(10 ** 6,), worlds=(1, 2))).count("\n") >= 4
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("loss_name", S.BINARY_LOSSES)
+def test_binary_bias_gradient_is_summed_over_shards(request, world, loss_name):
+    """The binary family sums its softplus terms across shards and its bias gradient over the ranks: every
+    rank holds the single-process gradient of the replicated bias, and after three SGD steps the same value."""
+    results = ranks_of(request, world, "binary_bias")
+    x, w, y = S.problem(world)
+    margin = make_loss(loss_name)
+    bias = margin.logit_shift_parameter()
+    assert_step_matches(results, (loss_name,), reference_step(margin, x, w, y), FP64_TOL)
+    ref_grad = bias.grad.clone()
+    optimizer = torch.optim.SGD([bias], lr=S.LR)
+    ww = w.clone()
+    for _ in range(3):
+        optimizer.step()
+        optimizer.zero_grad()
+        reference_step(margin, x, ww, y)
+    for rank_result in results:
+        got = rank_result[loss_name]
+        assert torch.equal(got["bias_grad"], results[0][loss_name]["bias_grad"]), "ranks hold different gradients"
+        assert rel_err(got["bias_grad"], ref_grad) <= FP32_TOL  # the parameter is fp32, its gradient too
+        assert rel_err(got["bias_after"], bias.detach()) <= FP32_TOL

@@ -1,6 +1,6 @@
 """torch.autograd.gradcheck on the hand-written backward (small float64 cases).
 
-Straight-through margins (ArcFace st, insightface's combined arc branch), CircleLoss and AdaFace define their
+Straight-through margins (ArcFace st, insightface's combined arc branch, opensphere's SphereFace2), CircleLoss and AdaFace define their
 gradient with detached factors on purpose, so their gradient is not the numerical derivative of the loss;
 they are covered by the reference comparisons instead. Losses run in eval mode so state stays fixed across
 gradcheck's many evaluations."""
@@ -11,7 +11,8 @@ import margin_kernels as mk
 from tests.helpers import LOSS_NAMES, make_loss, random_problem
 
 NOT_A_TRUE_GRADIENT = {"arcface_st", "arcface_insightface", "combined", "combined_filter", "circle", "adaface",
-                       "npcface"}  # NPCFace's margin follows a no-grad statistic of the row's negatives
+                       "npcface",  # NPCFace's margin follows a no-grad statistic of the row's negatives
+                       "sphereface2", "sphereface2_a", "sphereface2_m"}  # opensphere's no_grad adjustment
 
 
 @pytest.mark.parametrize("name", [n for n in LOSS_NAMES if n not in NOT_A_TRUE_GRADIENT])

@@ -180,6 +180,10 @@ def test_epilogue_matches_torch_epilogue(ext, device, kind, dtype, normalized):
     # fp32: both epilogues compute in fp32 with different exp/log implementations (SLEEF/libdevice vs
     # PyTorch's) and summation orders; fp64: libm vs SLEEF, 1 ulp per element
     tol = 1e-5 if dtype == torch.float32 else 1e-12
+    if dtype == torch.float32 and kind in (NegativeKind.POWER, NegativeKind.POWER_ST) and not normalized:
+        # raw tiles reach |c| = 3.3, where s * 2((c+1)/2)^3 ~ 800: exp(z - lse) carries |z| * 2^-24 ~ 5e-5
+        # relative error in fp32 in either epilogue (fp64 meets 1e-12)
+        tol = 2e-4
     assert all(err < tol for err in errors.values()), errors
 
 

@@ -244,3 +244,14 @@ def scale_bound(dtype: torch.dtype, scale: float, dim: int) -> float:
 
 def accumulation_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: the binary family's learnable bias (tests/test_binary.py): relative error of its gradient, and of the mean
+#: loss, against the float64 reference, per storage dtype, for every backend. The gradient is a sum over all
+#: B x C sigmoids (no cancellation: every term of SphereFace2's and UniFace's has the sign of g_lse), so it is
+#: as accurate as one per-element sigmoid in the accumulation dtype; in bf16/fp16 the cosines themselves are
+#: rounded (x/||x|| stored back in the storage dtype, as for every loss), and r = 40 / s = 64 scale that
+#: rounding into the logits. Bounds ~3-5x the worst case observed on this machine over the six binary variants
+#: on the base shape (torch, cpu, Triton in its interpreter; max of the loss and bias-gradient errors): fp64
+#: 2.2e-16, fp32 2.3e-7, bf16 1.1e-3, fp16 1.0e-4. The fp64 bound also covers the shape variants.
+SHIFT_GRAD = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 5e-3, torch.float16: 5e-4}

@@ -3,15 +3,18 @@
 Every backend module implements the same two calls over the same loss description:
 
     lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                product="storage", sub_centers=1) -> lse (B,)
+                product="storage", sub_centers=1, shift=None) -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                 g_cos_target, chunk_size, grad_filter, product="storage", sub_centers=1) -> (dx, dweight)
+                 g_cos_target, chunk_size, grad_filter, product="storage", sub_centers=1, shift=None)
+                 -> (dx, dweight, dshift)
 
 and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
 log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
 ``weight`` (or into ``class_index`` when given), -1 for rows without a target. ``grad_filter > 0`` allows
 skipping the dx/dW products of tiles whose |dL/dcos| are all below it (counted in ``filter_stats``).
-``product`` is how fp32 operands are multiplied (``margin_kernels.precision``: "ieee", "tf32", "bf16",
+``spec.reduction`` SOFTPLUS_SUM (the binary family, ``losses/reductions.py``) makes ``lse`` the row's sum of
+softplus(clamp(z + shift)) instead; ``shift`` is a (1,) tensor (None: 0) and ``dshift`` (1,) its gradient,
+summed in a fixed order (zeros for LSE). ``product`` is how fp32 operands are multiplied (``margin_kernels.precision``: "ieee", "tf32", "bf16",
 "fp16"; "storage" for other dtypes); a backend that cannot choose documents what it does instead.
 ``sub_centers`` = K > 1: ``weight`` has K adjacent rows per class (``class_index`` and ``labels`` still count
 classes) and a class's cosine is the max over its rows (``margin_kernels.subcenters``).

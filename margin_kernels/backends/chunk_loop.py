@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 
 from ..losses.negatives import NegativeSpec
+from ..losses.reductions import ReductionKind
 from ..precision import CAST_DTYPES
 from ..subcenters import class_rows
 from . import filter_stats
@@ -64,6 +65,8 @@ class TileGrad(NamedTuple):
     max_abs: Optional[torch.Tensor]  #: max |dL/dc_ij| over the tile (only when asked: gradient filtering)
     #: 1/factor when ``grad`` was multiplied by a power of two before rounding to fp16 (gradient_scale), else None
     inv_factor: Optional[torch.Tensor] = None
+    #: the binary reduction: sum over the tile's negatives of dL/dz_ij, the tile's share of the shift's gradient
+    shift_grad: Optional[torch.Tensor] = None
 
 
 class Epilogue(Protocol):
@@ -75,16 +78,18 @@ class Epilogue(Protocol):
 
     def forward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                      row_params: torch.Tensor, spec: NegativeSpec, run_max: torch.Tensor,
-                     run_sum: torch.Tensor) -> None:
-        """Merge logits of the negatives of this tile into the running max/sum (in place)."""
+                     run_sum: torch.Tensor, shift: Optional[torch.Tensor] = None) -> None:
+        """Merge logits of the negatives of this tile into the running max/sum (in place); for the binary
+        reduction add the tile's softplus terms of z + shift to run_sum (run_max stays unused)."""
 
     def backward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
                       row_params: torch.Tensor, spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
                       g_cos_target: torch.Tensor, want_max_abs: bool,
-                      grad_dtype: Optional[torch.dtype] = None) -> TileGrad:
+                      grad_dtype: Optional[torch.dtype] = None, shift: Optional[torch.Tensor] = None) -> TileGrad:
         """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs: in place in the tile, or,
         with ``grad_dtype`` (a 16-bit GEMM operand dtype), a new tile in that dtype, scaled for fp16 as
-        ``gradient_scale`` says (the factor includes the 1/|w_j| folded into it)."""
+        ``gradient_scale`` says (the factor includes the 1/|w_j| folded into it); for the binary reduction also
+        the tile's sum of dL/dz (``shift_grad``)."""
 
     def finish_dw(self, dw: torch.Tensor, w: torch.Tensor, col_dot: Optional[torch.Tensor],
                   inv_norm: Optional[torch.Tensor], inv_factor: Optional[torch.Tensor] = None,
@@ -186,15 +191,30 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def zero_shift(shift: Optional[torch.Tensor], row_params: torch.Tensor) -> torch.Tensor:
+    """The (1,) logit shift in the accumulation dtype, contiguous (zeros when the caller passes none)."""
+    if shift is None:
+        return row_params.new_zeros(1)
+    return shift.reshape(1).to(row_params.dtype).contiguous()
+
+
+def reduced_negatives(run_max: torch.Tensor, run_sum: torch.Tensor, spec: NegativeSpec) -> torch.Tensor:
+    """The row's value from its running pair: log-sum-exp, or the binary reduction's plain sum."""
+    if spec.reduction == ReductionKind.SOFTPLUS_SUM:
+        return run_sum
+    return run_max + torch.log(run_sum)
+
+
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                     chunk_size: int, epilogue: Epilogue, operand_dtype: Optional[torch.dtype] = None,
-                    sub_centers: int = 1) -> torch.Tensor:
-    """The rows' log-sum-exp over their negatives. ``operand_dtype``: see _gemm_operand. ``chunk_size``
-    counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K)."""
+                    sub_centers: int = 1, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The rows' reduced negatives (log-sum-exp, or the binary family's softplus sum). ``operand_dtype``: see
+    _gemm_operand. ``chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K)."""
     acc = row_params.dtype
     epilogue = _with_sub_centers(epilogue, sub_centers)
     k = sub_centers
+    shift = zero_shift(shift, row_params)
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
@@ -208,21 +228,25 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
         cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
         # the norms of the stored rows (a cast operand would round them first)
         inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
-        epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
-    return run_max + torch.log(run_sum)
+        epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
+    return reduced_negatives(run_max, run_sum, spec)
 
 
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                      lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
-                     operand_dtype: Optional[torch.dtype] = None, sub_centers: int = 1):
-    """(dx, dW). Per chunk: the recompute GEMM into an fp32 tile, the epilogue's dL/dcos, then the dx and dW
-    GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage, sub-centers) or on a 16-bit copy the epilogue
-    writes instead (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs
-    ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one pass."""
+                     operand_dtype: Optional[torch.dtype] = None, sub_centers: int = 1,
+                     shift: Optional[torch.Tensor] = None):
+    """(dx, dW, d shift). Per chunk: the recompute GEMM into an fp32 tile, the epilogue's dL/dcos, then the dx
+    and dW GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage, sub-centers) or on a 16-bit copy the
+    epilogue writes instead (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs
+    ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one pass. d shift sums the tiles'
+    shares in chunk order (deterministic; zero for LSE)."""
     acc = row_params.dtype
     epilogue = _with_sub_centers(epilogue, sub_centers)
     k = sub_centers
+    shift = zero_shift(shift, row_params)
+    dshift = torch.zeros(1, dtype=acc, device=x.device)
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     # with a class subset only the sampled rows are written; the rest of dW must read as zero
@@ -244,7 +268,9 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
         # the sub-center adapter hands back the fp32 row gradient (its scatter has no 16-bit output)
         grad_dtype = gradient_operand_dtype(w) if k == 1 else None
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
-                                      g_cos_target, grad_filter > 0, grad_dtype)
+                                      g_cos_target, grad_filter > 0, grad_dtype=grad_dtype, shift=shift)
+        if tile.shift_grad is not None:  # before any filtering: the forward never filters, nor does d shift
+            dshift += tile.shift_grad
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
             if class_index is None:
@@ -275,4 +301,6 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
             dweight.index_copy_(0, class_rows(class_index[col0:col1], k), dw.to(weight.dtype))
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
-    return dx.to(x.dtype), dweight
+    return dx.to(x.dtype), dweight, dshift
+
+

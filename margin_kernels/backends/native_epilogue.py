@@ -16,6 +16,7 @@ import torch
 
 from .. import _native
 from ..losses.negatives import NegativeSpec
+from ..losses.reductions import ReductionKind
 from . import chunk_loop
 from .chunk_loop import TileGrad, product_operand_dtype
 from .gradient_scale import chunk_operand_scale
@@ -42,22 +43,26 @@ class NativeEpilogue:
         out = self._ext.inv_norms(_unit_stride_rows(w), _stream(w))
         return out if out.dtype == acc_dtype else out.to(acc_dtype)
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum, shift=None):
         self._ext.forward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
-                               run_max, run_sum, _stream(cos))
+                               run_max, run_sum, _stream(cos), int(spec.reduction), spec.clamp, shift)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse, g_cos_target,
-                      want_max_abs, grad_dtype=None) -> TileGrad:
+                      want_max_abs, grad_dtype=None, shift=None) -> TileGrad:
         col_dot = None if inv_norm is None else torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device)
         max_abs = torch.empty(1, dtype=cos.dtype, device=cos.device) if want_max_abs else None
+        binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
+        # the binary reduction: per-class sums of dL/dz, summed here in a fixed order (the shift's gradient)
+        col_shift = torch.empty(cos.shape[1], dtype=cos.dtype, device=cos.device) if binary else None
         grad, factor, inv_factor = cos, None, None
         if grad_dtype is not None:  # CUDA only: the kernel writes the scaled 16-bit copy, the tile is only read
             grad = torch.empty(cos.shape, dtype=grad_dtype, device=cos.device)
             factor, inv_factor = chunk_operand_scale(grad_dtype, spec, row_params, g_lse, g_cos_target, inv_norm)
         self._ext.backward_tile(cos, inv_norm, labels, col0, row_params, int(spec.kind), spec.scale, spec.a, spec.b,
                                 lse, g_lse, g_cos_target, col_dot, max_abs,
-                                grad_out=None if grad_dtype is None else grad, factor=factor, stream=_stream(cos))
-        return TileGrad(grad, col_dot, max_abs, inv_factor)
+                                grad_out=None if grad_dtype is None else grad, factor=factor, stream=_stream(cos),
+                                reduction=int(spec.reduction), clamp=spec.clamp, shift=shift, col_shift=col_shift)
+        return TileGrad(grad, col_dot, max_abs, inv_factor, None if col_shift is None else col_shift.sum().reshape(1))
 
     def finish_dw(self, dw, w, col_dot, inv_norm, inv_factor=None, out=None):
         self._ext.finish_dw(dw, _unit_stride_rows(w), col_dot, inv_norm, out=out, inv_factor=inv_factor,
@@ -123,16 +128,16 @@ class NativeBackend:
         return t.to(dtype).contiguous()
 
     def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                    product="storage", sub_centers=1):
+                    product="storage", sub_centers=1, shift=None):
         self._check(x, weight, labels, row_params, class_index)
         return chunk_loop.chunked_forward(
             x, weight, labels.long().contiguous(), row_params.contiguous(),
             None if class_index is None else class_index.long(), spec, normalize_weight,
             chunk_size or self.default_chunk_size(x.shape[0], sub_centers), self._epilogue(),
-            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers)
+            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers, shift=shift)
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
+                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
@@ -141,4 +146,4 @@ class NativeBackend:
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
             chunk_size or self.default_chunk_size(x.shape[0], sub_centers), epilogue, grad_filter,
-            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers)
+            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers, shift=shift)

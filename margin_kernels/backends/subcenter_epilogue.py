@@ -47,12 +47,12 @@ class SubCenterEpilogue:
             out.mul_(inv_norm)
         return out, col_dot
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
         values, _ = self._class_cosines(cos, inv_norm)
-        self.inner.forward_tile(values, None, labels, col0, row_params, spec, run_max, run_sum)
+        self.inner.forward_tile(values, None, labels, col0, row_params, spec, run_max, run_sum, shift)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
-                      want_max_abs, grad_dtype=None) -> TileGrad:
+                      want_max_abs, grad_dtype=None, shift=None) -> TileGrad:
         if grad_dtype is not None:  # the chunk loop keeps sub-centers on its fp32 path
             raise ValueError("the sub-center epilogue writes the fp32 row gradient only (grad_dtype must be None)")
         values, winner = self._class_cosines(cos, inv_norm)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.negatives import negative_derivative, negative_logits
+from ..losses.reductions import ReductionKind, softplus_grad, softplus_terms
 from ..norms import inverse_norms
 from .chunk_loop import TileGrad, chunked_backward, chunked_forward, default_chunk_size, product_operand_dtype
 from .gradient_scale import chunk_operand_scale
@@ -22,11 +23,16 @@ class TorchEpilogue:
     def inv_norms(self, w, acc_dtype):
         return inverse_norms(w, acc_dtype)
 
-    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
+    def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
+        if spec.reduction == ReductionKind.SOFTPLUS_SUM:
+            terms = softplus_terms(z if shift is None else z + shift, spec.clamp)
+            terms[rows, cols] = 0.0
+            run_sum.add_(terms.sum(dim=1))
+            return
         z[rows, cols] = float("-inf")
         new_max = torch.maximum(run_max, z.amax(dim=1))
         # rows whose max is still -inf have nothing to merge; keep exp() away from inf - inf
@@ -35,13 +41,19 @@ class TorchEpilogue:
         run_max.copy_(new_max)
 
     def backward_tile(self, cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
-                      want_max_abs, grad_dtype=None):
+                      want_max_abs, grad_dtype=None, shift=None):
         if inv_norm is not None:
             cos.mul_(inv_norm)
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
-        z[rows, cols] = float("-inf")
-        p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
+        shift_grad = None
+        if spec.reduction == ReductionKind.SOFTPLUS_SUM:  # dL/dz = g sigmoid(z + shift), per element
+            p = softplus_grad(z if shift is None else z + shift, spec.clamp) * g_lse.unsqueeze(1)
+            p[rows, cols] = 0.0
+            shift_grad = p.sum().reshape(1)
+        else:
+            z[rows, cols] = float("-inf")
+            p = torch.exp(z - lse.unsqueeze(1)) * g_lse.unsqueeze(1)
         dcos = p.mul_(negative_derivative(cos, spec, row_params)).mul_(spec.scale)
         dcos[rows, cols] = g_cos_target[rows]
         max_abs = dcos.abs().amax() if want_max_abs else None
@@ -52,10 +64,10 @@ class TorchEpilogue:
             col_dot = (dcos * cos).sum(dim=0)
             dcos.mul_(inv_norm)
         if grad_dtype is None:
-            return TileGrad(dcos, col_dot, max_abs)
+            return TileGrad(dcos, col_dot, max_abs, None, shift_grad)
         factor, inv_factor = chunk_operand_scale(grad_dtype, spec, row_params, g_lse, g_cos_target, inv_norm)
         grad = (dcos if factor is None else dcos.mul_(factor)).to(grad_dtype)
-        return TileGrad(grad, col_dot, max_abs, inv_factor)
+        return TileGrad(grad, col_dot, max_abs, inv_factor, shift_grad)
 
     def finish_dw(self, dw, w, col_dot, inv_norm, inv_factor=None, out=None):
         if inv_factor is not None:
@@ -70,18 +82,19 @@ _TORCH_EPILOGUE = TorchEpilogue()
 
 
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
-                sub_centers=1):
+                sub_centers=1, shift=None):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                            chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
-                           _TORCH_EPILOGUE, operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers)
+                           _TORCH_EPILOGUE, operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers,
+                           shift=shift)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
                             _TORCH_EPILOGUE, grad_filter, operand_dtype=product_operand_dtype(product, x),
-                            sub_centers=sub_centers)
+                            sub_centers=sub_centers, shift=shift)
 
 
 def unavailable_reason():

@@ -35,8 +35,9 @@ import triton  # an ImportError here makes the registry report the backend as un
 
 from . import filter_stats, gradient_scale
 from . import triton_configs as configs
+from ..losses.reductions import ReductionKind
 from ..precision import CAST_DTYPES, PRODUCTS
-from .chunk_loop import finite_lse, num_columns
+from .chunk_loop import finite_lse, num_columns, zero_shift
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _autotuned: dict = {}
@@ -86,10 +87,11 @@ def _autotuned_kernel(kernel):
 
 
 @functools.lru_cache(maxsize=64)
-def _constants(scale: float, a: float, b: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(scale, a, b) as a tensor in the accumulation dtype: Triton passes Python floats as fp32, which would
+def _constants(scale: float, a: float, b: float, clamp: float, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """(scale, a, b, the binary reduction's clamp) as a tensor in the accumulation dtype: Triton passes Python floats as fp32, which would
     round fp64 runs' constants. Cached, so steady-state calls create no tensor (CUDA-graph friendly)."""
-    return torch.tensor([scale, a, b], dtype=dtype, device=device)
+    return torch.tensor([scale, a, b, clamp], dtype=dtype, device=device)
 
 
 def _check_inputs(x, weight, row_params, interpret: bool) -> None:
@@ -112,21 +114,19 @@ def _common_args(x, weight, labels, row_params, class_index, spec):
     acc = row_params.dtype
     labels = labels.to(torch.int64).contiguous()
     index = labels if class_index is None else class_index.to(torch.int64).contiguous()  # unused if no index
-    consts = _constants(float(spec.scale), float(spec.a), float(spec.b), acc, x.device)
+    consts = _constants(float(spec.scale), float(spec.a), float(spec.b), float(spec.clamp), acc, x.device)
     return (x, weight, labels, row_params.contiguous(), consts, index)
 
 
 def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, product: str) -> dict:
-    return dict(KIND=int(spec.kind), NORMALIZE=bool(normalize_weight), HAS_INDEX=class_index is not None,
+    return dict(KIND=int(spec.kind), REDUCTION=int(spec.reduction), NORMALIZE=bool(normalize_weight),
+                HAS_INDEX=class_index is not None,
                 UPCAST=interpret and (x.dtype == torch.bfloat16 or product == "bf16"),
                 PRODUCT=PRODUCTS.index(product))
 
 
-#: the dtype a product mode multiplies fp32 storage in, for the backward's dL/dcos buffer
-
-
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
-                sub_centers=1):
+                sub_centers=1, shift=None):
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
@@ -137,7 +137,7 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
         partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
-        configs.batch_bucket(batch))
+        configs.batch_bucket(batch), zero_shift(shift, row_params))
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     meta["SUB_CENTERS"] = sub_centers
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers)
@@ -149,7 +149,9 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
             *args, **meta, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_k,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     # fixed-order merge of the class splits (logsumexp of all -inf is -inf: rows without negatives)
-    return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
+    if splits == 1:
+        return partial[0]
+    return partial.sum(dim=0) if spec.reduction == ReductionKind.SOFTPLUS_SUM else torch.logsumexp(partial, dim=0)
 
 
 def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Tensor:
@@ -161,7 +163,7 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None):
     """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring). With K
     sub-centers the dcos kernel runs over classes and the gradient GEMMs over their K rows each."""
     interpret = interpret_mode()
@@ -200,16 +202,23 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
                      PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
                      BLOCK_D=tiles.block_d, SUB_CENTERS=k)
     skipped, visited = [], 0
+    shift = zero_shift(shift, row_params)
+    binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
+    # the binary reduction's per-(row block, class tile) sums of dL/dz, one buffer per chunk (summed in order)
+    shift_partials = []
     for col0 in range(0, num_cols, chunk):
         width = min(chunk, num_cols - col0)
         tiles_here = triton.cdiv(width, tiles.block_c)
         row_tiles = triton.cdiv(width * k, tiles.block_c)  # == tiles_here without sub-centers
         visited += row_blocks * tiles_here
+        shift_partial = torch.empty(row_blocks * tiles_here if binary else 1, dtype=acc, device=x.device)
+        if binary:
+            shift_partials.append(shift_partial)
         backward.dcos_kernel[(row_blocks, tiles_here)](
             *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, batch, num_cols, dim, col0,
-            chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter),
-            **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d,
-            SUB_CENTERS=k, **launch)
+            chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter), shift,
+            shift_partial, **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
+            BLOCK_K=tiles.block_d, SUB_CENTERS=k, **launch)
         # the gradient GEMMs count weight rows: K per class
         backward.dweight_kernel[(row_tiles, d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols * k, dim, col0 * k,
@@ -223,4 +232,6 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     dx = partial[0] if splits == 1 else partial.sum(dim=0)  # the splits' partials in a fixed order
     if use_filter:
         filter_stats.record(torch.stack(skipped).sum(), visited)
-    return dx.to(x.dtype), dweight
+    dshift = torch.cat(shift_partials).sum().reshape(1) if shift_partials else torch.zeros(1, dtype=acc,
+                                                                                           device=x.device)
+    return dx.to(x.dtype), dweight, dshift

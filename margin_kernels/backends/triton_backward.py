@@ -34,6 +34,10 @@ fp16 storage: dC is multiplied by one power-of-two ``factor`` (a device scalar) 
 2^14 before it is rounded to fp16 (small entries would flush to zero), and both GEMMs divide it out. bf16
 shares fp32's range and uses factor 1.
 
+The binary reduction (REDUCTION = SOFTPLUS_SUM): the dcos kernel forms dC from the per-element sigmoid,
+g_lse_i sigmoid(z_ij + beta), and writes each (row block, class tile)'s sum of dL/dz to its own slot; the
+host sums the slots in a fixed order for the shift's gradient (no atomics).
+
 Gradient filtering (FILTER): a (row block x class tile) of dC whose every |dc| is below the threshold is
 written as zeros, flagged inactive, and both GEMMs skip its products; the kernels then share one tiling
 (BLOCK_B, BLOCK_C), so the flags line up with their K steps.
@@ -41,7 +45,8 @@ written as zeros, flagged inactive, and both GEMMs skip its products; the kernel
 import triton
 import triton.language as tl
 
-from .triton_tiles import (class_rows, dcos_tile, load_constants, load_row_inputs, load_tile, max_cosine_tile, mma,
+from .triton_tiles import (SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, load_binary_constants, load_constants,
+                           load_row_inputs, load_tile, max_cosine_tile, mma,
                            tile_is_active)
 
 
@@ -74,10 +79,10 @@ def tile_flag(flags_ptr, row_block, col_tile, n_col_tiles, FILTER: tl.constexpr)
 @triton.jit
 def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr, g_lse_ptr, g_target_ptr,
                 factor_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, flags_ptr, B, N, D, col0, CH,
-                stride_xb, stride_xd, stride_wc, stride_wd, filter_threshold,
+                stride_xb, stride_xd, stride_wc, stride_wd, filter_threshold, shift_ptr, shift_partial_ptr,
                 KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
                 PRODUCT: tl.constexpr, FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1):
+                BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0):
     # columns are classes here (CH per chunk); the buffer, the partials and the norms are per weight row:
     # CH * SUB_CENTERS of them, a class's K rows adjacent
     pid_b = tl.program_id(0)
@@ -94,7 +99,14 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
                                   True)
     labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
     lse, g_lse, g_target = load_row_grads(lse_ptr, g_lse_ptr, g_target_ptr, rows, row_ok)
-    dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND)
+    if REDUCTION == SOFTPLUS_SUM:
+        clamp, beta = load_binary_constants(consts_ptr, shift_ptr)
+        dc, dz = binary_dcos_tile(cos, cols, col_ok, labels, T, U, g_lse, g_target, scale, a, b, clamp, beta, KIND)
+        # this tile's share of the shift's gradient (padded rows have g_lse = 0), one slot per program
+        dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+        tl.store(shift_partial_ptr + pid_b * tl.num_programs(1) + pid_c, tl.sum(tl.sum(dz, 1), 0))
+    else:
+        dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND)
     dc = tl.where(row_ok[:, None] & col_ok[None, :], dc, 0.0)
     if FILTER:
         active = tile_is_active(dc, filter_threshold, FILTER)

@@ -230,9 +230,26 @@ def forward_autotune_configs():
 
 #: the forward tiling when no autotune candidate fits (fp64: 8-byte operand tiles exceed shared memory)
 FORWARD_FALLBACK = ForwardTiles(32, 32, 32, num_warps=4, num_stages=1)
+#: the largest forward tile (BLOCK_B x BLOCK_C elements) whose epilogue still fits the registers, for the heavier
+#: epilogues (``margin-bench kernels``, sm_90, bf16, d = 512): SphereFace2's power (exp2/log2 per element)
+#: spills above 64 x 64 under the binary reduction (52-2848 bytes per thread) and at 128 x 64 w4 (8 bytes) and
+#: 128 x 256 under the log-sum-exp; the binary reduction with IDENTITY spills at 128 x 256 (1680 bytes)
+POWER_KINDS_MAX_TILE, BINARY_MAX_TILE = 64 * 64, 128 * 128
 
 
-def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool, sub_centers: int = 1) -> bool:
+def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
+    """The tile-size limit of ``forward_candidate`` for a negative kind and reduction (None: no limit)."""
+    from ..losses.negatives import NegativeKind
+    from ..losses.reductions import ReductionKind
+    if kind in (int(NegativeKind.POWER), int(NegativeKind.POWER_ST)):
+        return POWER_KINDS_MAX_TILE
+    if reduction == int(ReductionKind.SOFTPLUS_SUM):
+        return BINARY_MAX_TILE
+    return None
+
+
+def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool, sub_centers: int = 1,
+                      kind: int = 0, reduction: int = 0) -> bool:
     """Whether the autotuner may pick ``tiles``: its operand tiles fit shared memory, and, for 4-byte storage
     whose operands are cast to 16 bits in registers (bf16/fp16 products of fp32 weights), it is not one of the
     4-warp tilings of >= 8192 elements that spill there (72 and 536 bytes per thread for 64x128 and 128x64 in
@@ -242,6 +259,9 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
     (bf16, d = 512, K = 3) the 4-warp tilings of >= 8192 elements spill 32 bytes and 128 x 256 2408 bytes,
     so those are ruled out too (128 x 128 with 8 warps: 254 registers, no spill)."""
     if not forward_fits(tiles, elem_bytes):
+        return False
+    limit = max_forward_tile(kind, reduction)
+    if limit is not None and tiles.block_b * tiles.block_c > limit:
         return False
     big_for_four_warps = tiles.num_warps == 4 and tiles.block_b * tiles.block_c >= 8192
     if sub_centers > 1 and (big_for_four_warps or tiles.block_b * tiles.block_c > 128 * 128):
@@ -257,7 +277,8 @@ def prune_forward(configs, named_args, **kwargs):
     sub_centers = kwargs.get("SUB_CENTERS", 1)
     kept = [c for c in configs if forward_candidate(ForwardTiles(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"],
                                                                  c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
-                                                    elem_bytes, casts, sub_centers)]
+                                                    elem_bytes, casts, sub_centers, kwargs.get("KIND", 0),
+                                                    kwargs.get("REDUCTION", 0))]
     if kept:
         return kept
     t = FORWARD_FALLBACK

@@ -4,21 +4,24 @@ Grid: (row blocks, class splits). A program owns BLOCK_B rows and a contiguous r
 class tile it forms the cosines (``triton_tiles.cosine_tile``: x . w on the tensor cores with fp32
 accumulation, ||w||^2 from the same loaded W tile; with K sub-centers ``max_cosine_tile``, one such GEMM per
 sub-center and the max over them in registers), applies the negative function and scale, drops the
-target and padded columns, and merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
-order ``logsumexp`` over a (splits, B) tensor, so the result is deterministic for a given config.
+target and padded columns, and merges into an online max / sum (the binary reduction, REDUCTION =
+SOFTPLUS_SUM: sums the softplus terms instead; its splits are merged by a fixed-order sum). Each split
+writes its partial LSE; the host merges the splits with a fixed order ``logsumexp`` over a (splits, B)
+tensor, so the result is deterministic for a given config.
 """
 import triton
 import triton.language as tl
 
-from .triton_tiles import class_rows, load_constants, load_row_inputs, max_cosine_tile, negative_logits
+from .triton_tiles import (SOFTPLUS_SUM, class_rows, load_binary_constants, load_constants, load_row_inputs,
+                           max_cosine_tile, negative_logits, softplus_tile)
 
 
 @triton.jit
 def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
-                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET,
+                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET, shift_ptr,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1):
+                       BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -34,17 +37,29 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
     tile_end = tl.minimum(pid_s * per_split + per_split, num_tiles)
     run_max = tl.full((BLOCK_B,), float("-inf"), acc_dtype)
     run_sum = tl.zeros((BLOCK_B,), acc_dtype)
-    for tile in range(pid_s * per_split, tile_end):
-        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < N
-        cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
-        cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
-                                 acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
-                                 partial_ptr, cols, col_ok, False)
-        z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
-        new_max = tl.maximum(run_max, tl.max(z, 1))
-        # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
-        run_max = new_max
-    tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)
+    if REDUCTION == SOFTPLUS_SUM:  # the binary reduction: a plain sum of softplus terms, no running max
+        clamp, beta = load_binary_constants(consts_ptr, shift_ptr)
+        for tile in range(pid_s * per_split, tile_end):
+            cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < N
+            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+            cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
+                                     acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
+                                     partial_ptr, cols, col_ok, False)
+            run_sum += tl.sum(softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, beta, KIND), 1)
+        tl.store(partial_ptr + pid_s * B + rows, run_sum, mask=row_ok)
+    else:  # a loop of its own: the log-sum-exp's compiled code (and registers) as without the binary branch
+        for tile in range(pid_s * per_split, tile_end):
+            cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < N
+            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+            cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
+                                     acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
+                                     partial_ptr, cols, col_ok, False)
+            z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
+            new_max = tl.maximum(run_max, tl.max(z, 1))
+            # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+            run_max = new_max
+        tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)

@@ -20,6 +20,18 @@ FILTER = tl.constexpr(int(NegativeKind.FILTER))
 ROW_SCALE = tl.constexpr(int(NegativeKind.ROW_SCALE))
 AFFINE = tl.constexpr(int(NegativeKind.AFFINE))
 
+POWER = tl.constexpr(int(NegativeKind.POWER))
+POWER_ST = tl.constexpr(int(NegativeKind.POWER_ST))
+
+
+@triton.jit
+def power_of_base(c, e):
+    """((c + 1) / 2)^e with the base floored at 0 (negatives.power_base): exp2(e log2 base), and 0^e = 0 for
+    e > 0, 1 for e = 0 (where log2(0) = -inf would give NaN)."""
+    base = tl.maximum((c + 1.0) * 0.5, 0.0)
+    safe = tl.where(base > 0.0, base, 1.0)
+    return tl.where(base > 0.0, tl.exp2(e * tl.log2(safe)), tl.where(e == 0.0, 1.0, 0.0).to(c.dtype))
+
 
 @triton.jit
 def negative_value(c, T, U, a, b, KIND: tl.constexpr):
@@ -38,6 +50,10 @@ def negative_value(c, T, U, a, b, KIND: tl.constexpr):
         return U * c
     elif KIND == AFFINE:
         return tl.where(c > T, a * c + b, c)
+    elif KIND == POWER:  # two comparisons, not `or`: each stays a compile-time branch
+        return 2.0 * power_of_base(c, a) - 1.0 + b
+    elif KIND == POWER_ST:
+        return 2.0 * power_of_base(c, a) - 1.0 + b
     else:
         return c
 
@@ -59,5 +75,7 @@ def negative_derivative(c, T, U, a, b, KIND: tl.constexpr):
         return tl.zeros(c.shape, c.dtype) + U
     elif KIND == AFFINE:
         return tl.where(c > T, a, 1.0).to(c.dtype)
-    else:
+    elif KIND == POWER:
+        return a * power_of_base(c, a - 1.0)
+    else:  # IDENTITY, and POWER_ST (opensphere's no_grad adjustment: the gradient of c)
         return tl.full(c.shape, 1.0, c.dtype)

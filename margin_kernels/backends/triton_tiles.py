@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import norms
+from ..losses.reductions import ReductionKind
 from ..precision import PRODUCTS
 from .triton_negatives import negative_derivative, negative_value
 
@@ -47,6 +48,12 @@ def load_row_inputs(labels_ptr, rp_ptr, rows, row_ok):
 def load_constants(consts_ptr):
     """(scale, a, b) in the accumulation dtype (a tensor, so fp64 runs get fp64 constants)."""
     return tl.load(consts_ptr), tl.load(consts_ptr + 1), tl.load(consts_ptr + 2)
+
+
+@triton.jit
+def load_binary_constants(consts_ptr, shift_ptr):
+    """(clamp L, shift beta) of the binary reduction: L is the 4th constant, beta the (1,) shift tensor."""
+    return tl.load(consts_ptr + 3), tl.load(shift_ptr)
 
 
 @triton.jit
@@ -157,6 +164,47 @@ def negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND: tl.const
     z = scale * negative_value(cos, T, U, a, b, KIND)
     z = tl.where((cos == cos) & (tl.abs(cos) < float("inf")), z, float("nan"))
     return tl.where(col_ok[None, :] & (~is_target), z, float("-inf")), is_target
+
+
+SOFTPLUS_SUM = tl.constexpr(int(ReductionKind.SOFTPLUS_SUM))
+
+
+@triton.jit
+def log1p_exp_neg(abs_z):
+    """log(1 + exp(-|z|)) accurate for tiny exp(-|z|) (no libdevice log1p in every Triton): with v = 1 + u,
+    log(v) * u / (v - 1) cancels the rounding of v (Goldberg's trick), and is u itself once v rounds to 1."""
+    u = tl.exp(-abs_z)
+    v = 1.0 + u
+    return tl.where(v == 1.0, u, tl.log(v) * (u / tl.where(v == 1.0, 1.0, v - 1.0)))
+
+
+@triton.jit
+def binary_logits(cos, cols, col_ok, labels, T, U, scale, a, b, shift, KIND: tl.constexpr):
+    """z + beta of the binary reduction and the mask of the tile's negatives (target and padding excluded)."""
+    is_target = cols[None, :] == labels[:, None]
+    z = scale * negative_value(cos, T, U, a, b, KIND) + shift
+    return z, col_ok[None, :] & (~is_target), is_target
+
+
+@triton.jit
+def softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, shift, KIND: tl.constexpr):
+    """softplus(clamp(z + beta, L)) of the tile's negatives, 0 at the target and padded columns."""
+    z, negative, _ = binary_logits(cos, cols, col_ok, labels, T, U, scale, a, b, shift, KIND)
+    z = tl.minimum(tl.maximum(z, -clamp), clamp)
+    terms = tl.maximum(z, 0.0) + log1p_exp_neg(tl.abs(z))
+    return tl.where(negative, terms, 0.0)
+
+
+@triton.jit
+def binary_dcos_tile(cos, cols, col_ok, labels, T, U, g_lse, g_target, scale, a, b, clamp, shift,
+                     KIND: tl.constexpr):
+    """(dL/dcos, dL/dz) of a tile under the binary reduction: dz = g_lse sigmoid(z + beta) inside the clamp
+    (0 outside it, at the target and padding), dc = scale g'(c) dz, and g_target at the target column."""
+    z, negative, is_target = binary_logits(cos, cols, col_ok, labels, T, U, scale, a, b, shift, KIND)
+    inside = (z >= -clamp) & (z <= clamp) & negative
+    dz = tl.where(inside, g_lse[:, None] / (1.0 + tl.exp(-z)), 0.0)
+    dc = dz * (scale * negative_derivative(cos, T, U, a, b, KIND))
+    return tl.where(is_target, g_target[:, None], dc), dz
 
 
 @triton.jit

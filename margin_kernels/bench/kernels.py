@@ -148,13 +148,21 @@ def _ptxas() -> str:
 
 def _cases(dims, dtypes, kinds=None):
     """(kernel, config label, dtype, kind name, d, product, constexprs, warps, stages): every kernel x config x
-    dtype (fp32 under each product mode) x negative kind (the two kernels with a negative epilogue; ``kinds``:
-    only these NegativeKind names) x d."""
+    dtype (fp32 under each product mode) x negative kind (the two kernels with a negative epilogue; "KIND+SP":
+    under the binary reduction's softplus sum; ``kinds``: only these NegativeKind names) x d."""
     from margin_kernels.backends import triton_configs as configs
     from margin_kernels.losses.negatives import NegativeKind
+    from margin_kernels.losses.reductions import ReductionKind
     from margin_kernels.precision import PRODUCTS
 
+    # (label, constexprs) of every negative epilogue: each kind under the log-sum-exp, and the kinds the binary
+    # family uses (UniFace: IDENTITY, SphereFace2: POWER / POWER_ST) under its softplus sum
+    # (REDUCTION always named: a constexpr left out would compile as a runtime argument, both branches kept)
     chosen = [k for k in NegativeKind if kinds is None or k.name in kinds]
+    epilogues = [(kind.name, dict(KIND=int(kind), REDUCTION=int(ReductionKind.LSE))) for kind in chosen] + [
+        (f"{kind.name}+SP", dict(KIND=int(kind), REDUCTION=int(ReductionKind.SOFTPLUS_SUM)))
+        for kind in (NegativeKind.IDENTITY, NegativeKind.POWER, NegativeKind.POWER_ST) if kind in chosen]
+
     for dtype in dtypes:
         elem = DTYPES[dtype]
         products = ("ieee", "tf32", "bf16") if dtype == "fp32" else ("storage",)
@@ -166,16 +174,19 @@ def _cases(dims, dtypes, kinds=None):
                           if configs.forward_candidate(t, elem, product in ("bf16", "fp16"))]
             for t in candidates or [configs.FORWARD_FALLBACK]:
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
-                for kind in chosen:
-                    yield ("lse_forward", label, dtype, kind.name, dim, product,
-                           dict(base, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
+                for kind_label, epilogue in epilogues:
+                    if not configs.forward_candidate(t, elem, product in ("bf16", "fp16"), 1, epilogue["KIND"],
+                                                     epilogue["REDUCTION"]):
+                        continue  # the autotuner never picks it for this epilogue
+                    yield ("lse_forward", label, dtype, kind_label, dim, product,
+                           dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
                            t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
-            for kind in chosen:
-                yield ("dcos", label, dtype, kind.name, dim, product,
-                       dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d, **tiles), t.num_warps,
+            for kind_label, epilogue in epilogues:
+                yield ("dcos", label, dtype, kind_label, dim, product,
+                       dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, **tiles), t.num_warps,
                        t.num_stages)
             for name in ("dweight", "dx"):
                 yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),

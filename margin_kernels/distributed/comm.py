@@ -189,3 +189,26 @@ def lse_from_shifted_sum(shift: torch.Tensor, total: torch.Tensor) -> torch.Tens
     has = ~(total <= 0)  # NaN (a non-finite weight on some shard) counts as "has": it must reach the loss
     safe = torch.where(has, total, torch.ones_like(total))
     return torch.where(has, shift + torch.log(safe), torch.full_like(total, float("-inf")))
+
+
+class _SumGradsAcrossRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_grads_across_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``tensor`` itself forward; backward sums its gradient over the ranks. For a parameter replicated on
+    every rank that each rank feeds into its own shard's share of the loss (the binary family's logit shift):
+    every rank then holds the full gradient, so the replicas stay equal."""
+    _, world = group_rank_and_size(group)
+    if world == 1:
+        return tensor
+    return _SumGradsAcrossRanks.apply(tensor, group)

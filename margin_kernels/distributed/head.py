@@ -14,7 +14,9 @@ Per step (B = global batch, d = embedding size, R = ranks, each holding a contig
    applies d/dcos and d/d||w_y|| (writing the target row of its dW), with no collective for them. An
    all-reduce MAX of B values gives a shift; one all-reduce SUM of the B shifted exp(lse - shift) (identity
    backward) gives the log-sum-exp over every shard, and every shard's lse gets its softmax share of the
-   gradient;
+   gradient. The binary family (SphereFace2, UniFace) sums its per-shard softplus sums instead (one
+   all-reduce SUM of B values, identity backward), and its logit shift's gradient, which each shard's op
+   returns for its own classes, is summed over the ranks in backward (one scalar all-reduce);
 5. the single-process tail (``functional.finish_loss``): every rank returns the same loss.
 
 Traffic per step: O(B d) (the feature gather and its reduce-scatter) plus O(B) scalars; W never moves.
@@ -25,17 +27,18 @@ from typing import Optional
 
 import torch
 
-from ..functional import (check_weight_values, column_labels, finish_loss, initial_target_pairs, negative_lse,
-                          negative_statistics, prepare_rows, start_call)
+from ..functional import (check_weight_values, column_labels, finish_loss, initial_target_pairs, logit_shift,
+                          negative_lse, negative_statistics, prepare_rows, start_call)
 from ..row_statistics import NEGATIVE_LSE
 from ..losses.base import MarginLoss, RowInputs
+from ..losses.reductions import ReductionKind
 from ..head_base import HeadBase
 from ..precision import product_mode
 from ..reduction import empty_batch_loss, reduce_rows
 from ..regularizers import BatchRows, regularizer_rows
 from ..validation import check_flag, value_check_mode
 from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
-                   group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient)
+                   group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient, sum_grads_across_ranks)
 from .sharding import shard_range
 from .validation import check_and_layout, run_collectively
 
@@ -130,11 +133,16 @@ class DistributedMarginHead(HeadBase):
             row_params = start_call(margin, rows0, acc)
 
             # the global pair goes through the local op: only the owner (columns >= 0) applies its gradient
+            binary = margin.reduction_kind == ReductionKind.SOFTPLUS_SUM
+            logits_shift = sum_grads_across_ranks(logit_shift(margin, row_params), group) if binary else None
             lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
                                                        wnorm0, margin, self.resolved_backend, self.chunk_size,
-                                                       self.grad_filter, product)
-            shift = max_shift(lse_local, group)
-            lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
+                                                       self.grad_filter, product, shift=logits_shift)
+            if binary:  # a sum over classes: the shards' sums add up
+                lse = all_reduce_replicated(lse_local, group)
+            else:
+                shift = max_shift(lse_local, group)
+                lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
             rows = RowInputs(cos, feature_norm, weight_norm, valid)
             # lse and cos are global here (a NaN on any shard reaches every rank): all ranks raise together
             check_weight_values(lse, rows, value_check_mode(self.check_values, weight.device))

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..norms import floored
 from .negatives import NegativeKind, NegativeSpec
+from .reductions import NO_CLAMP, ReductionKind
 
 
 
@@ -181,6 +182,11 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
             merged.update(klass.__dict__.get("params", {}))
         cls._rules = merged
 
+    #: how the negatives are reduced per row: softmax's log-sum-exp, or the binary family's softplus sum
+    reduction_kind: ReductionKind = ReductionKind.LSE
+    #: why the heads refuse Partial FC (sample_rate < 1) for this loss; None: sampling is supported
+    no_partial_fc_reason: Optional[str] = None
+
     def __init__(self, s: float = 1.0):
         super().__init__()
         self.s = s
@@ -216,7 +222,21 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
     # ---- what kernels see -------------------------------------------------------------------------------
     def negative_spec(self) -> NegativeSpec:
         a, b = self.negative_constants()
-        return NegativeSpec(self.negative_kind, self.s, float(a), float(b))
+        return NegativeSpec(self.negative_kind, self.s, float(a), float(b), self.reduction_kind,
+                            float(self.logit_clamp()))
+
+    def logit_clamp(self) -> float:
+        """The binary family's clamp of every logit before its softplus (reductions.py); inf: none."""
+        return NO_CLAMP
+
+    def logit_shift(self) -> Optional[torch.Tensor]:
+        """A differentiable scalar added to every negative logit (the binary family's bias); None: 0."""
+        return None
+
+    def row_loss(self, target: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """Per-row loss from the target logit and the reduced negatives (here their log-sum-exp): softmax
+        cross-entropy, logaddexp(lse_neg, z_y) - z_y. The binary family overrides it."""
+        return torch.logaddexp(negatives, target) - target
 
     def negative_constants(self) -> tuple[float, float]:
         return 0.0, 0.0

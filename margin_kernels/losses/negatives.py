@@ -16,16 +16,26 @@ passed to kernels as an int and its parameters as two constants ``a, b`` and two
 | FILTER      | c if c <= a else 0                          | 1 or 0                        |
 | ROW_SCALE   | U * c   (a per-row scale; spec scale 1)      | U                             |
 | AFFINE      | c if c <= T else a*c + b                    | 1 or a                        |
+| POWER       | 2 ((c+1)/2)^a - 1 + b                       | a ((c+1)/2)^(a-1)             |
+| POWER_ST    | 2 ((c+1)/2)^a - 1 + b                       | 1 (straight-through)          |
 
 ROW_SCALE lets a scale that is a tensor (AdaCos' dynamic scale, module state) reach the kernels without a
 host sync: it rides in U. AFFINE is MV's shape with a free intercept (NPCFace's t*c + a on hard negatives).
+
+POWER is SphereFace2's similarity adjustment h(c) with t = a and the negatives' margin b = +m; the base
+(c+1)/2 is floored at 0 (a cosine rounded below -1 would give a NaN power for non-integer t). POWER_ST has the
+same value with the derivative of c: opensphere computes the adjustment under ``no_grad``.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
+import math
+
 import torch
+
+from .reductions import NO_CLAMP, ReductionKind
 
 
 class NegativeKind(enum.IntEnum):
@@ -37,6 +47,8 @@ class NegativeKind(enum.IntEnum):
     FILTER = 5
     ROW_SCALE = 6
     AFFINE = 7
+    POWER = 8
+    POWER_ST = 9
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,14 @@ class NegativeSpec:
     scale: float = 1.0
     a: float = 0.0
     b: float = 0.0
+    #: how the row's negative logits are reduced (reductions.py); the binary family's softplus clamp
+    reduction: ReductionKind = ReductionKind.LSE
+    clamp: float = NO_CLAMP
+
+
+def power_base(c: torch.Tensor) -> torch.Tensor:
+    """(c + 1) / 2 floored at 0: the base of POWER's power."""
+    return ((c + 1.0) * 0.5).clamp_min(0.0)
 
 
 def negative_value(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tensor:
@@ -69,6 +89,11 @@ def negative_value(c: torch.Tensor, spec: NegativeSpec, row_params: torch.Tensor
         return row_params[:, 1:2] * c
     if kind == NegativeKind.AFFINE:
         return torch.where(c > threshold, a * c + b, c)
+    if kind == NegativeKind.POWER:
+        return 2.0 * power_base(c) ** a - 1.0 + b
+    if kind == NegativeKind.POWER_ST:
+        value = 2.0 * power_base(c.detach()) ** a - 1.0 + b
+        return c + (value - c.detach())
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
@@ -92,6 +117,10 @@ def negative_derivative(c: torch.Tensor, spec: NegativeSpec, row_params: torch.T
         return row_params[:, 1:2].expand_as(c).clone()
     if kind == NegativeKind.AFFINE:
         return torch.where(c > threshold, torch.full_like(c, a), torch.ones_like(c))
+    if kind == NegativeKind.POWER:
+        return a * power_base(c) ** (a - 1.0)
+    if kind == NegativeKind.POWER_ST:
+        return torch.ones_like(c)
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
@@ -114,4 +143,6 @@ def derivative_bound(spec: NegativeSpec, row_params: torch.Tensor) -> torch.Tens
         return row_params.new_tensor(max(1.0, abs(spec.a)))
     if spec.kind == NegativeKind.CIRCLE:  # relu(c + a)
         return row_params.new_tensor(1.0 + abs(spec.a))
-    return row_params.new_tensor(1.0)  # IDENTITY, CLAMP, FILTER: 0 or 1
+    if spec.kind == NegativeKind.POWER:  # a base^(a-1), base in [0, 1]: a for a >= 1, unbounded below 1
+        return row_params.new_tensor(abs(spec.a) if spec.a >= 1.0 else math.inf)
+    return row_params.new_tensor(1.0)  # IDENTITY, CLAMP, FILTER, POWER_ST: 0 or 1

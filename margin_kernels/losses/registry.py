@@ -9,6 +9,7 @@ from .adacos import AdaCos
 from .adaface import AdaFace
 from .additive import ArcFace, CombinedMargin, CosFace
 from .base import MarginLoss
+from .binary import SphereFace2, UniFace
 from .circle import CircleLoss
 from .curricular import CurricularFace
 from .elastic import ElasticArcFace, ElasticCosFace
@@ -40,6 +41,8 @@ FAMILIES: dict = {
     "adacos": AdaCos,
     "npcface": NPCFace,
     "subcenter_arcface": SubCenterArcFace,
+    "sphereface2": SphereFace2,
+    "uniface": UniFace,
 }
 
 #: variant name -> factory; together they cover every branch of docs/losses.md (easy margin, straight-through,
@@ -79,6 +82,14 @@ VARIANTS: dict = {
     "npcface": lambda: NPCFace(),
     "subcenter_arcface": lambda: SubCenterArcFace(),
     "subcenter_arcface_insightface": lambda: SubCenterArcFace(sub_centers=2, mode="insightface"),
+    # the binary family: biases from the authors' initialisations for 100 classes; uniface_clamp puts many
+    # logits beyond UniFace's clamp at +-s (s = 16 with a large bias)
+    "sphereface2": lambda: SphereFace2(num_class=100),
+    "sphereface2_exact": lambda: SphereFace2(num_class=100, straight_through=False),
+    "sphereface2_a": lambda: SphereFace2(magn_type="A", num_class=100),
+    "sphereface2_m": lambda: SphereFace2(magn_type="M", m=1.5, num_class=100),
+    "uniface": lambda: UniFace(out_features=100),
+    "uniface_clamp": lambda: UniFace(s=16.0, bias=12.0),
 }
 
 
