@@ -328,7 +328,7 @@ def test_binding_checks_name_function_and_argument(cpu_ext):
         (lambda: ext.forward_tile(tile.int(), None, labels, 0, rp, 0, 1.0, 0.0, 0.0, *run), "forward_tile.*tile"),
         (lambda: ext.forward_tile(tile, None, labels.int(), 0, rp, 0, 1.0, 0.0, 0.0, *run), "labels must be int64"),
         (lambda: ext.forward_tile(tile, None, labels, 0, rp[:3], 0, 1.0, 0.0, 0.0, *run), "row_params"),
-        (lambda: ext.forward_tile(tile, None, labels, 0, rp, 9, 1.0, 0.0, 0.0, *run), "kind"),
+        (lambda: ext.forward_tile(tile, None, labels, 0, rp, 99, 1.0, 0.0, 0.0, *run), "kind"),
         (lambda: ext.forward_tile(tile.t(), None, labels, 0, rp, 0, 1.0, 0.0, 0.0, *run), "unit stride"),
         (lambda: ext.forward_tile(tile, torch.zeros(5), labels, 0, rp, 0, 1.0, 0.0, 0.0, *run), "inv_norm"),
         (lambda: ext.forward_tile(tile, None, labels, 0, rp.double(), 0, 1.0, 0.0, 0.0, *run), "row_params must"),

@@ -196,18 +196,18 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
         if rule is None:
             return super().__setattr__(name, value)
         checked = rule(name, value)
-        missing = object()
-        previous = self.__dict__.get(name, missing)
+        had_value = name in self.__dict__  # no sentinel object(): dynamo traces this when a schedule sets s
+        previous = self.__dict__.get(name)
         super().__setattr__(name, checked)
         if not self.__dict__.get("_params_ready", False):
             return
         try:
             self.check_params()
         except Exception:
-            if previous is missing:
-                del self.__dict__[name]
-            else:
+            if had_value:
                 super().__setattr__(name, previous)
+            else:
+                del self.__dict__[name]
             raise
 
     def check_params(self) -> None:

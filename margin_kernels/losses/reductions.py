@@ -32,9 +32,15 @@ class ReductionKind(enum.IntEnum):
 NO_CLAMP = math.inf
 
 
+def _unclamped(clamp) -> bool:
+    """Whether the clamp is NO_CLAMP: a comparison, not math.isinf, so that dynamo can trace it when it has made
+    the float a symbol (a scale that changed between calls)."""
+    return clamp >= NO_CLAMP
+
+
 def clamp_logits(z: torch.Tensor, clamp: float) -> torch.Tensor:
     """z clamped to [-L, L] (torch.clamp's gradient: 1 inside, boundaries included, 0 outside)."""
-    return z if math.isinf(clamp) else z.clamp(-clamp, clamp)
+    return z if _unclamped(clamp) else z.clamp(-clamp, clamp)
 
 
 def softplus(z: torch.Tensor) -> torch.Tensor:
@@ -53,4 +59,4 @@ def softplus_terms(z: torch.Tensor, clamp: float) -> torch.Tensor:
 def softplus_grad(z: torch.Tensor, clamp: float) -> torch.Tensor:
     """d softplus(clamp(z)) / dz: the sigmoid where |z| <= L, else 0."""
     grad = torch.sigmoid(z)
-    return grad if math.isinf(clamp) else torch.where(z.abs() <= clamp, grad, torch.zeros_like(grad))
+    return grad if _unclamped(clamp) else torch.where(z.abs() <= clamp, grad, torch.zeros_like(grad))
