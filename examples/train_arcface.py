@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,8 +47,7 @@ from torch import nn
 
 import margin_kernels as mk
 from margin_kernels.distributed import DistributedMarginHead, load_sharded, save_sharded
-from margin_kernels.distributed.checkpoint import (WEIGHT, list_shard_files, reshard_state_dicts,
-                                                   shard_file_name)
+from margin_kernels.distributed.checkpoint import WEIGHT, reshard_state_dicts, shard_file_name
 
 #: TAR is reported at this false accept rate
 FAR = 1e-3
@@ -257,10 +257,20 @@ def save_momentum(head: DistributedMarginHead, optimizer: torch.optim.Optimizer,
     torch.save(state, os.path.join(directory, shard_file_name(*head.shard_range)))
 
 
+def momentum_files(directory: str) -> list:
+    """(first class, end, path) of the momentum shards ``save_momentum`` wrote, one per saving rank."""
+    found = []
+    for name in os.listdir(directory):
+        match = re.fullmatch(r"classes_(\d+)_(\d+)(?:\.g\d+)?\.pt", name)
+        if match:
+            found.append((int(match[1]), int(match[2]), os.path.join(directory, name)))
+    return sorted(found)
+
+
 def load_momentum(head: DistributedMarginHead, optimizer: torch.optim.Optimizer, directory: str) -> None:
     start, stop = head.shard_range
     pieces = [torch.load(path, map_location="cpu", weights_only=True)
-              for lo, hi, path in list_shard_files(directory) if lo < stop and hi > start]
+              for lo, hi, path in momentum_files(directory) if lo < stop and hi > start]
     buffer = reshard_state_dicts(pieces, head.shard_range)[WEIGHT].to(head.weight.device, head.weight.dtype)
     optimizer.state[head.weight]["momentum_buffer"] = buffer
 
