@@ -143,3 +143,58 @@ def test_unsupported_call_arguments_are_named():
         loss_func(x, labels, indices_tuple=(labels, labels, labels))
     with pytest.raises(ValueError, match="labels"):
         loss_func(x)
+
+
+# ---- SubCenterArcFaceLoss (the sub-center family landed after the adapters) ----------------------------------
+def _pml_subcenter(sub_centers):
+    from tests.originals_subcenter import PMLSubCenterArcFaceLoss
+
+    def theirs(x, labels, W):
+        module = PMLSubCenterArcFaceLoss(CLASSES, DIM, sub_centers=sub_centers)
+        module.W = W  # the caller's parameter: its gradient is what the test compares
+        return module(x, labels)
+    return theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("sub_centers", [1, 3])
+def test_sub_center_arcface_trajectory_matches_pml(sub_centers, dtype):
+    """Loss and gradients at every step of 20 SGD steps, W of pml's shape (d, C K), against the transcription."""
+    torch.manual_seed(7)
+    loss_func = pml.SubCenterArcFaceLoss(CLASSES, DIM, sub_centers=sub_centers, backend="torch", chunk_size=8).to(dtype)
+    assert tuple(loss_func.W.shape) == (DIM, CLASSES * sub_centers) and list(loss_func.state_dict()) == ["W"]
+    W_theirs = torch.nn.Parameter(loss_func.W.detach().clone())
+    theirs = _pml_subcenter(sub_centers)
+    torch.manual_seed(8)
+    net_ours, net_theirs = torch.nn.Linear(DIM, DIM).to(dtype), torch.nn.Linear(DIM, DIM).to(dtype)
+    net_theirs.load_state_dict(net_ours.state_dict())
+    opt_ours = torch.optim.SGD(list(net_ours.parameters()) + list(loss_func.parameters()), lr=0.05, momentum=0.9)
+    opt_theirs = torch.optim.SGD(list(net_theirs.parameters()) + [W_theirs], lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(20):
+        x, labels = data(step % 3, dtype)
+        a, b = loss_func(net_ours(x), labels), theirs(net_theirs(x), labels, W_theirs)
+        for opt, loss in ((opt_ours, a), (opt_theirs, b)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append((a.item(), b.item()))
+    bound = TRAJECTORY_TOLERANCES[dtype]
+    assert max(abs(p - q) / max(1.0, abs(q)) for p, q in losses) <= bound.loss
+    assert rel_err(net_ours.weight.detach(), net_theirs.weight.detach()) <= bound.dx
+    assert rel_err(loss_func.W.detach(), W_theirs.detach()) <= bound.dw
+    assert losses[-1][1] < losses[0][1]
+
+
+def test_sub_center_arcface_outliers_and_logits_are_pmls():
+    from tests.originals_subcenter import PMLSubCenterArcFaceLoss
+    torch.manual_seed(3)
+    ours = pml.SubCenterArcFaceLoss(CLASSES, DIM, sub_centers=3).double()
+    theirs = PMLSubCenterArcFaceLoss(CLASSES, DIM, sub_centers=3).double()
+    theirs.W = torch.nn.Parameter(ours.W.detach().clone())
+    x, labels = data(1, torch.float64)
+    found, centers = ours.get_outliers(x, labels, threshold=60)
+    expected, expected_centers = theirs.get_outliers(x, labels, threshold=60)
+    assert torch.equal(torch.sort(found).values, torch.sort(expected).values)
+    assert torch.equal(centers, expected_centers)
+    assert torch.allclose(ours.get_logits(x), theirs.get_cosine(x) * 64)

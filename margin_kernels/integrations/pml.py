@@ -14,6 +14,7 @@ losses. The B x num_classes logits are never built (``get_logits`` builds them, 
 | ``LargeMarginSoftmaxLoss(margin=4, scale=1)`` | ``LSoftmax(m=margin, λ = 0, s=scale)`` | ‖w‖‖x‖ψ_m(θ); negatives x·w_j |
 | ``SphereFaceLoss(margin=4, scale=1)`` | ``SphereFace(m=margin, λ = 0, s=scale)`` | ‖x‖ψ_m(θ); negatives ‖x‖c_ij |
 | ``NormalizedSoftmaxLoss(temperature=0.05)`` | ``NormFace(s=1 / temperature)`` | c / temperature |
+| ``SubCenterArcFaceLoss(margin=28.6, scale=64, sub_centers=3)`` | ``SubCenterArcFace(s, m=radians(margin), K, mode="pml")`` | cos(θ + m) of the best of K sub-centers; ``W`` is (embedding_size, num_classes · K) |
 
 Not supported (a ValueError naming the argument): miners' ``indices_tuple``, ``ref_emb`` / ``ref_labels``,
 regularizers, reducers other than pml's ``MeanReducer``, distances other than the default. Differences,
@@ -34,6 +35,8 @@ from ..losses.additive import ArcFace, CosFace
 from ..losses.base import MarginLoss
 from ..losses.multiplicative import LSoftmax, SphereFace
 from ..losses.plain import NormFace
+from ..losses.subcenter import SubCenterArcFace
+from ..subcenters import dominant_sub_centers
 from ..reference import logits_from_cosines
 
 _UNSUPPORTED = ("embedding_regularizer", "weight_regularizer", "distance", "collect_stats")
@@ -54,7 +57,7 @@ class _PmlClassificationLoss(nn.Module):
             raise ValueError(f"reducer must be pml's MeanReducer (the default), got {type(reducer).__name__}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.backend, self.chunk_size = backend, chunk_size
-        self.W = nn.Parameter(torch.empty(embedding_size, num_classes))
+        self.W = nn.Parameter(torch.empty(embedding_size, num_classes * self.weight_columns_per_class()))
         (weight_init_func or nn.init.normal_)(self.W)
         # the description is not a submodule: pml's state dict holds W only (L-Softmax's iteration counter is
         # unused with lambda = 0)
@@ -62,6 +65,9 @@ class _PmlClassificationLoss(nn.Module):
 
     def description(self) -> MarginLoss:
         raise NotImplementedError
+
+    def weight_columns_per_class(self) -> int:
+        return 1
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, indices_tuple=None,
                 ref_emb=None, ref_labels=None) -> torch.Tensor:
@@ -143,3 +149,35 @@ class NormalizedSoftmaxLoss(_PmlClassificationLoss):
 
     def description(self):
         return NormFace(s=1.0 / float(self.temperature))
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """pml's ``SubCenterArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64, sub_centers=3)``: ``W`` is
+    (embedding_size, num_classes * sub_centers), class j's sub-centers in columns j K .. j K + K - 1; each
+    class's cosine is its best sub-center's, the max taken inside the kernels' tiles."""
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64,
+                 sub_centers: int = 3, **kwargs):
+        self.sub_centers = sub_centers
+        super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
+
+    def weight_columns_per_class(self) -> int:
+        return self.sub_centers
+
+    def description(self):
+        return SubCenterArcFace(s=float(self.scale), m=math.radians(self.margin), sub_centers=self.sub_centers,
+                                mode="pml")
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """pml's logits without margin: the best sub-center's cosine of every class, times the scale."""
+        cos = nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(self.W.t(), dim=1).t()
+        return cos.view(cos.shape[0], self.num_classes, self.sub_centers).amax(dim=2) * self.scale
+
+    @torch.no_grad()
+    def get_outliers(self, embeddings: torch.Tensor, labels: torch.Tensor, threshold: float = 75,
+                     return_dominant_centers: bool = True):
+        """pml's ``get_outliers``: (outlier sample indices, dominant centers (embedding_size, num_classes)),
+        from ``subcenters.dominant_sub_centers`` (classes absent from ``labels`` get zero centers, where pml
+        leaves uninitialised memory)."""
+        outliers, dominant = dominant_sub_centers(embeddings, self.W.t(), labels, self.sub_centers, threshold)
+        return (outliers, dominant.t()) if return_dominant_centers else outliers
