@@ -67,7 +67,12 @@ def test_loss_and_gradients_match_pml(case):
 @pytest.mark.parametrize("case", ["arcface", "cosface", "lsoftmax", "sphereface", "normalized_softmax"])
 def test_sgd_trajectory_matches_pml(case, dtype):
     """20 SGD steps on the embeddings' producer and W, ours and the transcription from the same start."""
-    loss_func = make(case, dtype)
+    assert_same_trajectory(make(case, dtype), CASES[case][1], dtype)
+
+
+def assert_same_trajectory(loss_func, theirs, dtype):
+    """20 SGD steps (momentum 0.9) of a linear embedding net and W, ours against the transcription ``theirs``
+    (called as ``theirs(embeddings, labels, W)``), from the same start: losses, net and W stay together."""
     W_theirs = torch.nn.Parameter(loss_func.W.detach().clone())
     torch.manual_seed(8)
     net_ours = torch.nn.Linear(DIM, DIM).to(dtype)
@@ -79,7 +84,7 @@ def test_sgd_trajectory_matches_pml(case, dtype):
     for step in range(20):
         x, labels = data(step % 3, dtype)  # three batches in turn, so the loss can go down
         a = loss_func(net_ours(x), labels)
-        b = CASES[case][1](net_theirs(x), labels, W_theirs)
+        b = theirs(net_theirs(x), labels, W_theirs)
         for opt, loss in ((opt_ours, a), (opt_theirs, b)):
             opt.zero_grad()
             loss.backward()
@@ -163,27 +168,7 @@ def test_sub_center_arcface_trajectory_matches_pml(sub_centers, dtype):
     torch.manual_seed(7)
     loss_func = pml.SubCenterArcFaceLoss(CLASSES, DIM, sub_centers=sub_centers, backend="torch", chunk_size=8).to(dtype)
     assert tuple(loss_func.W.shape) == (DIM, CLASSES * sub_centers) and list(loss_func.state_dict()) == ["W"]
-    W_theirs = torch.nn.Parameter(loss_func.W.detach().clone())
-    theirs = _pml_subcenter(sub_centers)
-    torch.manual_seed(8)
-    net_ours, net_theirs = torch.nn.Linear(DIM, DIM).to(dtype), torch.nn.Linear(DIM, DIM).to(dtype)
-    net_theirs.load_state_dict(net_ours.state_dict())
-    opt_ours = torch.optim.SGD(list(net_ours.parameters()) + list(loss_func.parameters()), lr=0.05, momentum=0.9)
-    opt_theirs = torch.optim.SGD(list(net_theirs.parameters()) + [W_theirs], lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(20):
-        x, labels = data(step % 3, dtype)
-        a, b = loss_func(net_ours(x), labels), theirs(net_theirs(x), labels, W_theirs)
-        for opt, loss in ((opt_ours, a), (opt_theirs, b)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        losses.append((a.item(), b.item()))
-    bound = TRAJECTORY_TOLERANCES[dtype]
-    assert max(abs(p - q) / max(1.0, abs(q)) for p, q in losses) <= bound.loss
-    assert rel_err(net_ours.weight.detach(), net_theirs.weight.detach()) <= bound.dx
-    assert rel_err(loss_func.W.detach(), W_theirs.detach()) <= bound.dw
-    assert losses[-1][1] < losses[0][1]
+    assert_same_trajectory(loss_func, _pml_subcenter(sub_centers), dtype)
 
 
 def test_sub_center_arcface_outliers_and_logits_are_pmls():
