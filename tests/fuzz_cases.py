@@ -28,9 +28,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import margin_kernels as mk
+from margin_kernels.losses.reductions import ReductionKind
 
 from .helpers import LOSS_NAMES, loss_and_grads, make_loss, rel_err, twin
-from .tolerances import bounds, scale_bound
+from .tolerances import LOW_PRECISION, TOLERANCES, bounds, scale_bound
 
 BAD_VALUES = (float("nan"), float("inf"), float("-inf"))
 #: values assigned to a loss's margin parameter after construction: edges, and invalid ones that must raise
@@ -188,11 +189,23 @@ def check_case(case: Case) -> None:
     # computes in the same accumulation dtype, with no more rounding)
     table_key = {"auto": "cpu", "reference": "torch"}.get(case.backend, case.backend)
     tol = bounds(table_key, case.dtype, margin.negative_kind)[torch.float64]
+    if case.dtype in LOW_PRECISION and margin.reduction_kind == ReductionKind.SOFTPLUS_SUM:
+        # the binary family in bf16/fp16: every one of the B x C sigmoids carries the rounding of x/||x||
+        # (2^-9 bf16, 2^-12 fp16) through r * h'(c) (SphereFace2: r = 40 times t ((c+1)/2)^(t-1), up to 120;
+        # the M variant's multiplicative margin more), and at the fuzz's tiny d (2, 3) nothing averages it out
+        # (observed worst: loss 7.4e-3, dx 6.5e-2, dW 7.9e-2 at d = 2-3, C = 1). Here the oracle catches
+        # garbage and NaN; the binary family's sharp low-precision checks are tests/test_binary.py's.
+        tol = TOLERANCES[(table_key, torch.bfloat16)].float64_thresholded
     floor = scale_bound(case.dtype, margin.s, case.dim)
     assert all(torch.isfinite(t).all() for t in out), f"{case}: non-finite result on valid input"
     scale = max(1.0, ref[0].abs().max().item()) if ref[0].numel() else 1.0
     loss_err = (out[0].double() - ref[0]).abs().max().item() / scale if ref[0].numel() else 0.0
-    assert loss_err <= tol.loss + floor, f"{case}: loss error {loss_err:.2e}"
+    # d = 1 with normalised features and weights: every cosine is exactly +-1, where a target formula's
+    # clamped arccos (acos(1 - 1e-7): 1 - 1e-7 is no fp32 number) differs between fp32 and fp64 by ~5e-5 rad,
+    # times s: the loss value is compared there in fp64 only (finiteness above, always)
+    exact_unit_cosines = case.dim == 1 and margin.normalize_features and margin.normalize_weight
+    if case.dtype == torch.float64 or not exact_unit_cosines:
+        assert loss_err <= tol.loss + floor, f"{case}: loss error {loss_err:.2e}"
     # a gradient that is exactly 0 in theory (d = 1 with normalised features: x/|x| is constant) is measured
     # against 1e-3 of the larger gradient, not against its own rounding noise
     eps = torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps

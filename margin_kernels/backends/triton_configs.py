@@ -264,7 +264,9 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
     if limit is not None and tiles.block_b * tiles.block_c > limit:
         return False
     big_for_four_warps = tiles.num_warps == 4 and tiles.block_b * tiles.block_c >= 8192
-    if sub_centers > 1 and (big_for_four_warps or tiles.block_b * tiles.block_c > 128 * 128):
+    # sub-centers keep a running max and argmax tile beside the accumulator: 128 x 128 spills there (276-344
+    # bytes per thread in ``margin-bench kernels`` once the max propagates NaN), as do the 4-warp >= 8192 tilings
+    if sub_centers > 1 and (big_for_four_warps or tiles.block_b * tiles.block_c >= 128 * 128):
         return False
     return not (casts_operands and elem_bytes == 4 and big_for_four_warps)
 
