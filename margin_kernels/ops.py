@@ -37,7 +37,7 @@ def _target_rows(labels: Tensor, class_index: Optional[Tensor], num_rows: int) -
     return rows if class_index is None else class_index[rows].clamp(0, num_rows - 1)
 
 
-def _clamped_index(class_index: Optional[Tensor], num_classes: int) -> Optional[Tensor]:
+def clamped_index(class_index: Optional[Tensor], num_classes: int) -> Optional[Tensor]:
     """Class ids clamped into [0, C) before any backend gathers W rows with them (the Triton kernels gather
     in-kernel): a bad id is never an out-of-bounds read. O(K); the driver turns bad ids into a NaN loss."""
     return None if class_index is None else class_index.clamp(0, num_classes - 1)
@@ -78,7 +78,7 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
-    class_index = _clamped_index(class_index, weight.shape[0] // sub_centers)
+    class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product, sub_centers=sub_centers, shift=shift)
     return lse, target_cos.clone(), target_norm.clone()
@@ -98,7 +98,7 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
                         reduction: int, clamp: float, backend: str, chunk_size: int, grad_filter: float,
                         product: str, sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
-    class_index = _clamped_index(class_index, weight.shape[0] // sub_centers)
+    class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
     dx, dweight, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,

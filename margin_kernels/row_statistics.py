@@ -67,8 +67,8 @@ def chunked(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, cl
                               dummy, dummy, no_shift, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b,
                               int(spec.reduction), spec.clamp, backend, chunk_size or 0, 0.0, product, 1)[0]
     batch = x_eff.shape[0]
-    if class_index is not None:  # unchecked bad ids (check_values=False) are never read: the driver makes the
-        class_index = class_index.clamp(0, weight.shape[0] - 1)  # rows NaN, as the op clamps its own gathers
+    # unchecked bad ids (check_values=False) are never read: the driver makes their rows NaN (K = 1 here)
+    class_index = ops.clamped_index(class_index, weight.shape[0])
     chunk = chunk_size or default_chunk_size(batch, x_eff.device.type)
     threshold = request.row_params[:, 0:1]
     out = torch.zeros(batch, 2, dtype=acc, device=x_eff.device)

@@ -152,3 +152,17 @@ def compare_with_references(backend, name, dtype, *, device="cpu", batch=12, cla
 def compare_with_reference(backend, name, dtype, **kwargs) -> Errors:
     """Errors of ``backend`` against the float64 reference on the same (rounded) inputs."""
     return compare_with_references(backend, name, dtype, **kwargs)[torch.float64]
+
+
+def head_eager_and_compiled(head, x, labels, compiler: str):
+    """((loss, dx, dW) eager, the same under torch.compile(head, fullgraph=True, backend=compiler)) of one call
+    of ``head`` on fresh copies of ``x``."""
+    def run(module):
+        features = x.clone().requires_grad_(True)
+        head.weight.grad = None
+        loss = module(features, labels)
+        loss.backward()
+        return loss.detach(), features.grad, head.weight.grad.clone()
+
+    eager = run(head)
+    return eager, run(torch.compile(head, fullgraph=True, backend=compiler))

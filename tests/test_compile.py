@@ -11,7 +11,7 @@ import torch
 
 import margin_kernels as mk
 from margin_kernels.backends import unavailable_reason
-from tests.helpers import loss_and_grads, random_problem, rel_err
+from tests.helpers import head_eager_and_compiled, loss_and_grads, random_problem, rel_err
 from tests.tolerances import COMPILE_VS_EAGER
 
 torch._dynamo.config.cache_size_limit = 64
@@ -67,15 +67,7 @@ def test_compiled_head_matches_eager(backend, compiler):
     with torch.no_grad():
         head.weight.copy_(w)
 
-    def run(module):
-        features = x.clone().requires_grad_(True)
-        head.weight.grad = None
-        loss = module(features, labels)
-        loss.backward()
-        return loss.detach(), features.grad, head.weight.grad.clone()
-
-    eager = run(head)
-    compiled = run(torch.compile(head, fullgraph=True, backend=compiler))
+    eager, compiled = head_eager_and_compiled(head, x, labels, compiler)
     assert eager[1].abs().sum() > 0 and eager[2].abs().sum() > 0
     _assert_same(compiled, eager)
 

@@ -10,7 +10,7 @@ from margin_kernels.backends import torch_backend, unavailable_reason
 from margin_kernels.distributed import reshard_state_dicts
 from margin_kernels.distributed.sharding import row_range, shard_ranges
 from margin_kernels.subcenters import class_rows, max_over_sub_centers
-from tests.helpers import loss_and_grads, random_problem, rel_err
+from tests.helpers import head_eager_and_compiled, loss_and_grads, random_problem, rel_err
 from tests.test_memory import AllocationLog
 
 # Triton's interpreter: a class split left without tiles merges log(0) = -inf (the conformance suite's filter)
@@ -271,15 +271,7 @@ def test_compiled_head_matches_eager(backend):
     with torch.no_grad():
         head.weight.copy_(w)
 
-    def run(module):
-        features = x.clone().requires_grad_(True)
-        head.weight.grad = None
-        loss = module(features, labels)
-        loss.backward()
-        return loss.detach(), features.grad, head.weight.grad.clone()
-
-    eager = run(head)
-    compiled = run(torch.compile(head, fullgraph=True, backend="aot_eager"))
+    eager, compiled = head_eager_and_compiled(head, x, labels, "aot_eager")
     assert abs(compiled[0].item() - eager[0].item()) <= COMPILE_VS_EAGER * max(1.0, abs(eager[0].item()))
     assert rel_err(compiled[1], eager[1]) <= COMPILE_VS_EAGER and rel_err(compiled[2], eager[2]) <= COMPILE_VS_EAGER
 

@@ -200,7 +200,7 @@ class _SumGradsAcrossRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
+        _collective(dist.all_reduce, grad, group=ctx.group)
         return grad, None
 
 

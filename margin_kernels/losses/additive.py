@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .base import (MarginLoss, RowInputs, arc_target, cos_plus_margin, flag, in_range, one_of,
-                   straight_through)
+from .base import (MarginLoss, RowInputs, arc_target, check_margin_am, cos_plus_margin, flag, in_range,
+                   one_of, straight_through)
 from .negatives import NegativeKind
 
 #: ArcFace's modes, each named after the code it reproduces (docs/losses.md, "Which code each mode reproduces")
@@ -55,8 +55,7 @@ class ArcFace(MarginLoss):
         self.straight_through = (mode == "insightface") if straight_through is None else straight_through
 
     def check_params(self) -> None:
-        if self.margin_am and self.mode != "facexzoo":
-            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {self.mode!r}")
+        check_margin_am(self.margin_am, self.mode)
         if self.easy_margin and self.mode != "insightface_legacy":
             raise ValueError(f"easy_margin is a rule of mode='insightface_legacy'; mode={self.mode!r} has none")
 

@@ -70,6 +70,13 @@ def cos_plus_margin(c: torch.Tensor, m) -> torch.Tensor:
 ARC_RULES = ("th_mm", "easy", "margin_am", "none")
 
 
+def check_margin_am(margin_am: float, mode: str) -> None:
+    """``margin_am`` is FaceX-Zoo's fallback past pi - m (the "margin_am" rule of ``arc_target``): only the
+    losses' mode="facexzoo" takes it."""
+    if margin_am and mode != "facexzoo":
+        raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {mode!r}")
+
+
 def arc_target(c: torch.Tensor, m, rule: str = "th_mm", margin_am: float = 0.0) -> torch.Tensor:
     """ArcFace's cos(theta + m) with one of ``ARC_RULES`` for targets where theta + m would pass pi.
 

@@ -5,7 +5,7 @@ import torch
 
 import math
 
-from .base import MarginLoss, RowInputs, arc_target, flag, in_range, one_of, positive
+from .base import MarginLoss, RowInputs, arc_target, check_margin_am, flag, in_range, one_of, positive
 
 #: MagFace's modes: the authors' code (IrvingMeng/MagFace) or FaceX-Zoo's MagFace head
 MAGFACE_MODES = ("magface", "facexzoo")
@@ -36,8 +36,7 @@ class MagFace(MarginLoss):
     def check_params(self) -> None:
         if not self.u_a > self.l_a:
             raise ValueError(f"u_a must be greater than l_a, got l_a={self.l_a}, u_a={self.u_a}")
-        if self.margin_am and self.mode != "facexzoo":
-            raise ValueError(f"margin_am is FaceX-Zoo's fallback: use it with mode='facexzoo', not {self.mode!r}")
+        check_margin_am(self.margin_am, self.mode)
 
     def rule(self) -> str:
         if self.mode == "facexzoo":
