@@ -19,6 +19,9 @@ import torch
 
 from . import ops, reference
 from .backends import resolve_backend
+from .backends.chunk_loop import num_columns
+from .backends.kept_tiles import keep_columns
+from .memory_budget import budget_bytes
 from .losses.base import MarginLoss, RowInputs
 from .precision import product_mode
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
@@ -61,14 +64,20 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
-                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float):
+                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
+                 memory_budget=None):
     """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable. The target
-    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward."""
+    pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward.
+    ``memory_budget`` (``margin_kernels.memory_budget``) sets how many columns' forward tiles the op keeps for
+    its backward (an op output, so torch.compile sees it)."""
     spec = margin.negative_spec()
-    return torch.ops.margin_kernels.margin_lse(
+    keep = keep_columns(budget_bytes(memory_budget, x_eff.device, x_eff.shape[1]), x_eff.shape[0],
+                        num_columns(weight, class_index), row_params.dtype)
+    lse, cos, norm, _kept = torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter), product_mode(weight.dtype, weight.device.type))
+        float(grad_filter), product_mode(weight.dtype, weight.device.type), keep)
+    return lse, cos, norm
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
@@ -84,7 +93,8 @@ def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, redu
 def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: MarginLoss, *,
                          backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                          chunk_size: Optional[int] = None, class_index: Optional[torch.Tensor] = None,
-                         grad_filter: float = 0.0, check_values: bool = True) -> torch.Tensor:
+                         grad_filter: float = 0.0, check_values: bool = True,
+                         memory_budget=None) -> torch.Tensor:
     """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d).
 
     Never builds the B x C logits (except ``backend="reference"``, the full-logit ground truth). ``labels``
@@ -94,18 +104,22 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     class tile whose every |dL/dc_ij| is below it (Cut Cross-Entropy's gradient filtering; off by default; the
     loss is unchanged, see ``margin_kernels.grad_filter_stats()``). ``check_values=False`` skips the checks
     that need a device sync (finite features, labels in range); they are skipped under torch.compile as well.
+    ``memory_budget`` (bytes, ``"auto"``, or None/0 = recompute) lets the forward keep its B x chunk tiles so
+    the backward skips its recompute GEMM (``margin_kernels.memory_budget``); the loss and gradients are the
+    same either way.
     """
     check_arguments(features, weight, labels, margin, backend=backend, reduction=reduction,
                     ignore_index=ignore_index, chunk_size=chunk_size, class_index=class_index,
-                    grad_filter=grad_filter, check_values=check_values)
+                    grad_filter=grad_filter, check_values=check_values, memory_budget=memory_budget)
     return checked_margin_cross_entropy(features, weight, labels, margin, backend=backend, reduction=reduction,
                                         ignore_index=ignore_index, chunk_size=chunk_size,
-                                        class_index=class_index, grad_filter=grad_filter)
+                                        class_index=class_index, grad_filter=grad_filter,
+                                        memory_budget=memory_budget)
 
 
 def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
                                  ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
-                                 grad_filter: float) -> torch.Tensor:
+                                 grad_filter: float, memory_budget=None) -> torch.Tensor:
     """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
@@ -122,5 +136,5 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
     cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
     row_params = start_call(margin, RowInputs(cos0, prepared.feature_norm, wnorm0, valid), prepared.acc)
     lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
-                                             wnorm0, margin, backend, chunk_size, grad_filter)
+                                             wnorm0, margin, backend, chunk_size, grad_filter, memory_budget)
     return finish_loss(margin, lse_neg, RowInputs(cos, prepared.feature_norm, weight_norm, valid), reduction)

@@ -37,16 +37,19 @@ class HeadBase(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, shard_range: tuple,
                  sample_rate: float, seed: int, backend: str, reduction: str, ignore_index: int,
-                 chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device):
+                 chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device,
+                 memory_budget=None):
         super().__init__()
         check_head_arguments(num_classes, embedding_dim, margin, backend=backend, reduction=reduction,
                              reductions=self.reductions, ignore_index=ignore_index, chunk_size=chunk_size,
                              grad_filter=grad_filter, sample_rate=sample_rate, seed=seed,
-                             check_values=check_values, dtype=dtype)
+                             check_values=check_values, dtype=dtype, memory_budget=memory_budget)
         self.num_classes, self.embedding_dim, self.margin = num_classes, embedding_dim, margin
         self.shard_range = tuple(shard_range)
         self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index
         self.chunk_size, self.grad_filter, self.seed = chunk_size, float(grad_filter), seed
+        #: bytes (or "auto") the op may spend keeping forward tiles for backward (margin_kernels.memory_budget)
+        self.memory_budget = memory_budget
         # the value checks (finite features, labels in range) cost a device sync per step on GPU
         self.check_values = check_values
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim, dtype=dtype, device=device))

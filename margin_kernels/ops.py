@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
+from .backends.chunk_loop import num_columns
+from .backends.kept_tiles import KeptTiles, saved_numel
 from .losses.negatives import NegativeKind, NegativeSpec
 from .norms import floored
 
@@ -40,34 +42,43 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
 @torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
                target_cos: Tensor, target_norm: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
-               b: float, backend: str, chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor, Tensor]:
+               b: float, backend: str, chunk_size: int, grad_filter: float, product: str,
+               keep_cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
-    the autograd context has it)."""
+    the autograd context has it). The fourth output is the flat kept-tile buffer (``backends.kept_tiles``:
+    the inverse weight norms and the tiles of the first ``keep_cols`` columns), saved for the backward, not
+    differentiable."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
+    store = KeptTiles.allocate(x.shape[0], num_columns(weight, class_index), keep_cols, normalize_weight,
+                               row_params.dtype, x.device)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                                           chunk_size, product=product)
-    return lse, target_cos.clone(), target_norm.clone()
+                                           chunk_size, product=product, store=store)
+    return lse, target_cos.clone(), target_norm.clone(), store.flat
 
 
 @margin_lse.register_fake
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, normalize_weight, kind,
-                     scale, a, b, backend, chunk_size, grad_filter, product):
+                     scale, a, b, backend, chunk_size, grad_filter, product, keep_cols):
+    saved = x.new_empty((saved_numel(x.shape[0], num_columns(weight, class_index), keep_cols, normalize_weight),),
+                        dtype=row_params.dtype)
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
-        torch.empty_like(target_norm)
+        torch.empty_like(target_norm), saved
 
 
 @torch.library.custom_op("margin_kernels::margin_lse_backward", mutates_args=())
 def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor,
                         class_index: Optional[Tensor], lse: Tensor, g_lse: Tensor, g_cos: Tensor, g_norm: Tensor,
-                        normalize_weight: bool, kind: int, scale: float, a: float, b: float, backend: str,
-                        chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor]:
+                        saved: Tensor, normalize_weight: bool, kind: int, scale: float, a: float, b: float,
+                        backend: str, chunk_size: int, grad_filter: float, product: str,
+                        keep_cols: int) -> tuple[Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
+    store = KeptTiles(saved, x.shape[0], num_columns(weight, class_index), keep_cols, normalize_weight)
     dx, dweight = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                     normalize_weight, lse, g_lse, g_cos, chunk_size,
-                                                    grad_filter, product=product)
+                                                    grad_filter, product=product, store=store)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
     rows = _target_rows(labels, class_index)
     w = weight.index_select(0, rows).to(g_norm.dtype)
@@ -77,26 +88,28 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
 
 
 @margin_lse_backward.register_fake
-def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
-                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter, product):
+def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm, saved,
+                              normalize_weight, kind, scale, a, b, backend, chunk_size, grad_filter, product,
+                              keep_cols):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, labels, row_params, class_index, _target_cos, _target_norm, *constants = inputs
     ctx.constants = constants
-    ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0])
+    ctx.mark_non_differentiable(output[3])
+    ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0], output[3])
 
 
-def _backward(ctx, g_lse, g_cos, g_norm):
-    x, weight, labels, row_params, class_index, lse = ctx.saved_tensors
+def _backward(ctx, g_lse, g_cos, g_norm, _g_saved):
+    x, weight, labels, row_params, class_index, lse, saved = ctx.saved_tensors
     zeros = lse.new_zeros(lse.shape)
     g_lse = zeros if g_lse is None else g_lse
     g_cos = zeros if g_cos is None else g_cos
     g_norm = zeros if g_norm is None else g_norm
     dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
-                                      *ctx.constants)
-    return (dx, dweight) + (None,) * 14
+                                      saved, *ctx.constants)
+    return (dx, dweight) + (None,) * 15
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

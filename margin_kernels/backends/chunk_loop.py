@@ -20,6 +20,7 @@ import torch
 
 from ..losses.negatives import NegativeSpec
 from . import filter_stats
+from .kept_tiles import KeptTiles, chunks
 
 #: classes per chunk on CUDA: large enough to keep the GPU busy in every GEMM and elementwise launch
 DEFAULT_CHUNK_SIZE = 8192
@@ -120,9 +121,33 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: Epilogue, store):
+    """1/||w_j|| of every column at once into the store when W needs no conversion (one pass, one parallel
+    region, instead of one per chunk); None: the loop computes them per chunk (``_chunk_norms``)."""
+    if not normalize_weight or store is None or class_index is not None or weight.dtype != acc:
+        return None
+    store.inv_norm.copy_(epilogue.inv_norms(weight, acc))
+    return store.inv_norm
+
+
+def _chunk_norms(w, col0: int, col1: int, normalize_weight: bool, acc, epilogue: Epilogue, store, known):
+    """The chunk's inverse norms: from the per-call vector ``known`` (or the store, in backward), else computed
+    from the chunk (and written into the store for the backward)."""
+    if not normalize_weight:
+        return None
+    if known is not None:
+        return known[col0:col1]
+    inv_norm = epilogue.inv_norms(w, acc)
+    if store is not None:
+        store.inv_norm[col0:col1].copy_(inv_norm)
+    return inv_norm
+
+
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                    chunk_size: int, epilogue: Epilogue) -> torch.Tensor:
+                    chunk_size: int, epilogue: Epilogue, store: Optional[KeptTiles] = None) -> torch.Tensor:
+    """The forward pass. With a ``store`` (``kept_tiles``) its inverse norms are written once per call and the
+    tiles of its kept columns are the GEMM's output buffers (the epilogue only reads them)."""
     acc = row_params.dtype
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
@@ -130,18 +155,27 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
     num_cols = num_columns(weight, class_index)
     x_mm = _gemm_operand(x, acc)
     scratch = _Scratch(x.device, acc)
-    for col0 in range(0, num_cols, chunk_size):
-        col1 = min(col0 + chunk_size, num_cols)
+    known = _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store)
+    if store is not None:
+        store.use_chunk(chunk_size)
+    for col0, col1 in chunks(num_cols, chunk_size):
         w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
-        inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
+        kept = None if store is None else store.tile(col0, col1)
+        out = scratch.get("tile", batch, col1 - col0) if kept is None else kept
+        cos = _matmul_acc(x_mm, w.t(), acc, out=out)
+        if kept is not None and cos is not kept:  # a GEMM that could not write into the kept tile
+            kept.copy_(cos)
+        inv_norm = _chunk_norms(w, col0, col1, normalize_weight, acc, epilogue, store, known)
         epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum)
     return run_max + torch.log(run_sum)
 
 
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0):
+                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
+                     store: Optional[KeptTiles] = None):
+    """The backward pass: per chunk the forward's tile (kept in ``store``, else recomputed by a GEMM), the
+    epilogue's dL/d(x.w), then the dx and dW GEMMs. The same chunk boundaries as the forward."""
     acc = row_params.dtype
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
@@ -154,12 +188,19 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     lse = finite_lse(lse)
     num_cols = num_columns(weight, class_index)
     scratch = _Scratch(x.device, acc)
+    known = None if store is None else store.inv_norm
+    if store is not None:
+        store.use_chunk(chunk_size)
     skipped = 0
-    for col0 in range(0, num_cols, chunk_size):
-        col1 = min(col0 + chunk_size, num_cols)
+    for col0, col1 in chunks(num_cols, chunk_size):
         w = _gemm_operand(_chunk_rows(weight, class_index, col0, col1), acc)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, col1 - col0))
-        inv_norm = epilogue.inv_norms(w, acc) if normalize_weight else None
+        tile_buffer = scratch.get("tile", batch, col1 - col0)
+        kept = None if store is None else store.tile(col0, col1)
+        if kept is None:
+            cos = _matmul_acc(x_mm, w.t(), acc, out=tile_buffer)
+        else:  # the epilogue overwrites its tile; the saved one stays intact (retain_graph, a second backward)
+            cos = tile_buffer.copy_(kept)
+        inv_norm = _chunk_norms(w, col0, col1, normalize_weight, acc, epilogue, None, known)
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
                                       g_cos_target, grad_filter > 0)
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
@@ -182,5 +223,3 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), dweight
-
-

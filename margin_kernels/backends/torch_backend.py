@@ -22,8 +22,8 @@ class TorchEpilogue:
         return inverse_norms(w, acc_dtype)
 
     def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum):
-        if inv_norm is not None:
-            cos.mul_(inv_norm)
+        if inv_norm is not None:  # not in place: the tile may be kept for the backward (kept_tiles)
+            cos = cos * inv_norm
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
         z[rows, cols] = float("-inf")
@@ -59,16 +59,17 @@ class TorchEpilogue:
 _TORCH_EPILOGUE = TorchEpilogue()
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
+                store=None):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE)
+                           chunk_size or default_chunk_size(x.shape[0], x.device.type), _TORCH_EPILOGUE, store)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage"):
+                 chunk_size, grad_filter=0.0, product="storage", store=None):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
-                            _TORCH_EPILOGUE, grad_filter)
+                            _TORCH_EPILOGUE, grad_filter, store)
 
 
 def unavailable_reason():

@@ -1,0 +1,89 @@
+"""``memory_budget=``: bytes the fused op may spend keeping forward tiles so the backward skips a GEMM.
+
+Values: ``None`` or ``0`` recompute every tile in backward (the default: the op's extra memory stays O(B x
+chunk) besides dW); an int > 0 is a budget in bytes; ``"auto"`` keeps tiles where keeping is faster than
+recomputing on this device (``keeping_pays``), within ``AUTO_FRACTION`` of the memory free at the call.
+Each kept column costs B x 4 bytes (fp32 tiles; 8 for fp64): ``backends/kept_tiles.py`` has the layout and
+the one place that decides, per chunk, between reading a kept tile and recomputing it. The loss and both
+gradients are the same either way (the kept tile is the forward's GEMM output, in the accumulation dtype).
+
+When keeping pays, per B x 1 column of a tile (d = embedding size, fp32 tile):
+
+* recompute: 2·d FLOPs (one more GEMM over the chunk);
+* keep: 4 bytes written by the forward and 4 read by the backward.
+
+GPU (H100 SXM, ~990 TFLOP/s dense bf16, ~3.35 TB/s HBM): recomputing costs 2d/990e12 s, keeping
+8/3.35e12 s = 2.4e-12 s. At d = 512 recompute is 1.0e-12 s: about what re-reading a bf16 copy of the tile
+costs (4 bytes, 1.2e-12 s), less than the fp32 tile, and the forward kernel, compute-bound at
+2BCd / (2Cd) = B FLOPs per weight byte, turns memory-bound once it also writes 4B bytes per class
+(2Bd / (2d + 4B) = 170 FLOP/byte at B = 512 < the ridge, ~295): keeping loses. At d = 1024 recompute is
+2.1e-12 s per column, the forward's extra writes cost 0.16e-12 C-normalised (it stays near the ridge) and
+the backward saves 2.1 - 0.6: keeping wins, and more so as d grows. So on CUDA ``"auto"`` keeps at
+d >= ``GPU_KEEP_MIN_DIM`` = 1024 and recomputes below.
+
+CPU (this project's 2-core x86-64, MKL fp32 ~50-100 GFLOP/s per core, DRAM ~10 GB/s): at d = 512 a
+recomputed column costs 2·512/75e9 = 14 ns, a kept one 8/10e9 = 0.8 ns: keeping always wins (measured in
+``bench/results/cpu_budget_*``: the 3-GEMM step is ~0.8x the recomputing one), so ``"auto"`` keeps on CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: the share of the free memory at the call that ``"auto"`` may spend on kept tiles
+AUTO_FRACTION = 0.25
+#: on CUDA, ``"auto"`` keeps tiles from this embedding size up (the arithmetic in the module docstring)
+GPU_KEEP_MIN_DIM = 1024
+AUTO = "auto"
+
+
+def check_memory_budget(memory_budget) -> None:
+    """None, a non-negative int of bytes, or "auto"; anything else is a ValueError naming the argument."""
+    if memory_budget is None or isinstance(memory_budget, str) and memory_budget == AUTO:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError(f"memory_budget must be None, a number of bytes >= 0 (int) or 'auto', got "
+                         f"{memory_budget!r}")
+
+
+def keeping_pays(device_type: str, dim: int) -> bool:
+    """Whether reading a kept fp32 tile beats recomputing it on ``device_type`` at embedding size ``dim``."""
+    if device_type == "cuda":
+        return dim >= GPU_KEEP_MIN_DIM
+    return True
+
+
+def _cpu_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@torch.compiler.assume_constant_result
+def free_bytes(device_type: str, index: int) -> int:
+    """Memory free on the device now (CUDA: mem_get_info; CPU: MemAvailable); a constant of a compiled trace."""
+    if device_type == "cuda":
+        return int(torch.cuda.mem_get_info(index)[0])
+    return _cpu_available_bytes()
+
+
+def budget_bytes(memory_budget, device: torch.device, dim: int) -> int:
+    """The budget of one call in bytes (0: recompute everything)."""
+    if not memory_budget:
+        return 0
+    if memory_budget == AUTO:
+        if not keeping_pays(device.type, dim):
+            return 0
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else 0)
+        return int(AUTO_FRACTION * free_bytes(device.type, index))
+    return int(memory_budget)
