@@ -98,6 +98,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, labels, row_params, class_index, _target_cos, _target_norm, *constants = inputs
     ctx.constants = constants
     ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" as large as the kept tiles
     ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0], output[3])
 
 

@@ -127,7 +127,29 @@ def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, produc
 _CAST_PRODUCTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage"):
+def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool):
+    """(tiles, dL/dcos buffer dtype, classes per chunk) of the backward; the forward needs the chunk too, to
+    lay out the tiles it keeps (``kept_tiles``) as the backward will read them."""
+    tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
+    # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
+    # (tensor cores); else the accumulation dtype
+    buffer_dtype = x.dtype if x.element_size() == 2 else _CAST_PRODUCTS.get(product, acc)
+    chunk = configs.backward_chunk(tiles, x.shape[0], num_cols, torch.finfo(buffer_dtype).bits // 8, interpret)
+    return tiles, buffer_dtype, chunk
+
+
+def _store_args(store, chunk: int, fallback: torch.Tensor):
+    """(norms, tiles, kept columns) pointers and count of a kept-tile store; ``fallback`` for absent parts (the
+    kernels never read them then)."""
+    if store is None:
+        return fallback, fallback, 0
+    kept = store.use_chunk(chunk)
+    norms = fallback if store.inv_norm is None else store.inv_norm
+    return norms, (store.tiles if kept else fallback), kept
+
+
+def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
+                store=None):
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
@@ -136,10 +158,13 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     num_cols = num_columns(weight, class_index)
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
+    chunk = _backward_layout(x, num_cols, acc, product, interpret)[2]
+    norms, kept_tiles, kept = _store_args(store, chunk, partial)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
-        partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
-        configs.batch_bucket(batch))
+        partial, norms, kept_tiles, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0),
+        weight.stride(1), splits, configs.batch_bucket(batch), kept, chunk)
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
+    meta.update(SAVE_NORMS=store is not None and normalize_weight, KEEP=kept > 0)
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"))
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
@@ -166,7 +191,7 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage"):
+                 chunk_size, grad_filter=0.0, product="storage", store=None):
     """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring)."""
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
@@ -180,12 +205,8 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     g_lse, g_cos_target = g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous()
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     use_filter = grad_filter > 0
-    tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
+    tiles, buffer_dtype, chunk = _backward_layout(x, num_cols, acc, product, interpret)
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
-    # (tensor cores); else the accumulation dtype
-    buffer_dtype = x.dtype if x.element_size() == 2 else _CAST_PRODUCTS.get(product, acc)
-    chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8, interpret)
     row_blocks = triton.cdiv(batch, tiles.block_b)
     col_tiles = triton.cdiv(chunk, tiles.block_c)
     d_tiles = triton.cdiv(dim, tiles.block_d)
@@ -195,6 +216,7 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     dc = torch.empty((batch, chunk), dtype=buffer_dtype, device=x.device)
     col_dot = torch.empty((row_blocks, chunk), dtype=acc, device=x.device)
     inv_norm = torch.empty(chunk, dtype=acc, device=x.device)
+    norms, kept_tiles, kept = _store_args(store, chunk, inv_norm)
     flags = torch.ones((row_blocks, col_tiles) if use_filter else (1,), dtype=torch.int8, device=x.device)
     # with a class subset only the sampled rows of dW are written, the rest must read as zero
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
@@ -208,10 +230,10 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
         tiles_here = triton.cdiv(width, tiles.block_c)
         visited += row_blocks * tiles_here
         backward.dcos_kernel[(row_blocks, tiles_here)](
-            *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, batch, num_cols, dim, col0,
-            chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter),
-            **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d,
-            **launch)
+            *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, norms, kept_tiles, batch,
+            num_cols, dim, col0, chunk, kept, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(grad_filter), **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
+            BLOCK_K=tiles.block_d, LOADED=col0 + width <= kept, **launch)
         backward.dweight_kernel[(tiles_here, d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols, dim, col0, chunk,
             row_blocks, tiles_here, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),

@@ -5,19 +5,23 @@ class tile it forms the cosines (``triton_tiles.cosine_tile``: x . w on the tens
 accumulation, ||w||^2 from the same loaded W tile), applies the negative function and scale, drops the
 target and padded columns, and merges into an online max / sum. Each split writes its partial LSE; the host merges the splits with a fixed
 order ``logsumexp`` over a (splits, B) tensor, so the result is deterministic for a given config.
+
+With a memory budget (``backends/kept_tiles.py``) the kernel also writes what the backward would recompute:
+SAVE_NORMS, 1/||w_j|| of every column (the programs of row block 0); KEEP, the cosine tile of the columns
+below KEEP_COLS, in the store's chunk-major layout for backward chunks of KEEP_CH columns.
 """
 import triton
 import triton.language as tl
 
-from .triton_tiles import class_rows, cosine_tile, load_constants, load_row_inputs, negative_logits
+from .triton_tiles import class_rows, cosine_tile, kept_offsets, load_constants, load_row_inputs, negative_logits
 
 
 @triton.jit
-def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
-                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET,
+def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr, norms_ptr, keep_ptr,
+                       B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET, KEEP_COLS, KEEP_CH,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, SAVE_NORMS: tl.constexpr = False, KEEP: tl.constexpr = False):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -37,8 +41,14 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < N
         w_off = class_rows(index_ptr, cols, col_ok, HAS_INDEX) * stride_wc
-        cos, _ = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype,
-                             NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
+        cos, inv_norm = cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D,
+                                    acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K)
+        if SAVE_NORMS:
+            if pid_b == 0:
+                tl.store(norms_ptr + cols, inv_norm, mask=col_ok)
+        if KEEP:
+            tl.store(keep_ptr + kept_offsets(rows, cols, B, KEEP_COLS, KEEP_CH), cos,
+                     mask=row_ok[:, None] & (cols < KEEP_COLS)[None, :])
         z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
         new_max = tl.maximum(run_max, tl.max(z, 1))
         # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf

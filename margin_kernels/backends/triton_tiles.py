@@ -138,3 +138,12 @@ def tile_is_active(dc, threshold, FILTER: tl.constexpr):
         return tl.max(tl.max(tl.abs(dc), 1), 0) >= threshold
     else:
         return True
+
+
+@triton.jit
+def kept_offsets(rows, cols, B, KEEP_COLS, KEEP_CH):
+    """int64 offsets of (rows x cols) in a kept-tile store (``backends/kept_tiles.py``): column j lives in the
+    chunk starting at c0 = j - j % KEEP_CH, a row-major B x min(KEEP_CH, KEEP_COLS - c0) block at B * c0."""
+    c0 = (cols // KEEP_CH * KEEP_CH).to(tl.int64)
+    width = tl.minimum(KEEP_CH, KEEP_COLS - c0)
+    return c0[None, :] * B + rows.to(tl.int64)[:, None] * width[None, :] + (cols - c0)[None, :]

@@ -149,14 +149,15 @@ def _cases(dims, dtypes):
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
                 for kind in NegativeKind:
                     yield ("lse_forward", label, dtype, kind.name, dim, product,
-                           dict(base, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
+                           dict(base, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
+                                SAVE_NORMS=False, KEEP=False),
                            t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
             for kind in NegativeKind:
                 yield ("dcos", label, dtype, kind.name, dim, product,
-                       dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d, **tiles), t.num_warps,
+                       dict(base, KIND=int(kind), FILTER=True, BLOCK_K=t.block_d, LOADED=False, **tiles), t.num_warps,
                        t.num_stages)
             for name in ("dweight", "dx"):
                 yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),

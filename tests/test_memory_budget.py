@@ -1,0 +1,227 @@
+"""memory_budget=: the forward keeps its tiles so the backward skips the recompute GEMM.
+
+* the loss and both gradients are bitwise the same with no budget, a partial one and one that keeps every
+  tile, on every loss and every CPU-capable backend (torch, cpu, Triton in its interpreter: the kept tile is
+  the very GEMM output the backward would recompute, the chunk boundaries do not move), and within the
+  float64 reference's conformance bounds;
+* the kept tiles are really read (corrupting them changes the gradient) and the recompute GEMMs really go
+  (counted per chunk);
+* torch.compile(fullgraph=True) traces the op with its extra output;
+* the budget is respected: peak extra memory in a fresh process grows by at most the budget plus O(B·d);
+* bad values raise a ValueError naming the argument; "auto" follows the per-device rule.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import margin_kernels as mk
+from margin_kernels import memory_budget as mb
+from margin_kernels.backends import chunk_loop, unavailable_reason
+from margin_kernels.backends.kept_tiles import KeptTiles, keep_columns, kept_whole_chunks
+from tests.helpers import LOSS_NAMES, compare_with_reference, loss_and_grads, make_loss, random_problem
+from tests.tolerances import COMPILE_VS_EAGER, bounds
+
+BACKENDS = ["torch", "cpu", "triton"]
+B, C, D, CHUNK = 12, 83, 24, 32   # 3 chunks of the chunk loop; 3 chunks of 32 in the Triton interpreter too
+PARTIAL = B * 4 * 40              # room for 40 columns: one whole chunk kept, two recomputed
+EVERYTHING = B * 4 * C
+
+
+def _skip_unless_available(backend):
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        pytest.skip(f"the {backend!r} backend cannot run here: {reason}")
+
+
+def _run(backend, name, budget, x, w, labels, **kwargs):
+    margin = make_loss(name)  # a fresh state per run: stateful losses see the same first call
+    return loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, margin, backend=backend,
+                                                               reduction="none", chunk_size=CHUNK,
+                                                               memory_budget=budget, **kwargs), x, w)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budgeted_equals_recomputed(backend, name):
+    _skip_unless_available(backend)
+    x, w, labels = random_problem(B, C, D, dtype=torch.float32, ignore_rows=(3,))
+    recomputed = _run(backend, name, None, x, w, labels)
+    for budget in (PARTIAL, EVERYTHING):
+        kept = _run(backend, name, budget, x, w, labels)
+        for what, a, b in zip(("loss", "dx", "dW"), kept, recomputed):
+            assert torch.equal(a, b), f"{what} differs with memory_budget={budget}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "softmax"])
+def test_budgeted_meets_the_reference_bounds(backend, name):
+    """Against the float64 ground truth, with Partial FC (a class_index) too, every tile kept."""
+    _skip_unless_available(backend)
+    for class_index in (False, True):
+        errors = compare_with_reference(backend, name, torch.float32, memory_budget=EVERYTHING,
+                                        class_index=class_index)
+        bound = bounds(backend, torch.float32, make_loss(name).negative_spec().kind)[torch.float64]
+        assert not bound.violations(errors), (class_index, errors, bound)
+
+
+def _op_inputs(backend, keep):
+    x, w, labels = random_problem(B, C, D, dtype=torch.float32)
+    x = torch.nn.functional.normalize(x, dim=1)
+    spec = mk.ArcFace().negative_spec()
+    row_params = torch.zeros(B, 2)
+    zeros = torch.zeros(B)
+    fwd = (x, w, labels, row_params, None, zeros, torch.ones(B), True, int(spec.kind), spec.scale, spec.a, spec.b,
+           backend, CHUNK, 0.0, "ieee", keep)
+    return fwd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_reads_the_kept_tiles(backend):
+    """Corrupting the kept tiles changes dx only when the backward reads them (every column kept)."""
+    _skip_unless_available(backend)
+    fwd = _op_inputs(backend, C)
+    lse, _, _, saved = torch.ops.margin_kernels.margin_lse(*fwd)
+    x, w, labels, row_params, class_index = fwd[:5]
+    consts = fwd[7:]
+    g = torch.ones(B)
+
+    def backward(buffer):
+        return torch.ops.margin_kernels.margin_lse_backward(x, w, labels, row_params, class_index, lse, g,
+                                                            torch.zeros(B), torch.zeros(B), buffer, *consts)
+
+    store = KeptTiles(saved.clone(), B, C, C, True)
+    clean = backward(store.flat)
+    store.tiles.mul_(0.5)
+    corrupted = backward(store.flat)
+    assert not torch.equal(clean[0], corrupted[0]), "the backward did not read the kept tiles"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_chunk_loop_skips_one_gemm_per_kept_chunk(backend, monkeypatch):
+    _skip_unless_available(backend)
+    calls = []
+    original = chunk_loop._matmul_acc
+    monkeypatch.setattr(chunk_loop, "_matmul_acc", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, w, labels = random_problem(B, C, D, dtype=torch.float32)
+    chunks = -(-C // CHUNK)
+    for budget, recomputed in ((None, chunks), (PARTIAL, chunks - 1), (EVERYTHING, 0)):
+        calls.clear()
+        _run(backend, "arcface", budget, x, w, labels)
+        assert len(calls) == chunks + recomputed, (budget, len(calls))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_compiled_with_budget_matches_eager(backend):
+    _skip_unless_available(backend)
+    x, w, labels = random_problem(8, 40, 16, dtype=torch.float32, ignore_rows=(1,))
+
+    def fn(a, b):
+        return mk.margin_cross_entropy(a, b, labels, mk.ArcFace(), backend=backend, chunk_size=16,
+                                       memory_budget=8 * 4 * 40)
+
+    eager = loss_and_grads(fn, x, w)
+    compiled = loss_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, w)
+    for a, b in zip(compiled, eager):
+        assert (a.double() - b.double()).abs().max().item() <= COMPILE_VS_EAGER * max(1.0, b.abs().max().item())
+
+
+def test_heads_take_the_budget():
+    x, w, labels = random_problem(B, C, D, dtype=torch.float32)
+    results = []
+    for budget in (None, EVERYTHING, "auto"):
+        head = mk.MarginHead(C, D, mk.CosFace(), backend="cpu", chunk_size=CHUNK, memory_budget=budget)
+        with torch.no_grad():
+            head.weight.copy_(w)
+        feats = x.clone().requires_grad_(True)
+        loss = head(feats, labels)
+        loss.backward()
+        results.append((loss.detach(), feats.grad, head.weight.grad))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, results[0]))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "lots", True])
+def test_bad_budget_names_the_argument(bad):
+    x, w, labels = random_problem(4, 10, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="memory_budget"):
+        mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), memory_budget=bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        mk.MarginHead(10, 8, mk.ArcFace(), memory_budget=bad)
+
+
+def test_auto_follows_the_device_rule():
+    cpu = torch.device("cpu")
+    assert mb.budget_bytes(None, cpu, 512) == 0 and mb.budget_bytes(0, cpu, 512) == 0
+    assert mb.budget_bytes(1234, cpu, 512) == 1234
+    assert mb.budget_bytes("auto", cpu, 512) > 0  # keeping always pays on CPU
+    assert not mb.keeping_pays("cuda", 512) and mb.keeping_pays("cuda", 1024)
+
+
+def test_keep_arithmetic():
+    assert keep_columns(0, 8, 100, torch.float32) == 0
+    assert keep_columns(8 * 4 * 10 + 3, 8, 100, torch.float32) == 10
+    assert keep_columns(10 ** 9, 8, 100, torch.float64) == 100
+    assert kept_whole_chunks(70, 100, 32) == 64 and kept_whole_chunks(100, 100, 32) == 100
+
+
+PEAK_SCRIPT = r"""
+import gc, json, resource, sys, torch
+import margin_kernels as mk
+def peak_rss():  # bytes; VmHWM after resetting it (Linux clear_refs 5), else the process's ru_maxrss
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+backend, budget, B, C, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+def run(c):
+    x = torch.randn(B, D, requires_grad=True)
+    w = torch.randn(c, D).mul_(0.01).requires_grad_(True)
+    y = torch.randint(0, c, (B,))
+    return x, w, y
+x, w, y = run(64)
+mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend, memory_budget=budget).backward()
+x, w, y = run(C)
+gc.collect()
+reset_peak()
+before = peak_rss()
+mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend, memory_budget=budget).backward()
+after = peak_rss()
+print(json.dumps({"extra_bytes": after - before}))
+"""
+
+
+def _peak_extra(backend, budget, batch, classes, dim):
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend, str(budget), str(batch), str(classes),
+                          str(dim)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_peak_extra_memory_stays_within_the_budget(backend):
+    """Fresh processes: the budgeted step's extra peak over the recomputing one is at most the budget plus
+    O(B·d) (slack: 16 B x d fp32 buffers and 1 MiB of allocator rounding), and it did use the budget. The
+    portable torch backend gets 8 B x chunk fp32 tiles more: its epilogue's per-chunk temporaries land in a
+    heap that the kept buffer fragments (glibc keeps freed 2 MiB blocks once a larger mmap was freed)."""
+    _skip_unless_available(backend)
+    batch, classes, dim = 256, 50_000, 64
+    budget = 24 * 2 ** 20  # about half of the 49 MiB every tile would take
+    base = _peak_extra(backend, 0, batch, classes, dim)
+    kept = _peak_extra(backend, budget, batch, classes, dim)
+    slack = 16 * batch * dim * 4 + 2 ** 20
+    if backend == "torch":
+        slack += 8 * batch * chunk_loop.default_chunk_size(batch) * 4
+    assert kept - base <= budget + slack, (kept, base, budget)
+    assert kept - base >= budget // 2, ("the budget was not used", kept, base)
