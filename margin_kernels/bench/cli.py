@@ -25,7 +25,7 @@ from margin_kernels.backends import BACKEND_NAMES, check_backend_name
 from margin_kernels.validation import check_chunk_size
 
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
-from .methods import BACKENDS, GEMM_FLOOR, all_methods
+from .methods import BACKENDS, BUDGET_SEPARATOR, GEMM_FLOOR, all_methods, parse_budget
 from .peers import PEERS
 from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
 from .report import payload, markdown, print_report
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--peers", default="none",
                       help=f"other implementations: {', '.join(PEERS)}, 'all' or 'none' (default none); "
                            "each runs only where it applies (the Softmax peers for --loss softmax)")
+    what.add_argument("--memory-budgets", default=None, metavar="LIST",
+                      help="also run each chosen backend with memory_budget= each of these (auto, all, or a size "
+                           "such as 64M, 1G): rows named backend@budget, time against memory")
     what.add_argument("--no-floor", action="store_true", help="skip the GEMM floor (no 'x floor' column)")
     what.add_argument("--chunk-size", type=int, default=None, help="class chunk of the fused backends")
     what.add_argument("--seed", type=int, default=0)
@@ -120,7 +123,12 @@ def _method_names(args) -> list[str]:
         backends = parse_names(",".join(backends), BACKENDS, "--backends")
     peers = [] if args.peers == "none" else list(PEERS) if args.peers == "all" else \
         parse_names(args.peers, PEERS, "--peers")
-    return backends + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
+    budgeted = []
+    if args.memory_budgets:
+        for budget in (b.strip() for b in args.memory_budgets.split(",") if b.strip()):
+            parse_budget(budget)  # a bad size is a clear error here, not in a worker
+            budgeted += [f"{b}{BUDGET_SEPARATOR}{budget}" for b in backends if b != "reference"]
+    return backends + budgeted + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
 
 
 def _settings(args) -> Settings:
