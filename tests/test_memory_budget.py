@@ -225,3 +225,32 @@ def test_peak_extra_memory_stays_within_the_budget(backend):
         slack += 8 * batch * chunk_loop.default_chunk_size(batch) * 4
     assert kept - base <= budget + slack, (kept, base, budget)
     assert kept - base >= budget // 2, ("the budget was not used", kept, base)
+
+
+DISTRIBUTED_SCRIPT = r"""
+import os, sys, tempfile, torch, torch.distributed as dist
+import margin_kernels as mk
+from margin_kernels.distributed import DistributedMarginHead
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+torch.manual_seed(0)
+x, y = torch.randn(12, 24), torch.randint(0, 83, (12,))
+out = []
+for budget in (None, 12 * 4 * 83):
+    head = DistributedMarginHead(83, 24, mk.ArcFace(), backend="cpu", chunk_size=32, memory_budget=budget)
+    feats = x.clone().requires_grad_(True)
+    head(feats, y).backward()
+    out.append((feats.grad, head.weight.grad))
+assert all(torch.equal(a, b) for a, b in zip(*out)), "budgeted != recomputed"
+print("ok")
+"""
+
+
+def test_distributed_head_takes_the_budget():
+    """DistributedMarginHead passes memory_budget to the same op (a world of one gloo rank, in a subprocess
+    so this process keeps no process group)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    _skip_unless_available("cpu")
+    out = subprocess.run([sys.executable, "-c", DISTRIBUTED_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -3,9 +3,9 @@
 Every backend module implements the same two calls over the same loss description:
 
     lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                product="storage") -> lse (B,)
+                product="storage", store=None) -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                 g_cos_target, chunk_size, grad_filter, product="storage") -> (dx, dweight)
+                 g_cos_target, chunk_size, grad_filter, product="storage", store=None) -> (dx, dweight)
 
 and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
 log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
@@ -13,6 +13,9 @@ log-sum-exp over the *negative* logits (target column excluded); ``labels`` are 
 skipping the dx/dW products of tiles whose |dL/dcos| are all below it (counted in ``filter_stats``).
 ``product`` is how fp32 operands are multiplied (``margin_kernels.precision``: "ieee", "tf32", "bf16",
 "fp16"; "storage" for other dtypes); a backend that cannot choose documents what it does instead.
+``store`` (``kept_tiles.KeptTiles``, from the op; None when a test calls a backend directly): the forward
+writes the inverse weight norms and the tiles of the columns the store has room for (after
+``store.use_chunk(chunk)``), the backward reads them instead of recomputing (``store.tile`` decides, per chunk).
 
 A backend's module is imported at most once per process, and whether it can run here is probed once and
 remembered: resolving ``backend="auto"`` is then a dictionary lookup, and under ``torch.compile`` the
