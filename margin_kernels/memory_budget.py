@@ -22,8 +22,9 @@ the backward saves 2.1 - 0.6: keeping wins, and more so as d grows. So on CUDA `
 d >= ``GPU_KEEP_MIN_DIM`` = 1024 and recomputes below.
 
 CPU (this project's 2-core x86-64, MKL fp32 ~50-100 GFLOP/s per core, DRAM ~10 GB/s): at d = 512 a
-recomputed column costs 2·512/75e9 = 14 ns, a kept one 8/10e9 = 0.8 ns: keeping always wins (measured in
-``bench/results/cpu_budget_*``: the 3-GEMM step is ~0.8x the recomputing one), so ``"auto"`` keeps on CPU.
+recomputed column costs 2·512/75e9 = 14 ns, a kept one 8/10e9 = 0.8 ns: keeping always wins (measured,
+``bench/results/cpu_budget_arcface_B256_d512_t1``: B = 256, C = 1e5, every tile kept, 0.68x the time of the
+recomputing step), so ``"auto"`` keeps on CPU.
 """
 from __future__ import annotations
 
