@@ -209,7 +209,7 @@ def _peak_extra(backend, budget, batch, classes, dim):
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("torch", marks=pytest.mark.slow)])
 def test_peak_extra_memory_stays_within_the_budget(backend):
     """Fresh processes: the budgeted step's extra peak over the recomputing one is at most the budget plus
     O(B·d) (slack: 16 B x d fp32 buffers and 1 MiB of allocator rounding), and it did use the budget. The
@@ -245,6 +245,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a fresh process with a gloo group: ~10 s
 def test_distributed_head_takes_the_budget():
     """DistributedMarginHead passes memory_budget to the same op (a world of one gloo rank, in a subprocess
     so this process keeps no process group)."""
@@ -254,3 +255,37 @@ def test_distributed_head_takes_the_budget():
     out = subprocess.run([sys.executable, "-c", DISTRIBUTED_SCRIPT], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budgeted_equals_recomputed_in_other_dtypes(backend, dtype):
+    """fp64 keeps fp64 tiles (8 bytes a column entry); bf16 storage keeps the fp32 GEMM output."""
+    _skip_unless_available(backend)
+    x, w, labels = random_problem(B, C, D, dtype=dtype, ignore_rows=(3,))
+    recomputed = _run(backend, "arcface", None, x, w, labels)
+    kept = _run(backend, "arcface", 10 ** 9, x, w, labels)
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budget_with_gradient_filtering_and_partial_fc(backend):
+    _skip_unless_available(backend)
+    x, w, labels = random_problem(B, C, D, dtype=torch.float32)
+    index = torch.randperm(C, generator=torch.Generator().manual_seed(1))[:60]
+    labels = labels % 60
+    options = dict(grad_filter=1e-3, class_index=index)
+    recomputed = _run(backend, "cosface", None, x, w, labels, **options)
+    kept = _run(backend, "cosface", EVERYTHING, x, w, labels, **options)
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+
+
+def test_a_second_backward_reads_intact_tiles():
+    """retain_graph: the backward works on a copy of each kept tile, so a second backward gives the same."""
+    x, w, labels = random_problem(B, C, D, dtype=torch.float32)
+    w = w.clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(x, w, labels, mk.ArcFace(), backend="cpu", chunk_size=CHUNK,
+                                   memory_budget=EVERYTHING)
+    first, = torch.autograd.grad(loss, w, retain_graph=True)
+    second, = torch.autograd.grad(loss, w)
+    assert torch.equal(first, second)
