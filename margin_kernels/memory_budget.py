@@ -7,22 +7,26 @@ Each kept column costs B x 4 bytes (fp32 tiles; 8 for fp64): ``backends/kept_til
 the one place that decides, per chunk, between reading a kept tile and recomputing it. The loss and both
 gradients are the same either way (the kept tile is the forward's GEMM output, in the accumulation dtype).
 
-When keeping pays, per B x 1 column of a tile (d = embedding size, fp32 tile):
+When keeping pays. Per class column of a tile (B entries; d = embedding size; fp32 tile, 4·B bytes):
+recomputing it is one more GEMM column, 2·B·d FLOPs; keeping it is 4·B bytes written by the forward and
+4·B read back by the backward. GPU (H100 SXM: ~990 TFLOP/s dense bf16, ~3.35 TB/s HBM), bf16 weights,
+B = 512, nanoseconds per class column:
 
-* recompute: 2·d FLOPs (one more GEMM over the chunk);
-* keep: 4 bytes written by the forward and 4 read by the backward.
+    d      forward: compute / bytes without -> with keep   backward: recompute vs read   net of keeping
+    512    0.53 / 0.31 -> 0.92 (now memory-bound: +0.39)    0.53 vs 0.61 (+0.08)          +0.47: loses
+    1024   1.06 / 0.61 -> 1.22 (+0.16)                       1.06 vs 0.61 (-0.45)          -0.29: wins
+    2048   2.12 / 1.22 -> 1.83 (still compute-bound: 0)      2.12 vs 0.61 (-1.51)          -1.51: wins
 
-GPU (H100 SXM, ~990 TFLOP/s dense bf16, ~3.35 TB/s HBM): recomputing costs 2d/990e12 s, keeping
-8/3.35e12 s = 2.4e-12 s. At d = 512 recompute is 1.0e-12 s: about what re-reading a bf16 copy of the tile
-costs (4 bytes, 1.2e-12 s), less than the fp32 tile, and the forward kernel, compute-bound at
-2BCd / (2Cd) = B FLOPs per weight byte, turns memory-bound once it also writes 4B bytes per class
-(2Bd / (2d + 4B) = 170 FLOP/byte at B = 512 < the ridge, ~295): keeping loses. At d = 1024 recompute is
-2.1e-12 s per column, the forward's extra writes cost 0.16e-12 C-normalised (it stays near the ridge) and
-the backward saves 2.1 - 0.6: keeping wins, and more so as d grows. So on CUDA ``"auto"`` keeps at
-d >= ``GPU_KEEP_MIN_DIM`` = 1024 and recomputes below.
+(forward bytes: the weight row, 2d, plus the kept column, 4B; the forward kernel is compute-bound at
+2Bd / 2d = B FLOP per byte and turns memory-bound once it also writes the tile: 2Bd / (2d + 4B) = 171 FLOP
+per byte at d = 512, below the ~295 ridge.) At d = 512 recomputing costs about what re-reading a bf16 copy
+of the tile would (0.53 vs 0.31 + 0.31 ns), and the fp32 tile loses; from d = 1024 keeping wins. So on CUDA
+``"auto"`` keeps at d >= ``GPU_KEEP_MIN_DIM`` = 1024 and recomputes below (an estimate: no GPU has measured
+it yet; ``bench/gpu_session.sh`` has the step that will).
 
-CPU (this project's 2-core x86-64, MKL fp32 ~50-100 GFLOP/s per core, DRAM ~10 GB/s): at d = 512 a
-recomputed column costs 2·512/75e9 = 14 ns, a kept one 8/10e9 = 0.8 ns: keeping always wins (measured,
+CPU (this project's 2-core x86-64: MKL fp32 ~175 GFLOP/s per core measured on a B x 2048 x 512 chunk, DRAM
+~10 GB/s): at d = 512 a recomputed tile entry costs 2·512 FLOP / 175e9 = 5.9 ns, a kept one 8 bytes / 10e9 =
+0.8 ns (plus the page faults of the fresh buffer, ~1 ns): keeping always wins (measured,
 ``bench/results/cpu_budget_arcface_B256_d512_t1``: B = 256, C = 1e5, every tile kept, 0.68x the time of the
 recomputing step), so ``"auto"`` keeps on CPU.
 """
