@@ -47,7 +47,7 @@ step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.av
 TEST_LOG="$OUT/10_tests.log"
 step "tests on the GPU" 150 "$TEST_LOG" "$PY" -m pytest -p no:cacheprovider -q -rs -x \
   tests/test_triton_backend.py tests/test_native_epilogues.py tests/test_precision.py \
-  tests/test_conformance.py -k "triton or cuda"
+  tests/test_conformance.py tests/test_memory_budget.py -k "triton or cuda"
 
 step "kernel report" 90 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
   --json "$OUT/20_kernels.json"
