@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (H100/H200, torch + triton preinstalled, no internet), at most ~8 minutes,
-# everything it writes under $OUT (9 files):
+# everything it writes under $OUT (8 files):
 #   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
 #   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
 #   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (margin-bench kernels)
@@ -9,10 +9,10 @@
 #                      reference, the naive head eager and under torch.compile, the GEMM floor
 #   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
 #                      Liger-Kernel (each where installed: carry their wheels in .whl/, installed --no-deps)
-#   32_budget.json     ArcFace bf16, B=512, C=1e6, d=512 and 1024: triton and cuda with and without every tile
-#                      kept (memory_budget), the prediction of margin_kernels/memory_budget.py measured
 #   40_tables.md       both tables with achieved TFLOP/s (8 B C d FLOP over the fwd+bwd time) beside x floor
-#   99_summary.txt     each step's exit code and seconds
+#   99_summary.txt     each step's exit code and seconds, and the memory_budget table (ArcFace bf16, B=512,
+#                      C=1e6, d=512 and 1024: triton and cuda with and without every tile kept, the prediction
+#                      of margin_kernels/memory_budget.py measured)
 # Usage (repo root):  OUT=/some/dir bash bench/gpu_session.sh      (OUT defaults to ./gpu_session_out)
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"; cd "$ROOT"
@@ -81,7 +81,7 @@ step "bench softmax" 100 "$OUT/99_summary.txt" "${BENCH[@]}" --loss softmax --ba
 # memory_budget= (margin_kernels/memory_budget.py predicts: keeping loses at d = 512, wins at d >= 1024)
 step "bench budget" 60 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 \
   -d 512,1024 -C 1e6 --repeats 3 --warmup 1 --no-progress --no-check --loss arcface --backends triton,cuda \
-  --memory-budgets all --json "$OUT/32_budget.json"
+  --memory-budgets all
 step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m margin_kernels.bench.throughput \
   \"$OUT/30_arcface.json\" \"$OUT/31_softmax.json\" > \"$OUT/40_tables.md\""
 echo "== total $(( $(date +%s) - START ))s of ${BUDGET}s" >> "$SUMMARY"
