@@ -19,8 +19,9 @@ budget; all columns when they all fit); the tile of chunk [col0, col1) is one co
 B x (col1 - col0) block starting at element B * col0 of the tile part. A chunked backend's GEMM
 writes straight into it and reads it back as a plain matrix; the Triton kernels address the same layout.
 What a tile holds is the backend's own: the chunk loop keeps the raw GEMM output x . w (its epilogue divides
-by ||w||), the Triton kernels the normalised cosine. The inverse norms are written once per call by the
-forward and read by the backward (never recomputed per chunk).
+by ||w||), the Triton kernels the normalised cosine. The chunk loop writes the inverse norms once per call
+in forward and reads them in backward (never recomputed per chunk); the Triton forward writes them only when
+it keeps tiles (its backward forms them from the W tile it loads anyway when it recomputes).
 
 The tiles are kept in the accumulation dtype, not rounded to the storage dtype: they are the GEMM's fp32
 output, and rounding them would make the budgeted gradients differ from the recomputed ones. The decision

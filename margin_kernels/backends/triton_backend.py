@@ -164,7 +164,9 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
         partial, norms, kept_tiles, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0),
         weight.stride(1), splits, configs.batch_bucket(batch), kept, chunk)
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
-    meta.update(SAVE_NORMS=store is not None and normalize_weight, KEEP=kept > 0)
+    # the norms only for a backward that reads kept tiles (recomputed chunks form them in the dcos kernel):
+    # without a budget the forward is the very kernel variant `margin-bench kernels --check` compiles
+    meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0)
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"))
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
