@@ -3,7 +3,10 @@ chunks in backward. It is backend-neutral: the elementwise work is an *epilogue*
 
 Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per chunk and O(B x d) for dx; no
 B x C matrix and no normalised copy of W. Per chunk it runs two GEMMs in forward-recompute and two more in
-backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW).
+backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW). With a
+kept-tile store (``kept_tiles``, ``memory_budget=``) the forward's GEMM writes the kept chunks' tiles into it
+and the backward reads them instead of recomputing (three GEMMs for those chunks); the inverse norms are
+formed once per call, in forward, and read back in backward.
 
 The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 dot
 products (normalise, negatives, online log-sum-exp; in backward the gradient tile, the per-class sums of the
