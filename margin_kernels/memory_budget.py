@@ -27,7 +27,7 @@ it yet; ``bench/gpu_session.sh`` has the step that will).
 CPU (this project's 2-core x86-64: MKL fp32 ~175 GFLOP/s per core measured on a B x 2048 x 512 chunk, DRAM
 ~10 GB/s): at d = 512 a recomputed tile entry costs 2·512 FLOP / 175e9 = 5.9 ns, a kept one 8 bytes / 10e9 =
 0.8 ns (plus the page faults of the fresh buffer, ~1 ns): keeping always wins (measured,
-``bench/results/cpu_budget_arcface_B256_d512_t1``: B = 256, C = 1e5, every tile kept, 0.68x the time of the
+``bench/results/cpu_budget_arcface_B256_d512_t1``: B = 256, C = 1e5, every tile kept, 0.87x the time of the
 recomputing step), so ``"auto"`` keeps on CPU.
 """
 from __future__ import annotations
