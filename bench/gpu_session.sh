@@ -10,7 +10,9 @@
 #   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
 #                      Liger-Kernel (each where installed: carry their wheels in .whl/, installed --no-deps)
 #   40_tables.md       both tables with achieved TFLOP/s (8 B C d FLOP over the fwd+bwd time) beside x floor
-#   99_summary.txt     each step's exit code and seconds
+#   99_summary.txt     each step's exit code and seconds, and the memory_budget table (ArcFace bf16, B=512,
+#                      C=1e6, d=512 and 1024: triton and cuda with and without every tile kept, the prediction
+#                      of margin_kernels/memory_budget.py measured)
 # Usage (repo root):  OUT=/some/dir bash bench/gpu_session.sh      (OUT defaults to ./gpu_session_out)
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"; cd "$ROOT"
@@ -45,7 +47,7 @@ step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.av
 TEST_LOG="$OUT/10_tests.log"
 step "tests on the GPU" 150 "$TEST_LOG" "$PY" -m pytest -p no:cacheprovider -q -rs -x \
   tests/test_triton_backend.py tests/test_native_epilogues.py tests/test_precision.py \
-  tests/test_conformance.py -k "triton or cuda"
+  tests/test_conformance.py tests/test_memory_budget.py -k "triton or cuda"
 
 step "kernel report" 90 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
   --json "$OUT/20_kernels.json"
@@ -76,6 +78,10 @@ step "bench arcface" 120 "$OUT/99_summary.txt" "${BENCH[@]}" --loss arcface --ba
   --peers naive-arcface,naive-arcface-compiled --json "$OUT/30_arcface.json"
 step "bench softmax" 100 "$OUT/99_summary.txt" "${BENCH[@]}" --loss softmax --backends triton,cuda \
   --peers torch-lce,cce,liger --json "$OUT/31_softmax.json"
+# memory_budget= (margin_kernels/memory_budget.py predicts: keeping loses at d = 512, wins at d >= 1024)
+step "bench budget" 60 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 \
+  -d 512,1024 -C 1e6 --repeats 3 --warmup 1 --no-progress --no-check --loss arcface --backends triton,cuda \
+  --memory-budgets all
 step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m margin_kernels.bench.throughput \
   \"$OUT/30_arcface.json\" \"$OUT/31_softmax.json\" > \"$OUT/40_tables.md\""
 echo "== total $(( $(date +%s) - START ))s of ${BUDGET}s" >> "$SUMMARY"

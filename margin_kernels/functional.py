@@ -19,6 +19,8 @@ import torch
 
 from . import ops, reference, row_statistics
 from .backends import resolve_backend
+from .backends.kept_tiles import keep_columns
+from .memory_budget import budget_bytes
 from .losses.base import MarginLoss, RowInputs
 from .precision import product_mode
 from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
@@ -96,21 +98,26 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
                  margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
-                 product: Optional[str] = None, shift: Optional[torch.Tensor] = None):
+                 product: Optional[str] = None, shift: Optional[torch.Tensor] = None, memory_budget=None):
     """The custom op: (lse over the negatives, or their softplus sum for the binary family, target cos,
     target ||w||), each (B,), differentiable. The target pair goes in as computed by ``initial_target_pairs``
     and comes out attached to the op's backward. ``product``: the product mode (``precision.PRODUCTS``), by
     default decided here from autocast and the matmul precision; a caller that turns autocast off around the
     op decides it before. ``shift``: the logit shift as ``logit_shift`` makes it (the default), or wrapped by
-    the caller (the model-parallel head sums its gradient over the ranks)."""
+    the caller (the model-parallel head sums its gradient over the ranks). ``memory_budget``
+    (``margin_kernels.memory_budget``) sets how many weight rows' forward tiles the op keeps for its backward
+    (an op output, so torch.compile sees it)."""
     spec = margin.negative_spec()
     if product is None:
         product = product_mode(weight.dtype, weight.device.type)
-    return torch.ops.margin_kernels.margin_lse(
+    keep = keep_columns(budget_bytes(memory_budget, x_eff.device, x_eff.shape[1]), x_eff.shape[0],
+                        ops.weight_rows(weight, class_index, margin.sub_centers), row_params.dtype)
+    lse, cos, norm, _kept = torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         logit_shift(margin, row_params) if shift is None else shift, margin.normalize_weight, int(spec.kind),
         spec.scale, spec.a, spec.b, int(spec.reduction), spec.clamp, backend, chunk_size or 0, float(grad_filter),
-        product, margin.sub_centers)
+        product, margin.sub_centers, keep)
+    return lse, cos, norm
 
 
 def logit_shift(margin: MarginLoss, row_params: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,8 @@ def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, redu
 def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: MarginLoss, *,
                          backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                          chunk_size: Optional[int] = None, class_index: Optional[torch.Tensor] = None,
-                         grad_filter: float = 0.0, check_values: bool = True) -> torch.Tensor:
+                         grad_filter: float = 0.0, check_values: bool = True,
+                         memory_budget=None) -> torch.Tensor:
     """Margin softmax cross-entropy of ``features`` (B, d) against class ``weight`` (C, d); (C K, d) for a loss
     with K sub-centers per class (``SubCenterArcFace``: class j's rows j K .. j K + K - 1).
 
@@ -168,19 +176,24 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
     host sync (``torch._assert_async``; see ``validation.value_check_mode``). With ``check_values=False``
     nothing is checked and nothing is ever read out of bounds: a bad label gives its row a NaN loss, a bad
     class id or a NaN/Inf feature or weight the loss NaN; duplicated class ids are counted twice.
+
+    ``memory_budget`` (bytes, ``"auto"``, or None/0 = recompute) lets the forward keep its B x chunk tiles so
+    the backward skips its recompute GEMM (``margin_kernels.memory_budget``); the loss and gradients are the
+    same either way.
     """
     check_arguments(features, weight, labels, margin, backend=backend, reduction=reduction,
                     ignore_index=ignore_index, chunk_size=chunk_size, class_index=class_index,
-                    grad_filter=grad_filter, check_values=check_values)
+                    grad_filter=grad_filter, check_values=check_values, memory_budget=memory_budget)
     return checked_margin_cross_entropy(features, weight, labels, margin, backend=backend, reduction=reduction,
                                         ignore_index=ignore_index, chunk_size=chunk_size,
                                         class_index=class_index, grad_filter=grad_filter,
-                                        check_values=check_values)
+                                        check_values=check_values, memory_budget=memory_budget)
 
 
 def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
                                  ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
-                                 grad_filter: float, check_values: bool = True) -> torch.Tensor:
+                                 grad_filter: float, check_values: bool = True,
+                                 memory_budget=None) -> torch.Tensor:
     """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
@@ -202,7 +215,8 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
                                                                       class_index, backend, chunk_size))
     row_params = start_call(margin, rows0, prepared.acc)
     lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
-                                             wnorm0, margin, backend, chunk_size, grad_filter)
+                                             wnorm0, margin, backend, chunk_size, grad_filter,
+                                             memory_budget=memory_budget)
     rows = RowInputs(cos, prepared.feature_norm, weight_norm, valid)
     check_weight_values(lse_neg, rows, value_check_mode(check_values, features.device))
     return finish_loss(margin, lse_neg, rows, reduction, safe.poisoned)

@@ -31,17 +31,18 @@ class MarginHead(HeadBase):
     (``dtype=torch.bfloat16``) for bf16 kernels. Accumulation is fp32 either way. ``check_values`` as in
     ``margin_cross_entropy`` (device-side on a GPU, no host sync); with False a bad label gives a NaN loss.
     ``regularizers`` (a list of ``CenterLoss``/``RingLoss``) add their per-row terms to the per-row loss
-    before the reduction.
+    before the reduction. ``memory_budget`` (bytes, ``"auto"``, None = recompute) lets the op keep forward
+    tiles for backward (``margin_kernels.memory_budget``).
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
                  seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                  chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
-                 dtype: Optional[torch.dtype] = None, device=None, regularizers=None):
+                 dtype: Optional[torch.dtype] = None, device=None, regularizers=None, memory_budget=None):
         super().__init__(num_classes, embedding_dim, margin, shard_range=(0, num_classes), sample_rate=sample_rate,
                          seed=seed, backend=backend, reduction=reduction, ignore_index=ignore_index,
                          chunk_size=chunk_size, grad_filter=grad_filter, check_values=check_values, dtype=dtype,
-                         device=device, regularizers=regularizers)
+                         device=device, regularizers=regularizers, memory_budget=memory_budget)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -50,7 +51,7 @@ class MarginHead(HeadBase):
         if isinstance(features, torch.Tensor) and features.is_floating_point() and features.dtype != weight.dtype:
             features = features.to(weight.dtype)
         options = dict(backend=self.resolved_backend, reduction=self.reduction, chunk_size=self.chunk_size,
-                       grad_filter=self.grad_filter)
+                       grad_filter=self.grad_filter, memory_budget=self.memory_budget)
         check_arguments(features, weight, labels, self.margin, ignore_index=self.ignore_index,
                         class_index=class_index, check_values=self.check_values, **options)
         rows = single_process_rows(features, labels, self.ignore_index, class_index) if len(self.regularizers) \

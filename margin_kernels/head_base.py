@@ -39,13 +39,13 @@ class HeadBase(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, shard_range: tuple,
                  sample_rate: float, seed: int, backend: str, reduction: str, ignore_index: int,
                  chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device,
-                 regularizers=None):
+                 regularizers=None, memory_budget=None):
         super().__init__()
         regularizers = check_regularizers(regularizers)
         check_head_arguments(num_classes, embedding_dim, margin, backend=backend, reduction=reduction,
                              reductions=self.reductions, ignore_index=ignore_index, chunk_size=chunk_size,
                              grad_filter=grad_filter, sample_rate=sample_rate, seed=seed,
-                             check_values=check_values, dtype=dtype)
+                             check_values=check_values, dtype=dtype, memory_budget=memory_budget)
         if sample_rate < 1.0 and margin.no_partial_fc_reason is not None:
             raise ValueError(f"sample_rate={sample_rate} (Partial FC) is not supported by {type(margin).__name__}: "
                              f"{margin.no_partial_fc_reason}")
@@ -53,6 +53,8 @@ class HeadBase(nn.Module):
         self.shard_range = tuple(shard_range)
         self.backend, self.reduction, self.ignore_index = backend, reduction, ignore_index
         self.chunk_size, self.grad_filter, self.seed = chunk_size, float(grad_filter), seed
+        #: bytes (or "auto") the op may spend keeping forward tiles for backward (margin_kernels.memory_budget)
+        self.memory_budget = memory_budget
         # the value checks (finite features and weights, labels in range): host-side on CPU, device-side
         # (torch._assert_async, no sync) on a GPU; the distributed head's input exchange syncs anyway
         self.check_values = check_values

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
+from .backends.chunk_loop import num_columns
+from .backends.kept_tiles import KeptTiles, saved_numel
 from .losses.negatives import NegativeKind, NegativeSpec
 from . import subcenters
 from .losses.reductions import ReductionKind
@@ -41,6 +43,17 @@ def clamped_index(class_index: Optional[Tensor], num_classes: int) -> Optional[T
     """Class ids clamped into [0, C) before any backend gathers W rows with them (the Triton kernels gather
     in-kernel): a bad id is never an out-of-bounds read. O(K); the driver turns bad ids into a NaN loss."""
     return None if class_index is None else class_index.clamp(0, num_classes - 1)
+
+
+def weight_rows(weight: Tensor, class_index: Optional[Tensor], sub_centers: int) -> int:
+    """The weight rows a call multiplies (K per column with sub-centers): what a kept-tile store counts."""
+    return num_columns(weight, class_index, sub_centers) * sub_centers
+
+
+def _kept_tiles(x: Tensor, weight: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
+                sub_centers: int, keep_cols: int, acc_dtype: torch.dtype) -> KeptTiles:
+    return KeptTiles.allocate(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
+                              normalize_weight, acc_dtype, x.device)
 
 
 def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
@@ -73,38 +86,47 @@ def _target_weight_rows(x: Tensor, weight: Tensor, labels: Tensor, class_index: 
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
                target_cos: Tensor, target_norm: Tensor, shift: Tensor, normalize_weight: bool, kind: int,
                scale: float, a: float, b: float, reduction: int, clamp: float, backend: str, chunk_size: int,
-               grad_filter: float, product: str, sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
+               grad_filter: float, product: str, sub_centers: int,
+               keep_cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
-    the autograd context has it)."""
+    the autograd context has it). The fourth output is the flat kept-tile buffer (``backends.kept_tiles``:
+    the inverse weight norms and the tiles of the first ``keep_cols`` weight rows), saved for the backward, not
+    differentiable."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
+    store = _kept_tiles(x, weight, class_index, normalize_weight, sub_centers, keep_cols, row_params.dtype)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                                           chunk_size, product=product, sub_centers=sub_centers, shift=shift)
-    return lse, target_cos.clone(), target_norm.clone()
+                                           chunk_size, product=product, sub_centers=sub_centers, shift=shift,
+                                           store=store)
+    return lse, target_cos.clone(), target_norm.clone(), store.flat
 
 
 @margin_lse.register_fake
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, shift, normalize_weight,
-                     kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter, product, sub_centers):
+                     kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter, product, sub_centers,
+                     keep_cols):
+    saved = x.new_empty((saved_numel(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
+                                     normalize_weight),), dtype=row_params.dtype)
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
-        torch.empty_like(target_norm)
+        torch.empty_like(target_norm), saved
 
 
 @torch.library.custom_op("margin_kernels::margin_lse_backward", mutates_args=())
 def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor,
                         class_index: Optional[Tensor], lse: Tensor, g_lse: Tensor, g_cos: Tensor, g_norm: Tensor,
-                        shift: Tensor, normalize_weight: bool, kind: int, scale: float, a: float, b: float,
-                        reduction: int, clamp: float, backend: str, chunk_size: int, grad_filter: float,
-                        product: str, sub_centers: int) -> tuple[Tensor, Tensor, Tensor]:
+                        shift: Tensor, saved: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
+                        b: float, reduction: int, clamp: float, backend: str, chunk_size: int, grad_filter: float,
+                        product: str, sub_centers: int, keep_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
+    store = KeptTiles(saved, x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols, normalize_weight)
     dx, dweight, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                             normalize_weight, lse, g_lse, g_cos, chunk_size,
                                                             grad_filter, product=product, sub_centers=sub_centers,
-                                                            shift=shift)
+                                                            shift=shift, store=store)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
     rows = _target_weight_rows(x, weight, labels, class_index, normalize_weight, sub_centers,
                               row_params.dtype)
@@ -115,27 +137,29 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
 
 
 @margin_lse_backward.register_fake
-def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm, shift,
+def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm, shift, saved,
                               normalize_weight, kind, scale, a, b, reduction, clamp, backend, chunk_size,
-                              grad_filter, product, sub_centers):
+                              grad_filter, product, sub_centers, keep_cols):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(shift)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, labels, row_params, class_index, _target_cos, _target_norm, shift, *constants = inputs
     ctx.constants = constants
-    ctx.save_for_backward(x, weight, labels, row_params, class_index, shift, output[0])
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" as large as the kept tiles
+    ctx.save_for_backward(x, weight, labels, row_params, class_index, shift, output[0], output[3])
 
 
-def _backward(ctx, g_lse, g_cos, g_norm):
-    x, weight, labels, row_params, class_index, shift, lse = ctx.saved_tensors
+def _backward(ctx, g_lse, g_cos, g_norm, _g_saved):
+    x, weight, labels, row_params, class_index, shift, lse, saved = ctx.saved_tensors
     zeros = lse.new_zeros(lse.shape)
     g_lse = zeros if g_lse is None else g_lse
     g_cos = zeros if g_cos is None else g_cos
     g_norm = zeros if g_norm is None else g_norm
     dx, dweight, dshift = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos,
-                                              g_norm, shift, *ctx.constants)
-    return (dx, dweight) + (None,) * 5 + (dshift,) + (None,) * 12
+                                              g_norm, shift, saved, *ctx.constants)
+    return (dx, dweight) + (None,) * 5 + (dshift,) + (None,) * 13
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

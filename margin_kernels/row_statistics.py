@@ -65,7 +65,7 @@ def chunked(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, cl
         # the softmax reduction, K = 1: no statistics loss is binary or has sub-centers
         return ops.margin_lse(x_eff.contiguous(), weight, columns, request.row_params.contiguous(), class_index,
                               dummy, dummy, no_shift, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b,
-                              int(spec.reduction), spec.clamp, backend, chunk_size or 0, 0.0, product, 1)[0]
+                              int(spec.reduction), spec.clamp, backend, chunk_size or 0, 0.0, product, 1, 0)[0]
     batch = x_eff.shape[0]
     # unchecked bad ids (check_values=False) are never read: the driver makes their rows NaN (K = 1 here)
     class_index = ops.clamped_index(class_index, weight.shape[0])

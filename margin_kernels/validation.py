@@ -8,6 +8,7 @@ import torch
 
 from .backends import check_backend_name
 from .losses.base import MarginLoss
+from .memory_budget import check_memory_budget
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -85,7 +86,8 @@ def check_flag(name: str, value) -> None:
 
 
 def check_head_arguments(num_classes, embedding_dim, margin, *, backend, reduction, reductions, ignore_index,
-                         chunk_size, grad_filter, sample_rate, seed, check_values, dtype) -> None:
+                         chunk_size, grad_filter, sample_rate, seed, check_values, dtype,
+                         memory_budget=None) -> None:
     """Construction-time checks of a head's arguments (``MarginHead`` and ``DistributedMarginHead``)."""
     check_positive_int("num_classes", num_classes)
     check_positive_int("embedding_dim", embedding_dim)
@@ -99,6 +101,7 @@ def check_head_arguments(num_classes, embedding_dim, margin, *, backend, reducti
     check_seed(seed)
     check_flag("check_values", check_values)
     check_dtype(dtype)
+    check_memory_budget(memory_budget)
 
 
 def check_tensors(features, weight, labels) -> None:
@@ -242,7 +245,7 @@ def check_no_bad_rows(bad: torch.Tensor, message: str, mode: Optional[str]) -> N
 
 def check_arguments(features, weight, labels, margin, *, backend: str, reduction: str, ignore_index: int,
                     chunk_size: Optional[int], class_index: Optional[torch.Tensor] = None,
-                    grad_filter: float = 0.0, check_values: bool = True) -> None:
+                    grad_filter: float = 0.0, check_values: bool = True, memory_budget=None) -> None:
     """Every check of the functional call, in the order a user would want to hear about them."""
     check_tensors(features, weight, labels)
     check_margin(margin)
@@ -252,6 +255,7 @@ def check_arguments(features, weight, labels, margin, *, backend: str, reduction
     check_chunk_size(chunk_size)
     check_grad_filter(grad_filter)
     check_flag("check_values", check_values)
+    check_memory_budget(memory_budget)
     num_classes = check_sub_centers(weight, margin)
     num_columns = check_class_index(class_index, weight, num_classes)
     mode = value_check_mode(check_values, features.device)

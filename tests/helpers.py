@@ -107,7 +107,7 @@ def class_subset(classes: int, labels: torch.Tensor, seed: int):
 
 def compare_with_references(backend, name, dtype, *, device="cpu", batch=12, classes=83, dim=24, chunk_size=32,
                             ignore_rows=(3,), duplicate=False, class_index=False, transposed_weight=False, seed=0,
-                            grad_floor=0.0, reference_dtypes=(torch.float64,)) -> dict:
+                            grad_floor=0.0, reference_dtypes=(torch.float64,), memory_budget=None) -> dict:
     """{reference dtype: Errors} of ``backend`` against backend="reference" on one random problem.
 
     The problem is drawn in ``dtype``; each reference (on CPU) runs on those very tensors cast to its dtype:
@@ -135,7 +135,7 @@ def compare_with_references(backend, name, dtype, *, device="cpu", batch=12, cla
         w_dev = w_dev.t().contiguous().t()
         assert not w_dev.is_contiguous()
     out = run(backend, margin.to(device), x.to(device), w_dev, labels.to(device), to_dev(index),
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, memory_budget=memory_budget)
     out = [t.detach().cpu() for t in out]
     assert out[1].dtype == dtype and out[2].dtype == dtype, "gradients come back in the storage dtype"
     assert all(torch.isfinite(t).all() for t in out), f"{backend} {name}: non-finite loss or gradient"

@@ -3,7 +3,10 @@ chunks in backward. It is backend-neutral: the elementwise work is an *epilogue*
 
 Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per chunk and O(B x d) for dx; no
 B x C matrix and no normalised copy of W. Per chunk it runs two GEMMs in forward-recompute and two more in
-backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW).
+backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW). With a
+kept-tile store (``kept_tiles``, ``memory_budget=``) the forward's GEMM writes the kept chunks' tiles into it
+and the backward reads them instead of recomputing (three GEMMs for those chunks); the inverse norms are
+formed once per call, in forward, and read back in backward.
 
 The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 dot
 products (normalise, negatives, online log-sum-exp; in backward the gradient tile, the per-class sums of the
@@ -23,6 +26,7 @@ from ..losses.reductions import ReductionKind
 from ..precision import CAST_DTYPES
 from ..subcenters import class_rows
 from . import filter_stats
+from .kept_tiles import KeptTiles, chunks
 
 #: classes per chunk on CUDA at B = 512 (what memory_model assumes; ``default_chunk_size`` scales it with B)
 DEFAULT_CHUNK_SIZE = 8192
@@ -205,12 +209,38 @@ def reduced_negatives(run_max: torch.Tensor, run_sum: torch.Tensor, spec: Negati
     return run_max + torch.log(run_sum)
 
 
+def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: "Epilogue", store):
+    """1/||w_j|| of every weight row at once into the store when W needs no conversion (one pass, one parallel
+    region, instead of one per chunk); None: the loop computes them per chunk (``_chunk_norms``). The norms are
+    always those of the stored rows (a cast product operand would round them first)."""
+    if not normalize_weight or store is None or class_index is not None or weight.dtype != acc:
+        return None
+    store.inv_norm.copy_(epilogue.inv_norms(weight, acc))
+    return store.inv_norm
+
+
+def _chunk_norms(w_stored, row0: int, row1: int, normalize_weight: bool, acc, epilogue: "Epilogue", store, known):
+    """The chunk's inverse norms (weight rows [row0, row1)): from the per-call vector ``known`` (or the store,
+    in backward), else computed from the chunk's stored rows (and written into the store for the backward)."""
+    if not normalize_weight:
+        return None
+    if known is not None:
+        return known[row0:row1]
+    inv_norm = epilogue.inv_norms(w_stored, acc)
+    if store is not None:
+        store.inv_norm[row0:row1].copy_(inv_norm)
+    return inv_norm
+
+
 @torch.no_grad()
 def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                     chunk_size: int, epilogue: Epilogue, operand_dtype: Optional[torch.dtype] = None,
-                    sub_centers: int = 1, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    sub_centers: int = 1, shift: Optional[torch.Tensor] = None,
+                    store: Optional[KeptTiles] = None) -> torch.Tensor:
     """The rows' reduced negatives (log-sum-exp, or the binary family's softplus sum). ``operand_dtype``: see
-    _gemm_operand. ``chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K)."""
+    _gemm_operand. ``chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K).
+    With a ``store`` (``kept_tiles``, counting weight rows) its inverse norms are written once per call and the
+    tiles of its kept rows are the GEMM's output buffers (the epilogue only reads them)."""
     acc = row_params.dtype
     epilogue = _with_sub_centers(epilogue, sub_centers)
     k = sub_centers
@@ -221,13 +251,19 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
     num_cols = num_columns(weight, class_index, k)
     x_mm = _gemm_operand(x, acc, operand_dtype)
     scratch = _Scratch(x.device, acc)
-    for col0 in range(0, num_cols, chunk_size):
-        col1 = min(col0 + chunk_size, num_cols)
+    known = _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store)
+    if store is not None:
+        store.use_chunk(chunk_size * k)
+    for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
-        # the norms of the stored rows (a cast operand would round them first)
-        inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
+        kept = None if store is None else store.tile(col0 * k, col1 * k)
+        # the sub-center adapter normalises its tile in place: it gets a scratch copy of a kept tile
+        out = kept if kept is not None and k == 1 else scratch.get("tile", batch, (col1 - col0) * k)
+        cos = _matmul_acc(x_mm, w.t(), acc, out=out)
+        if kept is not None and cos is not kept:  # a GEMM that could not write into the kept tile
+            kept.copy_(cos)
+        inv_norm = _chunk_norms(w_stored, col0 * k, col1 * k, normalize_weight, acc, epilogue, store, known)
         epilogue.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
     return reduced_negatives(run_max, run_sum, spec)
 
@@ -236,8 +272,8 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                      lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
                      operand_dtype: Optional[torch.dtype] = None, sub_centers: int = 1,
-                     shift: Optional[torch.Tensor] = None):
-    """(dx, dW, d shift). Per chunk: the recompute GEMM into an fp32 tile, the epilogue's dL/dcos, then the dx
+                     shift: Optional[torch.Tensor] = None, store: Optional[KeptTiles] = None):
+    """(dx, dW, d shift). Per chunk: the forward's fp32 tile (kept in ``store``, else recomputed by a GEMM), the epilogue's dL/dcos, then the dx
     and dW GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage, sub-centers) or on a 16-bit copy the
     epilogue writes instead (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs
     ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one pass. d shift sums the tiles'
@@ -258,13 +294,20 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     lse = finite_lse(lse)
     num_cols = num_columns(weight, class_index, k)
     scratch = _Scratch(x.device, acc)
+    known = None if store is None else store.inv_norm
+    if store is not None:
+        store.use_chunk(chunk_size * k)
     skipped = 0
-    for col0 in range(0, num_cols, chunk_size):
-        col1 = min(col0 + chunk_size, num_cols)
+    for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
-        cos = _matmul_acc(x_mm, w.t(), acc, out=scratch.get("tile", batch, (col1 - col0) * k))
-        inv_norm = epilogue.inv_norms(w_stored if operand_dtype else w, acc) if normalize_weight else None
+        tile_buffer = scratch.get("tile", batch, (col1 - col0) * k)
+        kept = None if store is None else store.tile(col0 * k, col1 * k)
+        if kept is None:
+            cos = _matmul_acc(x_mm, w.t(), acc, out=tile_buffer)
+        else:  # the epilogue overwrites its tile; the saved one stays intact (retain_graph, a second backward)
+            cos = tile_buffer.copy_(kept)
+        inv_norm = _chunk_norms(w_stored, col0 * k, col1 * k, normalize_weight, acc, epilogue, None, known)
         # the sub-center adapter hands back the fp32 row gradient (its scatter has no 16-bit output)
         grad_dtype = gradient_operand_dtype(w) if k == 1 else None
         tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
@@ -302,5 +345,3 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), dweight, dshift
-
-

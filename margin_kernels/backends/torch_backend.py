@@ -24,8 +24,8 @@ class TorchEpilogue:
         return inverse_norms(w, acc_dtype)
 
     def forward_tile(self, cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
-        if inv_norm is not None:
-            cos.mul_(inv_norm)
+        if inv_norm is not None:  # not in place: the tile may be kept for the backward (kept_tiles)
+            cos = cos * inv_norm
         z = negative_logits(cos, spec, row_params)
         rows, cols = _target_columns(labels, col0, cos.shape[1])
         if spec.reduction == ReductionKind.SOFTPLUS_SUM:
@@ -82,19 +82,19 @@ _TORCH_EPILOGUE = TorchEpilogue()
 
 
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
-                sub_centers=1, shift=None):
+                sub_centers=1, shift=None, store=None):
     return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                            chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
                            _TORCH_EPILOGUE, operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers,
-                           shift=shift)
+                           shift=shift, store=store)
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
                             _TORCH_EPILOGUE, grad_filter, operand_dtype=product_operand_dtype(product, x),
-                            sub_centers=sub_centers, shift=shift)
+                            sub_centers=sub_centers, shift=shift, store=store)
 
 
 def unavailable_reason():

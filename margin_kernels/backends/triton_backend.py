@@ -125,8 +125,31 @@ def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, produc
                 PRODUCT=PRODUCTS.index(product))
 
 
+def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool, sub_centers: int = 1):
+    """(tiles, dL/dcos buffer dtype, classes per chunk) of the backward; the forward needs the chunk too, to
+    lay out the tiles it keeps (``kept_tiles``) as the backward will read them."""
+    tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
+    # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
+    # (tensor cores); else the accumulation dtype
+    buffer_dtype = x.dtype if x.element_size() == 2 else CAST_DTYPES.get(product, acc)
+    chunk = configs.backward_chunk(tiles, x.shape[0], num_cols, torch.finfo(buffer_dtype).bits // 8 * sub_centers,
+                                   interpret)
+    return tiles, buffer_dtype, chunk
+
+
+def _store_args(store, chunk: int, fallback: torch.Tensor, sub_centers: int):
+    """(norms, tiles, kept columns) pointers and count of a kept-tile store; ``fallback`` for absent parts (the
+    kernels never read them then). Sub-center tiles are never kept here (the kernels keep K = 1 tiles only):
+    with K > 1 the store is left unused and every chunk is recomputed."""
+    if store is None or sub_centers > 1:
+        return fallback, fallback, 0
+    kept = store.use_chunk(chunk)
+    norms = fallback if store.inv_norm is None else store.inv_norm
+    return norms, (store.tiles if kept else fallback), kept
+
+
 def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
-                sub_centers=1, shift=None):
+                sub_centers=1, shift=None, store=None):
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
@@ -135,11 +158,16 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     num_cols = num_columns(weight, class_index, sub_centers)
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
+    chunk = _backward_layout(x, num_cols, acc, product, interpret, sub_centers)[2]
+    norms, kept_tiles, kept = _store_args(store, chunk, partial, sub_centers)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
-        partial, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), splits,
-        configs.batch_bucket(batch), zero_shift(shift, row_params))
+        partial, norms, kept_tiles, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0),
+        weight.stride(1), splits, configs.batch_bucket(batch), zero_shift(shift, row_params), kept, chunk)
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     meta["SUB_CENTERS"] = sub_centers
+    # the norms only for a backward that reads kept tiles (recomputed chunks form them in the dcos kernel):
+    # without a budget the forward is the very kernel variant `margin-bench kernels --check` compiles
+    meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0)
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers)
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
@@ -163,7 +191,7 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None):
     """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring). With K
     sub-centers the dcos kernel runs over classes and the gradient GEMMs over their K rows each."""
     interpret = interpret_mode()
@@ -179,12 +207,8 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     g_lse, g_cos_target = g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous()
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     use_filter = grad_filter > 0 and k == 1  # triton_backward: no filtering with sub-centers
-    tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
+    tiles, buffer_dtype, chunk = _backward_layout(x, num_cols, acc, product, interpret, k)
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
-    # (tensor cores); else the accumulation dtype
-    buffer_dtype = x.dtype if x.element_size() == 2 else CAST_DTYPES.get(product, acc)
-    chunk = configs.backward_chunk(tiles, batch, num_cols, torch.finfo(buffer_dtype).bits // 8 * k, interpret)
     row_blocks = triton.cdiv(batch, tiles.block_b)
     col_tiles = triton.cdiv(chunk * k, tiles.block_c)  # the gradient GEMMs' K steps: tiles of weight rows
     d_tiles = triton.cdiv(dim, tiles.block_d)
@@ -194,6 +218,7 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     dc = torch.empty((batch, chunk * k), dtype=buffer_dtype, device=x.device)
     col_dot = torch.empty((row_blocks, chunk * k), dtype=acc, device=x.device)
     inv_norm = torch.empty(chunk * k, dtype=acc, device=x.device)
+    norms, kept_tiles, kept = _store_args(store, chunk, inv_norm, k)
     flags = torch.ones((row_blocks, col_tiles) if use_filter else (1,), dtype=torch.int8, device=x.device)
     # with a class subset only the sampled rows of dW are written, the rest must read as zero
     dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
@@ -215,10 +240,10 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
         if binary:
             shift_partials.append(shift_partial)
         backward.dcos_kernel[(row_blocks, tiles_here)](
-            *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, batch, num_cols, dim, col0,
-            chunk, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(grad_filter), shift,
-            shift_partial, **meta, FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
-            BLOCK_K=tiles.block_d, SUB_CENTERS=k, **launch)
+            *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, norms, kept_tiles, batch,
+            num_cols, dim, col0, chunk, kept, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(grad_filter), shift, shift_partial, **meta, FILTER=use_filter, BLOCK_B=tiles.block_b,
+            BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d, SUB_CENTERS=k, LOADED=col0 + width <= kept, **launch)
         # the gradient GEMMs count weight rows: K per class
         backward.dweight_kernel[(row_tiles, d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols * k, dim, col0 * k,

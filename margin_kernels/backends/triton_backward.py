@@ -8,7 +8,8 @@ and spills at d = 512 on sm_90) and w tiles kept alive across the row loop. Here
 class chunk and handed to two plain GEMMs through a buffer (Cut Cross-Entropy's and flash-attention's
 approach to their probability tiles, without atomics):
 
-1. ``dcos_kernel``, grid (row blocks, class tiles of the chunk): the cosine GEMM (``cosine_tile``), then
+1. ``dcos_kernel``, grid (row blocks, class tiles of the chunk): the cosine GEMM (``cosine_tile``; LOADED:
+   the tile and norms the forward kept, ``backends/kept_tiles.py``, read instead), then
    dC in registers, written once in the GEMMs' operand dtype (bf16/fp16 storage, or fp32 storage whose
    products are bf16/fp16: tensor-core operands; otherwise the accumulation dtype) to a B x chunk buffer; per class a partial of
    sum_i dc_ij c_ij (the ||w|| Jacobian term) per row block, and 1/||w_j||.
@@ -45,8 +46,8 @@ written as zeros, flagged inactive, and both GEMMs skip its products; the kernel
 import triton
 import triton.language as tl
 
-from .triton_tiles import (SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, load_binary_constants, load_constants,
-                           load_row_inputs, load_tile, max_cosine_tile, mma,
+from .triton_tiles import (SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, kept_offsets,
+                           load_binary_constants, load_constants, load_row_inputs, load_tile, max_cosine_tile, mma,
                            tile_is_active)
 
 
@@ -78,11 +79,13 @@ def tile_flag(flags_ptr, row_block, col_tile, n_col_tiles, FILTER: tl.constexpr)
 
 @triton.jit
 def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr, g_lse_ptr, g_target_ptr,
-                factor_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, flags_ptr, B, N, D, col0, CH,
-                stride_xb, stride_xd, stride_wc, stride_wd, filter_threshold, shift_ptr, shift_partial_ptr,
+                factor_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, flags_ptr, norms_ptr, keep_ptr, B, N, D, col0, CH,
+                KEEP_COLS, stride_xb, stride_xd, stride_wc, stride_wd, filter_threshold, shift_ptr,
+                shift_partial_ptr,
                 KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
                 PRODUCT: tl.constexpr, FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0):
+                BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0,
+                LOADED: tl.constexpr = False):
     # columns are classes here (CH per chunk); the buffer, the partials and the norms are per weight row:
     # CH * SUB_CENTERS of them, a class's K rows adjacent
     pid_b = tl.program_id(0)
@@ -92,11 +95,19 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     local, cols, col_ok = chunk_columns(col0, CH, N, pid_c, BLOCK_C)
-    cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
-    cos, winner = max_cosine_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, row_ok, w_ptr, cls, stride_wc,
-                                  stride_wd, col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C,
-                                  BLOCK_K, SUB_CENTERS, inv_norm_ptr, local, (local < CH) & (local * 0 + pid_b == 0),
-                                  True)
+    if LOADED:  # the forward kept this chunk's cosines and the norms (K = 1 only): no GEMM
+        cos = tl.load(keep_ptr + kept_offsets(rows, cols, B, KEEP_COLS, CH),
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        winner = tl.zeros((BLOCK_B, BLOCK_C), tl.int32)
+        if NORMALIZE:
+            if pid_b == 0:  # the dW / dx kernels read the chunk's norms from inv_norm_ptr
+                tl.store(inv_norm_ptr + local, tl.load(norms_ptr + cols, mask=col_ok, other=0.0), mask=local < CH)
+    else:
+        cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+        cos, winner = max_cosine_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, row_ok, w_ptr, cls,
+                                      stride_wc, stride_wd, col_ok, D, acc_dtype, NORMALIZE, UPCAST, PRODUCT,
+                                      BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS, inv_norm_ptr, local,
+                                      (local < CH) & (local * 0 + pid_b == 0), True)
     labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
     lse, g_lse, g_target = load_row_grads(lse_ptr, g_lse_ptr, g_target_ptr, rows, row_ok)
     if REDUCTION == SOFTPLUS_SUM:

@@ -8,20 +8,27 @@ target and padded columns, and merges into an online max / sum (the binary reduc
 SOFTPLUS_SUM: sums the softplus terms instead; its splits are merged by a fixed-order sum). Each split
 writes its partial LSE; the host merges the splits with a fixed order ``logsumexp`` over a (splits, B)
 tensor, so the result is deterministic for a given config.
+
+With a memory budget (``backends/kept_tiles.py``; K = 1 only, the host never keeps sub-center tiles) the
+kernel also writes what the backward would recompute: SAVE_NORMS, 1/||w_j|| of every column (the programs of
+row block 0); KEEP, the cosine tile of the columns below KEEP_COLS, in the store's chunk-major layout for
+backward chunks of KEEP_CH columns. Both are constexpr: without a budget the compiled kernel is unchanged.
 """
 import triton
 import triton.language as tl
 
-from .triton_tiles import (SOFTPLUS_SUM, class_rows, load_binary_constants, load_constants, load_row_inputs,
-                           max_cosine_tile, negative_logits, softplus_tile)
+from .triton_tiles import (SOFTPLUS_SUM, class_rows, keep_tile, load_binary_constants, load_constants,
+                           load_row_inputs, max_cosine_tile, negative_logits, softplus_tile)
 
 
 @triton.jit
-def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr,
+def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr, norms_ptr, keep_ptr,
                        B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET, shift_ptr,
+                       KEEP_COLS, KEEP_CH,
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0):
+                       BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0,
+                       SAVE_NORMS: tl.constexpr = False, KEEP: tl.constexpr = False):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -45,7 +52,9 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
             cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
             cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
                                      acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
-                                     partial_ptr, cols, col_ok, False)
+                                     norms_ptr, cols, col_ok & (cols * 0 + pid_b == 0), SAVE_NORMS)
+            if KEEP:
+                keep_tile(keep_ptr, cos, rows, cols, row_ok, B, KEEP_COLS, KEEP_CH)
             run_sum += tl.sum(softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, beta, KIND), 1)
         tl.store(partial_ptr + pid_s * B + rows, run_sum, mask=row_ok)
     else:  # a loop of its own: the log-sum-exp's compiled code (and registers) as without the binary branch
@@ -55,7 +64,9 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
             cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
             cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
                                      acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
-                                     partial_ptr, cols, col_ok, False)
+                                     norms_ptr, cols, col_ok & (cols * 0 + pid_b == 0), SAVE_NORMS)
+            if KEEP:
+                keep_tile(keep_ptr, cos, rows, cols, row_ok, B, KEEP_COLS, KEEP_CH)
             z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
             new_max = tl.maximum(run_max, tl.max(z, 1))
             # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf

@@ -225,3 +225,19 @@ def tile_is_active(dc, threshold, FILTER: tl.constexpr):
         return tl.max(tl.max(tl.abs(dc), 1), 0) >= threshold
     else:
         return True
+
+
+@triton.jit
+def kept_offsets(rows, cols, B, KEEP_COLS, KEEP_CH):
+    """int64 offsets of (rows x cols) in a kept-tile store (``backends/kept_tiles.py``): column j lives in the
+    chunk starting at c0 = j - j % KEEP_CH, a row-major B x min(KEEP_CH, KEEP_COLS - c0) block at B * c0."""
+    c0 = (cols // KEEP_CH * KEEP_CH).to(tl.int64)
+    width = tl.minimum(KEEP_CH, KEEP_COLS - c0)
+    return c0[None, :] * B + rows.to(tl.int64)[:, None] * width[None, :] + (cols - c0)[None, :]
+
+
+@triton.jit
+def keep_tile(keep_ptr, cos, rows, cols, row_ok, B, KEEP_COLS, KEEP_CH):
+    """The forward's store of a cosine tile into the kept-tile store (only its columns below KEEP_COLS)."""
+    tl.store(keep_ptr + kept_offsets(rows, cols, B, KEEP_COLS, KEEP_CH), cos,
+             mask=row_ok[:, None] & (cols < KEEP_COLS)[None, :])

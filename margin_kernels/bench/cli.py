@@ -29,7 +29,7 @@ from margin_kernels.validation import check_chunk_size
 
 from .conditions import LoadRecord
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
-from .methods import BACKENDS, GEMM_FLOOR, all_methods
+from .methods import BACKENDS, BUDGET_SEPARATOR, GEMM_FLOOR, all_methods, parse_budget
 from .peers import PEERS
 from .regularized import REGULARIZERS
 from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--regularizers", default="",
                       help=f"head regularisers added to the loss, comma-separated: {', '.join(REGULARIZERS)} "
                            "(default none; margin_kernels backends only)")
+    what.add_argument("--memory-budgets", default=None, metavar="LIST",
+                      help="also run each chosen backend with memory_budget= each of these (auto, all, or a size "
+                           "such as 64M, 1G): rows named backend@budget, time against memory")
     what.add_argument("--no-floor", action="store_true", help="skip the GEMM floor (no 'x floor' column)")
     what.add_argument("--chunk-size", type=int, default=None, help="class chunk of the fused backends")
     what.add_argument("--seed", type=int, default=0)
@@ -138,7 +141,12 @@ def _method_names(args) -> list[str]:
         parse_names(args.peers, PEERS, "--peers")
     if peers and args.regularizers:
         raise ValueError("--peers compute the plain loss: they cannot run with --regularizers")
-    return backends + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
+    budgeted = []
+    if args.memory_budgets:
+        for budget in (b.strip() for b in args.memory_budgets.split(",") if b.strip()):
+            parse_budget(budget)  # a bad size is a clear error here, not in a worker
+            budgeted += [f"{b}{BUDGET_SEPARATOR}{budget}" for b in backends if b != "reference"]
+    return backends + budgeted + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
 
 
 def _settings(args) -> Settings:

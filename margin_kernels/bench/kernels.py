@@ -179,14 +179,15 @@ def _cases(dims, dtypes, kinds=None):
                                                      epilogue["REDUCTION"]):
                         continue  # the autotuner never picks it for this epilogue
                     yield ("lse_forward", label, dtype, kind_label, dim, product,
-                           dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k),
+                           dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
+                                SAVE_NORMS=False, KEEP=False),
                            t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
             for kind_label, epilogue in epilogues:
                 yield ("dcos", label, dtype, kind_label, dim, product,
-                       dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, **tiles), t.num_warps,
+                       dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, LOADED=False, **tiles), t.num_warps,
                        t.num_stages)
             for name in ("dweight", "dx"):
                 yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),

@@ -150,7 +150,7 @@ def resolved_auto(device: str) -> str:
         return resolve_backend("auto", torch.device(device))
 
 
-def _backend_builder(name: str):
+def _backend_builder(name: str, memory_budget=None):
     def build(problem: Problem, inputs: Inputs) -> AutogradRun:
         margin = make_loss(problem.loss)
         chunk = problem.chunk_size if name != "reference" else None
@@ -165,7 +165,7 @@ def _backend_builder(name: str):
         # are known good and the bench times the computation, as a training loop that turns them off would
         def fn(x, w, labels):
             return mk.margin_cross_entropy(x, w, labels, margin, backend=backend, chunk_size=chunk,
-                                           check_values=False)
+                                           check_values=False, memory_budget=memory_budget)
         return AutogradRun(fn, inputs)
     return build
 
@@ -184,6 +184,53 @@ GEMM_FLOOR = Method(
     lambda problem: None, lambda problem, inputs: GemmFloorRun(inputs, floor_chunk(problem)), checkable=False)
 
 
+#: "<backend>@<budget>": a backend with ``memory_budget=`` (margin_kernels.memory_budget); the budget is
+#: "auto", "all" (every tile kept) or a size: 64M, 1.5G, 100000 (bytes)
+BUDGET_SEPARATOR = "@"
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+KEEP_ALL = 1 << 62  # bytes: more than any problem's tiles
+
+
+def parse_budget(text: str):
+    """The ``memory_budget=`` value a budgeted method name asks for."""
+    text = text.strip().lower()
+    if text in ("auto", "all"):
+        return "auto" if text == "auto" else KEEP_ALL
+    unit = text[-1] if text[-1:] in _UNITS else ""
+    try:
+        value = float(text[:-1] if unit else text) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"memory budget {text!r}: use auto, all, or a size such as 64M, 1G, 100000") from None
+    if value < 0:
+        raise ValueError(f"memory budget {text!r} must be >= 0")
+    return int(value)
+
+
+def budgeted_method(name: str) -> Optional[Method]:
+    """The Method of a "<backend>@<budget>" name, or None if ``name`` is not of that form."""
+    backend, sep, budget = name.partition(BUDGET_SEPARATOR)
+    if not sep or backend not in BACKENDS or backend == "reference":
+        return None
+    value = parse_budget(budget)
+    return Method(name, "backend", f"{_description(backend)}, memory_budget={budget}",
+                  _backend_unavailable(backend), _backend_builder(backend, value))
+
+
+class _Methods(dict):
+    """The method table; "<backend>@<budget>" names are built on first lookup (worker processes look them up
+    by name too)."""
+
+    def __missing__(self, name):
+        method = budgeted_method(name)
+        if method is None:
+            raise KeyError(name)
+        self[name] = method
+        return method
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name) or budgeted_method(name) is not None
+
+
 def all_methods() -> dict:
     from .peers import PEERS  # peers import optional third-party packages lazily; keep this module light
-    return {**BACKENDS, **PEERS, GEMM_FLOOR.name: GEMM_FLOOR}
+    return _Methods({**BACKENDS, **PEERS, GEMM_FLOOR.name: GEMM_FLOOR})

@@ -159,6 +159,14 @@ def _attach_floor_ratios(rows: list[Row]) -> None:
             row.floor_ratio = row.total_ms() / floor.total_ms()
 
 
+def one_minute_load():
+    """The machine's 1-minute load average (recorded with every problem: a busy machine explains a slow row)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def run_sweep(problems: list[Problem], method_names: list[str], settings: Settings,
               advance: Callable[[str], None] = lambda text: None, child=run_child) -> Sweep:
     """``advance(text)`` is called before each child (for a progress bar); ``child`` runs one job."""
@@ -171,12 +179,18 @@ def run_sweep(problems: list[Problem], method_names: list[str], settings: Settin
         label = members[0].family_label()
         stopped: dict = {}
         for problem in members:
+            load_before = one_minute_load()
             results = _measure(problem, runnable[family], stopped, settings, advance, child)
+            load = [load_before, one_minute_load()]
+            if None not in load:
+                sweep.notes.append(f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
+                                   f"{problem.family_label()}, C = {problem.classes:,}")
             rows = []
             for name in runnable[family]:
                 result = results[name]
                 if name not in stopped and result.get("status") in ("oom", "timeout"):
                     stopped[name] = f"{_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
+                result.setdefault("load_1min", load)
                 rows.append(Row(problem, name, methods[name].kind, result))
             _attach_floor_ratios(rows)
             _check(problem, rows, settings, stopped, advance, child)
