@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import ops, reference, row_statistics
-from .backends import resolve_backend
+from .backends import keeps_tiles, resolve_backend
 from .backends.kept_tiles import keep_columns
 from .memory_budget import budget_bytes
 from .losses.base import MarginLoss, RowInputs
@@ -110,8 +110,10 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
     spec = margin.negative_spec()
     if product is None:
         product = product_mode(weight.dtype, weight.device.type)
-    keep = keep_columns(budget_bytes(memory_budget, x_eff.device, x_eff.shape[1]), x_eff.shape[0],
-                        ops.weight_rows(weight, class_index, margin.sub_centers), row_params.dtype)
+    keep = 0
+    if memory_budget and keeps_tiles(backend, margin.sub_centers):
+        keep = keep_columns(budget_bytes(memory_budget, x_eff.device, x_eff.shape[1]), x_eff.shape[0],
+                            ops.weight_rows(weight, class_index, margin.sub_centers), row_params.dtype)
     lse, cos, norm, _kept = torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         logit_shift(margin, row_params) if shift is None else shift, margin.normalize_weight, int(spec.kind),

@@ -319,3 +319,12 @@ def test_budgeted_matches_recomputed_on_gpu(backend):
                 assert torch.equal(a, b)
             else:
                 assert (a.double() - b.double()).norm() <= COMPILE_VS_EAGER * b.double().norm()
+
+
+def test_triton_keeps_no_sub_center_tiles():
+    """The Triton kernels keep K = 1 tiles only: a sub-center loss gets no kept-tile buffer there (the budget
+    is not spent for nothing), while the chunk-loop backends keep them."""
+    from margin_kernels.backends import keeps_tiles
+    assert keeps_tiles("cpu", 3) and keeps_tiles("torch", 3) and keeps_tiles("triton", 1)
+    if unavailable_reason("triton") is None:
+        assert not keeps_tiles("triton", 3)

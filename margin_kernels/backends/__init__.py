@@ -92,6 +92,13 @@ def get_backend(name: str) -> ModuleType:
     return load_module(name)
 
 
+def keeps_tiles(name: str, sub_centers: int) -> bool:
+    """Whether backend ``name`` reads a kept-tile store for a loss with ``sub_centers`` rows per class (a
+    backend module says ``KEEPS_SUB_CENTER_TILES = False`` when it recomputes those): the op then allocates
+    no tiles for it."""
+    return sub_centers == 1 or getattr(get_backend(name), "KEEPS_SUB_CENTER_TILES", True)
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """None if backend ``name`` can run in this process, else why not (probed once, then remembered)."""
     if name not in REGISTRY:

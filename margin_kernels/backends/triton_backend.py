@@ -137,6 +137,10 @@ def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool, sub_c
     return tiles, buffer_dtype, chunk
 
 
+#: the kernels keep K = 1 tiles only (``_store_args``): the op allocates no tiles for sub-center losses here
+KEEPS_SUB_CENTER_TILES = False
+
+
 def _store_args(store, chunk: int, fallback: torch.Tensor, sub_centers: int):
     """(norms, tiles, kept columns) pointers and count of a kept-tile store; ``fallback`` for absent parts (the
     kernels never read them then). Sub-center tiles are never kept here (the kernels keep K = 1 tiles only):
