@@ -328,3 +328,17 @@ def test_triton_keeps_no_sub_center_tiles():
     assert keeps_tiles("cpu", 3) and keeps_tiles("torch", 3) and keeps_tiles("triton", 1)
     if unavailable_reason("triton") is None:
         assert not keeps_tiles("triton", 3)
+
+
+def test_keeping_forward_tilings_are_the_spill_free_ones():
+    """The autotuner's candidates when the forward keeps its tiles: what compiled without spills for sm_90
+    (``margin-bench kernels`` checks every one in CI): 64 x 64, and the 8-warp 128 x 128 tilings under the
+    log-sum-exp; never 128 x 256 or a 4-warp tiling above 64 x 64, nothing above 64 x 64 under the binary sum."""
+    from margin_kernels.backends import triton_configs as configs
+    from margin_kernels.losses.reductions import ReductionKind
+    lse = {(t.block_b, t.block_c, t.num_warps) for t in configs.H100_FORWARD
+           if configs.forward_candidate(t, 2, False, 1, 0, int(ReductionKind.LSE), keeps=True)}
+    binary = {(t.block_b, t.block_c, t.num_warps) for t in configs.H100_FORWARD
+              if configs.forward_candidate(t, 2, False, 1, 0, int(ReductionKind.SOFTPLUS_SUM), keeps=True)}
+    assert lse == {(128, 128, 8), (64, 64, 4)} and binary == {(64, 64, 4)}
+    assert configs.default_forward(2, keeps=True, reduction=int(ReductionKind.SOFTPLUS_SUM)).block_c == 64

@@ -81,7 +81,7 @@ def _autotuned_kernel(kernel):
     size reuses the tuned config instead of timing every config again."""
     if kernel not in _autotuned:
         _autotuned[kernel] = triton.autotune(configs=configs.forward_autotune_configs(),
-                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS"],
+                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS", "KEEP"],
                                              prune_configs_by={"early_config_prune": configs.prune_forward})(kernel)
     return _autotuned[kernel]
 
@@ -172,7 +172,8 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     # the norms only for a backward that reads kept tiles (recomputed chunks form them in the dcos kernel):
     # without a budget the forward is the very kernel variant `margin-bench kernels --check` compiles
     meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0)
-    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers)
+    tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers,
+                                  meta["KIND"], meta["REDUCTION"], kept > 0)
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
         _autotuned_kernel(forward.lse_forward_kernel)[grid](*args, **meta)

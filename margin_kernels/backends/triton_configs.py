@@ -126,17 +126,18 @@ def forward_fits(tiles: ForwardTiles, elem_bytes: int) -> bool:
     return (tiles.block_b + tiles.block_c) * tiles.block_k * elem_bytes * tiles.num_stages <= _SHARED_MEMORY_BUDGET
 
 
-def default_forward(elem_bytes: int, casts_operands: bool = False, sub_centers: int = 1) -> ForwardTiles:
+def default_forward(elem_bytes: int, casts_operands: bool = False, sub_centers: int = 1, kind: int = 0,
+                    reduction: int = 0, keeps: bool = False) -> ForwardTiles:
     """The GPU's fixed forward tiling when autotuning is off: 64 x 128 x 64 with 4 warps and as many stages as
     fit (fp32/fp64 tiles need fewer), else the first autotune candidate ``forward_candidate`` allows (fp32
     weights cast to 16 bits spill in the 4-warp tiling)."""
     preferred = ForwardTiles(64, 128, 64, 4, 4)
     for stages in (4, 3, 2, 1):
         tiles = ForwardTiles(preferred.block_b, preferred.block_c, preferred.block_k, 4, stages)
-        if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers):
+        if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers, kind, reduction, keeps):
             return tiles
     for tiles in H100_FORWARD:
-        if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers):
+        if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers, kind, reduction, keeps):
             return tiles
     return ForwardTiles(32, 32, 32, 4, 1)
 
@@ -169,13 +170,15 @@ def autotune_enabled(interpret: bool) -> bool:
 
 
 def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False,
-                  sub_centers: int = 1) -> Optional[ForwardTiles]:
+                  sub_centers: int = 1, kind: int = 0, reduction: int = 0,
+                  keeps: bool = False) -> Optional[ForwardTiles]:
     """The fixed forward tiling, or None to autotune."""
     if _override.forward is not None:
         return _override.forward
     if interpret:
         return INTERPRETER_FORWARD
-    return None if autotune_enabled(interpret) else default_forward(elem_bytes, casts_operands, sub_centers)
+    return None if autotune_enabled(interpret) else default_forward(elem_bytes, casts_operands, sub_centers, kind,
+                                                                    reduction, keeps)
 
 
 def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTiles:
@@ -235,6 +238,8 @@ FORWARD_FALLBACK = ForwardTiles(32, 32, 32, num_warps=4, num_stages=1)
 #: spills above 64 x 64 under the binary reduction (52-2848 bytes per thread) and at 128 x 64 w4 (8 bytes) and
 #: 128 x 256 under the log-sum-exp; the binary reduction with IDENTITY spills at 128 x 256 (1680 bytes)
 POWER_KINDS_MAX_TILE, BINARY_MAX_TILE = 64 * 64, 128 * 128
+#: the largest forward tile that keeps its cosines (KEEP) without spilling in every case (``forward_candidate``)
+KEEP_MAX_TILE = 64 * 64
 
 
 def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
@@ -249,7 +254,7 @@ def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
 
 
 def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool, sub_centers: int = 1,
-                      kind: int = 0, reduction: int = 0) -> bool:
+                      kind: int = 0, reduction: int = 0, keeps: bool = False) -> bool:
     """Whether the autotuner may pick ``tiles``: its operand tiles fit shared memory, and, for 4-byte storage
     whose operands are cast to 16 bits in registers (bf16/fp16 products of fp32 weights), it is not one of the
     4-warp tilings of >= 8192 elements that spill there (72 and 536 bytes per thread for 64x128 and 128x64 in
@@ -257,8 +262,16 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
 
     Sub-centers (K > 1) keep a running max tile beside the cosine accumulator: in ``margin-bench kernels``
     (bf16, d = 512, K = 3) the 4-warp tilings of >= 8192 elements spill 32 bytes and 128 x 256 2408 bytes,
-    so those are ruled out too (128 x 128 with 8 warps: 254 registers, no spill)."""
+    so those are ruled out too (128 x 128 with 8 warps: 254 registers, no spill).
+
+    ``keeps`` (the kernel also stores its cosine tiles for a memory budget, KEEP): the store's int64 offsets
+    sit beside the accumulator. In ``margin-bench kernels`` (bf16/fp16, d = 512) 128 x 256 spills 188-1904
+    bytes, the 4-warp 64 x 128 / 128 x 64 tilings 64-464, and every tiling above 64 x 64 under the binary
+    reduction 376-1176; 64 x 64 and the 8-warp 128 x 128 tilings under the log-sum-exp stay at 0."""
     if not forward_fits(tiles, elem_bytes):
+        return False
+    if keeps and tiles.block_b * tiles.block_c > KEEP_MAX_TILE and not (
+            reduction == 0 and tiles.num_warps == 8 and tiles.block_b * tiles.block_c <= 128 * 128):
         return False
     limit = max_forward_tile(kind, reduction)
     if limit is not None and tiles.block_b * tiles.block_c > limit:
@@ -280,7 +293,7 @@ def prune_forward(configs, named_args, **kwargs):
     kept = [c for c in configs if forward_candidate(ForwardTiles(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"],
                                                                  c.kwargs["BLOCK_K"], c.num_warps, c.num_stages),
                                                     elem_bytes, casts, sub_centers, kwargs.get("KIND", 0),
-                                                    kwargs.get("REDUCTION", 0))]
+                                                    kwargs.get("REDUCTION", 0), kwargs.get("KEEP", False))]
     if kept:
         return kept
     t = FORWARD_FALLBACK

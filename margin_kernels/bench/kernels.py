@@ -182,6 +182,13 @@ def _cases(dims, dtypes, kinds=None):
                            dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
                                 SAVE_NORMS=False, KEEP=False),
                            t.num_warps, t.num_stages)
+                    # the variant that also keeps its tiles (memory_budget=), where the autotuner may pick it
+                    if dim <= 512 and configs.forward_candidate(t, elem, product in ("bf16", "fp16"), 1,
+                                                                epilogue["KIND"], epilogue["REDUCTION"], True):
+                        yield ("lse_forward", label, dtype, kind_label + KEEP_SUFFIX, dim, product,
+                               dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
+                                    SAVE_NORMS=True, KEEP=True),
+                               t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
@@ -189,11 +196,19 @@ def _cases(dims, dtypes, kinds=None):
                 yield ("dcos", label, dtype, kind_label, dim, product,
                        dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, LOADED=False, **tiles), t.num_warps,
                        t.num_stages)
+                if dim <= 512:  # reading the kept tiles instead of the GEMM (no product to check)
+                    yield ("dcos", label, dtype, kind_label + KEEP_SUFFIX, dim, product,
+                           dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, LOADED=True, **tiles),
+                           t.num_warps, t.num_stages)
             for name in ("dweight", "dx"):
                 yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),
                        t.num_warps, t.num_stages)
             yield from _sub_center_cases(dtype, elem, dim, product, base)
 
+
+#: the kind label's suffix of the variants that keep (forward) or read (dcos) the memory budget's tiles: checked
+#: for spills like the others, left out of the roofline model (a budget trades the recompute for memory)
+KEEP_SUFFIX = "+KEEP"
 
 #: K of the sub-center variants in the report (SubCenterArcFace's default; the kernels unroll k = 0 .. K-1)
 REPORT_SUB_CENTERS = 3
@@ -233,7 +248,9 @@ def _compile_case(case, workdir: str) -> Variant:
         variant.ptx = os.path.join(workdir, file_name + ".ptx")
         variant.shared_bytes = int(compiled.metadata.shared)
         ttgir = compiled.asm["ttgir"]
-        variant.wgmma = "warp_group_dot" in ttgir and re.search(r"\btt\.dot\b", ttgir) is None
+        # a dcos kernel that reads kept tiles has no product at all: nothing off the tensor cores
+        variant.wgmma = re.search(r"\btt\.dot\b", ttgir) is None and (
+            "warp_group_dot" in ttgir or bool(constexprs.get("LOADED")))
     except Exception as exc:  # noqa: BLE001 - a failing variant is a row of the report
         variant.error = f"{type(exc).__name__}: {exc}"[:500]
     return variant
@@ -255,7 +272,7 @@ def _efficiency(variants: list[Variant], kernel: str, dtype: str = "bf16", dim: 
                 sub_centers: int = 1) -> float:
     """Product efficiency of the worst compiled variant of ``kernel`` (1 = wgmma, no spills)."""
     rows = [v for v in variants if v.kernel == kernel and v.dtype == dtype and v.dim == dim and v.error is None
-            and v.product == "storage" and v.sub_centers == sub_centers]
+            and v.product == "storage" and v.sub_centers == sub_centers and not v.kind.endswith(KEEP_SUFFIX)]
     if not rows:
         return float("nan")
     worst = 1.0
