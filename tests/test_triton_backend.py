@@ -219,7 +219,9 @@ def test_backward_chunks_respect_the_buffer_budget():
 def test_autotune_key_buckets_the_batch_and_ignores_classes():
     assert [configs.batch_bucket(b) for b in (1, 500, 512, 513)] == [1, 512, 512, 1024]
     kernel = triton_backend._autotuned_kernel(triton_backend._kernels()[0].lse_forward_kernel)
-    assert list(kernel.keys) == ["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS"]  # sub-centers restrict the tilings
+    # sub-centers, the epilogue (kind, reduction) and keeping tiles restrict the tilings (prune_forward): a
+    # config tuned for one must not be reused for another
+    assert list(kernel.keys) == ["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS", "KIND", "REDUCTION", "KEEP"]
 
 
 def test_fp16_factor_keeps_the_buffer_finite_and_scaled():

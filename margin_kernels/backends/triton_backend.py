@@ -77,11 +77,12 @@ def _kernels():
 
 def _autotuned_kernel(kernel):
     """The forward kernel wrapped in triton.autotune over the H100 list (cached). The key is the batch bucket,
-    d and the product mode (and, implicitly, the dtypes), never the class count: a new C or Partial FC sample
-    size reuses the tuned config instead of timing every config again."""
+    d, the product mode and what restricts the candidate tilings (sub-centers, the epilogue's kind and
+    reduction, keeping tiles: ``prune_forward``), and implicitly the dtypes; never the class count: a new C or
+    Partial FC sample size reuses the tuned config instead of timing every config again."""
     if kernel not in _autotuned:
         _autotuned[kernel] = triton.autotune(configs=configs.forward_autotune_configs(),
-                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS", "KEEP"],
+                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS", "KIND", "REDUCTION", "KEEP"],
                                              prune_configs_by={"early_config_prune": configs.prune_forward})(kernel)
     return _autotuned[kernel]
 
