@@ -82,7 +82,8 @@ def _autotuned_kernel(kernel):
     Partial FC sample size reuses the tuned config instead of timing every config again."""
     if kernel not in _autotuned:
         _autotuned[kernel] = triton.autotune(configs=configs.forward_autotune_configs(),
-                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS", "KIND", "REDUCTION", "KEEP"],
+                                             key=["B_BUCKET", "D", "PRODUCT", "SUB_CENTERS", "KIND", "REDUCTION",
+                                                  "KEEP"],
                                              prune_configs_by={"early_config_prune": configs.prune_forward})(kernel)
     return _autotuned[kernel]
 
