@@ -29,6 +29,12 @@ CPU (this project's 2-core x86-64: MKL fp32 ~175 GFLOP/s per core measured on a 
 0.8 ns (plus the page faults of the fresh buffer, ~1 ns): keeping always wins (measured,
 ``bench/results/cpu_budget_arcface_B256_d512_t1``: B = 256, C = 1e5, every tile kept, 0.87x the time of the
 recomputing step), so ``"auto"`` keeps on CPU.
+
+Why the default is None, not ``"auto"``: the measured rule above is what ``"auto"`` applies per device, but
+what it keeps grows with C (4·B·C bytes: 10 GB at B = 256, C = 10^7), and the fused head's promise is memory
+flat in C, the reason to use it at 10^7 classes. Taking a quarter of the free memory unasked would move a
+user's out-of-memory point (activations, the optimizer state) without their knowing; so the budget is
+opt-in, and ``"auto"`` is the one word that asks for the measured per-device choice.
 """
 from __future__ import annotations
 
