@@ -293,3 +293,12 @@ def test_fixed_forward_tiling_avoids_the_spilling_ones():
             tiles = configs.default_forward(elem_bytes, casts)
             assert configs.forward_candidate(tiles, elem_bytes, casts)
     assert configs.default_forward(2) == configs.ForwardTiles(64, 128, 64, 4, 4)  # unchanged for 16-bit
+
+
+def test_fixed_forward_tiling_follows_the_epilogue():
+    """With autotuning off, the fixed tiling obeys the same per-kind limits as the autotuner's candidates
+    (SphereFace2's power kinds spill above 64 x 64 under the binary sum)."""
+    from margin_kernels.losses.reductions import ReductionKind
+    tiles = configs.default_forward(2, False, 1, int(NegativeKind.POWER), int(ReductionKind.SOFTPLUS_SUM))
+    assert tiles.block_b * tiles.block_c <= configs.POWER_KINDS_MAX_TILE
+    assert configs.forward_candidate(tiles, 2, False, 1, int(NegativeKind.POWER), int(ReductionKind.SOFTPLUS_SUM))
