@@ -62,18 +62,19 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
                  margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
-                 product: Optional[str] = None):
+                 product: Optional[str] = None, optimizer_slot: int = -1):
     """The custom op: (lse over the negatives, target cos, target ||w||), each (B,), differentiable. The target
     pair goes in as computed by ``initial_target_pairs`` and comes out attached to the op's backward.
     ``product``: the product mode (``precision.PRODUCTS``), by default decided here from autocast and the
-    matmul precision; a caller that turns autocast off around the op decides it before."""
+    matmul precision; a caller that turns autocast off around the op decides it before. ``optimizer_slot``: a
+    fused optimizer's binding (``HeadBase.fuse``), -1 for none."""
     spec = margin.negative_spec()
     if product is None:
         product = product_mode(weight.dtype, weight.device.type)
     return torch.ops.margin_kernels.margin_lse(
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         margin.normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b, backend, chunk_size or 0,
-        float(grad_filter), product)
+        float(grad_filter), product, optimizer_slot)
 
 
 def finish_loss(margin: MarginLoss, lse_neg: torch.Tensor, rows: RowInputs, reduction: str) -> torch.Tensor:
@@ -110,7 +111,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
 
 def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
                                  ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
-                                 grad_filter: float) -> torch.Tensor:
+                                 grad_filter: float, optimizer_slot: int = -1) -> torch.Tensor:
     """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
@@ -127,5 +128,6 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
     cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
     row_params = start_call(margin, RowInputs(cos0, prepared.feature_norm, wnorm0, valid), prepared.acc)
     lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
-                                             wnorm0, margin, backend, chunk_size, grad_filter)
+                                             wnorm0, margin, backend, chunk_size, grad_filter,
+                                             optimizer_slot=optimizer_slot)
     return finish_loss(margin, lse_neg, RowInputs(cos, prepared.feature_norm, weight_norm, valid), reduction)

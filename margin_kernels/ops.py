@@ -40,10 +40,12 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
 @torch.library.custom_op("margin_kernels::margin_lse", mutates_args=())
 def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, class_index: Optional[Tensor],
                target_cos: Tensor, target_norm: Tensor, normalize_weight: bool, kind: int, scale: float, a: float,
-               b: float, backend: str, chunk_size: int, grad_filter: float, product: str) -> tuple[Tensor, Tensor, Tensor]:
+               b: float, backend: str, chunk_size: int, grad_filter: float, product: str,
+               optimizer_slot: int = -1) -> tuple[Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
-    the autograd context has it)."""
+    the autograd context has it). ``optimizer_slot >= 0`` (optim.binding: a fused optimizer, eager only): the
+    backward updates the weight in place instead of returning dW."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product)
@@ -52,7 +54,7 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
 
 @margin_lse.register_fake
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, normalize_weight, kind,
-                     scale, a, b, backend, chunk_size, grad_filter, product):
+                     scale, a, b, backend, chunk_size, grad_filter, product, optimizer_slot=-1):
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
         torch.empty_like(target_norm)
 
@@ -69,11 +71,19 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
                                                     normalize_weight, lse, g_lse, g_cos, chunk_size,
                                                     grad_filter, product=product)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
+    rows, values = target_norm_gradient(weight, labels, class_index, g_norm)
+    dweight.index_put_((rows,), values.to(dweight.dtype), accumulate=True)
+    return dx, dweight
+
+
+def target_norm_gradient(weight: Tensor, labels: Tensor, class_index: Optional[Tensor], g_norm: Tensor):
+    """(weight rows, their gradient rows) of the target norms' share of dW: g_norm_i w_y / ||w_y|| (zero on rows
+    without a target), in g_norm's dtype."""
+    valid = labels >= 0
     rows = _target_rows(labels, class_index)
     w = weight.index_select(0, rows).to(g_norm.dtype)
     coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
-    dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
-    return dx, dweight
+    return rows, coef.unsqueeze(1) * w
 
 
 @margin_lse_backward.register_fake
@@ -84,7 +94,7 @@ def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g
 
 def _setup_context(ctx, inputs, output):
     x, weight, labels, row_params, class_index, _target_cos, _target_norm, *constants = inputs
-    ctx.constants = constants
+    ctx.constants, ctx.optimizer_slot = constants[:-1], constants[-1]
     ctx.save_for_backward(x, weight, labels, row_params, class_index, output[0])
 
 
@@ -94,9 +104,14 @@ def _backward(ctx, g_lse, g_cos, g_norm):
     g_lse = zeros if g_lse is None else g_lse
     g_cos = zeros if g_cos is None else g_cos
     g_norm = zeros if g_norm is None else g_norm
+    if ctx.optimizer_slot >= 0:  # the fused optimizer has updated the weight: no dW
+        from .optim.fused_backward import fused_backward
+        dx = fused_backward(ctx.optimizer_slot, x, weight, labels, row_params, class_index, lse, g_lse, g_cos,
+                            g_norm, *ctx.constants)
+        return (dx, None) + (None,) * 15
     dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
                                       *ctx.constants)
-    return (dx, dweight) + (None,) * 14
+    return (dx, dweight) + (None,) * 15
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

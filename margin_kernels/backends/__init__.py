@@ -5,7 +5,7 @@ Every backend module implements the same two calls over the same loss descriptio
     lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
                 product="storage") -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                 g_cos_target, chunk_size, grad_filter, product="storage") -> (dx, dweight)
+                 g_cos_target, chunk_size, grad_filter, product="storage", sink=None) -> (dx, dweight)
 
 and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
 log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
@@ -13,6 +13,8 @@ log-sum-exp over the *negative* logits (target column excluded); ``labels`` are 
 skipping the dx/dW products of tiles whose |dL/dcos| are all below it (counted in ``filter_stats``).
 ``product`` is how fp32 operands are multiplied (``margin_kernels.precision``: "ieee", "tf32", "bf16",
 "fp16"; "storage" for other dtypes); a backend that cannot choose documents what it does instead.
+``sink`` (a ``chunk_loop.ChunkSink``: a fused optimizer's update) receives each chunk's finished dW rows from
+a chunk-sized buffer instead of a dense dW, and ``dweight`` comes back None.
 
 A backend's module is imported at most once per process, and whether it can run here is probed once and
 remembered: resolving ``backend="auto"`` is then a dictionary lookup, and under ``torch.compile`` the

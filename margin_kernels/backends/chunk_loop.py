@@ -196,18 +196,16 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 @torch.no_grad()
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                      lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
-                     operand_dtype: Optional[torch.dtype] = None):
+                     operand_dtype: Optional[torch.dtype] = None, sink=None):
     """(dx, dW). Per chunk: the recompute GEMM into an fp32 tile, the epilogue's dL/dcos, then the dx and dW
     GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage) or on a 16-bit copy the epilogue writes instead
     (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs ``finish_dw`` unscales,
-    normalises and stores in the gradient's dtype in one pass."""
+    normalises and stores in the gradient's dtype in one pass. With a ``sink`` (optim.sink: a fused optimizer)
+    each chunk's finished dW rows go to ``sink.store`` from a chunk-sized buffer instead, and dW is None."""
     acc = row_params.dtype
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    # with a class subset only the sampled rows are written; the rest of dW must read as zero
-    dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-    # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
-    dw_in_place = class_index is None and weight.dtype == acc and dweight.is_contiguous()
+    store = _DenseStore(weight, class_index, acc) if sink is None else sink
     x_mm = _gemm_operand(x, acc, operand_dtype)
     x_acc = None  # the fp32 path's dW operand, made on first use
     lse = finite_lse(lse)
@@ -225,32 +223,73 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
                                       g_cos_target, grad_filter > 0, grad_dtype)
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
-            if class_index is None:
-                dweight[col0:col1].zero_()
+            store.skip(col0, col1, scratch, dim)
             continue
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
             dx_part = mixed_mm(tile.grad, w, acc)
             dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
             dw = mixed_mm(tile.grad.t(), x_mm, acc)
-            rows = dweight[col0:col1] if class_index is None else torch.empty_like(w_stored)
+            rows = store.rows_buffer(col0, col1, w_stored, scratch)
             epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
-            if class_index is not None:
-                dweight.index_copy_(0, class_index[col0:col1], rows)
+            store.store(col0, col1, rows)
             continue
         if x_acc is None:
             x_acc = x.to(acc)
         w_acc = w.to(acc)
         dx.addmm_(tile.grad, w_acc)
-        dw_out = dweight[col0:col1] if dw_in_place else scratch.get("dw", col1 - col0, dim)
-        dw = torch.mm(tile.grad.t(), x_acc, out=dw_out)
+        dw = torch.mm(tile.grad.t(), x_acc, out=store.acc_buffer(col0, col1, scratch, dim))
         if normalize_weight:
             epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
-        if dw_in_place:
-            continue
-        if class_index is None:
-            dweight[col0:col1].copy_(dw)
-        else:
-            dweight.index_copy_(0, class_index[col0:col1], dw.to(weight.dtype))
+        store.store(col0, col1, dw)
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
-    return dx.to(x.dtype), dweight
+    return dx.to(x.dtype), (store.dweight if sink is None else None)
+
+
+class _DenseStore:
+    """The default gradient sink: the dense dW (C x d, the weight's dtype), written chunk by chunk. A fused
+    optimizer's sink is a ``ChunkSink``."""
+
+    def __init__(self, weight: torch.Tensor, class_index: Optional[torch.Tensor], acc: torch.dtype):
+        self.class_index = class_index
+        # with a class subset only the sampled rows are written; the rest of dW must read as zero
+        self.dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+        # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
+        self.in_place = class_index is None and weight.dtype == acc and self.dweight.is_contiguous()
+
+    def acc_buffer(self, col0: int, col1: int, scratch, dim: int) -> torch.Tensor:
+        """Where the fp32 path's dW GEMM writes the chunk's rows."""
+        return self.dweight[col0:col1] if self.in_place else scratch.get("dw", col1 - col0, dim)
+
+    def rows_buffer(self, col0: int, col1: int, w_stored: torch.Tensor, scratch) -> torch.Tensor:
+        """Where the 16-bit path's finish_dw writes the chunk's rows (in the gradient's dtype)."""
+        return self.dweight[col0:col1] if self.class_index is None else torch.empty_like(w_stored)
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        if self.class_index is not None:
+            self.dweight.index_copy_(0, self.class_index[col0:col1], dw.to(self.dweight.dtype))
+        elif dw.data_ptr() != self.dweight[col0:col1].data_ptr():
+            self.dweight[col0:col1].copy_(dw)
+
+    def skip(self, col0: int, col1: int, scratch, dim: int) -> None:
+        """A chunk whose gradient is filtered out (all zero)."""
+        if self.class_index is None:
+            self.dweight[col0:col1].zero_()
+
+
+class ChunkSink:
+    """The base of a gradient sink other than the dense dW (optim.sink.UpdateSink, a fused optimizer): it is
+    handed each chunk's finished rows in a chunk-sized accumulation-dtype buffer, which it may overwrite."""
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def acc_buffer(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> torch.Tensor:
+        return scratch.get("dw", col1 - col0, dim)
+
+    def rows_buffer(self, col0: int, col1: int, w_stored: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+        return scratch.get("dw", col1 - col0, w_stored.shape[1])
+
+    def skip(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> None:
+        """A filtered-out chunk: its gradient is zero (the update still runs: decay and momentum)."""
+        self.store(col0, col1, scratch.get("dw", col1 - col0, dim).zero_())

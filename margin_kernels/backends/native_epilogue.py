@@ -122,7 +122,7 @@ class NativeBackend:
             chunk_size or self.default_chunk_size(x.shape[0]), self._epilogue(), product_operand_dtype(product, x))
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0, product="storage"):
+                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", sink=None):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
@@ -131,4 +131,4 @@ class NativeBackend:
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
             chunk_size or self.default_chunk_size(x.shape[0]), epilogue, grad_filter,
-            product_operand_dtype(product, x))
+            product_operand_dtype(product, x), sink)

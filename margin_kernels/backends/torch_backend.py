@@ -76,10 +76,10 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage"):
+                 chunk_size, grad_filter=0.0, product="storage", sink=None):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type),
-                            _TORCH_EPILOGUE, grad_filter, product_operand_dtype(product, x))
+                            _TORCH_EPILOGUE, grad_filter, product_operand_dtype(product, x), sink)
 
 
 def unavailable_reason():
