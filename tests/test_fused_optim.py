@@ -75,7 +75,7 @@ class TorchReference:
         if self.sparse and class_index is not None and self.kind == "sgd":
             self._sparse_sgd(grad, class_index)
         elif self.sparse and self.kind == "adamw":
-            rows = torch.arange(C) if class_index is None else class_index
+            rows = torch.arange(self.w.shape[0]) if class_index is None else class_index
             self.w.grad = torch.sparse_coo_tensor(rows[None], grad[rows], self.w.shape)
             self.opt.step()
         else:

@@ -71,7 +71,8 @@ class DistributedMarginHead(HeadBase):
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
                  seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                  chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
-                 dtype: Optional[torch.dtype] = None, device=None, process_group=None, ddp_backbone: bool = False):
+                 dtype: Optional[torch.dtype] = None, device=None, process_group=None, ddp_backbone: bool = False,
+                 optimizer=None):
         rank, world = group_rank_and_size(process_group)
 
         def build():
@@ -82,7 +83,7 @@ class DistributedMarginHead(HeadBase):
             HeadBase.__init__(self, num_classes, embedding_dim, margin, shard_range=shard_range(num_classes, world, rank),
                               sample_rate=sample_rate, seed=seed, backend=backend, reduction=reduction,
                               ignore_index=ignore_index, chunk_size=chunk_size, grad_filter=grad_filter,
-                              check_values=check_values, dtype=dtype, device=device)
+                              check_values=check_values, dtype=dtype, device=device, optimizer=optimizer)
 
         # a rank failing here alone must not leave the others waiting in the configuration check
         run_collectively(build, process_group, "DistributedMarginHead construction")
@@ -116,7 +117,7 @@ class DistributedMarginHead(HeadBase):
             # the global pair goes through the local op: only the owner (columns >= 0) applies its gradient
             lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
                                                        wnorm0, margin, self.resolved_backend, self.chunk_size,
-                                                       self.grad_filter, product)
+                                                       self.grad_filter, product, self.optimizer_slot())
             shift = max_shift(lse_local, group)
             lse = lse_from_shifted_sum(shift, all_reduce_replicated(torch.exp(lse_local - shift), group))
             return finish_loss(margin, lse, RowInputs(cos, feature_norm, weight_norm, valid), self.reduction)
