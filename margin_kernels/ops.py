@@ -109,6 +109,11 @@ def _backward(ctx, g_lse, g_cos, g_norm):
         dx = fused_backward(ctx.optimizer_slot, x, weight, labels, row_params, class_index, lse, g_lse, g_cos,
                             g_norm, *ctx.constants)
         return (dx, None) + (None,) * 15
+    from .optim.fused_backward import accumulate_backward, accumulates_in_place
+    if ctx.needs_input_grad[1] and accumulates_in_place(weight):  # beta = 1 into the existing gradient
+        dx = accumulate_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
+                                 *ctx.constants)
+        return (dx, None) + (None,) * 15
     dx, dweight = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm,
                                       *ctx.constants)
     return (dx, dweight) + (None,) * 15

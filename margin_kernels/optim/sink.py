@@ -19,6 +19,34 @@ from ..backends.chunk_loop import ChunkSink
 UNVISITED_BLOCK_ROWS = 8192
 
 
+def add_extra_rows(dw: torch.Tensor, col0: int, col1: int, columns: torch.Tensor, values: torch.Tensor) -> None:
+    """Add the ``values`` rows whose ``columns`` fall in [col0, col1) to the chunk's dW rows (deterministic)."""
+    inside = (columns >= col0) & (columns < col1)
+    if bool(inside.any()):
+        dw.index_put_((columns[inside] - col0,), values[inside].to(dw.dtype), accumulate=True)
+
+
+class AccumulateSink(ChunkSink):
+    """No optimizer, but ``weight.grad`` already holds a gradient (micro-batch accumulation, or
+    ``zero_grad(set_to_none=False)``): each chunk's rows are added into it in place (beta = 1), instead of
+    autograd receiving a fresh C x d dW and adding it."""
+
+    def __init__(self, grad: torch.Tensor, class_index: Optional[torch.Tensor], extra_columns: torch.Tensor,
+                 extra_values: torch.Tensor):
+        self.grad, self.class_index = grad, class_index
+        self.extra_columns, self.extra_values = extra_columns, extra_values
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        add_extra_rows(dw, col0, col1, self.extra_columns, self.extra_values)
+        if self.class_index is None:
+            self.grad[col0:col1].add_(dw)
+        else:
+            self.grad.index_put_((self.class_index[col0:col1],), dw.to(self.grad.dtype), accumulate=True)
+
+    def skip(self, col0: int, col1: int, scratch, dim: int) -> None:
+        """A filtered-out chunk adds nothing."""
+
+
 class UpdateSink(ChunkSink):
     def __init__(self, optimizer, param: torch.Tensor, class_index: Optional[torch.Tensor],
                  extra_columns: torch.Tensor, extra_values: torch.Tensor):
@@ -30,10 +58,7 @@ class UpdateSink(ChunkSink):
         self.visited = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device) if dense_rest else None
 
     def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
-        inside = (self.extra_columns >= col0) & (self.extra_columns < col1)
-        if bool(inside.any()):
-            dw.index_put_((self.extra_columns[inside] - col0,), self.extra_values[inside].to(dw.dtype),
-                          accumulate=True)
+        add_extra_rows(dw, col0, col1, self.extra_columns, self.extra_values)
         rows = (col0, col1) if self.class_index is None else self.class_index[col0:col1]
         self.optimizer.apply_rows(self.param, self.group, self.state, self.step, rows, dw)
         if self.visited is not None:
