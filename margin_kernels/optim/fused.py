@@ -18,7 +18,8 @@ state, and dropped. After ``loss.backward()`` the weight is already updated and 
   fp32 for 16-bit weights, the weight's dtype otherwise).
 * an fp16 ``GradScaler`` cannot be honoured (the update happens before it could unscale or skip it) and
   ``scaler.step(optimizer)`` raises; neither can clipping the head's weight by a global norm (it needs all of
-  dW before any row is updated).
+  dW before any row is updated): ``clip_grad_norm_`` sees ``weight.grad`` None and skips the weight (not an
+  error; insightface clips only the backbone).
 """
 from __future__ import annotations
 
