@@ -4,7 +4,8 @@ with the update fused into backward (``margin_kernels.optim``) against backward 
     margin-bench optimizer-step -C 2e6 -d 512 -B 64 --dtype fp32 --optimizer sgd --momentum 0.9 --steps 3
 
 Per mode: the peak resident memory above the weight over the first step (``memory.CpuMemory``: VmHWM reset
-before it, glibc returning large blocks on free), which allocates the optimizer state, split into the optimizer state (C x d buffers, counted from the optimizer) and
+before it, glibc returning large blocks on free), which allocates the optimizer state, split into the
+optimizer state (C x d buffers, counted from the optimizer) and
 the workspace (everything else: dW unfused, the chunk buffers fused); then seconds per step, the median of
 the ``--steps`` - 1 steps after it, with glibc's usual allocation policy (``memory.timing_allocator``; the
 first step's time is reported apart). CPU only (the resident-set method); the
