@@ -308,3 +308,22 @@ def test_compile_is_refused_in_fused_mode():
     compiled = torch.compile(head, fullgraph=True)
     with pytest.raises(Exception, match="fused optimizer cannot run under torch.compile"):
         compiled(x, y)
+
+
+@pytest.mark.slow
+def test_bench_optimizer_step_runs_both_modes(tmp_path):
+    """margin-bench optimizer-step (small): both modes report; unfused holds a dW (about W) that fused does not
+    (fused: a few MiB of chunk buffers and allocator slack, not proportional to W)."""
+    import json
+
+    from margin_kernels.bench import optimizer_step
+    out = tmp_path / "rows.json"
+    assert optimizer_step.main(["-C", "4e5", "-d", "32", "-B", "32", "--steps", "2", "--backend", "torch",
+                                "--json", str(out)]) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fused", "unfused"}
+    for row in rows.values():
+        assert row["state_bytes"] == row["weight_bytes"] and row["seconds_per_step"] > 0
+    if rows["fused"]["workspace_bytes"] is not None:  # Linux /proc: the resident-set numbers
+        assert rows["unfused"]["workspace_bytes"] > 0.8 * rows["unfused"]["weight_bytes"]
+        assert rows["fused"]["workspace_bytes"] < 0.5 * rows["unfused"]["weight_bytes"]
