@@ -2,7 +2,9 @@
 chunks in backward. It is backend-neutral: the elementwise work is an *epilogue* passed in.
 
 Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per chunk and O(B x d) for dx; no
-B x C matrix and no normalised copy of W. Per chunk it runs two GEMMs in forward-recompute and two more in
+B x C matrix and no normalised copy of W. Where a chunk's dW rows go is a *gradient sink*: the dense dW by
+default (``_DenseStore``), or a ``ChunkSink`` (a fused optimizer's update, an in-place add into an existing
+``weight.grad``: ``margin_kernels.optim.sink``) that takes them from a chunk-sized buffer, with no dW at all. Per chunk it runs two GEMMs in forward-recompute and two more in
 backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW).
 
 The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 dot
