@@ -327,3 +327,32 @@ def test_bench_optimizer_step_runs_both_modes(tmp_path):
     if rows["fused"]["workspace_bytes"] is not None:  # Linux /proc: the resident-set numbers
         assert rows["unfused"]["workspace_bytes"] > 0.8 * rows["unfused"]["weight_bytes"]
         assert rows["fused"]["workspace_bytes"] < 0.5 * rows["unfused"]["weight_bytes"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_unfused_backward_accumulates_into_existing_grad_in_place(backend, sampled):
+    """Without a fused optimizer, a second backward adds into weight.grad in place (same buffer), equal to the
+    sum of the two reference gradients; torch.autograd.grad(loss, w) with a .grad present still returns dW
+    and leaves .grad alone."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, D, generator=g, dtype=torch.float64)
+    w = torch.randn(40, D, generator=g, dtype=torch.float64).requires_grad_(True)
+    index = torch.tensor([0, 3, 5, 7, 9, 11, 20, 30]) if sampled else None
+    y = torch.randint(0, 8 if sampled else 40, (8,), generator=g)
+    loss = lambda feats, weight, name: mk.margin_cross_entropy(  # noqa: E731
+        feats, weight, y, mk.ArcFace(), backend=name, class_index=index)
+    loss(x, w, backend).backward()
+    buffer = w.grad.data_ptr()
+    loss(2 * x, w, backend).backward()
+    ref = w.detach().clone().requires_grad_(True)
+    loss(x, ref, "reference").backward()
+    loss(2 * x, ref, "reference").backward()
+    assert w.grad.data_ptr() == buffer
+    assert ((w.grad - ref.grad).norm() / ref.grad.norm()).item() <= FUSED_TRAJECTORY[torch.float64][0]
+    before = w.grad.clone()
+    (dw,) = torch.autograd.grad(loss(x, w, backend), w)
+    assert torch.equal(w.grad, before)
+    single = w.detach().clone().requires_grad_(True)
+    loss(x, single, "reference").backward()
+    assert ((dw - single.grad).norm() / single.grad.norm()).item() <= FUSED_TRAJECTORY[torch.float64][0]
