@@ -5,8 +5,8 @@ Every backend module implements the same two calls over the same loss descriptio
     lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
                 product="storage", sub_centers=1, shift=None) -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                 g_cos_target, chunk_size, grad_filter, product="storage", sub_centers=1, shift=None)
-                 -> (dx, dweight, dshift)
+                 g_cos_target, chunk_size, grad_filter, product="storage", sub_centers=1, shift=None,
+                 sink=None) -> (dx, dweight, dshift)
 
 and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
 log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
@@ -18,6 +18,9 @@ summed in a fixed order (zeros for LSE). ``product`` is how fp32 operands are mu
 "fp16"; "storage" for other dtypes); a backend that cannot choose documents what it does instead.
 ``sub_centers`` = K > 1: ``weight`` has K adjacent rows per class (``class_index`` and ``labels`` still count
 classes) and a class's cosine is the max over its rows (``margin_kernels.subcenters``).
+``sink`` (a ``chunk_loop.ChunkSink``: a fused optimizer's update, or an in-place add into an existing
+``weight.grad``) receives each chunk's finished dW rows (K per class) from a chunk-sized buffer instead of a
+dense dW, and ``dweight`` comes back None (dx and dshift as without it).
 
 A backend's module is imported at most once per process, and whether it can run here is probed once and
 remembered: resolving ``backend="auto"`` is then a dictionary lookup, and under ``torch.compile`` the

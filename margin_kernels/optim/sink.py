@@ -1,0 +1,99 @@
+"""The gradient sink of a fused backward: where a backend hands each class chunk's finished dW rows.
+
+A backend's backward normally stores a chunk's dW rows into the dense C x d gradient. Given a sink
+(``lse_backward(..., sink=...)``) it calls ``sink.store(col0, col1, dw)`` instead, with the rows of columns
+[col0, col1) in a chunk-sized buffer (the accumulation dtype; the sink may overwrite it), and allocates no
+C x d tensor. ``UpdateSink`` adds the B target rows' norm gradient that the op computes outside the backend,
+applies the optimizer's update to those weight rows and their state, and (dense mode with a class subset)
+updates the rows no chunk visited with a zero gradient when ``finish()`` is called.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..backends.chunk_loop import ChunkSink
+
+#: rows per block when updating the rows outside the step's class set (O(block x d) temporaries)
+UNVISITED_BLOCK_ROWS = 8192
+
+
+def add_extra_rows(dw: torch.Tensor, row0: int, row1: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """Add the ``values`` rows whose ``positions`` (in the loop's row order: column * K + sub-center) fall in
+    [row0, row1) to the chunk's dW rows (deterministic accumulation)."""
+    inside = (positions >= row0) & (positions < row1)
+    if bool(inside.any()):
+        dw.index_put_((positions[inside] - row0,), values[inside].to(dw.dtype), accumulate=True)
+
+
+class _ExtraRowsSink(ChunkSink):
+    """A sink that adds the op's B target-norm gradient rows to the chunks holding them before using them."""
+
+    def __init__(self, class_index: Optional[torch.Tensor], positions: torch.Tensor, values: torch.Tensor,
+                 sub_centers: int):
+        super().__init__(class_index, sub_centers)
+        self.positions, self.values = positions, values
+
+    def chunk_gradient(self, col0: int, col1: int, dw: torch.Tensor) -> torch.Tensor:
+        add_extra_rows(dw, col0 * self.sub_centers, col1 * self.sub_centers, self.positions, self.values)
+        return dw
+
+    def finish(self) -> None:
+        """Called once after the loop."""
+
+
+class AccumulateSink(_ExtraRowsSink):
+    """No optimizer, but ``weight.grad`` already holds a gradient (micro-batch accumulation, or
+    ``zero_grad(set_to_none=False)``): each chunk's rows are added into it in place (beta = 1), instead of
+    autograd receiving a fresh C x d dW and adding it."""
+
+    def __init__(self, grad: torch.Tensor, class_index: Optional[torch.Tensor], positions: torch.Tensor,
+                 values: torch.Tensor, sub_centers: int = 1):
+        super().__init__(class_index, positions, values, sub_centers)
+        self.grad = grad
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        dw = self.chunk_gradient(col0, col1, dw)
+        rows = self.weight_rows(col0, col1)
+        if isinstance(rows, tuple):
+            self.grad[rows[0]:rows[1]].add_(dw)
+        else:
+            self.grad.index_put_((rows,), dw.to(self.grad.dtype), accumulate=True)
+
+    def skip(self, col0: int, col1: int, scratch, dim: int) -> None:
+        """A filtered-out chunk adds nothing (its target-norm rows still count)."""
+        rows0, rows1 = col0 * self.sub_centers, col1 * self.sub_centers
+        if bool(((self.positions >= rows0) & (self.positions < rows1)).any()):
+            super().skip(col0, col1, scratch, dim)
+
+
+class UpdateSink(_ExtraRowsSink):
+    """A fused optimizer's update of each chunk's weight rows and their state (``FusedOptimizer.apply_rows``)."""
+
+    def __init__(self, optimizer, param: torch.Tensor, class_index: Optional[torch.Tensor],
+                 positions: torch.Tensor, values: torch.Tensor, sub_centers: int = 1):
+        super().__init__(class_index, positions, values, sub_centers)
+        self.optimizer, self.param = optimizer, param
+        self.group, self.state, self.step = optimizer.begin_update(param)
+        dense_rest = class_index is not None and not optimizer.is_sparse(param)
+        self.visited = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device) if dense_rest else None
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        dw = self.chunk_gradient(col0, col1, dw)
+        rows = self.weight_rows(col0, col1)
+        self.optimizer.apply_rows(self.param, self.group, self.state, self.step, rows, dw)
+        if self.visited is not None:
+            self.visited[rows] = True
+
+    def finish(self) -> None:
+        """Dense mode with a class subset: torch's step with a zero gradient on every row not visited."""
+        if self.visited is None:
+            return
+        dtype = self.optimizer.math_dtype_for(self.param)
+        for start in range(0, self.param.shape[0], UNVISITED_BLOCK_ROWS):
+            stop = min(start + UNVISITED_BLOCK_ROWS, self.param.shape[0])
+            rows = (~self.visited[start:stop]).nonzero().squeeze(1) + start
+            if rows.numel():
+                zeros = torch.zeros((rows.numel(), self.param.shape[1]), dtype=dtype, device=self.param.device)
+                self.optimizer.apply_rows(self.param, self.group, self.state, self.step, rows, zeros)
