@@ -78,8 +78,13 @@ class HeadBase(nn.Module):
     def fuse(self, optimizer) -> None:
         """Apply ``optimizer`` (a ``margin_kernels.optim`` FusedSGD / FusedAdamW over this head's weight) inside
         the backward pass: dW is never allocated and ``weight.grad`` stays None (see optim.fused). The
-        constructor's ``optimizer=`` does this with an optimizer or a factory ``params -> optimizer``."""
-        from .optim import binding, fused
+        constructor's ``optimizer=`` does this with an optimizer or a factory ``params -> optimizer``. The
+        weight becomes an ``optim.fused_weight.FusedWeight`` (still an nn.Parameter, the same object):
+        ``clip_grad_norm_``/``clip_grad_value_`` or a ``GradScaler`` over it raise with the reason."""
+        from .optim import binding, fused, fused_weight
+        if self.backend == "reference":
+            raise ValueError("backend='reference' builds the full logits and has no fused update: pick a chunked "
+                             "backend for a head with a fused optimizer")
         if not isinstance(optimizer, fused.FusedOptimizer):
             raise TypeError(f"optimizer must be a margin_kernels.optim FusedSGD or FusedAdamW, got "
                             f"{type(optimizer).__name__}")
@@ -88,14 +93,14 @@ class HeadBase(nn.Module):
             raise ValueError("optimizer must hold this head's weight (e.g. FusedSGD(head.parameters(), ...))")
         if self._fused_slot >= 0:
             binding.unbind(self._fused_slot)
+        fused_weight.mark_fused(self.weight)  # clipping it or GradScaler on it raises (optim.fused_weight)
         self.fused_optimizer, self._fused_slot = optimizer, binding.bind(optimizer, self.weight)
 
     def optimizer_slot(self) -> int:
         """The fused optimizer's binding for the op (-1: none); refuses torch.compile in fused mode."""
         if self._fused_slot >= 0 and torch.compiler.is_compiling():
-            raise RuntimeError("a head with a fused optimizer cannot run under torch.compile: its backward updates "
-                               "the weight and optimizer state in place, outside the traced graph. Compile the "
-                               "backbone only, or use an unfused optimizer for the head")
+            from .optim.fused_weight import COMPILE_REFUSAL
+            raise RuntimeError(COMPILE_REFUSAL)
         if self._fused_slot >= 0 and self.weight.grad is not None:
             raise RuntimeError("the head's weight has a .grad although its optimizer is fused: mixing a fused "
                                "update with an accumulated gradient is not supported")

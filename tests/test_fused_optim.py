@@ -281,15 +281,6 @@ def test_two_backwards_before_step_raise_naming_accumulation():
         head(x2, y2).backward()
 
 
-def test_grad_scaler_raises_naming_it():
-    head = mk.MarginHead(C, D, mk.ArcFace(), backend="torch", optimizer=lambda p: FusedSGD(p, lr=0.1))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    x, y = batches(1, torch.float32)[0]
-    scaler.scale(head(x, y)).backward()
-    with pytest.raises(RuntimeError, match="GradScaler"):
-        scaler.step(head.fused_optimizer)
-
-
 def test_bad_options_raise_naming_them():
     w = [torch.nn.Parameter(torch.zeros(3, 3))]
     with pytest.raises(ValueError, match="momentum"):

@@ -165,6 +165,14 @@ def load_fused_optimizer_rows(optimizer, weight: torch.Tensor, saved: dict) -> N
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, values in saved.get("others", {}).items():
         param = params[int(index)]
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                # a class-sharded parameter other than the weight (Center loss centers trained by gradient):
+                # its optimizer state is saved per rank, not resharded
+                raise ValueError(f"fused optimizer state {key!r} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: the optimizer state of "
+                                 "class-sharded parameters other than the weight does not reshard; load on the "
+                                 "saving world size, or keep those parameters in an unfused optimizer")
         optimizer.state[param] = {k: (v.to(device=param.device, copy=True) if isinstance(v, torch.Tensor) else v)
                                   for k, v in values.items()}
 

@@ -4,8 +4,10 @@ A head that is given one (``head.fuse(optimizer)``) never allocates dW: each cla
 the backend finishes them (``sink.UpdateSink``), are applied to those rows of the weight and of the optimizer
 state, and dropped. After ``loss.backward()`` the weight is already updated and ``weight.grad`` stays None.
 
-* ``step()`` closes the step: it applies nothing (the update happened in backward) but must be called before
-  the next backward; a second backward without it is gradient accumulation, which a fused update cannot do
+* ``step()`` closes the step: it applies nothing to the head's weight (the update happened in backward) but
+  must be called before the next backward; the optimizer's other parameters with a ``.grad`` (a binary loss's
+  learnable bias, a regulariser's parameters: ``FusedSGD(head.parameters())`` holds them) get the same rule
+  there, unfused; a second backward without it is gradient accumulation, which a fused update cannot do
   (the first micro-batch's update is already applied) and raises naming it. ``zero_grad()`` is torch's (the
   head's weight has no gradient to clear). ``param_groups`` (lr, momentum, betas, ...) are read at each
   backward, so LR schedulers work unchanged; the state lives in ``state_dict()``.
@@ -16,10 +18,12 @@ state, and dropped. After ``loss.backward()`` the weight is already updated and 
   decay of those rows); without sampling every class is in the set and the two modes agree.
 * math in fp32 for 16-bit weights (the weight's dtype otherwise); the state dtype is ``state_dtype`` (default
   fp32 for 16-bit weights, the weight's dtype otherwise).
-* an fp16 ``GradScaler`` cannot be honoured (the update happens before it could unscale or skip it) and
-  ``scaler.step(optimizer)`` raises; neither can clipping the head's weight by a global norm (it needs all of
-  dW before any row is updated): ``clip_grad_norm_`` sees ``weight.grad`` None and skips the weight (not an
-  error; insightface clips only the backbone).
+* an fp16 ``GradScaler`` cannot be honoured (the update happens in backward, before it could unscale or skip
+  it): ``scaler.unscale_(optimizer)`` and ``scaler.step(optimizer)`` raise naming it, at the first step, when
+  the first backward's update has already been applied with the scaled gradient (nothing in the forward or
+  backward pass can see a scaler). Neither can clipping the head's weight by a global norm (it needs all of dW
+  before any row is updated): ``clip_grad_norm_`` / ``clip_grad_value_`` over parameters that include it
+  raise with the reason (``fused_weight.FusedWeight``); insightface clips only the backbone.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Optional, Union
 import torch
 
 from . import rules
+from .fused_weight import GRAD_SCALER_REFUSAL
 
 Rows = Union[tuple, torch.Tensor]  # (start, stop) of a contiguous block, or row ids
 
@@ -69,17 +74,40 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- the step protocol ----------------------------------------------------------------------------
     def step(self, closure=None, grad_scaler=None):
         """Close the step (the update was applied in backward); returns the closure's loss if given."""
-        if grad_scaler is not None:
-            raise RuntimeError(
-                f"{type(self).__name__} cannot be used with torch.amp.GradScaler: the update is applied inside "
-                "backward, before the scaler could unscale the gradient or skip the step on inf/NaN. Train the "
-                "head in bf16 or fp32 (no scaler), or use an unfused torch.optim optimizer for it")
+        # GradScaler passes itself (torch <= 2.13), or, as it announces, will set grad_scale/found_inf instead
+        if grad_scaler is not None or getattr(self, "grad_scale", None) is not None \
+                or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(f"{type(self).__name__}: {GRAD_SCALER_REFUSAL}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if id(param) not in self._updated and param.grad is not None:
+                    self._step_plain(param, group)
         self._updated.clear()
         return loss
+
+    @torch.no_grad()
+    def _step_plain(self, param: torch.Tensor, group: dict) -> None:
+        """The same update rule, unfused, for a parameter with a ``.grad`` that no backward has updated: the
+        head's other parameters (a binary loss's learnable bias, a Ring loss radius, Center loss centers), so
+        ``FusedSGD(head.parameters(), ...)`` trains all of them. Dense: ``sparse`` is the fused weight's mode."""
+        if param.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__}: sparse gradients are not supported (parameter of shape "
+                               f"{tuple(param.shape)})")
+        state = self._state_of(param, group)
+        state["step"] += 1
+        dtype = self.math_dtype_for(param)
+        keys = self.state_keys_for(group)
+        tensors = [param.data] + [state[k] for k in keys]
+        blocks = [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+        grad = param.grad.to(dtype, copy=True)
+        self.update_rule(blocks[0], grad, dict(zip(keys, blocks[1:])), dict(group, sparse=False), state["step"])
+        for t, block in zip(tensors, blocks):
+            if t is not block:
+                t.copy_(block)
 
     def begin_update(self, param: torch.Tensor) -> tuple:
         """Called once per backward of a fused head: (group, state, step number). Refuses accumulation."""
@@ -89,15 +117,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "(gradient accumulation) is not supported: the first backward has already applied its update. "
                 "Call optimizer.step() after every backward, or accumulate with an unfused optimizer")
         group = self._group_of(param)
+        state = self._state_of(param, group)
+        state["step"] += 1
+        self._updated.add(id(param))
+        return group, state, state["step"]
+
+    def _state_of(self, param: torch.Tensor, group: dict) -> dict:
+        """``param``'s state, made (step 0, zero buffers in the state dtype) on first use."""
         state = self.state[param]
         if not state:
             dtype = self.state_dtype_for(param)
             state["step"] = 0
             for key in self.state_keys_for(group):
                 state[key] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        state["step"] += 1
-        self._updated.add(id(param))
-        return group, state, state["step"]
+        return state
 
     def apply_rows(self, param: torch.Tensor, group: dict, state: dict, step: int, rows: Rows,
                    grad: torch.Tensor) -> None:

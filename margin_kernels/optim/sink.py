@@ -9,6 +9,7 @@ updates the rows no chunk visited with a zero gradient when ``finish()`` is call
 """
 from __future__ import annotations
 
+import bisect
 from typing import Optional
 
 import torch
@@ -19,24 +20,28 @@ from ..backends.chunk_loop import ChunkSink
 UNVISITED_BLOCK_ROWS = 8192
 
 
-def add_extra_rows(dw: torch.Tensor, row0: int, row1: int, positions: torch.Tensor, values: torch.Tensor) -> None:
-    """Add the ``values`` rows whose ``positions`` (in the loop's row order: column * K + sub-center) fall in
-    [row0, row1) to the chunk's dW rows (deterministic accumulation)."""
-    inside = (positions >= row0) & (positions < row1)
-    if bool(inside.any()):
-        dw.index_put_((positions[inside] - row0,), values[inside].to(dw.dtype), accumulate=True)
-
-
 class _ExtraRowsSink(ChunkSink):
-    """A sink that adds the op's B target-norm gradient rows to the chunks holding them before using them."""
+    """A sink that adds the op's B target-norm gradient rows to the chunks holding them before using them.
+    ``positions`` are the rows' places in the loop's row order (column * K + sub-center): sorted once, with
+    their values, and their chunk boundaries found by bisection on the host, so a chunk costs no device work
+    and no synchronisation (one host copy of B ints per backward) unless it holds a target row."""
 
     def __init__(self, class_index: Optional[torch.Tensor], positions: torch.Tensor, values: torch.Tensor,
                  sub_centers: int):
         super().__init__(class_index, sub_centers)
-        self.positions, self.values = positions, values
+        positions, order = torch.sort(positions, stable=True)  # stable: equal rows keep the batch order
+        self.positions, self.values = positions, values[order]
+        self._host_positions = positions.tolist()
+
+    def _extra_range(self, col0: int, col1: int) -> tuple:
+        row0, row1 = col0 * self.sub_centers, col1 * self.sub_centers
+        return row0, bisect.bisect_left(self._host_positions, row0), bisect.bisect_left(self._host_positions, row1)
 
     def chunk_gradient(self, col0: int, col1: int, dw: torch.Tensor) -> torch.Tensor:
-        add_extra_rows(dw, col0 * self.sub_centers, col1 * self.sub_centers, self.positions, self.values)
+        """The chunk's dW rows with the target-norm rows that fall in it added (deterministic accumulation)."""
+        row0, lo, hi = self._extra_range(col0, col1)
+        if lo < hi:
+            dw.index_put_((self.positions[lo:hi] - row0,), self.values[lo:hi].to(dw.dtype), accumulate=True)
         return dw
 
     def finish(self) -> None:
@@ -63,8 +68,8 @@ class AccumulateSink(_ExtraRowsSink):
 
     def skip(self, col0: int, col1: int, scratch, dim: int) -> None:
         """A filtered-out chunk adds nothing (its target-norm rows still count)."""
-        rows0, rows1 = col0 * self.sub_centers, col1 * self.sub_centers
-        if bool(((self.positions >= rows0) & (self.positions < rows1)).any()):
+        _, lo, hi = self._extra_range(col0, col1)
+        if lo < hi:
             super().skip(col0, col1, scratch, dim)
 
 
