@@ -58,9 +58,9 @@ def test_learnable_bias_trains_beside_the_fused_weight(kind):
     """SphereFace2's bias b is a parameter of the head: FusedSGD(head.parameters()) steps it in step(), unfused,
     with the same rule; the weight is updated in backward. Both equal the unfused head under torch.optim."""
     fused, plain = run_pair(lambda: mk.SphereFace2(num_class=C), kind, steps=6)
-    bound = FUSED_TRAJECTORY[torch.float64][0]
-    assert relative(fused.weight, plain.weight) <= bound
-    assert relative(fused.margin.b, plain.margin.b) <= bound
+    assert relative(fused.weight, plain.weight) <= FUSED_TRAJECTORY[torch.float64][0]
+    # b is an fp32 parameter (the authors' Parameter(Tensor(1))) in a float64 head: its bound is fp32's
+    assert relative(fused.margin.b, plain.margin.b) <= FUSED_TRAJECTORY[fused.margin.b.dtype][0]
     assert not torch.equal(fused.margin.b.detach(), torch.tensor([mk.SphereFace2(num_class=C).b.item()],
                                                                dtype=fused.margin.b.dtype)), "b never moved"
 
@@ -176,3 +176,32 @@ def test_unreshardable_optimizer_state_of_other_parameters_is_refused():
     smaller = torch.nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="does not reshard"):
         load_fused_optimizer_rows(FusedSGD([weight, smaller], lr=0.1, momentum=0.9), weight, saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_fused_kernels_and_the_op_by_op_rules_agree(dtype, monkeypatch):
+    """optim.rules runs torch's fused SGD/AdamW kernel per chunk where it exists, the op-by-op transcription
+    elsewhere (a kernel that fails at dispatch falls back): both give torch.optim's update."""
+    from margin_kernels.optim import rules
+    g = torch.Generator().manual_seed(0)
+    p, grad, buf = (torch.randn(64, 8, generator=g, dtype=dtype) for _ in range(3))
+    v = torch.rand(64, 8, generator=g, dtype=dtype)
+    sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=5e-3, nesterov=True, first_step=False)
+    adamw = dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-8, weight_decay=1e-2, step=3)
+    fused = [t.clone() for t in (p, grad, buf, v)]
+    rules.sgd_rows(fused[0], fused[1].clone(), fused[2], **sgd)
+    rules.adamw_rows(fused[0], fused[1], fused[2], fused[3], **adamw)
+    assert rules._FUSED_KERNEL_OK[("sgd", "cpu", dtype)] and rules._FUSED_KERNEL_OK[("adamw", "cpu", dtype)]
+    monkeypatch.setattr(rules, "_FUSED_KERNEL_OK", {})
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no kernel")
+    monkeypatch.setattr(torch, "_fused_sgd_", missing)
+    monkeypatch.setattr(torch, "_fused_adamw_", missing)
+    by_op = [t.clone() for t in (p, grad, buf, v)]
+    rules.sgd_rows(by_op[0], by_op[1].clone(), by_op[2], **sgd)
+    rules.adamw_rows(by_op[0], by_op[1], by_op[2], by_op[3], **adamw)
+    assert rules._FUSED_KERNEL_OK == {("sgd", "cpu", dtype): False, ("adamw", "cpu", dtype): False}
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(fused, by_op):
+        assert ((a - b).abs() <= 4 * eps * b.abs().clamp_min(1e-3)).all()
