@@ -1,7 +1,8 @@
 """What the fused optimizers do with what main's heads grew beyond a plain weight, and what they refuse.
 
-* a head's other parameters (a binary loss's learnable bias) and sub-center weights (K rows per class) train
-  as the unfused head does under torch.optim (same backend, float64: only summation orders differ);
+* a head's other parameters (a binary loss's learnable bias), sub-center weights (K rows per class) and the
+  16-bit product path (finish_dw through ``out=``) train as the unfused head does under torch.optim (same
+  backend: only summation orders differ);
 * clipping the fused weight (clip_grad_norm_ / clip_grad_value_) and GradScaler over its optimizer raise with
   the reason, while the ordinary loop (zero_grad, ``p.grad is not None`` checks, state_dict, save/load) works.
 """
@@ -205,3 +206,25 @@ def test_torch_fused_kernels_and_the_op_by_op_rules_agree(dtype, monkeypatch):
     eps = torch.finfo(dtype).eps
     for a, b in zip(fused, by_op):
         assert ((a - b).abs() <= 4 * eps * b.abs().clamp_min(1e-3)).all()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_16_bit_product_path_feeds_the_sink(monkeypatch, grad_dtype, sample_rate):
+    """The chunk loop's 16-bit dL/dcos path (CUDA's tensor-core products, autocast or matmul precision "medium":
+    both gradient GEMMs on 16-bit operands, finish_dw writing through ``out=``) forced on the CPU, where it
+    runs the same code on widened operands: the sink gets finish_dw's fp32 rows and the fused head follows the
+    unfused head on that same path (fp16 includes the gradient_scale factor and its inverse)."""
+    from margin_kernels.backends import chunk_loop
+    monkeypatch.setattr(chunk_loop, "gradient_operand_dtype", lambda w: grad_dtype)
+    fused, plain, plain_opt = head_pair(mk.ArcFace, "sgd", sample_rate=sample_rate)
+    for head in (fused, plain):
+        head.float()
+    plain_opt = torch.optim.SGD(plain.parameters(), **SGD)
+    for x, y in batches(4, torch.float32):
+        fused(x, y).backward()
+        fused.fused_optimizer.step()
+        plain(x, y).backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+    assert relative(fused.weight, plain.weight) <= FUSED_TRAJECTORY[torch.float32][0]
