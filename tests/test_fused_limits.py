@@ -66,11 +66,12 @@ def test_learnable_bias_trains_beside_the_fused_weight(kind):
                                                                dtype=fused.margin.b.dtype)), "b never moved"
 
 
-@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5, 0.8])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_sub_centers_fuse(backend, sample_rate):
     """K = 3 rows per class: the sink receives each chunk's K rows per class (and the target norm's share on the
-    winning row); dense mode steps every row, with and without Partial FC."""
+    winning row); dense mode steps every row, with and without Partial FC (0.5: the unvisited rows stepped as
+    whole blocks around the visited ones, 0.8: gathered)."""
     fused, plain = run_pair(lambda: mk.SubCenterArcFace(sub_centers=3), "sgd", steps=5, backend=backend,
                             sample_rate=sample_rate)
     assert relative(fused.weight, plain.weight) <= FUSED_TRAJECTORY[torch.float64][0]

@@ -137,11 +137,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Update ``rows`` of ``param`` and of its state from their gradient ``grad`` (math dtype; consumed)."""
         dtype = grad.dtype
         keys = self.state_keys_for(group)
-        tensors = [param.data] + [state[k] for k in keys]
+        tensors = self.row_tensors(param, group, state)
         blocks = [_load(t, rows, dtype) for t in tensors]
         self.update_rule(blocks[0], grad, dict(zip(keys, blocks[1:])), group, step)
         for t, block in zip(tensors, blocks):
             _store(t, rows, block)
+
+    def row_tensors(self, param: torch.Tensor, group: dict, state: dict) -> list:
+        """The tensors whose rows an update touches: the weight, then its C x d state."""
+        return [param.data] + [state[k] for k in self.state_keys_for(group)]
 
     def math_dtype_for(self, param: torch.Tensor) -> torch.dtype:
         return _math_dtype(param.dtype)

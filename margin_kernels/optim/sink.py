@@ -92,13 +92,29 @@ class UpdateSink(_ExtraRowsSink):
             self.visited[rows] = True
 
     def finish(self) -> None:
-        """Dense mode with a class subset: torch's step with a zero gradient on every row not visited."""
+        """Dense mode with a class subset: torch's step with a zero gradient on every row no chunk visited, a
+        block of rows at a time. Where at most half of a block was visited (Partial FC's usual sample rates)
+        the update runs on the whole contiguous block, one pass without gathers, with the visited rows of the
+        weight and state (already stepped) put aside before and put back after; otherwise only the unvisited
+        rows are gathered and updated."""
         if self.visited is None:
             return
+        num_rows, dim = self.param.shape
         dtype = self.optimizer.math_dtype_for(self.param)
-        for start in range(0, self.param.shape[0], UNVISITED_BLOCK_ROWS):
-            stop = min(start + UNVISITED_BLOCK_ROWS, self.param.shape[0])
-            rows = (~self.visited[start:stop]).nonzero().squeeze(1) + start
-            if rows.numel():
-                zeros = torch.zeros((rows.numel(), self.param.shape[1]), dtype=dtype, device=self.param.device)
+        tensors = self.optimizer.row_tensors(self.param, self.group, self.state)
+        for start in range(0, num_rows, UNVISITED_BLOCK_ROWS):
+            stop = min(start + UNVISITED_BLOCK_ROWS, num_rows)
+            visited = self.visited[start:stop]
+            kept = visited.nonzero().squeeze(1)
+            if kept.numel() == stop - start:
+                continue
+            if 2 * kept.numel() > stop - start:
+                rows = (~visited).nonzero().squeeze(1) + start
+                zeros = torch.zeros((rows.numel(), dim), dtype=dtype, device=self.param.device)
                 self.optimizer.apply_rows(self.param, self.group, self.state, self.step, rows, zeros)
+                continue
+            saved = [t[start:stop].index_select(0, kept) for t in tensors]
+            zeros = torch.zeros((stop - start, dim), dtype=dtype, device=self.param.device)
+            self.optimizer.apply_rows(self.param, self.group, self.state, self.step, (start, stop), zeros)
+            for t, rows in zip(tensors, saved):
+                t[start:stop].index_copy_(0, kept, rows)
