@@ -98,7 +98,8 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
                  class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
                  margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
-                 product: Optional[str] = None, shift: Optional[torch.Tensor] = None, memory_budget=None):
+                 product: Optional[str] = None, shift: Optional[torch.Tensor] = None, memory_budget=None,
+                 optimizer_slot: int = -1):
     """The custom op: (lse over the negatives, or their softplus sum for the binary family, target cos,
     target ||w||), each (B,), differentiable. The target pair goes in as computed by ``initial_target_pairs``
     and comes out attached to the op's backward. ``product``: the product mode (``precision.PRODUCTS``), by
@@ -106,7 +107,8 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
     op decides it before. ``shift``: the logit shift as ``logit_shift`` makes it (the default), or wrapped by
     the caller (the model-parallel head sums its gradient over the ranks). ``memory_budget``
     (``margin_kernels.memory_budget``) sets how many weight rows' forward tiles the op keeps for its backward
-    (an op output, so torch.compile sees it)."""
+    (an op output, so torch.compile sees it). ``optimizer_slot``: a fused optimizer's binding
+    (``HeadBase.fuse``), -1 for none."""
     spec = margin.negative_spec()
     if product is None:
         product = product_mode(weight.dtype, weight.device.type)
@@ -118,7 +120,7 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
         x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
         logit_shift(margin, row_params) if shift is None else shift, margin.normalize_weight, int(spec.kind),
         spec.scale, spec.a, spec.b, int(spec.reduction), spec.clamp, backend, chunk_size or 0, float(grad_filter),
-        product, margin.sub_centers, keep)
+        product, margin.sub_centers, keep, optimizer_slot)
     return lse, cos, norm
 
 
@@ -195,7 +197,7 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
 def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
                                  ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
                                  grad_filter: float, check_values: bool = True,
-                                 memory_budget=None) -> torch.Tensor:
+                                 memory_budget=None, optimizer_slot: int = -1) -> torch.Tensor:
     """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
     if backend == "reference":
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
@@ -218,7 +220,7 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
     row_params = start_call(margin, rows0, prepared.acc)
     lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
                                              wnorm0, margin, backend, chunk_size, grad_filter,
-                                             memory_budget=memory_budget)
+                                             memory_budget=memory_budget, optimizer_slot=optimizer_slot)
     rows = RowInputs(cos, prepared.feature_norm, weight_norm, valid)
     check_weight_values(lse_neg, rows, value_check_mode(check_values, features.device))
     return finish_loss(margin, lse_neg, rows, reduction, safe.poisoned)

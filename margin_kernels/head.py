@@ -38,11 +38,13 @@ class MarginHead(HeadBase):
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, sample_rate: float = 1.0,
                  seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                  chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
-                 dtype: Optional[torch.dtype] = None, device=None, regularizers=None, memory_budget=None):
+                 dtype: Optional[torch.dtype] = None, device=None, regularizers=None, memory_budget=None,
+                 optimizer=None):
         super().__init__(num_classes, embedding_dim, margin, shard_range=(0, num_classes), sample_rate=sample_rate,
                          seed=seed, backend=backend, reduction=reduction, ignore_index=ignore_index,
                          chunk_size=chunk_size, grad_filter=grad_filter, check_values=check_values, dtype=dtype,
-                         device=device, regularizers=regularizers, memory_budget=memory_budget)
+                         device=device, regularizers=regularizers, memory_budget=memory_budget,
+                         optimizer=optimizer)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -67,6 +69,7 @@ class MarginHead(HeadBase):
         else:
             ignore_index = self.ignore_index
         options["check_values"] = self.check_values
+        options["optimizer_slot"] = self.optimizer_slot()
         if rows is None:
             return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
                                                 class_index=class_index, **options)

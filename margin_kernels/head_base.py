@@ -39,7 +39,7 @@ class HeadBase(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, margin: MarginLoss, *, shard_range: tuple,
                  sample_rate: float, seed: int, backend: str, reduction: str, ignore_index: int,
                  chunk_size: Optional[int], grad_filter: float, check_values: bool, dtype, device,
-                 regularizers=None, memory_budget=None):
+                 regularizers=None, memory_budget=None, optimizer=None):
         super().__init__()
         regularizers = check_regularizers(regularizers)
         check_head_arguments(num_classes, embedding_dim, margin, backend=backend, reduction=reduction,
@@ -73,6 +73,40 @@ class HeadBase(nn.Module):
         for regularizer in regularizers:
             regularizer.bind(num_classes=num_classes, embedding_dim=embedding_dim, shard_range=self.shard_range,
                              seed=seed, dtype=self.weight.dtype, device=self.weight.device)
+        self.fused_optimizer, self._fused_slot = None, -1
+        if optimizer is not None:
+            self.fuse(optimizer(self.parameters()) if callable(optimizer) else optimizer)
+
+    def fuse(self, optimizer) -> None:
+        """Apply ``optimizer`` (a ``margin_kernels.optim`` FusedSGD / FusedAdamW over this head's weight) inside
+        the backward pass: dW is never allocated and ``weight.grad`` stays None (see optim.fused). The
+        constructor's ``optimizer=`` does this with an optimizer or a factory ``params -> optimizer``. The
+        weight becomes an ``optim.fused_weight.FusedWeight`` (still an nn.Parameter, the same object):
+        ``clip_grad_norm_``/``clip_grad_value_`` or a ``GradScaler`` over it raise with the reason."""
+        from .optim import binding, fused, fused_weight
+        if self.backend == "reference":
+            raise ValueError("backend='reference' builds the full logits and has no fused update: pick a chunked "
+                             "backend for a head with a fused optimizer")
+        if not isinstance(optimizer, fused.FusedOptimizer):
+            raise TypeError(f"optimizer must be a margin_kernels.optim FusedSGD or FusedAdamW, got "
+                            f"{type(optimizer).__name__}")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not any(p is self.weight for p in params):
+            raise ValueError("optimizer must hold this head's weight (e.g. FusedSGD(head.parameters(), ...))")
+        if self._fused_slot >= 0:
+            binding.unbind(self._fused_slot)
+        fused_weight.mark_fused(self.weight)  # clipping it or GradScaler on it raises (optim.fused_weight)
+        self.fused_optimizer, self._fused_slot = optimizer, binding.bind(optimizer, self.weight)
+
+    def optimizer_slot(self) -> int:
+        """The fused optimizer's binding for the op (-1: none); refuses torch.compile in fused mode."""
+        if self._fused_slot >= 0 and torch.compiler.is_compiling():
+            from .optim.fused_weight import COMPILE_REFUSAL
+            raise RuntimeError(COMPILE_REFUSAL)
+        if self._fused_slot >= 0 and self.weight.grad is not None:
+            raise RuntimeError("the head's weight has a .grad although its optimizer is fused: mixing a fused "
+                               "update with an accumulated gradient is not supported")
+        return self._fused_slot
 
     @property
     def num_local(self) -> int:

@@ -87,12 +87,13 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
                target_cos: Tensor, target_norm: Tensor, shift: Tensor, normalize_weight: bool, kind: int,
                scale: float, a: float, b: float, reduction: int, clamp: float, backend: str, chunk_size: int,
                grad_filter: float, product: str, sub_centers: int,
-               keep_cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               keep_cols: int, optimizer_slot: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``target_cos``/``target_norm`` come back unchanged (copies: a custom op's outputs may not alias its
     inputs), now differentiable through this op. ``grad_filter`` is only used by the backward (carried here so
     the autograd context has it). The fourth output is the flat kept-tile buffer (``backends.kept_tiles``:
     the inverse weight norms and the tiles of the first ``keep_cols`` weight rows), saved for the backward, not
-    differentiable."""
+    differentiable. ``optimizer_slot >= 0`` (optim.binding: a fused optimizer, eager only): the backward
+    updates the weight in place instead of returning dW (dx and d shift as without it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     store = _kept_tiles(x, weight, class_index, normalize_weight, sub_centers, keep_cols, row_params.dtype)
@@ -105,7 +106,7 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
 @margin_lse.register_fake
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, shift, normalize_weight,
                      kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter, product, sub_centers,
-                     keep_cols):
+                     keep_cols, optimizer_slot=-1):
     saved = x.new_empty((saved_numel(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
                                      normalize_weight),), dtype=row_params.dtype)
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
@@ -128,12 +129,20 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
                                                             grad_filter, product=product, sub_centers=sub_centers,
                                                             shift=shift, store=store)
     # d||w_y||/dw_y = w_y/||w_y||: B rows added with index_put (sorted, deterministic accumulation)
-    rows = _target_weight_rows(x, weight, labels, class_index, normalize_weight, sub_centers,
-                              row_params.dtype)
-    w = weight.index_select(0, rows).to(g_norm.dtype)
-    coef = torch.where(valid, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
-    dweight.index_put_((rows,), (coef.unsqueeze(1) * w).to(dweight.dtype), accumulate=True)
+    rows, values = target_norm_gradient(x, weight, labels, class_index, g_norm, normalize_weight, sub_centers,
+                                        row_params.dtype)
+    dweight.index_put_((rows,), values.to(dweight.dtype), accumulate=True)
     return dx, dweight, dshift.reshape(shift.shape).to(shift.dtype)
+
+
+def target_norm_gradient(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], g_norm: Tensor,
+                         normalize_weight: bool, sub_centers: int, acc_dtype: torch.dtype):
+    """(weight rows, their gradient rows) of the target norms' share of dW: g_norm_i w_y / ||w_y|| (zero on rows
+    without a target), in g_norm's dtype; with sub-centers w_y is the target class's winning row."""
+    rows = _target_weight_rows(x, weight, labels, class_index, normalize_weight, sub_centers, acc_dtype)
+    w = weight.index_select(0, rows).to(g_norm.dtype)
+    coef = torch.where(labels >= 0, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
+    return rows, coef.unsqueeze(1) * w
 
 
 @margin_lse_backward.register_fake
@@ -145,7 +154,7 @@ def _margin_lse_backward_fake(x, weight, labels, row_params, class_index, lse, g
 
 def _setup_context(ctx, inputs, output):
     x, weight, labels, row_params, class_index, _target_cos, _target_norm, shift, *constants = inputs
-    ctx.constants = constants
+    ctx.constants, ctx.optimizer_slot = constants[:-1], constants[-1]
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" as large as the kept tiles
     ctx.save_for_backward(x, weight, labels, row_params, class_index, shift, output[0], output[3])
@@ -157,9 +166,17 @@ def _backward(ctx, g_lse, g_cos, g_norm, _g_saved):
     g_lse = zeros if g_lse is None else g_lse
     g_cos = zeros if g_cos is None else g_cos
     g_norm = zeros if g_norm is None else g_norm
-    dx, dweight, dshift = margin_lse_backward(x, weight, labels, row_params, class_index, lse, g_lse, g_cos,
-                                              g_norm, shift, saved, *ctx.constants)
-    return (dx, dweight) + (None,) * 5 + (dshift,) + (None,) * 13
+    args = (x, weight, labels, row_params, class_index, lse, g_lse, g_cos, g_norm, shift, saved, *ctx.constants)
+    if ctx.optimizer_slot >= 0:  # the fused optimizer updates the weight in the backward: no dW
+        from .optim.fused_backward import fused_backward
+        dx, dweight, dshift = fused_backward(ctx.optimizer_slot, *args)
+    else:
+        from .optim.fused_backward import accumulate_backward, accumulates_in_place
+        if ctx.needs_input_grad[1] and accumulates_in_place(weight):  # beta = 1 into the existing gradient
+            dx, dweight, dshift = accumulate_backward(*args)
+        else:
+            dx, dweight, dshift = margin_lse_backward(*args)
+    return (dx, dweight) + (None,) * 5 + (dshift,) + (None,) * 14
 
 
 margin_lse.register_autograd(_backward, setup_context=_setup_context)

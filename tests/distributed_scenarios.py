@@ -286,7 +286,7 @@ def _worker(rank, world, port, outdir, names, ckpt_dir, module=__name__):
     try:
         for name in names:
             try:
-                kwargs = {"ckpt_dir": ckpt_dir} if name.endswith("checkpoint_load") else {}
+                kwargs = {"ckpt_dir": ckpt_dir} if name.endswith(("checkpoint_load", "resharded_load")) else {}
                 result = _scenario(name, module)(rank, world, outdir, **kwargs)
             except Exception:  # noqa: BLE001 - reported to the pytest side, which fails the scenario's tests
                 result = {"error": traceback.format_exc()}

@@ -6,7 +6,7 @@ Every backend module implements the same two calls over the same loss descriptio
                 product="storage", sub_centers=1, shift=None, store=None) -> lse (B,)
     lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                  g_cos_target, chunk_size, grad_filter, product="storage", sub_centers=1, shift=None,
-                 store=None) -> (dx, dweight, dshift)
+                 store=None, sink=None) -> (dx, dweight, dshift)
 
 and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
 log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
@@ -22,6 +22,9 @@ classes) and a class's cosine is the max over its rows (``margin_kernels.subcent
 writes the inverse weight norms and the tiles of the columns the store has room for (after
 ``store.use_chunk(chunk)``), the backward reads them instead of recomputing (``store.tile`` decides, per chunk).
 The store counts weight rows (K per class with sub-centers).
+``sink`` (a ``chunk_loop.ChunkSink``: a fused optimizer's update, or an in-place add into an existing
+``weight.grad``) receives each chunk's finished dW rows (K per class) from a chunk-sized buffer instead of a
+dense dW, and ``dweight`` comes back None (dx and dshift as without it).
 
 A backend's module is imported at most once per process, and whether it can run here is probed once and
 remembered: resolving ``backend="auto"`` is then a dictionary lookup, and under ``torch.compile`` the

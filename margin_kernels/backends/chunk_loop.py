@@ -2,11 +2,14 @@
 chunks in backward. It is backend-neutral: the elementwise work is an *epilogue* passed in.
 
 Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per chunk and O(B x d) for dx; no
-B x C matrix and no normalised copy of W. Per chunk it runs two GEMMs in forward-recompute and two more in
-backward (the GEMM floor of the whole loss is 4 x 2 B C d FLOPs: forward, recompute, dx, dW). With a
-kept-tile store (``kept_tiles``, ``memory_budget=``) the forward's GEMM writes the kept chunks' tiles into it
-and the backward reads them instead of recomputing (three GEMMs for those chunks); the inverse norms are
-formed once per call, in forward, and read back in backward.
+B x C matrix and no normalised copy of W. Where a chunk's dW rows go is a *gradient sink* (``ChunkSink``):
+the dense dW by default (``_DenseStore``), or a fused optimizer's update or an in-place add into an existing
+``weight.grad`` (``margin_kernels.optim.sink``), which takes them from a chunk-sized buffer, with no dW at all.
+Per chunk it runs two GEMMs in forward-recompute and two more in backward (the GEMM floor of the whole loss
+is 4 x 2 B C d FLOPs: forward, recompute, dx, dW). With a kept-tile store (``kept_tiles``,
+``memory_budget=``) the forward's GEMM writes the kept chunks' tiles into it and the backward reads them
+instead of recomputing (three GEMMs for those chunks); the inverse norms are formed once per call, in
+forward, and read back in backward.
 
 The loop is written once and takes an *epilogue*: the elementwise work on a (B x chunk) tile of fp32 dot
 products (normalise, negatives, online log-sum-exp; in backward the gradient tile, the per-class sums of the
@@ -272,12 +275,15 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
                      lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
                      operand_dtype: Optional[torch.dtype] = None, sub_centers: int = 1,
-                     shift: Optional[torch.Tensor] = None, store: Optional[KeptTiles] = None):
-    """(dx, dW, d shift). Per chunk: the forward's fp32 tile (kept in ``store``, else recomputed by a GEMM), the epilogue's dL/dcos, then the dx
+                     shift: Optional[torch.Tensor] = None, store: Optional[KeptTiles] = None,
+                     sink: Optional["ChunkSink"] = None):
+    """(dx, dW, d shift). Per chunk: the forward's fp32 tile (kept in ``store``, else recomputed by a GEMM), the
+    epilogue's dL/dcos, then the dx
     and dW GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage, sub-centers) or on a 16-bit copy the
     epilogue writes instead (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs
     ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one pass. d shift sums the tiles'
-    shares in chunk order (deterministic; zero for LSE)."""
+    shares in chunk order (deterministic; zero for LSE). With a ``sink`` (``ChunkSink``: optim.sink, a fused
+    optimizer) each chunk's finished dW rows go to ``sink.store`` from a chunk-sized buffer, and dW is None."""
     acc = row_params.dtype
     epilogue = _with_sub_centers(epilogue, sub_centers)
     k = sub_centers
@@ -285,10 +291,9 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     dshift = torch.zeros(1, dtype=acc, device=x.device)
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    # with a class subset only the sampled rows are written; the rest of dW must read as zero
-    dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-    # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
-    dw_in_place = class_index is None and weight.dtype == acc and dweight.is_contiguous()
+    if sink is not None and sink.sub_centers != k:
+        raise ValueError(f"sink: made for {sink.sub_centers} sub-centers, the call has {k}")
+    dw_sink = _DenseStore(weight, class_index, acc, k) if sink is None else sink
     x_mm = _gemm_operand(x, acc, operand_dtype)
     x_acc = None  # the fp32 path's dW operand, made on first use
     lse = finite_lse(lse)
@@ -316,32 +321,89 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
             dshift += tile.shift_grad
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):
             skipped += 1
-            if class_index is None:
-                dweight[col0 * k:col1 * k].zero_()
+            dw_sink.skip(col0, col1, scratch, dim)
             continue
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
             dx_part = mixed_mm(tile.grad, w, acc)
             dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
             dw = mixed_mm(tile.grad.t(), x_mm, acc)
-            rows = dweight[col0:col1] if class_index is None else torch.empty_like(w_stored)
+            rows = dw_sink.rows_buffer(col0, col1, w_stored, scratch)
             epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
-            if class_index is not None:
-                dweight.index_copy_(0, class_index[col0:col1], rows)
+            dw_sink.store(col0, col1, rows)
             continue
         if x_acc is None:
             x_acc = x_mm.to(acc)  # the operands as multiplied (a cast product rounds x too)
         w_acc = w.to(acc)
         dx.addmm_(tile.grad, w_acc)
-        dw_out = dweight[col0 * k:col1 * k] if dw_in_place else scratch.get("dw", (col1 - col0) * k, dim)
-        dw = torch.mm(tile.grad.t(), x_acc, out=dw_out)
+        dw = torch.mm(tile.grad.t(), x_acc, out=dw_sink.acc_buffer(col0, col1, scratch, dim))
         if normalize_weight:
             epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
-        if dw_in_place:
-            continue
-        if class_index is None:
-            dweight[col0 * k:col1 * k].copy_(dw)
-        else:
-            dweight.index_copy_(0, class_rows(class_index[col0:col1], k), dw.to(weight.dtype))
+        dw_sink.store(col0, col1, dw)
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
-    return dx.to(x.dtype), dweight, dshift
+    return dx.to(x.dtype), (dw_sink.dweight if sink is None else None), dshift
+
+
+class ChunkSink:
+    """Where the loop puts each chunk's finished dW rows (K per class with sub-centers): the dense dW by default
+    (``_DenseStore``); a fused optimizer's update or an in-place add into an existing ``weight.grad``
+    (``optim.sink``) otherwise, handed the rows in a chunk-sized accumulation-dtype buffer it may overwrite.
+    ``class_index`` and ``sub_centers`` say which weight rows a chunk's columns are (``weight_rows``)."""
+
+    def __init__(self, class_index: Optional[torch.Tensor], sub_centers: int = 1):
+        self.class_index, self.sub_centers = class_index, sub_centers
+
+    def weight_rows(self, col0: int, col1: int):
+        """The weight rows of columns [col0, col1): a (start, stop) pair without a class subset (a contiguous
+        block), else their row ids."""
+        k = self.sub_centers
+        if self.class_index is None:
+            return col0 * k, col1 * k
+        return class_rows(self.class_index[col0:col1], k)
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def acc_buffer(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> torch.Tensor:
+        """Where the fp32 path's dW GEMM writes the chunk's rows."""
+        return scratch.get("dw", (col1 - col0) * self.sub_centers, dim)
+
+    def rows_buffer(self, col0: int, col1: int, w_stored: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+        """Where the 16-bit path's finish_dw writes the chunk's rows (K = 1 there)."""
+        return scratch.get("dw", col1 - col0, w_stored.shape[1])
+
+    def skip(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> None:
+        """A filtered-out chunk: its gradient is zero (an update still runs it: decay and momentum)."""
+        self.store(col0, col1, self.acc_buffer(col0, col1, scratch, dim).zero_())
+
+
+class _DenseStore(ChunkSink):
+    """The default gradient sink: the dense dW (C x d, the weight's dtype), written chunk by chunk."""
+
+    def __init__(self, weight: torch.Tensor, class_index: Optional[torch.Tensor], acc: torch.dtype,
+                 sub_centers: int):
+        super().__init__(class_index, sub_centers)
+        # with a class subset only the sampled rows are written; the rest of dW must read as zero
+        self.dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+        # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
+        self.in_place = class_index is None and weight.dtype == acc and self.dweight.is_contiguous()
+
+    def acc_buffer(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> torch.Tensor:
+        if self.in_place:
+            return self.dweight[col0 * self.sub_centers:col1 * self.sub_centers]
+        return super().acc_buffer(col0, col1, scratch, dim)
+
+    def rows_buffer(self, col0: int, col1: int, w_stored: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+        return self.dweight[col0:col1] if self.class_index is None else torch.empty_like(w_stored)
+
+    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
+        rows = self.weight_rows(col0, col1)
+        if not isinstance(rows, tuple):
+            self.dweight.index_copy_(0, rows, dw.to(self.dweight.dtype))
+        elif dw.data_ptr() != self.dweight[rows[0]:rows[1]].data_ptr():
+            self.dweight[rows[0]:rows[1]].copy_(dw)
+
+    def skip(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> None:
+        """A filtered-out chunk: zero rows (with a class subset dW is zero already)."""
+        if self.class_index is None:
+            self.dweight[col0 * self.sub_centers:col1 * self.sub_centers].zero_()

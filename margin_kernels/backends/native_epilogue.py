@@ -138,7 +138,7 @@ class NativeBackend:
 
     def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                      g_cos_target, chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None,
-                     store=None):
+                     store=None, sink=None):
         self._check(x, weight, labels, row_params, class_index)
         epilogue = self._epilogue()
         acc = row_params.dtype
@@ -147,4 +147,5 @@ class NativeBackend:
             None if class_index is None else class_index.long(), spec, normalize_weight,
             self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
             chunk_size or self.default_chunk_size(x.shape[0], sub_centers), epilogue, grad_filter,
-            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers, shift=shift, store=store)
+            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers, shift=shift, store=store,
+            sink=sink)

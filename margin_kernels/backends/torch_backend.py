@@ -90,11 +90,11 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None, sink=None):
     return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
                             g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
                             _TORCH_EPILOGUE, grad_filter, operand_dtype=product_operand_dtype(product, x),
-                            sub_centers=sub_centers, shift=shift, store=store)
+                            sub_centers=sub_centers, shift=shift, store=store, sink=sink)
 
 
 def unavailable_reason():

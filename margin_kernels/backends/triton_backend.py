@@ -198,9 +198,14 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
 
 
 def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None):
+                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None,
+                 sink=None):
     """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring). With K
-    sub-centers the dcos kernel runs over classes and the gradient GEMMs over their K rows each."""
+    sub-centers the dcos kernel runs over classes and the gradient GEMMs over their K rows each. With a
+    ``sink`` (a fused optimizer) the dW kernel writes each chunk's rows into a (chunk K) x d buffer in the
+    accumulation dtype, handed to ``sink.store`` after the dx kernel has read the chunk's weight rows: the update
+    rule stays the one written in torch ops (optim.rules) for every backend, at the cost of one chunk-sized
+    write and read per chunk, small beside the update's own traffic over W and its state."""
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     _, backward = _kernels()
@@ -227,8 +232,11 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
     inv_norm = torch.empty(chunk * k, dtype=acc, device=x.device)
     norms, kept_tiles, kept = _store_args(store, chunk, inv_norm, k)
     flags = torch.ones((row_blocks, col_tiles) if use_filter else (1,), dtype=torch.int8, device=x.device)
-    # with a class subset only the sampled rows of dW are written, the rest must read as zero
-    dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+    if sink is None:
+        # with a class subset only the sampled rows of dW are written, the rest must read as zero
+        dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
+    else:
+        dweight = torch.empty((chunk * k, dim), dtype=acc, device=x.device)
     partial = torch.zeros((splits, batch, dim), dtype=acc, device=x.device)
     gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
                      PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
@@ -255,10 +263,12 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
         backward.dweight_kernel[(row_tiles, d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols * k, dim, col0 * k,
             chunk * k, row_blocks, row_tiles, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            dweight.stride(0), dweight.stride(1), **gemm_meta, **launch)
+            dweight.stride(0), dweight.stride(1), **gemm_meta, LOCAL_OUT=sink is not None, **launch)
         backward.dx_kernel[(row_blocks, d_tiles, splits)](
             weight, index, dc, inv_norm, flags, factor, partial, batch, num_cols * k, dim, col0 * k, chunk * k,
             row_tiles, weight.stride(0), weight.stride(1), splits, **gemm_meta, **launch)
+        if sink is not None:  # after the dx kernel has read the chunk's weight rows
+            sink.store(col0, col0 + width, dweight[:width * k])
         if use_filter:
             skipped.append((flags[:, :tiles_here] == 0).sum())
     dx = partial[0] if splits == 1 else partial.sum(dim=0)  # the splits' partials in a fixed order
@@ -266,4 +276,4 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
         filter_stats.record(torch.stack(skipped).sum(), visited)
     dshift = torch.cat(shift_partials).sum().reshape(1) if shift_partials else torch.zeros(1, dtype=acc,
                                                                                            device=x.device)
-    return dx.to(x.dtype), dweight, dshift
+    return dx.to(x.dtype), (dweight if sink is None else None), dshift

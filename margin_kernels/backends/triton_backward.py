@@ -143,8 +143,9 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
                    stride_dwc, stride_dwd,
                    NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
                    FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SUB_CENTERS: tl.constexpr = 1):
-    # columns are weight rows: N, col0 and CH count rows (classes x SUB_CENTERS)
+                   SUB_CENTERS: tl.constexpr = 1, LOCAL_OUT: tl.constexpr = False):
+    # columns are weight rows: N, col0 and CH count rows (classes x SUB_CENTERS). LOCAL_OUT: dW row j of the
+    # chunk goes to row j of dw_ptr (a chunk buffer for a fused optimizer's sink) instead of to its weight row
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_dtype = col_dot_ptr.dtype.element_ty
@@ -169,7 +170,8 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
         inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)
         w = load_tile(w_ptr, cls * stride_wc, stride_wd, ks, col_ok, k_ok).to(acc_dtype)
         dw = (dw - (col_dot * inv_norm)[:, None] * w) * inv_norm[:, None]
-    offs = (cls * stride_dwc)[:, None] + ks.to(tl.int64)[None, :] * stride_dwd
+    out_rows = local.to(tl.int64) if LOCAL_OUT else cls
+    offs = (out_rows * stride_dwc)[:, None] + ks.to(tl.int64)[None, :] * stride_dwd
     tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & k_ok[None, :])
 
 

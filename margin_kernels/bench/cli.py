@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h, "
+               "margin-bench optimizer-step -h, "
                "margin-bench kernels -h (compiled sm_90 facts of the Triton kernels, and a roofline). "
                "Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
                "1000,5e4. Every (problem, method) runs in its own process (with --interleave: every problem); "
@@ -318,9 +319,15 @@ def compare(argv: list[str]) -> int:
     return 1 if any(row.status == "error" for row in sweep.rows) else 0
 
 
+def _optimizer_step(argv: list[str]) -> int:
+    from .optimizer_step import main as optimizer_step_main
+    return optimizer_step_main(argv)
+
+
 def _kernels(argv: list[str]) -> int:
     from .kernels import main as kernels_main
     return kernels_main(argv)
 
 
-JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model, "kernels": _kernels}
+JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model, "kernels": _kernels,
+        "optimizer-step": _optimizer_step}

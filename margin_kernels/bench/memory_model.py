@@ -13,6 +13,9 @@ issues per step (``distributed/head.py``). Assumptions, stated once:
   outside the class index are written as zeros), so sampling saves FLOPs, not W/dW/optimizer memory;
 * optimizer state is kept in the weight's dtype, as torch.optim does: SGD momentum (insightface's choice)
   one W-sized buffer, Adam two;
+* with a fused optimizer (``margin_kernels.optim``, ``--fused``) dW is never allocated: the gradient term is the
+  chunk buffer the sink receives (chunk x d, fp32), and the state has its own dtype (fp32 by default for bf16
+  weights, which makes fused SGD-momentum in bf16 as large as unfused: ``state_dtype=torch.bfloat16`` halves it);
 * activations are what the head keeps or allocates per step besides W and dW: the gathered features
   (saved for backward), their gradient (accumulated in fp32, then cast), the per-row vectors, the Partial FC
   draw (fp32 scores over the shard + the index). The torch backend's class tiles (B x chunk fp32, a few alive
@@ -45,10 +48,12 @@ def _size(dtype: torch.dtype) -> int:
 
 def per_rank_bytes(*, num_classes: int, dim: int, world: int, dtype: torch.dtype, sample_rate: float,
                    batch_per_rank: int, optimizer: str = "sgd_momentum", chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   sub_centers: int = 1) -> dict:
+                   sub_centers: int = 1, fused: bool = False, state_dtype: Optional[torch.dtype] = None) -> dict:
     """Bytes on the rank with the largest shard, and the classes its kernels visit per step. ``sub_centers``
     K: K weight rows per class (SubCenterArcFace): W, dW, the optimizer state and a chunk's tiles are K x as
-    large (the chunk counts classes of K rows; the default chunk is divided by K, see chunk_loop)."""
+    large (the chunk counts classes of K rows; the default chunk is divided by K, see chunk_loop). ``fused``:
+    the optimizer update in backward (no dW), its state in ``state_dtype`` (default: the weight's dtype unfused,
+    fp32 for 16-bit weights fused, as margin_kernels.optim does)."""
     local = max_shard_size(num_classes, world)
     elem, acc = _size(dtype), _size(accumulation_dtype(dtype))
     batch = batch_per_rank * world
@@ -63,8 +68,13 @@ def per_rank_bytes(*, num_classes: int, dim: int, world: int, dtype: torch.dtype
         activations += local * 4 + 2 * columns * INT64  # fp32 scores over the shard, top-k and sorted index
     tile_columns = min(max(1, chunk_size // sub_centers), columns) * sub_centers  # weight rows per tile
     tiles = TORCH_TILES_ALIVE * batch * tile_columns * 4 + tile_columns * dim * (2 * acc + elem)
-    return {"local_classes": local, "sampled_classes": columns, "weight": weight, "grad": weight,
-            "optimizer": OPTIMIZER_BUFFERS[optimizer] * weight, "activations": activations, "torch_tiles": tiles}
+    if state_dtype is None:
+        state_dtype = accumulation_dtype(dtype) if fused else dtype
+    grad = tile_columns * dim * acc if fused else weight  # fused: the sink's chunk buffer
+    state = 0 if state_dtype == "none" else \
+        OPTIMIZER_BUFFERS[optimizer] * local * sub_centers * dim * _size(state_dtype)
+    return {"local_classes": local, "sampled_classes": columns, "weight": weight, "grad": grad,
+            "optimizer": state, "activations": activations, "torch_tiles": tiles}
 
 
 def per_step_comm_bytes(*, world: int, dim: int, dtype: torch.dtype, batch_per_rank: int) -> int:
@@ -103,6 +113,41 @@ def table(*, classes=(10 ** 6, 10 ** 7, 10 ** 8), worlds=(1, 2, 4, 8, 16, 32, 64
                                      comm=comm, total=sizes["weight"] + sizes["grad"] + sizes["optimizer"]
                                      + sizes["activations"]))
     return rows
+
+
+#: the published records beside which the fused table is read: (label, classes, GPUs, GiB per GPU)
+RECORDS = (("PaddlePaddle PLSC, fp16, sample rate 0.1, V100 32 GB", 92_000_000, 8, 32),)
+#: the fused table's variants: (column label, fused, state dtype)
+FUSED_VARIANTS = (("unfused: W + dW + state (bf16)", False, None),
+                  ("fused, fp32 state", True, torch.float32),
+                  ("fused, bf16 state", True, torch.bfloat16),
+                  ("fused, no state (plain SGD)", True, "none"))
+
+
+def fused_table(*, classes=(92_000_000, 10 ** 8, 10 ** 9), worlds=(8, 64, 512), dim=512, batch_per_rank=128,
+                dtype_name="bf16", optimizer="sgd_momentum") -> list[dict]:
+    """GiB per rank with and without the fused update (sample rate 1: sampling changes no memory term)."""
+    rows = []
+    for num_classes in classes:
+        for world in worlds:
+            row = dict(classes=num_classes, world=world)
+            for label, fused, state_dtype in FUSED_VARIANTS:
+                sizes = per_rank_bytes(num_classes=num_classes, dim=dim, world=world, dtype=DTYPES[dtype_name],
+                                       sample_rate=1.0, batch_per_rank=batch_per_rank, optimizer=optimizer,
+                                       fused=fused, state_dtype=state_dtype)
+                row[label] = sizes["weight"] + sizes["grad"] + sizes["optimizer"] + sizes["activations"]
+            rows.append(row)
+    return rows
+
+
+def render_fused(rows: list[dict]) -> str:
+    labels = [label for label, _, _ in FUSED_VARIANTS]
+    lines = ["| C | GPUs | " + " | ".join(labels) + " |", "|" + "---|" * (2 + len(labels))]
+    for r in rows:
+        lines.append(f"| {_classes(r['classes'])} | {r['world']} | " + " | ".join(_gib(r[k]) for k in labels) + " |")
+    for label, num_classes, gpus, gib in RECORDS:
+        lines.append(f"\n{label}: {_classes(num_classes)} classes on {gpus} GPUs of {gib} GiB.")
+    return "\n".join(lines) + "\n"
 
 
 def _classes(n: int) -> str:
@@ -163,7 +208,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sub-centers", type=int, default=1,
                         help="weight rows per class (SubCenterArcFace's K; default 1)")
     parser.add_argument("--detail", action="store_true", help="one row per configuration with every term")
+    parser.add_argument("--fused", action="store_true",
+                        help="the fused-optimizer table instead: 9.2e7, 1e8, 1e9 classes on 8/64/512 GPUs, bf16")
     args = parser.parse_args(argv)
+    if args.fused:
+        print(f"GiB per rank (largest shard), bf16 W, {args.optimizer}, d = {args.dim}, {args.batch_per_rank} rows "
+              "per rank, with and without the optimizer fused into backward\n")
+        print(render_fused(fused_table(dim=args.dim, batch_per_rank=args.batch_per_rank, optimizer=args.optimizer)))
+        return 0
     rows = table(classes=tuple(int(c) for c in args.classes), worlds=tuple(args.worlds), dim=args.dim,
                  batch_per_rank=args.batch_per_rank, sample_rates=tuple(args.sample_rates),
                  optimizer=args.optimizer, sub_centers=args.sub_centers)

@@ -18,6 +18,10 @@ before unpickling it; every error names the file and the rank that saved it (and
 rank that found it). Each rank reads only the files whose classes overlap its new range (memory-mapped), so
 a run saved on 8 ranks resumes on 4 or 16. The margin buffers are identical on every rank by construction;
 loading checks that the files agree and that every rank ends with the same buffers.
+
+A head with a fused optimizer (``head.fuse``) saves that optimizer's state in its shard file (``OPTIMIZER``:
+the weight's state rows, resharded like the weight, its step count, param_groups and the state of the
+optimizer's other, replicated parameters); loading restores it into the loading head's fused optimizer.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ WEIGHT = "weight"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
 _PARTIAL = ".partial"
+#: a head's fused optimizer state in its shard file (``fused_optimizer_rows``)
+OPTIMIZER = "_fused_optimizer"
 
 
 def shard_file_name(start: int, stop: int, generation: int = 1) -> str:
@@ -125,11 +131,50 @@ def save_sharded(head: DistributedMarginHead, directory: str) -> str:
 
 def _save_shard(head: DistributedMarginHead, directory: str, generation: int, rank: int) -> dict:
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.state_dict().items()}
+    optimizer = getattr(head, "fused_optimizer", None)
+    if optimizer is not None:
+        state[OPTIMIZER] = fused_optimizer_rows(optimizer, head.weight)
     name = shard_file_name(*head.shard_range, generation)
     path = os.path.join(directory, name)
     write_durably(path, lambda handle: torch.save(state, handle))
     size, sha256 = file_digest(path)
     return {"rank": rank, "file": name, "range": list(head.shard_range), "size": size, "sha256": sha256}
+
+
+def fused_optimizer_rows(optimizer, weight: torch.Tensor) -> dict:
+    """A fused optimizer's state for ``weight``: its per-row tensors (on the CPU), the rest, its param_groups,
+    and the state of its other (replicated) parameters by their position in the param_groups."""
+    state = optimizer.state.get(weight, {})
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    others = {str(i): {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                       for k, v in optimizer.state[p].items()}
+              for i, p in enumerate(params) if p is not weight and p in optimizer.state}
+    return {"rows": {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)},
+            "scalars": {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)},
+            "param_groups": groups, "others": others}
+
+
+def load_fused_optimizer_rows(optimizer, weight: torch.Tensor, saved: dict) -> None:
+    """The inverse of ``fused_optimizer_rows`` (rows already cut to this shard)."""
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(saved_group)
+    dtype = optimizer.state_dtype_for(weight)
+    optimizer.state[weight] = dict(saved["scalars"], **{
+        k: v.to(device=weight.device, dtype=dtype, copy=True) for k, v in saved["rows"].items()})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved.get("others", {}).items():
+        param = params[int(index)]
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                # a class-sharded parameter other than the weight (Center loss centers trained by gradient):
+                # its optimizer state is saved per rank, not resharded
+                raise ValueError(f"fused optimizer state {key!r} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: the optimizer state of "
+                                 "class-sharded parameters other than the weight does not reshard; load on the "
+                                 "saving world size, or keep those parameters in an unfused optimizer")
+        optimizer.state[param] = {k: (v.to(device=param.device, copy=True) if isinstance(v, torch.Tensor) else v)
+                                  for k, v in values.items()}
 
 
 def _write_manifest(head: DistributedMarginHead, directory: str, generation: int, world: int,
@@ -179,8 +224,10 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     row_keys = first.get("row_keys", [WEIGHT])  # checkpoints written before regularisers hold only the weight
     # the weight has K rows per class, the regularisers' per-class state (centers) one
     out = {key: _class_rows(pieces, key, start, stop, k if key == WEIGHT else 1) for key in row_keys}
+    if OPTIMIZER in pieces[0]:  # a fused optimizer's state rows: K per class, like the weight
+        out[OPTIMIZER] = _reshard_optimizer(pieces, start, stop, k)
     for key, value in pieces[0].items():
-        if key in row_keys or key == EXTRA_STATE:
+        if key in row_keys or key in (EXTRA_STATE, OPTIMIZER):
             continue
         for other in pieces[1:]:
             if not torch.equal(other[key], value):
@@ -192,9 +239,10 @@ def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dic
     return out
 
 
-def _class_rows(pieces: list[dict], key: str, start: int, stop: int, rows_per_class: int = 1) -> torch.Tensor:
+def _class_rows(pieces: list[dict], key: str, start: int, stop: int, rows_per_class: int = 1,
+                get=None) -> torch.Tensor:
     """Classes [start, stop) of the class-sharded tensor ``key`` (``rows_per_class`` adjacent rows each), cut
-    from the sorted pieces that hold them."""
+    from the sorted pieces that hold them (``get(piece)``: where the tensor is, by default ``piece[key]``)."""
     rows, position = [], start
     for piece in pieces:
         lo, hi = piece[EXTRA_STATE]["shard_range"]
@@ -202,11 +250,26 @@ def _class_rows(pieces: list[dict], key: str, start: int, stop: int, rows_per_cl
             continue
         if lo > position:
             raise ValueError(f"no shard holds classes [{position}, {lo})")
-        rows.append(piece[key][(position - lo) * rows_per_class:(min(hi, stop) - lo) * rows_per_class])
+        tensor = piece[key] if get is None else get(piece)
+        rows.append(tensor[(position - lo) * rows_per_class:(min(hi, stop) - lo) * rows_per_class])
         position = min(hi, stop)
     if position != stop:
         raise ValueError(f"no shard holds classes [{position}, {stop})")
     return torch.cat(rows) if len(rows) > 1 else rows[0].clone()
+
+
+def _reshard_optimizer(pieces: list[dict], start: int, stop: int, rows_per_class: int) -> dict:
+    """The fused optimizer's state of the new shard: its per-row tensors cut like the weight, its step count,
+    param_groups and the other parameters' state, which must agree between the pieces."""
+    first = pieces[0][OPTIMIZER]
+    for piece in pieces:
+        saved = piece.get(OPTIMIZER)
+        if saved is None or saved["scalars"] != first["scalars"]:
+            raise ValueError("fused optimizer state missing or at different steps between shards")
+    rows = {key: _class_rows(pieces, key, start, stop, rows_per_class,
+                             get=lambda piece, key=key: piece[OPTIMIZER]["rows"][key])
+            for key in first["rows"]}
+    return dict(first, rows=rows)
 
 
 def load_sharded(head: DistributedMarginHead, directory: str) -> None:
@@ -259,7 +322,12 @@ def _load(head: DistributedMarginHead, directory: str) -> None:
     start, stop = head.shard_range
     pieces = [verified_shard(directory, e, manifest["world_size"]) for e in entries
               if e["range"][0] < stop and e["range"][1] > start]
-    head.load_state_dict(reshard_state_dicts(pieces, head.shard_range))
+    state = reshard_state_dicts(pieces, head.shard_range)
+    saved_optimizer = state.pop(OPTIMIZER, None)
+    head.load_state_dict(state)
+    optimizer = getattr(head, "fused_optimizer", None)
+    if saved_optimizer is not None and optimizer is not None:
+        load_fused_optimizer_rows(optimizer, head.weight, saved_optimizer)
 
 
 def check_buffers_consistent(module: torch.nn.Module, group=None) -> None:

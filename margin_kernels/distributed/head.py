@@ -82,7 +82,7 @@ class DistributedMarginHead(HeadBase):
                  seed: int = 0, backend: str = "auto", reduction: str = "mean", ignore_index: int = -1,
                  chunk_size: Optional[int] = None, grad_filter: float = 0.0, check_values: bool = True,
                  dtype: Optional[torch.dtype] = None, device=None, process_group=None, ddp_backbone: bool = False,
-                 regularizers=None, memory_budget=None):
+                 regularizers=None, memory_budget=None, optimizer=None):
         rank, world = group_rank_and_size(process_group)
 
         def build():
@@ -94,7 +94,7 @@ class DistributedMarginHead(HeadBase):
                               sample_rate=sample_rate, seed=seed, backend=backend, reduction=reduction,
                               ignore_index=ignore_index, chunk_size=chunk_size, grad_filter=grad_filter,
                               check_values=check_values, dtype=dtype, device=device, regularizers=regularizers,
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, optimizer=optimizer)
 
         # a rank failing here alone must not leave the others waiting in the configuration check
         run_collectively(build, process_group, "DistributedMarginHead construction")
@@ -139,7 +139,8 @@ class DistributedMarginHead(HeadBase):
             lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
                                                        wnorm0, margin, self.resolved_backend, self.chunk_size,
                                                        self.grad_filter, product, shift=logits_shift,
-                                                       memory_budget=self.memory_budget)
+                                                       memory_budget=self.memory_budget,
+                                                       optimizer_slot=self.optimizer_slot())
             if binary:  # a sum over classes: the shards' sums add up
                 lse = all_reduce_replicated(lse_local, group)
             else:
