@@ -42,6 +42,7 @@ def test_there_are_cuda_sources():
     assert {path.name for path in CU_SOURCES} >= {"margin_cuda.cu"}
 
 
+@pytest.mark.slow  # nvcc for two architectures with -Werror: ~30 s
 @pytest.mark.parametrize("source", CU_SOURCES, ids=[path.name for path in CU_SOURCES])
 def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
     nvcc = _nvcc()
@@ -54,6 +55,7 @@ def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
           "-Xcompiler", "-Wall,-Wextra,-Werror", "-c", source, "-o", tmp_path / "out.o"])
 
 
+@pytest.mark.slow  # the bindings built with CUDA enabled: ~20 s
 @pytest.mark.skipif(sys.platform != "linux", reason="the CUDA build is Linux-only")
 def test_bindings_compile_with_cuda_enabled():
     # the CUDA branch of bindings.cpp includes no CUDA header, so the CPU torch here can check it (C++20:

@@ -50,6 +50,7 @@ def assert_learned(history: dict) -> None:
     assert last["impostor_pairs"] >= 10 / last["far"]  # enough impostor pairs to resolve FAR = 1e-3
 
 
+@pytest.mark.slow  # two gloo ranks, then a resume on one: ~10 s
 def test_trains_on_two_ranks_and_resumes_on_one(tmp_path):
     ckpt = tmp_path / "ckpt"
     two = run_example(["--steps", "40", "--checkpoint", str(ckpt), "--checkpoint-every", "20"], tmp_path, ranks=2)

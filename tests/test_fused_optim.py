@@ -374,7 +374,7 @@ def test_fused_step_with_a_memory_budget_is_the_same(backend):
         torch.nn.init.normal_(head.weight, std=0.05)
         opt = FusedSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         head.fuse(opt)
-        for x, y in batches(3, torch.float32):
+        for x, y in batches(2 if backend == "triton" else 3, torch.float32):  # the interpreter is slow
             head(x, y).backward()
             opt.step()
         weights.append(head.weight.detach().clone())

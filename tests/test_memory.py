@@ -94,6 +94,7 @@ def _peak_extra(backend, batch, classes, dim):
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
+@pytest.mark.slow  # three fresh processes at C up to 1e6: ~12 s
 def test_peak_extra_memory_is_flat_in_classes():
     """Measured peak RSS in a fresh process: the reference's extra memory grows with B x C (several B x C fp32
     copies), the chunked backend's stays near dW + O(B x chunk)."""
