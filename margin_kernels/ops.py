@@ -50,12 +50,6 @@ def weight_rows(weight: Tensor, class_index: Optional[Tensor], sub_centers: int)
     return num_columns(weight, class_index, sub_centers) * sub_centers
 
 
-def _kept_tiles(x: Tensor, weight: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
-                sub_centers: int, keep_cols: int, acc_dtype: torch.dtype) -> KeptTiles:
-    return KeptTiles.allocate(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
-                              normalize_weight, acc_dtype, x.device)
-
-
 def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
                  acc_dtype: torch.dtype, sub_centers: int = 1):
     """(cos, ||w_y||) of each row's target pair; 0 and 1 on rows without a target (label -1). With sub-centers
@@ -96,7 +90,8 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
     updates the weight in place instead of returning dW (dx and d shift as without it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
-    store = _kept_tiles(x, weight, class_index, normalize_weight, sub_centers, keep_cols, row_params.dtype)
+    store = KeptTiles.allocate(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
+                               normalize_weight, row_params.dtype, x.device)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product, sub_centers=sub_centers, shift=shift,
                                            store=store)

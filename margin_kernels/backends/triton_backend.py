@@ -147,7 +147,7 @@ def _store_args(store, chunk: int, fallback: torch.Tensor, sub_centers: int):
     """(norms, tiles, kept columns) pointers and count of a kept-tile store; ``fallback`` for absent parts (the
     kernels never read them then). Sub-center tiles are never kept here (the kernels keep K = 1 tiles only):
     with K > 1 the store is left unused and every chunk is recomputed."""
-    if store is None or sub_centers > 1:
+    if store is None or sub_centers > 1 and not KEEPS_SUB_CENTER_TILES:
         return fallback, fallback, 0
     kept = store.use_chunk(chunk)
     norms = fallback if store.inv_norm is None else store.inv_norm

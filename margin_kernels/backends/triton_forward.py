@@ -22,6 +22,25 @@ from .triton_tiles import (SOFTPLUS_SUM, class_rows, keep_tile, load_binary_cons
 
 
 @triton.jit
+def tile_cosines(x_ptr, x_off, stride_xd, rows, row_ok, w_ptr, index_ptr, stride_wc, stride_wd, norms_ptr,
+                 keep_ptr, tile, pid_b, B, N, D, KEEP_COLS, KEEP_CH, acc_dtype: tl.constexpr,
+                 NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr,
+                 SAVE_NORMS: tl.constexpr, KEEP: tl.constexpr):
+    """(cols, col_ok, cos) of class tile ``tile``: the part both reduction loops share (inlined into each, so
+    each loop still compiles to its own register footprint), with the memory budget's norm and tile stores."""
+    cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < N
+    cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
+    cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
+                             acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
+                             norms_ptr, cols, col_ok & (cols * 0 + pid_b == 0), SAVE_NORMS)
+    if KEEP:
+        keep_tile(keep_ptr, cos, rows, cols, row_ok, B, KEEP_COLS, KEEP_CH)
+    return cols, col_ok, cos
+
+
+@triton.jit
 def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, partial_ptr, norms_ptr, keep_ptr,
                        B, N, D, stride_xb, stride_xd, stride_wc, stride_wd, SPLITS, B_BUCKET, shift_ptr,
                        KEEP_COLS, KEEP_CH,
@@ -47,26 +66,18 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
     if REDUCTION == SOFTPLUS_SUM:  # the binary reduction: a plain sum of softplus terms, no running max
         clamp, beta = load_binary_constants(consts_ptr, shift_ptr)
         for tile in range(pid_s * per_split, tile_end):
-            cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-            col_ok = cols < N
-            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
-            cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
-                                     acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
-                                     norms_ptr, cols, col_ok & (cols * 0 + pid_b == 0), SAVE_NORMS)
-            if KEEP:
-                keep_tile(keep_ptr, cos, rows, cols, row_ok, B, KEEP_COLS, KEEP_CH)
+            cols, col_ok, cos = tile_cosines(x_ptr, x_off, stride_xd, rows, row_ok, w_ptr, index_ptr, stride_wc,
+                                             stride_wd, norms_ptr, keep_ptr, tile, pid_b, B, N, D, KEEP_COLS,
+                                             KEEP_CH, acc_dtype, NORMALIZE, HAS_INDEX, UPCAST, PRODUCT, BLOCK_B,
+                                             BLOCK_C, BLOCK_K, SUB_CENTERS, SAVE_NORMS, KEEP)
             run_sum += tl.sum(softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, beta, KIND), 1)
         tl.store(partial_ptr + pid_s * B + rows, run_sum, mask=row_ok)
     else:  # a loop of its own: the log-sum-exp's compiled code (and registers) as without the binary branch
         for tile in range(pid_s * per_split, tile_end):
-            cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-            col_ok = cols < N
-            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX)
-            cos, _ = max_cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, cls, stride_wc, stride_wd, col_ok, D,
-                                     acc_dtype, NORMALIZE, UPCAST, PRODUCT, BLOCK_B, BLOCK_C, BLOCK_K, SUB_CENTERS,
-                                     norms_ptr, cols, col_ok & (cols * 0 + pid_b == 0), SAVE_NORMS)
-            if KEEP:
-                keep_tile(keep_ptr, cos, rows, cols, row_ok, B, KEEP_COLS, KEEP_CH)
+            cols, col_ok, cos = tile_cosines(x_ptr, x_off, stride_xd, rows, row_ok, w_ptr, index_ptr, stride_wc,
+                                             stride_wd, norms_ptr, keep_ptr, tile, pid_b, B, N, D, KEEP_COLS,
+                                             KEEP_CH, acc_dtype, NORMALIZE, HAS_INDEX, UPCAST, PRODUCT, BLOCK_B,
+                                             BLOCK_C, BLOCK_K, SUB_CENTERS, SAVE_NORMS, KEEP)
             z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
             new_max = tl.maximum(run_max, tl.max(z, 1))
             # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf

@@ -39,6 +39,7 @@ CI enforces; the cuda limit guards the current design against regressions, it is
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -174,32 +175,25 @@ def _cases(dims, dtypes, kinds=None):
                           if configs.forward_candidate(t, elem, product in ("bf16", "fp16"))]
             for t in candidates or [configs.FORWARD_FALLBACK]:
                 label = f"{t.block_b}x{t.block_c}x{t.block_k} w{t.num_warps} s{t.num_stages}"
-                for kind_label, epilogue in epilogues:
-                    if not configs.forward_candidate(t, elem, product in ("bf16", "fp16"), 1, epilogue["KIND"],
-                                                     epilogue["REDUCTION"]):
+                # each epilogue, and (d <= 512) its variant that also keeps its tiles for memory_budget=
+                for (kind_label, epilogue), keeps in itertools.product(epilogues, (False, True)):
+                    if keeps and dim > 512 or not configs.forward_candidate(
+                            t, elem, product in ("bf16", "fp16"), 1, epilogue["KIND"], epilogue["REDUCTION"], keeps):
                         continue  # the autotuner never picks it for this epilogue
-                    yield ("lse_forward", label, dtype, kind_label, dim, product,
+                    yield ("lse_forward", label, dtype, kind_label + (KEEP_SUFFIX if keeps else ""), dim, product,
                            dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
-                                SAVE_NORMS=False, KEEP=False),
+                                SAVE_NORMS=keeps, KEEP=keeps),
                            t.num_warps, t.num_stages)
-                    # the variant that also keeps its tiles (memory_budget=), where the autotuner may pick it
-                    if dim <= 512 and configs.forward_candidate(t, elem, product in ("bf16", "fp16"), 1,
-                                                                epilogue["KIND"], epilogue["REDUCTION"], True):
-                        yield ("lse_forward", label, dtype, kind_label + KEEP_SUFFIX, dim, product,
-                               dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
-                                    SAVE_NORMS=True, KEEP=True),
-                               t.num_warps, t.num_stages)
             t = configs.default_backward(elem, "sm_90")
             label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
             tiles = dict(BLOCK_B=t.block_b, BLOCK_C=t.block_c)
-            for kind_label, epilogue in epilogues:
-                yield ("dcos", label, dtype, kind_label, dim, product,
-                       dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, LOADED=False, **tiles), t.num_warps,
+            # LOADED (d <= 512): reading the kept tiles instead of the GEMM (no product to check)
+            for (kind_label, epilogue), loaded in itertools.product(epilogues, (False, True)):
+                if loaded and dim > 512:
+                    continue
+                yield ("dcos", label, dtype, kind_label + (KEEP_SUFFIX if loaded else ""), dim, product,
+                       dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, LOADED=loaded, **tiles), t.num_warps,
                        t.num_stages)
-                if dim <= 512:  # reading the kept tiles instead of the GEMM (no product to check)
-                    yield ("dcos", label, dtype, kind_label + KEEP_SUFFIX, dim, product,
-                           dict(base, **epilogue, FILTER=True, BLOCK_K=t.block_d, LOADED=True, **tiles),
-                           t.num_warps, t.num_stages)
             for name in ("dweight", "dx"):
                 yield (name, label, dtype, "-", dim, product, dict(base, FILTER=True, BLOCK_D=t.block_d, **tiles),
                        t.num_warps, t.num_stages)

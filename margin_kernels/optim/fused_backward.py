@@ -16,7 +16,7 @@ def _sink_backward(make_sink, x, weight, labels, row_params, class_index, lse, g
                    saved, normalize_weight, kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter,
                    product, sub_centers, keep_cols):
     """The op's backward (``ops.margin_lse_backward``'s arguments) with ``make_sink(class_index, positions,
-    values)`` receiving dW chunk by chunk: (dx, None, d shift)."""
+    values, sub_centers)`` receiving dW chunk by chunk: (dx, None, d shift)."""
     from ..backends.kept_tiles import KeptTiles
     from ..ops import clamped_index, target_norm_gradient, weight_rows
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
@@ -30,7 +30,7 @@ def _sink_backward(make_sink, x, weight, labels, row_params, class_index, lse, g
                                         row_params.dtype)
     columns = weight.shape[0] // k if class_index is None else class_index.shape[0]
     positions = labels.clamp(0, max(columns - 1, 0)) * k + rows % k
-    sink = make_sink(class_index, positions, values)
+    sink = make_sink(class_index, positions, values, k)
     store = KeptTiles(saved, x.shape[0], weight_rows(weight, class_index, k), keep_cols, normalize_weight)
     dx, _, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                       normalize_weight, lse, g_lse, g_cos, chunk_size, grad_filter,
@@ -47,8 +47,7 @@ def fused_backward(slot, x, weight, *rest):
     optimizer, param = binding.lookup(slot)
     if param is not weight and param.data_ptr() != weight.data_ptr():
         raise RuntimeError("the fused optimizer is bound to another tensor than the weight this loss used")
-    sub_centers = rest[-2]  # the op's constants end (..., sub_centers, keep_cols)
-    return _sink_backward(lambda index, pos, values: UpdateSink(optimizer, param, index, pos, values, sub_centers),
+    return _sink_backward(lambda index, pos, values, k: UpdateSink(optimizer, param, index, pos, values, k),
                           x, weight, *rest)
 
 
@@ -71,6 +70,6 @@ def accumulates_in_place(weight: torch.Tensor) -> bool:
 @torch.no_grad()
 def accumulate_backward(x, weight, *rest):
     """(dx, None, d shift); dW added into ``weight.grad`` in place (the op's backward returns None for it)."""
-    grad, sub_centers = weight.grad, rest[-2]  # the op's constants end (..., sub_centers, keep_cols)
-    return _sink_backward(lambda index, pos, values: AccumulateSink(grad, index, pos, values, sub_centers),
+    grad = weight.grad
+    return _sink_backward(lambda index, pos, values, k: AccumulateSink(grad, index, pos, values, k),
                           x, weight, *rest)
