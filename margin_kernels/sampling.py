@@ -10,6 +10,8 @@ the user's seed (reproducible run to run).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .validation import check_sample_rate
@@ -72,4 +74,12 @@ class PartialFCSampler:
         return self.generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        """A state saved from a generator of another device type (a head built on a GPU, loaded into one built
+        on the CPU, e.g. for evaluation) does not fit: the sampler keeps its own state and says so."""
+        if not isinstance(state, torch.Tensor) or state.shape != self.get_state().shape:
+            warnings.warn(f"the checkpoint's Partial FC generator state does not fit this head's "
+                          f"{self.generator.device.type} generator (saved by a head built on another device "
+                          f"type): the sampler continues from its own state, so later draws differ from the "
+                          f"saved run's", stacklevel=3)
+            return
+        self.generator.set_state(state.cpu())

@@ -1,4 +1,6 @@
 """MarginHead: initialisation, equivalence with the functional call, dtype handling under AMP."""
+import io
+
 import torch
 
 import margin_kernels as mk
@@ -131,6 +133,42 @@ def test_partial_fc_sampling_on_one_process_matches_the_reference_on_the_drawn_c
     full = head(x, labels)
     assert head.sampled_classes is None
     assert abs(full.item() - mk.margin_cross_entropy(x, w, labels, mk.CosFace(), backend="reference").item()) < 1e-12
+
+
+def test_partial_fc_draws_resume_from_a_checkpoint():
+    """The sampler's generator is in state_dict: a head reloaded after step 1 (round trip through torch.save)
+    draws step 2's classes as the uninterrupted run, and a different seed's head adopts the saved stream. A
+    checkpoint without the extra state (weight and loss state only, as saved before) still loads strictly."""
+    x = torch.randn(6, 8)
+    labels = torch.randint(0, 100, (6,))
+    run = mk.MarginHead(100, 8, mk.ArcFace(), sample_rate=0.2, seed=3, backend="torch")
+    run(x, labels)
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    run(x, labels)
+    uninterrupted = run.sampled_classes
+    resumed = mk.MarginHead(100, 8, mk.ArcFace(), sample_rate=0.2, seed=11, backend="torch")
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    resumed(x, labels)
+    assert resumed.sampled_classes.equal(uninterrupted)
+    fresh = mk.MarginHead(100, 8, mk.ArcFace(), sample_rate=0.2, seed=3, backend="torch")
+    fresh(x, labels)
+    assert not fresh.sampled_classes.equal(uninterrupted)  # the stream did advance: the test can fail
+    old = {k: v for k, v in run.state_dict().items() if k != "_extra_state"}
+    assert not fresh.load_state_dict(old).missing_keys
+    with pytest.raises(ValueError, match="no sampler_state"):
+        fresh.load_state_dict(dict(old, _extra_state={}))
+
+
+def test_a_generator_state_of_another_device_type_is_refused_with_a_warning():
+    """A head built on a GPU saves a CUDA generator's state (16 bytes); one built on the CPU (e.g. to evaluate)
+    cannot continue that stream: it loads, keeps its own draws and says so."""
+    head = mk.MarginHead(100, 8, mk.ArcFace(), sample_rate=0.2, seed=3, backend="torch")
+    before = head.sampler.get_state().clone()
+    state = dict(head.state_dict(), _extra_state={"sampler_state": torch.zeros(16, dtype=torch.uint8)})
+    with pytest.warns(UserWarning, match="does not fit this head's cpu generator"):
+        head.load_state_dict(state)
+    assert head.sampler.get_state().equal(before)
 
 
 def test_sampling_head_still_checks_labels_against_every_class():

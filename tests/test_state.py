@@ -44,7 +44,7 @@ def test_state_is_frozen_in_eval_and_saved_in_state_dict():
     head = mk.MarginHead(30, 16, mk.AdaFace(), backend="torch")
     head(x.float(), labels)
     state = head.state_dict()
-    assert set(state) == {"weight", "margin.batch_mean", "margin.batch_std"}
+    assert set(state) == {"weight", "margin.batch_mean", "margin.batch_std", "_extra_state"}  # + the sampler
     restored = mk.MarginHead(30, 16, mk.AdaFace(), backend="torch")
     restored.load_state_dict(state)
     assert torch.equal(restored.margin.batch_mean, head.margin.batch_mean)
