@@ -137,54 +137,16 @@ MK_ISA_CLONES void forward_row(const TileArgs<T>& g, int64_t i, T* run_max, T* r
   mk::lse_merge(run_max[i], run_sum[i], M, S);
 }
 
-// One strip of columns over all rows, in row order: the per-column sums (col_dot) are accumulated in a fixed
-// order whatever the number of threads.
-template <int KIND, bool NORM, typename T>
+// One strip of columns over all rows, in row order: the per-column sums (col_dot = sum_i dc*c; with the binary
+// reduction also col_shift = sum_i dL/dz, the shift's gradient) are accumulated in a fixed order whatever the
+// number of threads. BINARY: dL/dz = g_i sigmoid(z + shift) (binary_negative_grad) instead of the softmax's
+// g_i exp(z - lse) (negative_grad); one template, so both reductions share the row walk and the stores.
+template <int KIND, bool NORM, bool BINARY, typename T>
 MK_ISA_CLONES void backward_strip(const TileArgs<T>& g, int64_t j0, const T* lse, const T* g_lse,
-                                  const T* g_cos_target, T* col_dot, T* strip_max) {
+                                  const T* g_cos_target, T* col_dot, T* col_shift, T* strip_max) {
   const int32_t len = static_cast<int32_t>(std::min(kStrip, g.cols - j0));
   const mk::NegativeConsts<T> k{g.scale, g.a, g.b};
-  alignas(64) T inv[kStrip];
-  alignas(64) T dot[kStrip];
-  alignas(64) T amax[kStrip];
-  for (int32_t j = 0; j < len; ++j) {
-    inv[j] = NORM ? g.inv_norm[j0 + j] : T(1);
-    dot[j] = T(0);
-    amax[j] = T(0);
-  }
-  for (int64_t i = 0; i < g.rows; ++i) {
-    T* __restrict row = g.tile + i * g.ld + j0;
-    const T thr = g.row_params[2 * i], aux = g.row_params[2 * i + 1];
-    const T row_lse = lse[i], row_g = g_lse[i], target_grad = g_cos_target[i];
-    const int64_t t64 = g.labels[i] - g.col0 - j0;
-    // 32-bit column ids: the target select vectorises at the float width
-    const int32_t target = (t64 >= 0 && t64 < len) ? static_cast<int32_t>(t64) : -1;
-    for (int32_t j = 0; j < len; ++j) {
-      T c = row[j];
-      if constexpr (NORM) c *= inv[j];
-      T dc = mk::negative_grad<KIND>(c, thr, aux, k, row_lse, row_g);
-      dc = j == target ? target_grad : dc;
-      if constexpr (NORM) dot[j] += dc * c;
-      amax[j] = mk::max_of(amax[j], dc < T(0) ? -dc : dc);
-      row[j] = NORM ? dc * inv[j] : dc;
-    }
-  }
-  T m = T(0);
-  for (int32_t j = 0; j < len; ++j) {
-    if constexpr (NORM) col_dot[j0 + j] = dot[j];
-    m = mk::max_of(m, amax[j]);
-  }
-  *strip_max = m;
-}
-
-// The binary reduction's strip: dL/dz = g_i sigmoid(z + shift), per-column sums of it (the shift's gradient)
-// beside sum_i dc*c, both accumulated in row order.
-template <int KIND, bool NORM, typename T>
-MK_ISA_CLONES void backward_strip_binary(const TileArgs<T>& g, int64_t j0, const T* g_lse, const T* g_cos_target,
-                                         T* col_dot, T* col_shift, T* strip_max) {
-  const int32_t len = static_cast<int32_t>(std::min(kStrip, g.cols - j0));
-  const mk::NegativeConsts<T> k{g.scale, g.a, g.b};
-  const T shift = *g.shift, clamp = g.clamp;
+  const T shift = BINARY ? *g.shift : T(0), clamp = g.clamp;  // shift may be null for the softmax
   alignas(64) T inv[kStrip];
   alignas(64) T dot[kStrip];
   alignas(64) T dzs[kStrip];
@@ -196,15 +158,21 @@ MK_ISA_CLONES void backward_strip_binary(const TileArgs<T>& g, int64_t j0, const
   for (int64_t i = 0; i < g.rows; ++i) {
     T* __restrict row = g.tile + i * g.ld + j0;
     const T thr = g.row_params[2 * i], aux = g.row_params[2 * i + 1];
-    const T row_g = g_lse[i], target_grad = g_cos_target[i];
+    const T row_lse = BINARY ? T(0) : lse[i], row_g = g_lse[i], target_grad = g_cos_target[i];
     const int64_t t64 = g.labels[i] - g.col0 - j0;
+    // 32-bit column ids: the target select vectorises at the float width
     const int32_t target = (t64 >= 0 && t64 < len) ? static_cast<int32_t>(t64) : -1;
     for (int32_t j = 0; j < len; ++j) {
       T c = row[j];
       if constexpr (NORM) c *= inv[j];
-      T dz;
-      T dc = mk::binary_negative_grad<KIND>(c, thr, aux, k, shift, clamp, row_g, dz);
-      dzs[j] += j == target ? T(0) : dz;
+      T dc;
+      if constexpr (BINARY) {
+        T dz;
+        dc = mk::binary_negative_grad<KIND>(c, thr, aux, k, shift, clamp, row_g, dz);
+        dzs[j] += j == target ? T(0) : dz;
+      } else {
+        dc = mk::negative_grad<KIND>(c, thr, aux, k, row_lse, row_g);
+      }
       dc = j == target ? target_grad : dc;
       if constexpr (NORM) dot[j] += dc * c;
       amax[j] = mk::max_of(amax[j], dc < T(0) ? -dc : dc);
@@ -214,7 +182,7 @@ MK_ISA_CLONES void backward_strip_binary(const TileArgs<T>& g, int64_t j0, const
   T m = T(0);
   for (int32_t j = 0; j < len; ++j) {
     if constexpr (NORM) col_dot[j0 + j] = dot[j];
-    col_shift[j0 + j] = dzs[j];
+    if constexpr (BINARY) col_shift[j0 + j] = dzs[j];
     m = mk::max_of(m, amax[j]);
   }
   *strip_max = m;
@@ -266,17 +234,11 @@ int backward_tile(const TileArgs<T>& args, const T* lse, const T* g_lse, const T
   if (binary && col_shift == nullptr) return kMissingOutput;
   const bool known = mk::dispatch_kind(args.kind, [&](auto kind) {
     constexpr int K = decltype(kind)::value;
-    if (binary) {
-      const auto strip_fn = args.inv_norm ? &backward_strip_binary<K, true, T> : &backward_strip_binary<K, false, T>;
-#pragma omp parallel for schedule(static) num_threads(nt)
-      for (int64_t s = 0; s < strips; ++s)
-        strip_fn(args, s * kStrip, g_lse, g_cos_target, col_dot, col_shift, &strip_max[static_cast<size_t>(s)]);
-      return;
-    }
-    const auto strip_fn = args.inv_norm ? &backward_strip<K, true, T> : &backward_strip<K, false, T>;
+    const auto strip_fn = binary ? (args.inv_norm ? &backward_strip<K, true, true, T> : &backward_strip<K, false, true, T>)
+                                 : (args.inv_norm ? &backward_strip<K, true, false, T> : &backward_strip<K, false, false, T>);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t s = 0; s < strips; ++s)
-      strip_fn(args, s * kStrip, lse, g_lse, g_cos_target, col_dot, &strip_max[static_cast<size_t>(s)]);
+      strip_fn(args, s * kStrip, lse, g_lse, g_cos_target, col_dot, col_shift, &strip_max[static_cast<size_t>(s)]);
   });
   if (!known) return kUnknownKind;
   if (max_abs) *max_abs = *std::max_element(strip_max.begin(), strip_max.end());

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import get_backend
+from .backends import get_backend, stores_norms
 from .backends.chunk_loop import num_columns
 from .backends.kept_tiles import KeptTiles, saved_numel
 from .losses.negatives import NegativeKind, NegativeSpec
@@ -91,7 +91,7 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     store = KeptTiles.allocate(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
-                               normalize_weight, row_params.dtype, x.device)
+                               stores_norms(backend, normalize_weight, keep_cols), row_params.dtype, x.device)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product, sub_centers=sub_centers, shift=shift,
                                            store=store)
@@ -103,7 +103,7 @@ def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, tar
                      kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter, product, sub_centers,
                      keep_cols, optimizer_slot=-1):
     saved = x.new_empty((saved_numel(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
-                                     normalize_weight),), dtype=row_params.dtype)
+                                     stores_norms(backend, normalize_weight, keep_cols)),), dtype=row_params.dtype)
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
         torch.empty_like(target_norm), saved
 
@@ -118,7 +118,8 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
-    store = KeptTiles(saved, x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols, normalize_weight)
+    store = KeptTiles(saved, x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
+                      stores_norms(backend, normalize_weight, keep_cols))
     dx, dweight, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                             normalize_weight, lse, g_lse, g_cos, chunk_size,
                                                             grad_filter, product=product, sub_centers=sub_centers,

@@ -107,6 +107,24 @@ def test_backward_reads_the_kept_tiles(backend):
     assert not torch.equal(clean[0], corrupted[0]), "the backward did not read the kept tiles"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep", [0, C])
+def test_the_buffer_holds_norms_only_for_a_backend_that_reads_them(backend, keep):
+    """The chunk loop's backward reads the C inverse norms its forward wrote; the Triton backward forms them
+    itself unless it reads kept tiles, so without a budget the op allocates nothing for it. The fake (what
+    torch.compile traces) allocates the same size."""
+    _skip_unless_available(backend)
+    fwd = _op_inputs(backend, keep)
+    saved = torch.ops.margin_kernels.margin_lse(*fwd)[3]
+    norms = 0 if backend == "triton" and keep == 0 else C
+    assert saved.numel() == norms + B * keep
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = torch.ops.margin_kernels.margin_lse(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                     for a in fwd))[3]
+    assert fake.numel() == saved.numel()
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_chunk_loop_skips_one_gemm_per_kept_chunk(backend, monkeypatch):
     _skip_unless_available(backend)

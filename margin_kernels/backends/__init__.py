@@ -102,6 +102,16 @@ def keeps_tiles(name: str, sub_centers: int) -> bool:
     return sub_centers == 1 or getattr(get_backend(name), "KEEPS_SUB_CENTER_TILES", True)
 
 
+def stores_norms(name: str, normalize_weight: bool, keep_cols: int) -> bool:
+    """Whether the op's kept-tile store holds the C inverse weight norms for backend ``name``: the chunk loop
+    writes them on every normalised call (its backward reads them instead of recomputing them per chunk); a
+    backend module that says ``NORMS_ONLY_WITH_TILES = True`` (Triton: its recomputing backward forms them from
+    the W tile it loads anyway) only when the budget keeps tiles (``keep_cols`` > 0)."""
+    if not normalize_weight:
+        return False
+    return keep_cols > 0 or not getattr(get_backend(name), "NORMS_ONLY_WITH_TILES", False)
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """None if backend ``name`` can run in this process, else why not (probed once, then remembered)."""
     if name not in REGISTRY:

@@ -171,12 +171,19 @@ class _Scratch:
         return flat[: rows * cols].view(rows, cols)
 
 
+def chunk_row_ids(class_index: Optional[torch.Tensor], col0: int, col1: int, sub_centers: int = 1):
+    """Which weight rows columns [col0, col1) are (K adjacent rows per class with sub-centers): a (start, stop)
+    pair without a class subset (a contiguous block), else their row ids."""
+    if class_index is None:
+        return col0 * sub_centers, col1 * sub_centers
+    return class_rows(class_index[col0:col1], sub_centers)
+
+
 def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int,
                 sub_centers: int = 1) -> torch.Tensor:
-    """The weight rows of columns [col0, col1): K adjacent rows per class with sub-centers."""
-    if class_index is None:
-        return weight[col0 * sub_centers:col1 * sub_centers]
-    return weight.index_select(0, class_rows(class_index[col0:col1], sub_centers))
+    """The weight rows of columns [col0, col1) themselves (a view without a class subset)."""
+    rows = chunk_row_ids(class_index, col0, col1, sub_centers)
+    return weight[rows[0]:rows[1]] if isinstance(rows, tuple) else weight.index_select(0, rows)
 
 
 def _with_sub_centers(epilogue: "Epilogue", sub_centers: int) -> "Epilogue":
@@ -354,12 +361,8 @@ class ChunkSink:
         self.class_index, self.sub_centers = class_index, sub_centers
 
     def weight_rows(self, col0: int, col1: int):
-        """The weight rows of columns [col0, col1): a (start, stop) pair without a class subset (a contiguous
-        block), else their row ids."""
-        k = self.sub_centers
-        if self.class_index is None:
-            return col0 * k, col1 * k
-        return class_rows(self.class_index[col0:col1], k)
+        """The weight rows of columns [col0, col1) (``chunk_row_ids``)."""
+        return chunk_row_ids(self.class_index, col0, col1, self.sub_centers)
 
     def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
         raise NotImplementedError

@@ -10,7 +10,7 @@ One flat buffer, because a custom op's outputs are a fixed list of tensors of si
 (``torch.compile`` traces the op through its fake implementation): ``numel`` is a formula of (B, columns,
 keep_cols, normalise), whatever is kept. Layout, in the accumulation dtype (fp32; fp64 for fp64 inputs):
 
-    [ 1/||w_j|| for every column (normalised losses only) | kept tiles, B * keep_cols ]
+    [ 1/||w_j|| for every column (normalised losses, backends.stores_norms) | kept tiles, B * keep_cols ]
 
 The kept columns are stored chunk-major: a backend walks the columns in chunks of ``chunk`` (the same steps
 in forward and backward) and, of the ``keep_cols`` columns the buffer has room for, uses the whole chunks
@@ -21,7 +21,8 @@ writes straight into it and reads it back as a plain matrix; the Triton kernels 
 What a tile holds is the backend's own: the chunk loop keeps the raw GEMM output x . w (its epilogue divides
 by ||w||), the Triton kernels the normalised cosine. The chunk loop writes the inverse norms once per call
 in forward and reads them in backward (never recomputed per chunk); the Triton forward writes them only when
-it keeps tiles (its backward forms them from the W tile it loads anyway when it recomputes).
+it keeps tiles (its backward forms them from the W tile it loads anyway when it recomputes), so for Triton
+the buffer has the norm part only under a budget (``backends.stores_norms`` decides, for the op and its fake).
 
 The tiles are kept in the accumulation dtype, not rounded to the storage dtype: they are the GEMM's fp32
 output, and rounding them would make the budgeted gradients differ from the recomputed ones. The decision

@@ -141,6 +141,8 @@ def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool, sub_c
 
 #: the kernels keep K = 1 tiles only (``_store_args``): the op allocates no tiles for sub-center losses here
 KEEPS_SUB_CENTER_TILES = False
+#: the forward writes the inverse norms only when it keeps tiles: without a budget the op allocates none
+NORMS_ONLY_WITH_TILES = True
 
 
 def _store_args(store, chunk: int, fallback: torch.Tensor, sub_centers: int):

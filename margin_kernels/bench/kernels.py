@@ -30,7 +30,12 @@ four GEMMs of B x C K x d). The model, stated once:
   dW GEMMs) at ``L2_TBPS`` (the chunk is sized to keep them in L2), and finish_dw (the fp32 dW chunk in L2,
   the W rows read and the 16-bit dW written through HBM); the host issues ``CUDA_OPS_PER_CHUNK`` kernels per
   chunk at ``LAUNCH_US`` each. These unfused passes are what keeps it above the floor: closing the gap needs
-  the epilogues inside the GEMMs (a CUTLASS epilogue, or the Triton kernels).
+  the epilogues inside the GEMMs (a CUTLASS epilogue, or the Triton kernels). The bound of any such unfused
+  design, per (row, class) element: the floor is 4 x 2d FLOP / ``PEAK_TFLOPS`` (5.2 ps at d = 512); the
+  tiles no unfused design can avoid are 22 bytes (the forward's and the recompute's fp32 cosines, each
+  written by a GEMM and read by an epilogue, 16 bytes; a 16-bit dL/dcos written once and read by the dx and
+  dW GEMMs, 6) at ``L2_TBPS`` (4.0 ps): 1.77x the floor before finish_dw and launches (2.05x with them),
+  whatever the chunking. 1.6x would need ``L2_TBPS`` >= 11.5 (twice the assumed) or the epilogues fused.
 
 ``--check`` exits 1 on a spill or a non-wgmma product in any bf16/fp16 variant at d <= 512, a Triton
 estimate above ``TRITON_ESTIMATE_LIMIT`` x the floor, or a cuda estimate above ``CUDA_ESTIMATE_LIMIT`` (what
