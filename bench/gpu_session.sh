@@ -10,7 +10,8 @@
 #   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
 #                      Liger-Kernel (each where installed: carry their wheels in .whl/, installed --no-deps)
 #   40_tables.md       both tables with achieved TFLOP/s (8 B C d FLOP over the fwd+bwd time) beside x floor
-#   99_summary.txt     each step's exit code and seconds, and the memory_budget table (ArcFace bf16, B=512,
+#   99_summary.txt     each step's exit code and seconds, the roofline's ceilings measured (margin-bench
+#                      ceilings: GEMM TFLOP/s, L2 and HBM copy TB/s, the cuda estimate at them), the memory_budget table (ArcFace bf16, B=512,
 #                      C=1e6, d=512 and 1024: triton and cuda with and without every tile kept, the prediction
 #                      of margin_kernels/memory_budget.py measured)
 # Usage (repo root):  OUT=/some/dir bash bench/gpu_session.sh      (OUT defaults to ./gpu_session_out)
@@ -71,6 +72,9 @@ for kernel in (fwd.lse_forward_kernel, bwd.dcos_kernel, bwd.dweight_kernel, bwd.
     except Exception as exc:
         print(kernel.fn.__name__, "cache not readable in this triton:", type(exc).__name__, exc)
 PYEOF
+
+# the roofline's ceilings (GEMM rate, L2 and HBM copy bandwidth) measured, and the cuda estimate at them
+step "ceilings" 40 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench ceilings --device cuda
 
 BENCH=("$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 -d 512 -C 1e5,1e6,4e6 --repeats 5
        --warmup 2 --no-progress --check-up-to 1e5)

@@ -441,6 +441,34 @@ def test_gpu_session_script_parses_and_writes_at_most_eight_named_files():
     assert 1 < len(names) <= 8, names
 
 
+def test_ceilings_job_measures_this_device_and_keeps_the_model_beside_it(tmp_path):
+    """margin-bench ceilings on the CPU: every measured figure positive and finite, the model's cuda estimate
+    the one the kernel report gives (one function), and no "measured" estimate off a GPU."""
+    from margin_kernels.bench import ceilings, kernels
+    path = tmp_path / "ceilings.json"
+    assert cli.main(["ceilings", "--device", "cpu", "--repeats", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    for key in ("square_gemm_tflops", "chunk_gemm_tflops", "cache_copy_tbps", "large_copy_tbps"):
+        assert 0 < report[key] < float("inf"), key
+    assert report["model"]["cuda_x_floor"] == pytest.approx(kernels.roofline([])["cuda_x_floor"], rel=1e-12)
+    assert "measured" not in report
+    with pytest.raises(SystemExit):
+        ceilings.main(["--repeats", "0", "--device", "cpu"])
+
+
+def test_cuda_bound_of_the_unfused_design_is_as_written():
+    """kernels.py's docstring: at the model's ceilings the cuda estimate is >= 1.77x; 1.6x needs an L2 of
+    >= 12 TB/s with the launches hidden, and the launches alone cap it at 1.85x."""
+    from margin_kernels.bench.kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s
+    floor = 8.0 * 512 * 10 ** 6 * 512 / (PEAK_TFLOPS * 1e12)
+
+    def ratio(l2, launch_us):
+        return cuda_estimate_s(512, 512, 10 ** 6, 2, PEAK_TFLOPS, l2, HBM_TBPS, launch_us)[0] / floor
+    assert ratio(L2_TBPS, 0.0) >= 1.77
+    assert ratio(11.5, 0.0) > 1.6 >= ratio(12.0, 0.0)
+    assert ratio(1e9, 4.0) == pytest.approx(1.85, abs=0.01)
+
+
 def test_throughput_table_reports_tflops_beside_the_floor_ratio(tmp_path):
     from margin_kernels.bench import throughput
     row = dict(loss="arcface", batch=512, classes=10 ** 6, dim=512, dtype="bfloat16", method="triton",

@@ -8,7 +8,8 @@ spread passes ±10%; the load is recorded beside the numbers.
 
 Other jobs, as a first argument: ``margin-bench chunks ...`` (a backend's time against its class chunk, to pick
 the default), ``margin-bench kernels ...`` (the Triton kernels compiled for sm_90: registers, spills, wgmma;
-a roofline estimate) and ``margin-bench memory-model ...`` (memory per rank of the distributed head, no timing);
+a roofline estimate), ``margin-bench ceilings ...`` (the GEMM rate and copy bandwidths that roofline assumes,
+measured on the device) and ``margin-bench memory-model ...`` (memory per rank of the distributed head, no timing);
 ``margin-bench compare ...`` is the comparison spelled out.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h, "
                "margin-bench optimizer-step -h, "
-               "margin-bench kernels -h (compiled sm_90 facts of the Triton kernels, and a roofline). "
+               "margin-bench kernels -h (compiled sm_90 facts of the Triton kernels, and a roofline), "
+               "margin-bench ceilings -h (that roofline's ceilings measured on the device). "
                "Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
                "1000,5e4. Every (problem, method) runs in its own process (with --interleave: every problem); "
                "out-of-memory is a result.")
@@ -329,5 +331,10 @@ def _kernels(argv: list[str]) -> int:
     return kernels_main(argv)
 
 
+def _ceilings(argv: list[str]) -> int:
+    from .ceilings import main as ceilings_main
+    return ceilings_main(argv)
+
+
 JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model, "kernels": _kernels,
-        "optimizer-step": _optimizer_step}
+        "optimizer-step": _optimizer_step, "ceilings": _ceilings}

@@ -35,7 +35,10 @@ four GEMMs of B x C K x d). The model, stated once:
   tiles no unfused design can avoid are 22 bytes (the forward's and the recompute's fp32 cosines, each
   written by a GEMM and read by an epilogue, 16 bytes; a 16-bit dL/dcos written once and read by the dx and
   dW GEMMs, 6) at ``L2_TBPS`` (4.0 ps): 1.77x the floor before finish_dw and launches (2.05x with them),
-  whatever the chunking. 1.6x would need ``L2_TBPS`` >= 11.5 (twice the assumed) or the epilogues fused.
+  whatever the chunking. 1.6x would need ``L2_TBPS`` >= 12 (over twice the assumed) *and* the host's
+  launches hidden: ``CUDA_OPS_PER_CHUNK`` x ``LAUNCH_US`` = 40 us per chunk is about as long as a chunk's GPU
+  work at B = 512 (44.6 us), and alone caps the estimate at 1.85x whatever the L2; or the epilogues fused,
+  which removes both.
 
 ``--check`` exits 1 on a spill or a non-wgmma product in any bf16/fp16 variant at d <= 512, a Triton
 estimate above ``TRITON_ESTIMATE_LIMIT`` x the floor, or a cuda estimate above ``CUDA_ESTIMATE_LIMIT`` (what
@@ -313,18 +316,26 @@ def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes:
         return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16", sub_centers=sub_centers),
                 "floor_ms": floor_s * 1e3, "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor_s,
                 "backward_chunk": chunk, "model": "see margin_kernels/bench/kernels.py"}
-    from margin_kernels.backends.chunk_loop import default_chunk_size
-    cuda_chunk = default_chunk_size(batch, "cuda")
-    cuda_chunks = -(-classes // cuda_chunk)
-    chunk_gemm = 2.0 * batch * cuda_chunk * dim
-    gpu_chunk_s = (4 * chunk_gemm / peak + CUDA_TILE_BYTES_PER_ELEMENT * batch * cuda_chunk / (L2_TBPS * 1e12)
-                   + max(2 * elem * cuda_chunk * dim / bw, 8 * cuda_chunk * dim / (L2_TBPS * 1e12)))
-    cuda_s = cuda_chunks * max(gpu_chunk_s, CUDA_OPS_PER_CHUNK * LAUNCH_US * 1e-6)
+    cuda_s, cuda_chunk = cuda_estimate_s(batch, dim, classes, elem)
     return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16"),
             "floor_ms": floor_s * 1e3,
             "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor_s,
             "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor_s,
             "backward_chunk": chunk, "cuda_chunk": cuda_chunk, "model": "see margin_kernels/bench/kernels.py"}
+
+
+def cuda_estimate_s(batch: int, dim: int, classes: int, elem: int = 2, peak_tflops: float = PEAK_TFLOPS,
+                    l2_tbps: float = L2_TBPS, hbm_tbps: float = HBM_TBPS,
+                    launch_us: float = LAUNCH_US) -> tuple[float, int]:
+    """(seconds, chunk) of the ``cuda`` backend's step under the module docstring's model, with its ceilings
+    as arguments: ``margin-bench ceilings`` re-evaluates it at the ceilings measured on a GPU."""
+    from margin_kernels.backends.chunk_loop import default_chunk_size
+    chunk = default_chunk_size(batch, "cuda")
+    chunk_gemm = 2.0 * batch * chunk * dim
+    l2 = l2_tbps * 1e12
+    gpu_chunk_s = (4 * chunk_gemm / (peak_tflops * 1e12) + CUDA_TILE_BYTES_PER_ELEMENT * batch * chunk / l2
+                   + max(2 * elem * chunk * dim / (hbm_tbps * 1e12), 8 * chunk * dim / l2))
+    return -(-classes // chunk) * max(gpu_chunk_s, CUDA_OPS_PER_CHUNK * launch_us * 1e-6), chunk
 
 
 def violations(variants: list[Variant], estimate: dict) -> list[str]:
