@@ -4,7 +4,8 @@
 #   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
 #   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
 #   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (margin-bench kernels)
-#   21_loaded.txt      the same kernels as the driver loaded them (registers, spills) after a real step
+#   21_loaded.txt      the kernel report's table, then the same kernels as the driver loaded them (registers,
+#                      spills) after a real step
 #   30_arcface.json    margin-bench --device cuda, ArcFace bf16, B=512 d=512 C in {1e5,1e6,4e6}: triton, cuda,
 #                      reference, the naive head eager and under torch.compile, the GEMM floor
 #   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
@@ -30,11 +31,15 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 step() {
   local name="$1" cap="$2" log="$3"; shift 3
   local t; t=$(( cap < $(left) ? cap : $(left) ))
-  if [ "$t" -lt 10 ]; then echo "== $name: SKIPPED (budget spent)" | tee -a "$log" >> "$SUMMARY"; return 0; fi
+  if [ "$t" -lt 10 ]; then
+    echo "== $name: SKIPPED (budget spent)" >> "$SUMMARY"; [ "$log" = "$SUMMARY" ] || echo "== $name: SKIPPED" >> "$log"
+    return 0
+  fi
   echo "== $name (timeout ${t}s)" >> "$log"
   local t0; t0=$(date +%s)
   timeout --kill-after=5 "$t" "$@" >> "$log" 2>&1; local rc=$?
-  echo "== $name: rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT)') $(( $(date +%s) - t0 ))s" | tee -a "$log" >> "$SUMMARY"
+  local line="== $name: rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT)') $(( $(date +%s) - t0 ))s"
+  echo "$line" >> "$SUMMARY"; [ "$log" = "$SUMMARY" ] || echo "$line" >> "$log"   # once when LOG is the summary
 }
 
 ENV_LOG="$OUT/00_env_build.log"
@@ -45,12 +50,28 @@ if ls .whl/*.whl >/dev/null 2>&1; then step "peer wheels" 60 "$ENV_LOG" "$PY" -m
 step "build" 200 "$ENV_LOG" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.available_backends())"
 
+# Order: the measurements first (the GEMM floor's ceilings, the two sweeps, whose --check-up-to compares each
+# method with the reference at the smallest C, and their tables), then the test suite, the compiled-kernel
+# facts and the budget sweep: the steps' caps add up to more than the budget, and what is skipped when it runs
+# out should be what a later session can best afford to miss.
+# the roofline's ceilings (GEMM rate, L2 and HBM copy bandwidth) measured, and the cuda estimate at them
+step "ceilings" 40 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench ceilings --device cuda
+
+BENCH=("$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 -d 512 -C 1e5,1e6,4e6 --repeats 5
+       --warmup 2 --no-progress --check-up-to 1e5)
+step "bench arcface" 120 "$OUT/99_summary.txt" "${BENCH[@]}" --loss arcface --backends triton,cuda,reference \
+  --peers naive-arcface,naive-arcface-compiled --json "$OUT/30_arcface.json"
+step "bench softmax" 100 "$OUT/99_summary.txt" "${BENCH[@]}" --loss softmax --backends triton,cuda \
+  --peers torch-lce,cce,liger --json "$OUT/31_softmax.json"
+step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m margin_kernels.bench.throughput \
+  \"$OUT/30_arcface.json\" \"$OUT/31_softmax.json\" > \"$OUT/40_tables.md\""
+
 TEST_LOG="$OUT/10_tests.log"
 step "tests on the GPU" 150 "$TEST_LOG" "$PY" -m pytest -p no:cacheprovider -q -rs -x \
   tests/test_triton_backend.py tests/test_native_epilogues.py tests/test_precision.py \
   tests/test_conformance.py tests/test_memory_budget.py -k "triton or cuda"
 
-step "kernel report" 90 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
+step "kernel report" 90 "$OUT/21_loaded.txt" "$PY" -m margin_kernels.bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
   --json "$OUT/20_kernels.json"
 step "loaded kernels" 60 "$OUT/21_loaded.txt" "$PY" - <<'PYEOF'
 import torch, margin_kernels as mk
@@ -73,19 +94,8 @@ for kernel in (fwd.lse_forward_kernel, bwd.dcos_kernel, bwd.dweight_kernel, bwd.
         print(kernel.fn.__name__, "cache not readable in this triton:", type(exc).__name__, exc)
 PYEOF
 
-# the roofline's ceilings (GEMM rate, L2 and HBM copy bandwidth) measured, and the cuda estimate at them
-step "ceilings" 40 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench ceilings --device cuda
-
-BENCH=("$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 -d 512 -C 1e5,1e6,4e6 --repeats 5
-       --warmup 2 --no-progress --check-up-to 1e5)
-step "bench arcface" 120 "$OUT/99_summary.txt" "${BENCH[@]}" --loss arcface --backends triton,cuda,reference \
-  --peers naive-arcface,naive-arcface-compiled --json "$OUT/30_arcface.json"
-step "bench softmax" 100 "$OUT/99_summary.txt" "${BENCH[@]}" --loss softmax --backends triton,cuda \
-  --peers torch-lce,cce,liger --json "$OUT/31_softmax.json"
 # memory_budget= (margin_kernels/memory_budget.py predicts: keeping loses at d = 512, wins at d >= 1024)
 step "bench budget" 60 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 \
   -d 512,1024 -C 1e6 --repeats 3 --warmup 1 --no-progress --no-check --loss arcface --backends triton,cuda \
   --memory-budgets all
-step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m margin_kernels.bench.throughput \
-  \"$OUT/30_arcface.json\" \"$OUT/31_softmax.json\" > \"$OUT/40_tables.md\""
 echo "== total $(( $(date +%s) - START ))s of ${BUDGET}s" >> "$SUMMARY"
