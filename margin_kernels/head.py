@@ -24,9 +24,11 @@ class MarginHead(HeadBase):
     ``sample_rate < 1`` is Partial FC in training mode: every class of the batch plus uniformly drawn others,
     ``int(sample_rate * num_classes)`` in all, reproducible from ``seed`` (``head.sampled_classes`` holds the
     last draw); in eval mode every class is used. Stateful losses keep their state in the ``margin`` submodule's
-    buffers, so it is in ``state_dict`` and follows ``train()``/``eval()``. The Partial FC generator's state is
-    the head's extra state (``_extra_state`` in ``state_dict``), so a reloaded checkpoint continues the same
-    draws; a checkpoint without it (saved before it was kept) loads and the sampler goes on from its own state.
+    buffers, so it is in ``state_dict`` and follows ``train()``/``eval()``. The head's extra state
+    (``_extra_state`` in ``state_dict``: sizes, class range, the Partial FC generator's state) is the distributed
+    head's: a reloaded checkpoint continues the same draws, and ``distributed.reshard_state_dicts`` cuts a
+    MarginHead's state_dict into any rank's shard of a ``DistributedMarginHead`` (or rejoins the shards into
+    one). A checkpoint without it (weight and loss state only, saved before it was kept) still loads.
 
     The weight's dtype is the compute dtype: features of another floating dtype (bf16/fp16 from a backbone
     under AMP autocast) are cast to it (B x d, never the C x d weight); store the weight in bf16
@@ -80,15 +82,7 @@ class MarginHead(HeadBase):
                                                class_index=class_index, **options)
         return reduce_rows(per_row + regularizer_rows(self.regularizers, rows), rows.valid, self.reduction)
 
-    # ---- checkpoints: the Partial FC generator travels with the weight, as in DistributedMarginHead ----------
-    def get_extra_state(self) -> dict:
-        return {"sampler_state": self.sampler.get_state()}
-
-    def set_extra_state(self, state) -> None:
-        if not isinstance(state, dict) or "sampler_state" not in state:
-            raise ValueError("not a MarginHead checkpoint: its _extra_state has no sampler_state")
-        self.sampler.set_state(state["sampler_state"])
-
+    # ---- checkpoints: HeadBase's extra state (sizes, class range, the Partial FC generator) ----------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

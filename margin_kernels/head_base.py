@@ -22,6 +22,10 @@ from .validation import REDUCTIONS, check_head_arguments
 INIT_STD = 0.01
 #: classes per independently seeded block of the initial weight
 INIT_BLOCK_ROWS = 4096
+#: the format of a head's extra state (``_extra_state`` in its state_dict), the same for both heads: a
+#: ``MarginHead``'s state_dict is a one-shard checkpoint, which ``distributed.reshard_state_dicts`` cuts for any
+#: world size, and the shards of a ``DistributedMarginHead`` rejoin into a ``MarginHead``'s
+CHECKPOINT_FORMAT = 1
 
 
 class HeadBase(nn.Module):
@@ -134,6 +138,38 @@ class HeadBase(nn.Module):
         index = self.sampler.sample(columns[columns >= 0]).to(columns.device)
         self.sampled_classes = index + self.shard_range[0]
         return self.sampler.remap(index, columns), index
+
+    # ---- checkpoints (distributed/checkpoint.py saves and reshards them) -------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
+                "shard_range": list(self.shard_range), "sampler_state": self.sampler.get_state(),
+                "row_keys": self.class_row_keys(), "sub_centers": self.margin.sub_centers}
+
+    def class_row_keys(self) -> list:
+        """state_dict keys whose rows are this shard's classes (resharded by the checkpoint functions): the
+        weight and the regularisers' per-class state (the centers)."""
+        return ["weight"] + [f"regularizers.{i}.{name}" for i, regularizer in enumerate(self.regularizers)
+                             for name in regularizer.class_rows]
+
+    def set_extra_state(self, state: dict) -> None:
+        """Checks that the checkpoint is this head's (sizes, sub-centers, class range) and restores the Partial
+        FC generator when the checkpoint has its state (a resharded one has none: the sampler goes on from its
+        own, seeded for the new range)."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a margin_kernels head checkpoint (its _extra_state has a missing or unknown "
+                             "format)")
+        if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
+            raise ValueError(f"checkpoint is for {state['num_classes']} classes x {state['embedding_dim']}, "
+                             f"this head has {self.num_classes} x {self.embedding_dim}")
+        if state.get("sub_centers", 1) != self.margin.sub_centers:
+            raise ValueError(f"checkpoint has {state.get('sub_centers', 1)} weight rows per class, this head's loss "
+                             f"has sub_centers={self.margin.sub_centers}")
+        if tuple(state["shard_range"]) != tuple(self.shard_range):
+            raise ValueError(f"checkpoint shard holds classes {tuple(state['shard_range'])}, this head holds "
+                             f"{self.shard_range}: reshard it with margin_kernels.distributed.load_sharded (a "
+                             f"save_sharded directory) or reshard_state_dicts (state dicts)")
+        if state.get("sampler_state") is not None:
+            self.sampler.set_state(state["sampler_state"])
 
     def extra_repr(self) -> str:
         shard = "" if self.shard_range == (0, self.num_classes) else f", shard_range={self.shard_range}"

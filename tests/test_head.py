@@ -156,8 +156,41 @@ def test_partial_fc_draws_resume_from_a_checkpoint():
     assert not fresh.sampled_classes.equal(uninterrupted)  # the stream did advance: the test can fail
     old = {k: v for k, v in run.state_dict().items() if k != "_extra_state"}
     assert not fresh.load_state_dict(old).missing_keys
-    with pytest.raises(ValueError, match="no sampler_state"):
+    with pytest.raises(ValueError, match="not a margin_kernels head checkpoint"):
         fresh.load_state_dict(dict(old, _extra_state={}))
+    with pytest.raises(ValueError, match="checkpoint is for 100 classes x 8, this head has 100 x 16"):
+        mk.MarginHead(100, 16, mk.ArcFace()).set_extra_state(run.get_extra_state())
+
+
+def test_a_single_process_checkpoint_crosses_to_any_world_size_and_back():
+    """A MarginHead's state_dict is the one-shard checkpoint of the distributed head: a world-size-1
+    DistributedMarginHead loads it as it is (and draws the same classes next), reshard_state_dicts cuts it into
+    two ranks' shards (weight rows, Center loss centers, the loss's buffers; no generator state for a new
+    range), and the shards rejoin into a MarginHead equal to the original."""
+    from margin_kernels.distributed import DistributedMarginHead, reshard_state_dicts
+    x, labels = torch.randn(6, 8), torch.randint(0, 30, (6,))
+
+    def build(cls, seed):
+        return cls(30, 8, mk.CurricularFace(), sample_rate=0.5, seed=seed, backend="torch",
+                   regularizers=[mk.CenterLoss(0.01)])
+    single = build(mk.MarginHead, 1)
+    single(x, labels).backward()
+    state = single.state_dict()
+    world_one = build(DistributedMarginHead, 9)
+    world_one.load_state_dict(state)
+    single(x, labels)
+    world_one(x, labels)
+    assert world_one.sampled_classes.equal(single.sampled_classes)
+    pieces = [reshard_state_dicts([state], rows) for rows in ((17, 30), (0, 17))]
+    assert pieces[1]["weight"].equal(state["weight"][:17]) and pieces[0]["weight"].equal(state["weight"][17:])
+    centers = "regularizers.0.centers"
+    assert pieces[0][centers].equal(state[centers][17:]) and pieces[1]["margin.t"].equal(state["margin.t"])
+    assert all(p["_extra_state"]["sampler_state"] is None for p in pieces)
+    rejoined = build(mk.MarginHead, 5)
+    rejoined.load_state_dict(reshard_state_dicts(pieces, (0, 30)))
+    for key, value in state.items():
+        if key != "_extra_state":
+            assert rejoined.state_dict()[key].equal(value), key
 
 
 def test_a_generator_state_of_another_device_type_is_refused_with_a_warning():
@@ -165,7 +198,8 @@ def test_a_generator_state_of_another_device_type_is_refused_with_a_warning():
     cannot continue that stream: it loads, keeps its own draws and says so."""
     head = mk.MarginHead(100, 8, mk.ArcFace(), sample_rate=0.2, seed=3, backend="torch")
     before = head.sampler.get_state().clone()
-    state = dict(head.state_dict(), _extra_state={"sampler_state": torch.zeros(16, dtype=torch.uint8)})
+    state = dict(head.state_dict(), _extra_state=dict(head.get_extra_state(),
+                                                      sampler_state=torch.zeros(16, dtype=torch.uint8)))
     with pytest.warns(UserWarning, match="does not fit this head's cpu generator"):
         head.load_state_dict(state)
     assert head.sampler.get_state().equal(before)

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_objects, all_gather_stacked, group_rank_and_size
-from .head import CHECKPOINT_FORMAT, DistributedMarginHead
+from ..head_base import CHECKPOINT_FORMAT
+from .head import DistributedMarginHead
 from .validation import run_collectively
 
 EXTRA_STATE = "_extra_state"
@@ -210,12 +211,16 @@ def check_tiling(ranges: list[tuple[int, int]], num_classes: int) -> Optional[st
 
 def reshard_state_dicts(pieces: list[dict], shard_range: tuple[int, int]) -> dict:
     """Assemble the state dict of the shard ``[start, stop)`` from shard state dicts (any order) whose ranges
-    cover it. Buffers must agree across pieces. Pure function: no I/O, no communication."""
+    cover it. Buffers must agree across pieces. Pure function: no I/O, no communication. A ``MarginHead``'s
+    state_dict is the one shard [0, C): cut it for a rank of a ``DistributedMarginHead``, or rejoin every
+    rank's shard into (0, C) for a ``MarginHead``. The Partial FC generator's state is kept only when the
+    range is the one piece's own."""
     start, stop = shard_range
     pieces = sorted(pieces, key=lambda p: p[EXTRA_STATE]["shard_range"][0])
     first = pieces[0][EXTRA_STATE] if pieces else None
     if first is None or any(p[EXTRA_STATE].get("format") != CHECKPOINT_FORMAT for p in pieces):
-        raise ValueError("reshard_state_dicts needs at least one DistributedMarginHead shard state dict")
+        raise ValueError("reshard_state_dicts needs at least one head state dict (a DistributedMarginHead shard's "
+                         "or a MarginHead's)")
     k = first.get("sub_centers", 1)  # weight rows per class: shards are cut, and rejoined, in whole classes
     for piece in pieces:
         if (piece[EXTRA_STATE]["num_classes"], piece[EXTRA_STATE]["embedding_dim"],

@@ -42,8 +42,6 @@ from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_red
 from .sharding import shard_range
 from .validation import check_and_layout, run_collectively
 
-CHECKPOINT_FORMAT = 1
-
 
 class DistributedMarginHead(HeadBase):
     """Model-parallel margin head: ``loss = head(local_features, local_labels)`` on every rank.
@@ -199,33 +197,6 @@ class DistributedMarginHead(HeadBase):
                               torch.where(has_target, weight_norm, torch.zeros_like(weight_norm))])
         packed = all_reduce_sum_(packed, self.process_group)
         return packed[0], torch.where(valid, packed[1], torch.ones_like(packed[1]))
-
-    # ---- checkpoints: see checkpoint.py for saving and resharding ----------------------------------------
-    def get_extra_state(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "shard_range": list(self.shard_range), "sampler_state": self.sampler.get_state(),
-                "row_keys": self.class_row_keys(), "sub_centers": self.margin.sub_centers}
-
-    def class_row_keys(self) -> list:
-        """state_dict keys whose rows are this shard's classes (resharded by load_sharded): the weight and the
-        regularisers' per-class state (the centers)."""
-        return ["weight"] + [f"regularizers.{i}.{name}" for i, regularizer in enumerate(self.regularizers)
-                             for name in regularizer.class_rows]
-
-    def set_extra_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("not a DistributedMarginHead checkpoint (missing or unknown format)")
-        if (state["num_classes"], state["embedding_dim"]) != (self.num_classes, self.embedding_dim):
-            raise ValueError(f"checkpoint is for {state['num_classes']} classes x {state['embedding_dim']}, "
-                             f"this head has {self.num_classes} x {self.embedding_dim}")
-        if state.get("sub_centers", 1) != self.margin.sub_centers:
-            raise ValueError(f"checkpoint has {state.get('sub_centers', 1)} weight rows per class, this head's loss "
-                             f"has sub_centers={self.margin.sub_centers}")
-        if tuple(state["shard_range"]) != tuple(self.shard_range):
-            raise ValueError(f"checkpoint shard holds classes {tuple(state['shard_range'])}, this rank owns "
-                             f"{self.shard_range}: load with margin_kernels.distributed.load_sharded to reshard")
-        if state.get("sampler_state") is not None:
-            self.sampler.set_state(state["sampler_state"])
 
     # ---- consistency across ranks ------------------------------------------------------------------------
     def _configuration(self) -> tuple:
