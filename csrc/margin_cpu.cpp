@@ -77,28 +77,42 @@ MK_INLINE T lane_sum_squares(const T* p, int64_t n) {
   return s;
 }
 
-// One row of the tile: the row's negatives are read once, turned into logits in an L1 block buffer, and merged
-// block by block into (M, S); the target column is masked to -inf (exp gives exactly 0).
-// The binary reduction's row: the sum of the negatives' softplus terms, in fixed 16-lane blocks.
+// The binary reduction's row: the sum of the negatives' softplus terms. As forward_row, the terms of a block
+// of columns are made in one vectorised pass into an L1 buffer (the target's set to 0); column j is then added
+// into lane j mod kLanes (kRowBlock is a multiple of kLanes), so the order of every sum is fixed by the column
+// alone, whatever the block.
 template <int KIND, bool NORM, typename T>
 MK_ISA_CLONES void forward_row_binary(const TileArgs<T>& g, int64_t i, T* run_sum) {
+  static_assert(kRowBlock % kLanes == 0, "a block must start on lane 0");
   const T* __restrict row = g.tile + i * g.ld;
+  const T* __restrict inv = g.inv_norm;
   const T thr = g.row_params[2 * i], aux = g.row_params[2 * i + 1];
   const mk::NegativeConsts<T> k{g.scale, g.a, g.b};
   const T shift = *g.shift, clamp = g.clamp;
   const int64_t target = g.labels[i] - g.col0;
   T acc[kLanes] = {};
-  for (int64_t j = 0; j < g.cols; ++j) {
-    T c = row[j];
-    if constexpr (NORM) c *= g.inv_norm[j];
-    const T term = mk::softplus_term(mk::negative_logit<KIND>(c, thr, aux, k) + shift, clamp);
-    acc[j % kLanes] += j == target ? T(0) : term;
+  alignas(64) T buf[kRowBlock];
+  for (int64_t j0 = 0; j0 < g.cols; j0 += kRowBlock) {
+    const int64_t len = std::min(kRowBlock, g.cols - j0);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      T c = row[j0 + j];
+      if constexpr (NORM) c *= inv[j0 + j];
+      buf[j] = mk::softplus_term(mk::negative_logit<KIND>(c, thr, aux, k) + shift, clamp);
+    }
+    if (target >= j0 && target < j0 + len) buf[target - j0] = T(0);
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += buf[j + l];
+    for (int64_t l = 0; j + l < len; ++l) acc[l] += buf[j + l];
   }
   T s = T(0);
   for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
   run_sum[i] += s;
 }
 
+// One row of the tile: the row's negatives are read once, turned into logits in an L1 block buffer, and merged
+// block by block into (M, S); the target column is masked to -inf (exp gives exactly 0).
 template <int KIND, bool NORM, typename T>
 MK_ISA_CLONES void forward_row(const TileArgs<T>& g, int64_t i, T* run_max, T* run_sum) {
   const T* __restrict row = g.tile + i * g.ld;

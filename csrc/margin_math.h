@@ -87,9 +87,62 @@ MK_HD float mk_exp(float x) {
 
 MK_HD double mk_exp(double x) { return exp(x); }
 
-MK_HD float mk_log1p(float x) { return log1pf(x); }
+// ---- log, log1p, pow ----------------------------------------------------------------------------------------
+MK_HD int32_t float_as_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+// log in float for a normal x > 0 (Cephes' logf, ~1 ulp), arithmetic and bit casts only like mk_exp: the
+// binary reduction's softplus (log1p) and SphereFace2's power call it per element, and libm's log1pf / powf
+// would keep those CPU loops scalar (no vector libm without -ffast-math).
+MK_HD float mk_log_normal(float x) {
+  const int32_t bits = float_as_bits(x);
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  float m = bits_as_float((bits & 0x007fffff) | 0x3f000000);  // x = m 2^e, m in [0.5, 1)
+  // m in [sqrt(1/2), sqrt(2)) after this; both arms computed first: GCC if-converts (vectorises) a select of
+  // values, not one of floating-point expressions (-ftrapping-math forbids evaluating them speculatively)
+  const bool low = m < 0.707106781186547524f;
+  const float twice = m + m - 1.0f, once = m - 1.0f;
+  e = low ? e - 1 : e;
+  m = low ? twice : once;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y = y - 2.12194440e-4f * fe;  // ln2 split in two, as in mk_exp
+  y = y - 0.5f * z;
+  const float r = (m + y) + 0.693359375f * fe;
+  return x < INFINITY ? r : x;  // NaN (false compare) and +inf pass through, as logf's
+}
+
+// log1p in float for x >= 0 (softplus's log1p(exp(-|z|)), x in [0, 1]): log(1 + x) with the rounding of 1 + x
+// corrected to first order, exact for x below 2^-24
+MK_HD float mk_log1p(float x) {
+  const float v = 1.0f + x;
+  return mk_log_normal(v) + (x - (v - 1.0f)) / v;
+}
 MK_HD double mk_log1p(double x) { return log1p(x); }
-MK_HD float mk_pow(float x, float e) { return powf(x, e); }
+
+// x^e in float for x >= 0 (SphereFace2's ((c + 1) / 2)^t), as exp(e log x): a few ulp (e |log x| ulp of the
+// log), 0^e as powf gives it (0 for e > 0, 1 for e = 0)
+MK_HD float mk_pow(float x, float e) {
+  const float r = mk_exp(e * mk_log_normal(x < 1.17549435e-38f ? 1.0f : x));
+  return x < 1.17549435e-38f ? (e > 0.0f ? 0.0f : (e == 0.0f ? 1.0f : INFINITY)) : r;
+}
 MK_HD double mk_pow(double x, double e) { return pow(x, e); }
 
 MK_HD float mk_sqrt(float x) { return sqrtf(x); }
@@ -106,6 +159,14 @@ MK_HD T max_of(T a, T b) {
 }
 
 // ---- the negative functions g(c) and dg/dc (table in negatives.py) ------------------------------------------
+// SphereFace2's base (c + 1) / 2 floored at 0 (negatives.power_base); a NaN cosine stays NaN (max_of would
+// turn it into 0: a finite logit from a non-finite weight row)
+template <typename T>
+MK_HD T power_base(T c) {
+  const T base = (c + T(1)) * T(0.5);
+  return base < T(0) ? T(0) : base;
+}
+
 // thr = T_i = row_params[i, 0], aux = U_i = row_params[i, 1]; a, b the spec's constants.
 template <int KIND, typename T>
 MK_HD T negative_value(T c, T thr, T aux, T a, T b) {
@@ -130,7 +191,7 @@ MK_HD T negative_value(T c, T thr, T aux, T a, T b) {
   } else {
     // SphereFace2's 2 ((c+1)/2)^t - 1 + m with t = a, m = b; the base floored at 0 (negatives.power_base)
     static_assert(KIND == kPower || KIND == kPowerSt, "unknown negative kind");
-    return T(2) * mk_pow(max_of((c + T(1)) * T(0.5), T(0)), a) - T(1) + b;
+    return T(2) * mk_pow(power_base(c), a) - T(1) + b;
   }
 }
 
@@ -153,7 +214,7 @@ MK_HD T negative_derivative(T c, T thr, T aux, T a, T b) {
   } else if constexpr (KIND == kAffine) {
     return c > thr ? a : T(1);
   } else if constexpr (KIND == kPower) {
-    return a * mk_pow(max_of((c + T(1)) * T(0.5), T(0)), a - T(1));
+    return a * mk_pow(power_base(c), a - T(1));
   } else {
     static_assert(KIND == kPowerSt, "unknown negative kind");
     return T(1);  // opensphere computes the adjustment under no_grad: the gradient of c

@@ -38,6 +38,11 @@ def cxx_flags(with_cuda: bool = False) -> list[str]:
         # no fused multiply-add across statements: the logit z the forward's lse sums must be the z the
         # backward exponentiates (csrc/margin_math.h, mul_rn), and the CPU ISA clones then agree bit for bit
         flags.append("-ffp-contract=off")
+        # the kernels never read floating-point exception flags (no <cfenv>): without this, GCC may not evaluate
+        # a select's floating-point arms unconditionally, so a loop with a select in its math (margin_math.h's
+        # log, log1p and pow: the binary losses' softplus, SphereFace2's power) stays scalar. Values do not
+        # change: no reassociation, no contraction, NaN and signed zeros kept
+        flags.append("-fno-trapping-math")
     return flags + (["-DMK_WITH_CUDA"] if with_cuda else [])
 
 

@@ -216,6 +216,25 @@ def test_header_exp(cpu_ext):
     assert torch.allclose(cpu_ext.exp_eval(x64), torch.exp(x64), rtol=1e-15, atol=0.0)  # libm vs SLEEF: 1 ulp
 
 
+def test_header_power_and_softplus_math(cpu_ext):
+    """The header's float log / pow (exp(t log x): polynomials a CPU loop vectorises, where libm's powf and
+    log1pf kept it scalar) against float64: SphereFace2's 2 ((c+1)/2)^t - 1 + m and its derivative over
+    c in [-1, 1] with a zero base (c = -1) and several t, within a few ulp; 0^t as powf gives it; a NaN cosine
+    stays NaN (the base's floor at 0 must not turn it into a finite logit)."""
+    c = torch.cat([torch.linspace(-1.0, 1.0, 20001), torch.tensor([-1.0, -1.0 + 1e-7, 1.0 - 1e-7])])[None]
+    rp = torch.zeros(1, 2)
+    base = ((c.double() + 1) / 2).clamp_min(0)
+    for t in (3.0, 1.5, 1.0, 0.5):
+        value, deriv = cpu_ext.negative_eval(c, rp, int(NegativeKind.POWER), t, 0.2)
+        assert (value.double() - (2 * base ** t - 1 + 0.2)).abs().max().item() < 5e-7, t  # |g| <= 1.2: ~4 ulp
+        ref = t * base ** (t - 1)
+        finite = torch.isfinite(ref)
+        assert ((deriv.double() - ref)[finite].abs() / ref[finite].abs().clamp_min(1e-30)).max().item() < 2e-6, t
+        assert torch.equal(deriv[~finite], ref[~finite].float())  # 0^(t-1) = inf for t < 1, as powf
+    nan = torch.tensor([[float("nan")]])
+    assert all(torch.isnan(out).all() for out in cpu_ext.negative_eval(nan, rp, int(NegativeKind.POWER), 3.0, 0.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_header_lse_merge(cpu_ext, dtype):
     gen = torch.Generator().manual_seed(0)
