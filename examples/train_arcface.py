@@ -424,6 +424,11 @@ def train(args) -> dict:
             write_plot(history, args.plot, f"ArcFace (s={args.s:g}, m={args.m:g}) on {args.identities} synthetic "
                        f"identities, global batch {args.batch_size}, {world.size} rank(s)")
     if dist.is_initialized():
+        # every rank reaches the teardown together: rank 0 writes the metrics and the plot first, and a gloo
+        # group destroyed while another rank is still busy can hang that rank's destroy (seen once in a
+        # fresh-clone CI run here: rank 1 of a resumed 2-rank run waited in destroy_process_group after rank 0
+        # had exited; a barrier first is PyTorch's advice, pytorch/pytorch#75097)
+        world.barrier()
         dist.destroy_process_group()
     return history
 
