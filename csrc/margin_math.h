@@ -52,16 +52,26 @@ constexpr double kNormEps = 1e-12;
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
 constexpr int kAbiVersion = 7;
 
-// ---- exp --------------------------------------------------------------------------------------------------
-MK_HD float bits_as_float(int32_t bits) {
+// ---- bit casts --------------------------------------------------------------------------------------------
+// A 32-bit value's bits as the other 32-bit type (float <-> int32): the exp and log polynomials below build and
+// take apart floats by their exponent field. memcpy on the host (no aliasing trouble; compiled to a move).
+template <typename To, typename From>
+MK_HD To bit_cast32(From x) {
+  static_assert(sizeof(To) == 4 && sizeof(From) == 4, "float <-> int32 only");
 #if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
+  if constexpr (std::is_same_v<To, float>) {
+    return __int_as_float(x);
+  } else {
+    return __float_as_int(x);
+  }
 #else
-  float out;
-  memcpy(&out, &bits, sizeof(out));
+  To out;
+  memcpy(&out, &x, sizeof(out));
   return out;
 #endif
 }
+
+// ---- exp --------------------------------------------------------------------------------------------------
 
 // exp in float from a degree-6 polynomial (Cephes' expf, ~1 ulp) made only of arithmetic and a bit cast, so a
 // CPU loop calling it vectorises without -ffast-math or a vector libm, and the GPU computes the same values.
@@ -80,7 +90,7 @@ MK_HD float mk_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  float y = p * bits_as_float((static_cast<int32_t>(n) + 127) << 23);
+  float y = p * bit_cast32<float>((static_cast<int32_t>(n) + 127) << 23);
   // NaN in, NaN out, spelled out: a vectorised or fmaxf/fminf clamp above may turn a NaN into lo or hi
   return x < lo ? 0.0f : (x == x ? y : x);
 }
@@ -88,23 +98,14 @@ MK_HD float mk_exp(float x) {
 MK_HD double mk_exp(double x) { return exp(x); }
 
 // ---- log, log1p, pow ----------------------------------------------------------------------------------------
-MK_HD int32_t float_as_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(x);
-#else
-  int32_t bits;
-  memcpy(&bits, &x, sizeof(bits));
-  return bits;
-#endif
-}
 
 // log in float for a normal x > 0 (Cephes' logf, ~1 ulp), arithmetic and bit casts only like mk_exp: the
 // binary reduction's softplus (log1p) and SphereFace2's power call it per element, and libm's log1pf / powf
 // would keep those CPU loops scalar (no vector libm without -ffast-math).
 MK_HD float mk_log_normal(float x) {
-  const int32_t bits = float_as_bits(x);
+  const int32_t bits = bit_cast32<int32_t>(x);
   int32_t e = ((bits >> 23) & 0xff) - 126;
-  float m = bits_as_float((bits & 0x007fffff) | 0x3f000000);  // x = m 2^e, m in [0.5, 1)
+  float m = bit_cast32<float>((bits & 0x007fffff) | 0x3f000000);  // x = m 2^e, m in [0.5, 1)
   // m in [sqrt(1/2), sqrt(2)) after this; both arms computed first: GCC if-converts (vectorises) a select of
   // values, not one of floating-point expressions (-ftrapping-math forbids evaluating them speculatively)
   const bool low = m < 0.707106781186547524f;
