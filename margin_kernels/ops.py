@@ -66,6 +66,14 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
     return torch.where(valid, cos, torch.zeros_like(cos)), torch.where(valid, norm, torch.ones_like(norm))
 
 
+def kept_tile_layout(x: Tensor, weight: Tensor, class_index: Optional[Tensor], sub_centers: int, keep_cols: int,
+                     backend: str, normalize_weight: bool) -> tuple[int, int, int, bool]:
+    """(batch, weight rows, keep_cols, holds the inverse norms): the kept-tile buffer's layout
+    (``kept_tiles.KeptTiles``), one formula for the op, its fake and the backwards, which must agree on its size."""
+    return (x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
+            stores_norms(backend, normalize_weight, keep_cols))
+
+
 def _target_weight_rows(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor],
                         normalize_weight: bool, sub_centers: int, acc_dtype: torch.dtype) -> Tensor:
     """The weight row of each row's target pair (the winning sub-center with K > 1: the forward's choice,
@@ -90,8 +98,8 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
     updates the weight in place instead of returning dW (dx and d shift as without it)."""
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
-    store = KeptTiles.allocate(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
-                               stores_norms(backend, normalize_weight, keep_cols), row_params.dtype, x.device)
+    store = KeptTiles.allocate(*kept_tile_layout(x, weight, class_index, sub_centers, keep_cols, backend,
+                                                 normalize_weight), row_params.dtype, x.device)
     lse = get_backend(backend).lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
                                            chunk_size, product=product, sub_centers=sub_centers, shift=shift,
                                            store=store)
@@ -102,8 +110,8 @@ def margin_lse(x: Tensor, weight: Tensor, labels: Tensor, row_params: Tensor, cl
 def _margin_lse_fake(x, weight, labels, row_params, class_index, target_cos, target_norm, shift, normalize_weight,
                      kind, scale, a, b, reduction, clamp, backend, chunk_size, grad_filter, product, sub_centers,
                      keep_cols, optimizer_slot=-1):
-    saved = x.new_empty((saved_numel(x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
-                                     stores_norms(backend, normalize_weight, keep_cols)),), dtype=row_params.dtype)
+    saved = x.new_empty((saved_numel(*kept_tile_layout(x, weight, class_index, sub_centers, keep_cols, backend,
+                                                       normalize_weight)),), dtype=row_params.dtype)
     return x.new_empty((x.shape[0],), dtype=row_params.dtype), torch.empty_like(target_cos), \
         torch.empty_like(target_norm), saved
 
@@ -118,8 +126,8 @@ def margin_lse_backward(x: Tensor, weight: Tensor, labels: Tensor, row_params: T
     class_index = clamped_index(class_index, weight.shape[0] // sub_centers)
     valid = labels >= 0
     g_cos = torch.where(valid, g_cos, torch.zeros_like(g_cos))
-    store = KeptTiles(saved, x.shape[0], weight_rows(weight, class_index, sub_centers), keep_cols,
-                      stores_norms(backend, normalize_weight, keep_cols))
+    store = KeptTiles(saved, *kept_tile_layout(x, weight, class_index, sub_centers, keep_cols, backend,
+                                               normalize_weight))
     dx, dweight, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                             normalize_weight, lse, g_lse, g_cos, chunk_size,
                                                             grad_filter, product=product, sub_centers=sub_centers,

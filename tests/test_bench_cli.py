@@ -459,8 +459,8 @@ def test_ceilings_job_measures_this_device_and_keeps_the_model_beside_it(tmp_pat
 def test_cuda_bound_of_the_unfused_design_is_as_written():
     """kernels.py's docstring: at the model's ceilings the cuda estimate is >= 1.77x; 1.6x needs an L2 of
     >= 12 TB/s with the launches hidden, and the launches alone cap it at 1.85x."""
-    from margin_kernels.bench.kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s
-    floor = 8.0 * 512 * 10 ** 6 * 512 / (PEAK_TFLOPS * 1e12)
+    from margin_kernels.bench.kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s, floor_s
+    floor = floor_s(512, 512, 10 ** 6)
 
     def ratio(l2, launch_us):
         return cuda_estimate_s(512, 512, 10 ** 6, 2, PEAK_TFLOPS, l2, HBM_TBPS, launch_us)[0] / floor

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s
+from .kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s, floor_s
+from .timing import synchronize
 
 #: the estimate's problem, as kernels.roofline's
 BATCH, DIM, CLASSES = 512, 512, 10 ** 6
@@ -37,22 +38,17 @@ LARGE_COPY_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
 CPU_CACHE_COPY_BYTES = 1 << 20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: int, inner: int) -> float:
     """Median over ``repeats`` batches of ``inner`` calls, after one warm-up batch."""
     for _ in range(inner):
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(inner):
             fn()
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
 
@@ -98,9 +94,9 @@ def measure(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
 
 def estimates(peak_tflops: float, l2_tbps: float, hbm_tbps: float) -> dict:
     """The ``cuda`` estimate as a multiple of the floor at these ceilings (kernels.cuda_estimate_s)."""
-    floor_s = 8.0 * BATCH * CLASSES * DIM / (peak_tflops * 1e12)
+    floor = floor_s(BATCH, DIM, CLASSES, peak_tflops)
     cuda_s, _ = cuda_estimate_s(BATCH, DIM, CLASSES, 2, peak_tflops, l2_tbps, hbm_tbps)
-    return {"floor_ms": floor_s * 1e3, "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor_s}
+    return {"floor_ms": floor * 1e3, "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -295,7 +295,7 @@ def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes:
     gemm = 2.0 * batch * rows * dim             # FLOP of one B x C K x d product
     peak = PEAK_TFLOPS * 1e12
     bw = HBM_TBPS * 1e12
-    floor_s = 4 * gemm / peak
+    floor = floor_s(batch, dim, rows)
     w_bytes = rows * dim * elem
     buffer = batch * rows * elem                 # the dL/dcos buffer over all chunks
     chunk = configs.backward_chunk(configs.default_backward(elem), batch, classes, elem * sub_centers,
@@ -314,14 +314,19 @@ def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes:
                 + kernel_s(gemm, buffer + w_bytes, eff("dx"), chunks))
     if sub_centers > 1:
         return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16", sub_centers=sub_centers),
-                "floor_ms": floor_s * 1e3, "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor_s,
+                "floor_ms": floor * 1e3, "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor,
                 "backward_chunk": chunk, "model": "see margin_kernels/bench/kernels.py"}
     cuda_s, cuda_chunk = cuda_estimate_s(batch, dim, classes, elem)
     return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16"),
-            "floor_ms": floor_s * 1e3,
-            "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor_s,
-            "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor_s,
+            "floor_ms": floor * 1e3,
+            "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor,
+            "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor,
             "backward_chunk": chunk, "cuda_chunk": cuda_chunk, "model": "see margin_kernels/bench/kernels.py"}
+
+
+def floor_s(batch: int, dim: int, rows: int, peak_tflops: float = PEAK_TFLOPS) -> float:
+    """The floor of the model: the four B x rows x d GEMMs (8 B rows d FLOP) at ``peak_tflops``."""
+    return 4 * 2.0 * batch * rows * dim / (peak_tflops * 1e12)
 
 
 def cuda_estimate_s(batch: int, dim: int, classes: int, elem: int = 2, peak_tflops: float = PEAK_TFLOPS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import get_backend, stores_norms
+from ..backends import get_backend
 from ..losses.negatives import NegativeKind, NegativeSpec
 from ..losses.reductions import ReductionKind
 from . import binding
@@ -18,7 +18,7 @@ def _sink_backward(make_sink, x, weight, labels, row_params, class_index, lse, g
     """The op's backward (``ops.margin_lse_backward``'s arguments) with ``make_sink(class_index, positions,
     values, sub_centers)`` receiving dW chunk by chunk: (dx, None, d shift)."""
     from ..backends.kept_tiles import KeptTiles
-    from ..ops import clamped_index, target_norm_gradient, weight_rows
+    from ..ops import clamped_index, kept_tile_layout, target_norm_gradient
     spec = NegativeSpec(NegativeKind(kind), scale, a, b, ReductionKind(reduction), clamp)
     k = sub_centers
     class_index = clamped_index(class_index, weight.shape[0] // k)
@@ -31,8 +31,7 @@ def _sink_backward(make_sink, x, weight, labels, row_params, class_index, lse, g
     columns = weight.shape[0] // k if class_index is None else class_index.shape[0]
     positions = labels.clamp(0, max(columns - 1, 0)) * k + rows % k
     sink = make_sink(class_index, positions, values, k)
-    store = KeptTiles(saved, x.shape[0], weight_rows(weight, class_index, k), keep_cols,
-                      stores_norms(backend, normalize_weight, keep_cols))
+    store = KeptTiles(saved, *kept_tile_layout(x, weight, class_index, k, keep_cols, backend, normalize_weight))
     dx, _, dshift = get_backend(backend).lse_backward(x, weight, labels, row_params, class_index, spec,
                                                       normalize_weight, lse, g_lse, g_cos, chunk_size, grad_filter,
                                                       product=product, sub_centers=k, shift=shift, store=store,
