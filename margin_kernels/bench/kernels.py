@@ -34,8 +34,8 @@ four GEMMs of B x C K x d). The model, stated once:
   design, per (row, class) element: the floor is 4 x 2d FLOP / ``PEAK_TFLOPS`` (5.2 ps at d = 512); the
   tiles no unfused design can avoid are 22 bytes (the forward's and the recompute's fp32 cosines, each
   written by a GEMM and read by an epilogue, 16 bytes; a 16-bit dL/dcos written once and read by the dx and
-  dW GEMMs, 6) at ``L2_TBPS`` (4.0 ps): 1.77x the floor before finish_dw and launches (2.05x with them),
-  whatever the chunking. 1.6x would need ``L2_TBPS`` >= 12 (over twice the assumed) *and* the host's
+  dW GEMMs, 6) at ``L2_TBPS`` (4.0 ps): 1.77x the floor before finish_dw and launches (2.07x with them: the
+  estimate), whatever the chunking. 1.6x would need ``L2_TBPS`` >= 12 (over twice the assumed) *and* the host's
   launches hidden: ``CUDA_OPS_PER_CHUNK`` x ``LAUNCH_US`` = 40 us per chunk is about as long as a chunk's GPU
   work at B = 512 (44.6 us), and alone caps the estimate at 1.85x whatever the L2; or the epilogues fused,
   which removes both.
