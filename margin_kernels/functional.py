@@ -19,11 +19,12 @@ import torch
 
 from . import ops, reference, row_statistics
 from .backends import keeps_tiles, resolve_backend
+from .backends.contract import OpConfig, OpInputs
 from .backends.kept_tiles import keep_columns
 from .memory_budget import budget_bytes
 from .losses.base import MarginLoss, RowInputs
 from .precision import product_mode
-from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
+from .batch_reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import (NON_FINITE_WEIGHT, bad_labels, check_arguments, check_no_bad_rows,
                          value_check_mode)
 
@@ -44,8 +45,9 @@ def prepare_rows(features: torch.Tensor, margin: MarginLoss) -> PreparedRows:
 
 
 def column_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Class ids as the op's column ids: ignored rows become -1 (no target)."""
-    return torch.where(labels != ignore_index, labels, torch.full_like(labels, -1)).long()
+    """Class ids as the op's column ids: ignored rows become -1 (no target). Widened first (``bad_labels``)."""
+    labels = labels.long()
+    return torch.where(labels != ignore_index, labels, torch.full_like(labels, -1))
 
 
 class SafeColumns(NamedTuple):
@@ -54,7 +56,7 @@ class SafeColumns(NamedTuple):
     columns: torch.Tensor      # (B,) column ids in [0, num_columns), -1 for rows without a target
     usable: torch.Tensor       # (B,) bool: rows with a target column (what the loss's state sees)
     poisoned: torch.Tensor     # (B,) bool: rows whose loss is NaN (a label or class id out of range)
-    class_index: Optional[torch.Tensor]  # int64 (the op clamps it into [0, C) before gathering)
+    class_index: Optional[torch.Tensor]  # int64, clamped into [0, C) (a bad id poisons every row instead)
 
 
 def safe_columns(labels: torch.Tensor, ignore_index: int, num_columns: int, class_index: Optional[torch.Tensor],
@@ -63,20 +65,22 @@ def safe_columns(labels: torch.Tensor, ignore_index: int, num_columns: int, clas
     ``check_values=False`` and under torch.compile, where nothing stops a bad value first). A label outside
     [0, num_columns) that is not ``ignore_index`` gets no target column and a NaN loss; a class id outside
     [0, C) makes every row's loss NaN (the op clamps ids before any gather): never a finite wrong value."""
+    labels = labels.long()  # widened before any comparison: a uint8 label 255 is not ignore_index -1
     bad = bad_labels(labels, num_columns, ignore_index)
     usable = (labels != ignore_index) & ~bad
     columns = torch.where(usable, labels, torch.full_like(labels, -1)).long()
     if class_index is not None:
         class_index = class_index.long()
         bad = bad | ((class_index < 0) | (class_index >= num_classes)).any()
+        class_index = class_index.clamp(0, num_classes - 1)  # the NaN rows' gathers (regularisers too) stay in W
     return SafeColumns(columns, usable, bad, class_index)
 
 
 def initial_target_pairs(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor,
-                         class_index: Optional[torch.Tensor], margin: MarginLoss, acc: torch.dtype):
-    """(cos, ||w_y||) of the target pairs, without gradient (0 and 1 on rows without a target column): what the
-    loss's state update and row params see, computed once per call and passed through the op, which gives
-    them their gradient."""
+                         class_index: Optional[torch.Tensor], margin: MarginLoss, acc: torch.dtype) -> ops.TargetPairs:
+    """The target pairs (cos, ||w_y||, weight row; 0, 1 and any row on rows without a target column), without
+    gradient: what the loss's state update and row params see, computed once per call and passed through the
+    op, which gives cos and norm their gradient and adds the norms' share of dW at those rows."""
     with torch.no_grad():
         return ops.target_pairs(x_eff, weight, columns, class_index, margin.normalize_weight, acc,
                                 margin.sub_centers)
@@ -96,10 +100,9 @@ def start_call(margin: MarginLoss, rows: RowInputs, acc: torch.dtype) -> torch.T
 
 
 def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, row_params: torch.Tensor,
-                 class_index: Optional[torch.Tensor], target_cos: torch.Tensor, target_norm: torch.Tensor,
-                 margin: MarginLoss, backend: str, chunk_size: Optional[int], grad_filter: float,
-                 product: Optional[str] = None, shift: Optional[torch.Tensor] = None, memory_budget=None,
-                 optimizer_slot: int = -1):
+                 class_index: Optional[torch.Tensor], targets: ops.TargetPairs, margin: MarginLoss, backend: str,
+                 chunk_size: Optional[int], grad_filter: float, product: Optional[str] = None,
+                 shift: Optional[torch.Tensor] = None, memory_budget=None, sink_factory=None):
     """The custom op: (lse over the negatives, or their softplus sum for the binary family, target cos,
     target ||w||), each (B,), differentiable. The target pair goes in as computed by ``initial_target_pairs``
     and comes out attached to the op's backward. ``product``: the product mode (``precision.PRODUCTS``), by
@@ -107,20 +110,19 @@ def negative_lse(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tenso
     op decides it before. ``shift``: the logit shift as ``logit_shift`` makes it (the default), or wrapped by
     the caller (the model-parallel head sums its gradient over the ranks). ``memory_budget``
     (``margin_kernels.memory_budget``) sets how many weight rows' forward tiles the op keeps for its backward
-    (an op output, so torch.compile sees it). ``optimizer_slot``: a fused optimizer's binding
-    (``HeadBase.fuse``), -1 for none."""
-    spec = margin.negative_spec()
+    (an op output, so torch.compile sees it). ``sink_factory``: a fused optimizer's gradient sink
+    (``HeadBase.gradient_sink``), None for none."""
     if product is None:
         product = product_mode(weight.dtype, weight.device.type)
     keep = 0
     if memory_budget and keeps_tiles(backend, margin.sub_centers):
         keep = keep_columns(budget_bytes(memory_budget, x_eff.device, x_eff.shape[1]), x_eff.shape[0],
                             ops.weight_rows(weight, class_index, margin.sub_centers), row_params.dtype)
-    lse, cos, norm, _kept = torch.ops.margin_kernels.margin_lse(
-        x_eff.contiguous(), weight, columns, row_params, class_index, target_cos, target_norm,
-        logit_shift(margin, row_params) if shift is None else shift, margin.normalize_weight, int(spec.kind),
-        spec.scale, spec.a, spec.b, int(spec.reduction), spec.clamp, backend, chunk_size or 0, float(grad_filter),
-        product, margin.sub_centers, keep, optimizer_slot)
+    config = OpConfig(margin.negative_spec(), margin.normalize_weight, backend, chunk_size or 0, float(grad_filter),
+                      product, margin.sub_centers, keep)
+    inputs = OpInputs(x_eff.contiguous(), weight, columns, row_params, class_index)
+    lse, cos, norm, _kept = ops.margin_lse(inputs, targets, logit_shift(margin, row_params) if shift is None else shift,
+                                           config, sink_factory)
     return lse, cos, norm
 
 
@@ -197,30 +199,46 @@ def margin_cross_entropy(features: torch.Tensor, weight: torch.Tensor, labels: t
 def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *, backend: str, reduction: str,
                                  ignore_index: int, chunk_size: Optional[int], class_index: Optional[torch.Tensor],
                                  grad_filter: float, check_values: bool = True,
-                                 memory_budget=None, optimizer_slot: int = -1) -> torch.Tensor:
+                                 memory_budget=None) -> torch.Tensor:
     """``margin_cross_entropy`` on arguments its caller has already checked (``validation.check_arguments``)."""
-    if backend == "reference":
+    safe = safe_columns(labels, ignore_index, num_label_columns(weight, class_index, margin), class_index,
+                        weight.shape[0] // margin.sub_centers)
+    return columns_cross_entropy(features, weight, safe, margin, backend=backend, reduction=reduction,
+                                 chunk_size=chunk_size, grad_filter=grad_filter, check_values=check_values,
+                                 memory_budget=memory_budget)
+
+
+def num_label_columns(weight: torch.Tensor, class_index: Optional[torch.Tensor], margin: MarginLoss) -> int:
+    """How many values a label may take: the classes of ``weight`` (rows / K), or the entries of ``class_index``."""
+    return weight.shape[0] // margin.sub_centers if class_index is None else class_index.shape[0]
+
+
+def columns_cross_entropy(features, weight, safe: SafeColumns, margin: MarginLoss, *, backend: str, reduction: str,
+                          chunk_size: Optional[int], grad_filter: float, check_values: bool = True,
+                          memory_budget=None, sink_factory=None) -> torch.Tensor:
+    """The loss from labels already made safe (``safe_columns``, once per call: the heads remap them for
+    Partial FC in between). ``sink_factory``: a fused optimizer's gradient sink (``HeadBase.gradient_sink``)."""
+    if backend == "reference":  # the ground truth takes labels: a bad one as an out-of-range id, -2
+        labels = torch.where(safe.poisoned, torch.full_like(safe.columns, -2), safe.columns)
         return reference.margin_cross_entropy(features, weight, labels, margin, reduction=reduction,
-                                              ignore_index=ignore_index, class_index=class_index,
+                                              ignore_index=-1, class_index=safe.class_index,
                                               check_values=check_values)
     if features.shape[0] == 0:
         return empty_batch_loss(features, weight, reduction)
     backend = resolve_backend(backend, features.device)
-    num_columns = weight.shape[0] if class_index is None else class_index.shape[0]
-    safe = safe_columns(labels, ignore_index, num_columns, class_index, weight.shape[0])
     columns, valid, class_index = safe.columns, safe.usable, safe.class_index
 
     prepared = prepare_rows(features, margin)
-    cos0, wnorm0 = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
-    rows0 = RowInputs(cos0, prepared.feature_norm, wnorm0, valid)
+    targets = initial_target_pairs(prepared.x_eff, weight, columns, class_index, margin, prepared.acc)
+    rows0 = RowInputs(targets.cos, prepared.feature_norm, targets.norm, valid)
     request = margin.statistics_request(rows0.detach(), weight.shape[0])
     if request is not None:
         margin.receive_statistics(rows0.detach(), negative_statistics(margin, request, prepared.x_eff, weight, columns,
                                                                       class_index, backend, chunk_size))
     row_params = start_call(margin, rows0, prepared.acc)
-    lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, cos0,
-                                             wnorm0, margin, backend, chunk_size, grad_filter,
-                                             memory_budget=memory_budget, optimizer_slot=optimizer_slot)
+    lse_neg, cos, weight_norm = negative_lse(prepared.x_eff, weight, columns, row_params, class_index, targets,
+                                             margin, backend, chunk_size, grad_filter, memory_budget=memory_budget,
+                                             sink_factory=sink_factory)
     rows = RowInputs(cos, prepared.feature_norm, weight_norm, valid)
     check_weight_values(lse_neg, rows, value_check_mode(check_values, features.device))
     return finish_loss(margin, lse_neg, rows, reduction, safe.poisoned)

@@ -6,12 +6,12 @@ from typing import Optional
 
 import torch
 
-from .functional import checked_margin_cross_entropy, column_labels
+from .functional import columns_cross_entropy, num_label_columns, safe_columns
 from .head_base import HeadBase
 from .losses.base import MarginLoss
-from .reduction import reduce_rows
+from .batch_reduction import reduce_rows
 from .regularizers import regularizer_rows, single_process_rows
-from .validation import bad_labels, check_arguments
+from .validation import check_arguments
 
 
 class MarginHead(HeadBase):
@@ -60,26 +60,19 @@ class MarginHead(HeadBase):
                        grad_filter=self.grad_filter, memory_budget=self.memory_budget)
         check_arguments(features, weight, labels, self.margin, ignore_index=self.ignore_index,
                         class_index=class_index, check_values=self.check_values, **options)
-        rows = single_process_rows(features, labels, self.ignore_index, class_index) if len(self.regularizers) \
-            else None
+        # the labels made safe once (column ids, -1 for none; bad ones marked for a NaN loss): every later step,
+        # the sampler's gathers included, reads these
+        safe = safe_columns(labels, self.ignore_index, num_label_columns(weight, class_index, self.margin),
+                            class_index, self.num_classes)
+        rows = single_process_rows(features, safe.columns, class_index) if len(self.regularizers) else None
         if class_index is None:
-            # an out-of-range label (only with check_values=False) must not reach the sampler's gathers; it
-            # comes back as -2, which the driver treats as out of range: that row's loss is NaN
-            bad = bad_labels(labels, self.num_classes, self.ignore_index)
-            columns = torch.where(bad, torch.full_like(labels, -1), labels)
-            labels, class_index = self.sample_columns(column_labels(columns, self.ignore_index))
-            labels = torch.where(bad, torch.full_like(labels, -2), labels)
-            ignore_index = -1  # column_labels marks ignored rows -1
-        else:
-            ignore_index = self.ignore_index
-        options["check_values"] = self.check_values
-        options["optimizer_slot"] = self.optimizer_slot()
+            columns, index = self.sample_columns(safe.columns)
+            safe = safe._replace(columns=columns, class_index=index)
+        options.update(check_values=self.check_values, sink_factory=self.gradient_sink())
         if rows is None:
-            return checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
-                                                class_index=class_index, **options)
+            return columns_cross_entropy(features, weight, safe, self.margin, **options)
         options["reduction"] = "none"
-        per_row = checked_margin_cross_entropy(features, weight, labels, self.margin, ignore_index=ignore_index,
-                                               class_index=class_index, **options)
+        per_row = columns_cross_entropy(features, weight, safe, self.margin, **options)
         return reduce_rows(per_row + regularizer_rows(self.regularizers, rows), rows.valid, self.reduction)
 
     # ---- checkpoints: HeadBase's extra state (sizes, class range, the Partial FC generator) ----------------

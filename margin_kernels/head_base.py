@@ -7,6 +7,7 @@ depend on how it is sharded) and the same Partial FC draws.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -14,14 +15,17 @@ from torch import nn
 
 from .backends import resolve_backend
 from .losses.base import MarginLoss
+from .optim import fused_weight
+from .optim.fused import FusedOptimizer
+from .optim.fused_weight import COMPILE_REFUSAL
+from .optim.sink import UpdateSink
 from .regularizers import check_regularizers
-from .sampling import INIT_STREAM, PartialFCSampler, derived_seed
+from .initialization import INIT_BLOCK_ROWS, fill_rows_normal  # noqa: F401 (INIT_BLOCK_ROWS: part of the head's API)
+from .sampling import PartialFCSampler
 from .validation import REDUCTIONS, check_head_arguments
 
 #: insightface's PartialFC initialisation of the class weight: N(0, 0.01^2)
 INIT_STD = 0.01
-#: classes per independently seeded block of the initial weight
-INIT_BLOCK_ROWS = 4096
 #: the format of a head's extra state (``_extra_state`` in its state_dict), the same for both heads: a
 #: ``MarginHead``'s state_dict is a one-shard checkpoint, which ``distributed.reshard_state_dicts`` cuts for any
 #: world size, and the shards of a ``DistributedMarginHead`` rejoin into a ``MarginHead``'s
@@ -77,7 +81,7 @@ class HeadBase(nn.Module):
         for regularizer in regularizers:
             regularizer.bind(num_classes=num_classes, embedding_dim=embedding_dim, shard_range=self.shard_range,
                              seed=seed, dtype=self.weight.dtype, device=self.weight.device)
-        self.fused_optimizer, self._fused_slot = None, -1
+        self.fused_optimizer = None
         if optimizer is not None:
             self.fuse(optimizer(self.parameters()) if callable(optimizer) else optimizer)
 
@@ -87,30 +91,29 @@ class HeadBase(nn.Module):
         constructor's ``optimizer=`` does this with an optimizer or a factory ``params -> optimizer``. The
         weight becomes an ``optim.fused_weight.FusedWeight`` (still an nn.Parameter, the same object):
         ``clip_grad_norm_``/``clip_grad_value_`` or a ``GradScaler`` over it raise with the reason."""
-        from .optim import binding, fused, fused_weight
         if self.backend == "reference":
             raise ValueError("backend='reference' builds the full logits and has no fused update: pick a chunked "
                              "backend for a head with a fused optimizer")
-        if not isinstance(optimizer, fused.FusedOptimizer):
+        if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(f"optimizer must be a margin_kernels.optim FusedSGD or FusedAdamW, got "
                             f"{type(optimizer).__name__}")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not any(p is self.weight for p in params):
             raise ValueError("optimizer must hold this head's weight (e.g. FusedSGD(head.parameters(), ...))")
-        if self._fused_slot >= 0:
-            binding.unbind(self._fused_slot)
         fused_weight.mark_fused(self.weight)  # clipping it or GradScaler on it raises (optim.fused_weight)
-        self.fused_optimizer, self._fused_slot = optimizer, binding.bind(optimizer, self.weight)
+        self.fused_optimizer = optimizer
 
-    def optimizer_slot(self) -> int:
-        """The fused optimizer's binding for the op (-1: none); refuses torch.compile in fused mode."""
-        if self._fused_slot >= 0 and torch.compiler.is_compiling():
-            from .optim.fused_weight import COMPILE_REFUSAL
+    def gradient_sink(self):
+        """The op's ``sink_factory`` for this call: the fused optimizer's update of the weight's rows
+        (``optim.sink.UpdateSink``), or None without a fused optimizer. Refuses torch.compile in fused mode."""
+        if self.fused_optimizer is None:
+            return None
+        if torch.compiler.is_compiling():
             raise RuntimeError(COMPILE_REFUSAL)
-        if self._fused_slot >= 0 and self.weight.grad is not None:
+        if self.weight.grad is not None:
             raise RuntimeError("the head's weight has a .grad although its optimizer is fused: mixing a fused "
                                "update with an accumulated gradient is not supported")
-        return self._fused_slot
+        return functools.partial(UpdateSink, self.fused_optimizer, self.weight)
 
     @property
     def num_local(self) -> int:
@@ -175,19 +178,3 @@ class HeadBase(nn.Module):
         shard = "" if self.shard_range == (0, self.num_classes) else f", shard_range={self.shard_range}"
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}{shard}, "
                 f"sample_rate={self.sampler.sample_rate}, backend={self.backend!r}, dtype={self.weight.dtype}")
-
-
-def fill_rows_normal(weight: torch.Tensor, start: int, seed: int, std: float) -> None:
-    """Fill ``weight`` with rows [start, start + len) of one virtual N(0, std^2) class matrix. Rows are drawn
-    in blocks of INIT_BLOCK_ROWS classes, each block from its own generator, so the full matrix does not depend
-    on how it is sharded (on one device type)."""
-    stop = start + weight.shape[0]
-    draw_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    generator = torch.Generator(device=weight.device)
-    for block in range(start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS + 1):
-        first = block * INIT_BLOCK_ROWS
-        generator.manual_seed(derived_seed(seed, INIT_STREAM, first))
-        rows = torch.randn(INIT_BLOCK_ROWS, weight.shape[1], generator=generator, dtype=draw_dtype,
-                           device=weight.device).mul_(std)
-        lo, hi = max(start, first), min(stop, first + INIT_BLOCK_ROWS)
-        weight[lo - start:hi - start].copy_(rows[lo - first:hi - first])

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 
+#: the storage dtypes the package takes for features and weights (every backend, the validation)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 #: product modes, in the order the Triton kernels number them (``PRODUCT`` constexpr)
 PRODUCTS = ("storage", "ieee", "tf32", "bf16", "fp16")
 _MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}

@@ -13,7 +13,7 @@ from .losses.negatives import negative_logits
 from . import row_statistics
 from .losses.reductions import ReductionKind, softplus_terms
 from .subcenters import class_rows, max_over_sub_centers
-from .reduction import accumulation_dtype, empty_batch_loss, reduce_rows
+from .batch_reduction import accumulation_dtype, empty_batch_loss, reduce_rows
 from .validation import NON_FINITE_WEIGHT, check_arguments, check_no_bad_rows, value_check_mode
 
 

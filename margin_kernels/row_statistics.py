@@ -15,28 +15,16 @@ head combines them with one all-reduce). The reference backend derives them from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from . import ops
+from .backends.contract import OpConfig, OpInputs
 from .backends.chunk_loop import _chunk_rows, _gemm_operand, _matmul_acc, default_chunk_size, num_columns
-from .losses.negatives import NegativeSpec, negative_logits
+from .losses.negatives import negative_logits
+from .losses.statistics import HARD_NEGATIVES, NEGATIVE_LSE, StatisticsRequest  # noqa: F401 (re-exported)
 from .norms import inverse_norms
-
-NEGATIVE_LSE = "negative_lse"
-HARD_NEGATIVES = "hard_negatives"
-
-
-@dataclass(frozen=True)
-class StatisticsRequest:
-    kind: str
-    #: the negatives' spec (NEGATIVE_LSE; ignored by HARD_NEGATIVES)
-    spec: NegativeSpec
-    #: (B, 2) row params: the spec's for NEGATIVE_LSE, the threshold T_i in column 0 for HARD_NEGATIVES
-    row_params: torch.Tensor
-
 
 def from_cosines(cos: torch.Tensor, is_target: torch.Tensor, request: StatisticsRequest) -> torch.Tensor:
     """The statistic from a full (B, C) cosine matrix (the reference backend); ``is_target`` masks each row's
@@ -60,12 +48,12 @@ def chunked(x_eff: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, cl
     acc = request.row_params.dtype
     if request.kind == NEGATIVE_LSE:
         # through the registered op (forward only here): torch.compile sees one opaque node, not the kernels
-        spec, dummy = request.spec, torch.zeros(x_eff.shape[0], dtype=acc, device=x_eff.device)
-        no_shift = torch.zeros(1, dtype=acc, device=x_eff.device)
+        dummy = torch.zeros(x_eff.shape[0], dtype=acc, device=x_eff.device)
+        targets = ops.TargetPairs(dummy, dummy, torch.zeros_like(columns))  # no gradient is taken here
         # the softmax reduction, K = 1: no statistics loss is binary or has sub-centers
-        return ops.margin_lse(x_eff.contiguous(), weight, columns, request.row_params.contiguous(), class_index,
-                              dummy, dummy, no_shift, normalize_weight, int(spec.kind), spec.scale, spec.a, spec.b,
-                              int(spec.reduction), spec.clamp, backend, chunk_size or 0, 0.0, product, 1, 0)[0]
+        config = OpConfig(request.spec, normalize_weight, backend, chunk_size or 0, product=product)
+        inputs = OpInputs(x_eff.contiguous(), weight, columns, request.row_params.contiguous(), class_index)
+        return ops.margin_lse(inputs, targets, torch.zeros(1, dtype=acc, device=x_eff.device), config)[0]
     batch = x_eff.shape[0]
     # unchecked bad ids (check_values=False) are never read: the driver makes their rows NaN (K = 1 here)
     class_index = ops.clamped_index(class_index, weight.shape[0])

@@ -9,8 +9,8 @@ import torch
 from .backends import check_backend_name
 from .losses.base import MarginLoss
 from .memory_budget import check_memory_budget
+from .precision import FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -184,6 +184,9 @@ def value_check_mode(check_values: bool, device: torch.device) -> Optional[str]:
 
 
 def bad_labels(labels: torch.Tensor, num_columns: int, ignore_index: int) -> torch.Tensor:
+    """Labels that are neither ``ignore_index`` nor a column id, compared as int64 (in their own dtype a uint8
+    255 would equal ignore_index -1 and an int8 label could not reach a class count above 127)."""
+    labels = labels.long()
     return (labels != ignore_index) & ((labels < 0) | (labels >= num_columns))
 
 

@@ -1,10 +1,11 @@
-"""Constants restated in another language must equal Python's: the negative kinds and the norm eps in the
+"""Constants restated in another language must equal Python's: the negative kinds, the reductions and the norm eps in the
 compiled C++ (csrc/margin_math.h) and in the Triton kernels, and the N(0, 0.01) initialisation of both heads."""
 import pytest
 
 import margin_kernels as mk
 from margin_kernels import _native, norms
 from margin_kernels.losses.negatives import NegativeKind
+from margin_kernels.losses.reductions import ReductionKind
 
 
 def _extension():
@@ -14,9 +15,10 @@ def _extension():
     return ext
 
 
-def test_cpp_negative_kinds_and_norm_eps_match_python():
+def test_cpp_negative_kinds_reductions_and_norm_eps_match_python():
     constants = _extension().constants()
     assert constants["negative_kinds"] == {kind.name: int(kind) for kind in NegativeKind}
+    assert constants["reduction_kinds"] == {kind.name: int(kind) for kind in ReductionKind}
     assert constants["num_negative_kinds"] == len(NegativeKind)
     assert constants["norm_eps"] == norms.NORM_EPS
 

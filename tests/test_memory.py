@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import margin_kernels as mk
 from margin_kernels.backends import chunk_loop, torch_backend
+from margin_kernels.backends.contract import CallState, OpConfig, OpInputs, RowGrads
 from tests.helpers import random_problem
 
 
@@ -53,15 +54,15 @@ def test_backend_internals_stay_within_a_chunk():
     x, w, labels = random_problem(B, C, D, dtype=torch.float32)
     margin = mk.CurricularFace()
     row_params = torch.rand(B, 2)
-    spec = margin.negative_spec()
+    config = OpConfig(margin.negative_spec(), chunk_size=CHUNK)
     log = AllocationLog()
     with log:
-        lse = torch_backend.lse_forward(x, w, labels, row_params, None, spec, True, CHUNK)
+        lse = torch_backend.lse_forward(OpInputs(x, w, labels, row_params, None), config, CallState())
     assert max(log.sizes) <= B * CHUNK
     log = AllocationLog()
     with log:
-        torch_backend.lse_backward(x, w, labels, row_params, None, spec, True, lse, torch.rand(B),
-                                   torch.rand(B), CHUNK)
+        torch_backend.lse_backward(OpInputs(x, w, labels, row_params, None), config,
+                                   RowGrads(lse, torch.rand(B), torch.rand(B)), CallState())
     big = [n for n in log.sizes if n > B * CHUNK]
     assert big == [C * D], f"only dW may exceed a chunk, got {big}"
 

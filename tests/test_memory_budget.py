@@ -21,7 +21,9 @@ import torch
 import margin_kernels as mk
 from margin_kernels import memory_budget as mb
 from margin_kernels.backends import chunk_loop, unavailable_reason
+from margin_kernels.backends.contract import OpConfig, OpInputs
 from margin_kernels.backends.kept_tiles import KeptTiles, keep_columns, kept_whole_chunks
+from margin_kernels.ops import TargetPairs, margin_lse
 from tests.helpers import LOSS_NAMES, compare_with_reference, loss_and_grads, make_loss, random_problem
 from tests.tolerances import COMPILE_VS_EAGER, bounds
 
@@ -77,28 +79,23 @@ def test_budgeted_meets_the_reference_bounds(backend, name):
 def _op_inputs(backend, keep):
     x, w, labels = random_problem(B, C, D, dtype=torch.float32)
     x = torch.nn.functional.normalize(x, dim=1)
-    spec = mk.ArcFace().negative_spec()
-    row_params = torch.zeros(B, 2)
-    zeros = torch.zeros(B)
-    fwd = (x, w, labels, row_params, None, zeros, torch.ones(B), torch.zeros(1), True, int(spec.kind), spec.scale,
-           spec.a, spec.b, int(spec.reduction), spec.clamp, backend, CHUNK, 0.0, "ieee", 1, keep)
-    return fwd
+    config = OpConfig(mk.ArcFace().negative_spec(), True, backend, CHUNK, product="ieee", keep_cols=keep)
+    inputs = OpInputs(x, w, labels, torch.zeros(B, 2), None)
+    targets = TargetPairs(torch.zeros(B), torch.ones(B), labels.clamp_min(0))
+    return inputs, targets, torch.zeros(1), config
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_reads_the_kept_tiles(backend):
     """Corrupting the kept tiles changes dx only when the backward reads them (every column kept)."""
     _skip_unless_available(backend)
-    fwd = _op_inputs(backend, C)
-    lse, _, _, saved = torch.ops.margin_kernels.margin_lse(*fwd)
-    x, w, labels, row_params, class_index = fwd[:5]
-    shift, consts = fwd[7], fwd[8:]
+    inputs, targets, shift, config = _op_inputs(backend, C)
+    lse, _, _, saved = margin_lse(inputs, targets, shift, config)
     g = torch.ones(B)
 
     def backward(buffer):
-        return torch.ops.margin_kernels.margin_lse_backward(x, w, labels, row_params, class_index, lse, g,
-                                                            torch.zeros(B), torch.zeros(B), shift, buffer,
-                                                            *consts)
+        return torch.ops.margin_kernels.margin_lse_backward(*inputs, targets.norm, targets.rows, shift, lse, g,
+                                                            torch.zeros(B), torch.zeros(B), buffer, *config.pack())
 
     store = KeptTiles(saved.clone(), B, C, C, True)
     clean = backward(store.flat)
@@ -114,7 +111,8 @@ def test_the_buffer_holds_norms_only_for_a_backend_that_reads_them(backend, keep
     itself unless it reads kept tiles, so without a budget the op allocates nothing for it. The fake (what
     torch.compile traces) allocates the same size."""
     _skip_unless_available(backend)
-    fwd = _op_inputs(backend, keep)
+    inputs, targets, shift, config = _op_inputs(backend, keep)
+    fwd = (*inputs, *targets, shift, *config.pack())
     saved = torch.ops.margin_kernels.margin_lse(*fwd)[3]
     norms = 0 if backend == "triton" and keep == 0 else C
     assert saved.numel() == norms + B * keep

@@ -24,6 +24,7 @@ import torch
 import margin_kernels as mk
 from margin_kernels import _native, backends, native_build
 from margin_kernels.backends import chunk_loop, cpu_backend, resolve_backend, unavailable_reason
+from margin_kernels.backends.contract import CallState, OpConfig, OpInputs
 from margin_kernels.backends.native_epilogue import NativeEpilogue
 from margin_kernels.backends.torch_backend import TorchEpilogue
 from margin_kernels.losses.negatives import NegativeKind, NegativeSpec
@@ -368,13 +369,13 @@ def test_binding_checks_name_function_and_argument(cpu_ext):
 
 def test_cpu_backend_rejects_wrong_device_and_shapes(cpu_ext):
     x, w, labels = torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)
-    rp, spec = torch.zeros(3, 2), NegativeSpec()
+    rp, config = torch.zeros(3, 2), OpConfig(backend="cpu")
     with pytest.raises(ValueError, match="weight is on meta"):
-        cpu_backend.lse_forward(x, w.to("meta"), labels, rp, None, spec, True, None)
+        cpu_backend.lse_forward(OpInputs(x, w.to("meta"), labels, rp, None), config, CallState())
     with pytest.raises(ValueError, match="row_params"):
-        cpu_backend.lse_forward(x, w, labels, rp[:, :1], None, spec, True, None)
+        cpu_backend.lse_forward(OpInputs(x, w, labels, rp[:, :1], None), config, CallState())
     with pytest.raises(TypeError, match="same dtype"):
-        cpu_backend.lse_forward(x, w.double(), labels, rp, None, spec, True, None)
+        cpu_backend.lse_forward(OpInputs(x, w.double(), labels, rp, None), config, CallState())
 
 
 @pytest.mark.cuda
@@ -388,7 +389,8 @@ def test_cuda_rejects_mixed_devices_with_names(cuda_ext):
                               torch.cuda.current_stream().cuda_stream)
     x, w = torch.zeros(4, 6, device="cuda"), torch.zeros(9, 6)
     with pytest.raises(ValueError, match="weight is on cpu"):
-        mk.backends.get_backend("cuda").lse_forward(x, w, labels.cuda(), rp, None, mk.losses.NegativeSpec(), True, None)
+        mk.backends.get_backend("cuda").lse_forward(OpInputs(x, w, labels.cuda(), rp, None),
+                                                     OpConfig(backend="cuda"), CallState())
 
 
 # ---- loading ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 
 import margin_kernels as mk
 from margin_kernels.backends import torch_backend, unavailable_reason
+from margin_kernels.backends.contract import CallState, OpConfig, OpInputs, RowGrads
 from margin_kernels.distributed import reshard_state_dicts
 from margin_kernels.distributed.sharding import row_range, shard_ranges
 from margin_kernels.subcenters import class_rows, max_over_sub_centers
@@ -60,15 +61,15 @@ def test_chunk_loop_internals_stay_within_a_chunk_of_rows():
     """Every tensor the torch backend allocates is at most B x (chunk K), the chunk's own tile, except dW."""
     x, w, labels = random_problem(B, C, D, dtype=torch.float32, sub_centers=K)
     margin = mk.SubCenterArcFace(sub_centers=K)
-    spec, row_params = margin.negative_spec(), torch.zeros(B, 2)
+    config, row_params = OpConfig(margin.negative_spec(), chunk_size=CHUNK, sub_centers=K), torch.zeros(B, 2)
     log = AllocationLog()
     with log:
-        lse = torch_backend.lse_forward(x, w, labels, row_params, None, spec, True, CHUNK, sub_centers=K)
+        lse = torch_backend.lse_forward(OpInputs(x, w, labels, row_params, None), config, CallState())
     assert max(log.sizes) <= B * CHUNK * K
     log = AllocationLog()
     with log:
-        torch_backend.lse_backward(x, w, labels, row_params, None, spec, True, lse, torch.rand(B), torch.rand(B),
-                                   CHUNK, sub_centers=K)
+        torch_backend.lse_backward(OpInputs(x, w, labels, row_params, None), config,
+                                   RowGrads(lse, torch.rand(B), torch.rand(B)), CallState())
     big = [n for n in log.sizes if n > B * CHUNK * K]
     assert big == [C * K * D], f"only dW may exceed a chunk's tile, got {big}"
 

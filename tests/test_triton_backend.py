@@ -31,6 +31,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton backen
 import margin_kernels as mk  # noqa: E402
 from margin_kernels.backends import available_backends, triton_backend  # noqa: E402
 from margin_kernels.backends import triton_configs as configs  # noqa: E402
+from margin_kernels.backends.contract import CallState, OpConfig, OpInputs  # noqa: E402
 from margin_kernels.losses.negatives import NegativeKind  # noqa: E402
 from tests.helpers import Errors, loss_and_grads, make_loss, random_problem, rel_err, twin  # noqa: E402
 from tests.tolerances import TOLERANCES  # noqa: E402
@@ -169,8 +170,8 @@ def test_changing_interpret_mode_after_import_is_reported(monkeypatch):
     assert "before the first `import triton`" in triton_backend.unavailable_reason()
     x, w, labels = random_problem(4, 8, 16, dtype=torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        triton_backend.lse_forward(x, w, labels, torch.zeros(4, 2, device=DEVICE), None,
-                                   make_loss("arcface").negative_spec(), True, None)
+        triton_backend.lse_forward(OpInputs(x, w, labels, torch.zeros(4, 2, device=DEVICE), None),
+                                   OpConfig(make_loss("arcface").negative_spec(), backend="triton"), CallState())
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         mk.margin_cross_entropy(x, w, labels, make_loss("arcface"), backend="triton")
 

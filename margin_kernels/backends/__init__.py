@@ -1,30 +1,27 @@
 """The backend registry: one entry per backend, as data.
 
-Every backend module implements the same two calls over the same loss description:
+Every backend module implements the same two calls over the same loss description (``contract.py``):
 
-    lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                product="storage", sub_centers=1, shift=None, store=None) -> lse (B,)
-    lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                 g_cos_target, chunk_size, grad_filter, product="storage", sub_centers=1, shift=None,
-                 store=None, sink=None) -> (dx, dweight, dshift)
+    lse_forward(inputs: OpInputs, config: OpConfig, state: CallState) -> lse (B,)
+    lse_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state: CallState) -> (dx, dweight, dshift)
 
 and ``unavailable_reason() -> Optional[str]`` (None when it can run in this process). ``lse`` is the per-row
-log-sum-exp over the *negative* logits (target column excluded); ``labels`` are column indices into
-``weight`` (or into ``class_index`` when given), -1 for rows without a target. ``grad_filter > 0`` allows
-skipping the dx/dW products of tiles whose |dL/dcos| are all below it (counted in ``filter_stats``).
-``spec.reduction`` SOFTPLUS_SUM (the binary family, ``losses/reductions.py``) makes ``lse`` the row's sum of
-softplus(clamp(z + shift)) instead; ``shift`` is a (1,) tensor (None: 0) and ``dshift`` (1,) its gradient,
-summed in a fixed order (zeros for LSE). ``product`` is how fp32 operands are multiplied (``margin_kernels.precision``: "ieee", "tf32", "bf16",
-"fp16"; "storage" for other dtypes); a backend that cannot choose documents what it does instead.
-``sub_centers`` = K > 1: ``weight`` has K adjacent rows per class (``class_index`` and ``labels`` still count
-classes) and a class's cosine is the max over its rows (``margin_kernels.subcenters``).
-``store`` (``kept_tiles.KeptTiles``, from the op; None when a test calls a backend directly): the forward
-writes the inverse weight norms and the tiles of the columns the store has room for (after
-``store.use_chunk(chunk)``), the backward reads them instead of recomputing (``store.tile`` decides, per chunk).
-The store counts weight rows (K per class with sub-centers).
-``sink`` (a ``chunk_loop.ChunkSink``: a fused optimizer's update, or an in-place add into an existing
-``weight.grad``) receives each chunk's finished dW rows (K per class) from a chunk-sized buffer instead of a
-dense dW, and ``dweight`` comes back None (dx and dshift as without it).
+log-sum-exp over the *negative* logits (target column excluded); ``inputs.labels`` are column indices into
+``weight`` (or into ``class_index`` when given), -1 for rows without a target. ``config.grad_filter > 0``
+allows skipping the dx/dW products of tiles whose |dL/dcos| are all below it (counted in ``filter_stats``).
+``config.spec.reduction`` SOFTPLUS_SUM (the binary family, ``losses/reductions.py``) makes ``lse`` the row's
+sum of softplus(clamp(z + shift)) instead; ``state.shift`` is a (1,) tensor (None: 0) and ``dshift`` (1,) its
+gradient, summed in a fixed order (zeros for LSE). ``config.product`` is how fp32 operands are multiplied
+(``margin_kernels.precision``: "ieee", "tf32", "bf16", "fp16"; "storage" for other dtypes); a backend that
+cannot choose documents what it does instead. ``config.sub_centers`` = K > 1: ``weight`` has K adjacent rows
+per class (``class_index`` and ``labels`` still count classes) and a class's cosine is the max over its rows
+(``margin_kernels.subcenters``). ``state.store`` (``kept_tiles.KeptTiles``, from the op; None when a test calls
+a backend directly): the forward writes the inverse weight norms and the tiles of the columns the store has
+room for (after ``store.use_chunk(chunk)``), the backward reads them instead of recomputing (``store.tile``
+decides, per chunk). The store counts weight rows (K per class with sub-centers). ``state.sink``
+(``sinks.ChunkSink``: a fused optimizer's update, or an in-place add into an existing ``weight.grad``) receives
+each chunk's finished dW rows (K per class) from a chunk-sized buffer instead of a dense dW, and ``dweight``
+comes back None (dx and dshift as without it).
 
 A backend's module is imported at most once per process, and whether it can run here is probed once and
 remembered: resolving ``backend="auto"`` is then a dictionary lookup, and under ``torch.compile`` the

@@ -3,7 +3,7 @@ chunks in backward. It is backend-neutral: the elementwise work is an *epilogue*
 
 Memory: besides dW (C x d, the gradient itself) it allocates O(B x chunk) per chunk and O(B x d) for dx; no
 B x C matrix and no normalised copy of W. Where a chunk's dW rows go is a *gradient sink* (``ChunkSink``):
-the dense dW by default (``_DenseStore``), or a fused optimizer's update or an in-place add into an existing
+the dense dW by default (``DenseSink``), or a fused optimizer's update or an in-place add into an existing
 ``weight.grad`` (``margin_kernels.optim.sink``), which takes them from a chunk-sized buffer, with no dW at all.
 Per chunk it runs two GEMMs in forward-recompute and two more in backward (the GEMM floor of the whole loss
 is 4 x 2 B C d FLOPs: forward, recompute, dx, dW). With a kept-tile store (``kept_tiles``,
@@ -20,16 +20,19 @@ the Triton backend (``num_columns``, ``finite_lse``) live here too.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol
+from typing import Optional
 
 import torch
 
 from ..losses.negatives import NegativeSpec
 from ..losses.reductions import ReductionKind
 from ..precision import CAST_DTYPES
-from ..subcenters import class_rows
 from . import filter_stats
-from .kept_tiles import KeptTiles, chunks
+from .contract import CallState, OpConfig, OpInputs, RowGrads
+from .epilogue import Epilogue
+from .kept_tiles import chunks
+from .sinks import ChunkSink, DenseSink, chunk_row_ids
+from .subcenter_epilogue import SubCenterEpilogue
 
 #: classes per chunk on CUDA at B = 512 (what memory_model assumes; ``default_chunk_size`` scales it with B)
 DEFAULT_CHUNK_SIZE = 8192
@@ -62,48 +65,6 @@ def default_chunk_size(batch: int, device_type: str = "cpu", sub_centers: int = 
     else:
         width = _power_of_two_within(CPU_TILE_ELEMENTS // max(batch, 1), CPU_MIN_CHUNK, CPU_MAX_CHUNK)
     return max(1, width // sub_centers)
-
-
-class TileGrad(NamedTuple):
-    """What the backward epilogue hands back to the loop for one tile."""
-
-    grad: torch.Tensor  #: dL/d(x_i . w_j), the operand of the dx and dW GEMMs (includes 1/|w_j| when normalised)
-    col_dot: Optional[torch.Tensor]  #: sum_i dL/dc_ij * c_ij per class (normalised weights only)
-    max_abs: Optional[torch.Tensor]  #: max |dL/dc_ij| over the tile (only when asked: gradient filtering)
-    #: 1/factor when ``grad`` was multiplied by a power of two before rounding to fp16 (gradient_scale), else None
-    inv_factor: Optional[torch.Tensor] = None
-    #: the binary reduction: sum over the tile's negatives of dL/dz_ij, the tile's share of the shift's gradient
-    shift_grad: Optional[torch.Tensor] = None
-
-
-class Epilogue(Protocol):
-    """The elementwise work of the loop. ``inv_norm`` is None when the loss uses raw weights; ``cos`` holds
-    the raw dot products x_i . w_j (the epilogue divides by |w_j| itself) and may be overwritten."""
-
-    def inv_norms(self, w: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-        """1 / max(|w_j|, eps) for the rows of a chunk of W, in acc_dtype."""
-
-    def forward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
-                     row_params: torch.Tensor, spec: NegativeSpec, run_max: torch.Tensor,
-                     run_sum: torch.Tensor, shift: Optional[torch.Tensor] = None) -> None:
-        """Merge logits of the negatives of this tile into the running max/sum (in place); for the binary
-        reduction add the tile's softplus terms of z + shift to run_sum (run_max stays unused)."""
-
-    def backward_tile(self, cos: torch.Tensor, inv_norm: Optional[torch.Tensor], labels: torch.Tensor, col0: int,
-                      row_params: torch.Tensor, spec: NegativeSpec, lse: torch.Tensor, g_lse: torch.Tensor,
-                      g_cos_target: torch.Tensor, want_max_abs: bool,
-                      grad_dtype: Optional[torch.dtype] = None, shift: Optional[torch.Tensor] = None) -> TileGrad:
-        """dL/dcos for this tile (target column: g_cos_target), ready for the GEMMs: in place in the tile, or,
-        with ``grad_dtype`` (a 16-bit GEMM operand dtype), a new tile in that dtype, scaled for fp16 as
-        ``gradient_scale`` says (the factor includes the 1/|w_j| folded into it); for the binary reduction also
-        the tile's sum of dL/dz (``shift_grad``)."""
-
-    def finish_dw(self, dw: torch.Tensor, w: torch.Tensor, col_dot: Optional[torch.Tensor],
-                  inv_norm: Optional[torch.Tensor], inv_factor: Optional[torch.Tensor] = None,
-                  out: Optional[torch.Tensor] = None) -> None:
-        """The dW GEMM output's epilogue: dw_j * inv_factor - col_dot_j / |w_j|^2 * w_j (the normalisation
-        backward; no col_dot: raw weights), in place, or written to ``out`` (the gradient's rows, in their
-        dtype). Without inv_factor and out (the fp32 path) ``w`` is in dw's dtype and col_dot is given."""
 
 
 def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype,
@@ -157,7 +118,7 @@ def mixed_mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.
     return a.to(acc_dtype) @ b.to(acc_dtype)
 
 
-class _Scratch:
+class Scratch:
     """Per-call reusable buffers (tile B x chunk, dW chunk x d): one allocation per call instead of one per
     chunk; a shorter last chunk takes a contiguous view of the front of the same storage."""
 
@@ -171,14 +132,6 @@ class _Scratch:
         return flat[: rows * cols].view(rows, cols)
 
 
-def chunk_row_ids(class_index: Optional[torch.Tensor], col0: int, col1: int, sub_centers: int = 1):
-    """Which weight rows columns [col0, col1) are (K adjacent rows per class with sub-centers): a (start, stop)
-    pair without a class subset (a contiguous block), else their row ids."""
-    if class_index is None:
-        return col0 * sub_centers, col1 * sub_centers
-    return class_rows(class_index[col0:col1], sub_centers)
-
-
 def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0: int, col1: int,
                 sub_centers: int = 1) -> torch.Tensor:
     """The weight rows of columns [col0, col1) themselves (a view without a class subset)."""
@@ -186,12 +139,9 @@ def _chunk_rows(weight: torch.Tensor, class_index: Optional[torch.Tensor], col0:
     return weight[rows[0]:rows[1]] if isinstance(rows, tuple) else weight.index_select(0, rows)
 
 
-def _with_sub_centers(epilogue: "Epilogue", sub_centers: int) -> "Epilogue":
+def _with_sub_centers(epilogue: Epilogue, sub_centers: int) -> Epilogue:
     """The epilogue itself, or wrapped to take each class's max over its K rows (subcenter_epilogue)."""
-    if sub_centers == 1:
-        return epilogue
-    from .subcenter_epilogue import SubCenterEpilogue  # it imports TileGrad from here
-    return SubCenterEpilogue(epilogue, sub_centers)
+    return epilogue if sub_centers == 1 else SubCenterEpilogue(epilogue, sub_centers)
 
 
 def num_columns(weight, class_index, sub_centers: int = 1) -> int:
@@ -219,7 +169,7 @@ def reduced_negatives(run_max: torch.Tensor, run_sum: torch.Tensor, spec: Negati
     return run_max + torch.log(run_sum)
 
 
-def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: "Epilogue", store):
+def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: Epilogue, store):
     """1/||w_j|| of every weight row at once into the store when W needs no conversion (one pass, one parallel
     region, instead of one per chunk); None: the loop computes them per chunk (``_chunk_norms``). The norms are
     always those of the stored rows (a cast product operand would round them first)."""
@@ -229,7 +179,7 @@ def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: "
     return store.inv_norm
 
 
-def _chunk_norms(w_stored, row0: int, row1: int, normalize_weight: bool, acc, epilogue: "Epilogue", store, known):
+def _chunk_norms(w_stored, row0: int, row1: int, normalize_weight: bool, acc, epilogue: Epilogue, store, known):
     """The chunk's inverse norms (weight rows [row0, row1)): from the per-call vector ``known`` (or the store,
     in backward), else computed from the chunk's stored rows (and written into the store for the backward)."""
     if not normalize_weight:
@@ -242,25 +192,34 @@ def _chunk_norms(w_stored, row0: int, row1: int, normalize_weight: bool, acc, ep
     return inv_norm
 
 
+def _unpacked(inputs: OpInputs, config: OpConfig, epilogue: Epilogue):
+    """The loop's locals from the call: (x, weight, labels, row_params, class_index, spec, normalise, chunk,
+    epilogue with the sub-center adapter where K > 1)."""
+    x, weight, labels, row_params, class_index = inputs
+    k = config.sub_centers
+    chunk = config.chunk_size or default_chunk_size(x.shape[0], x.device.type, k)
+    return (x, weight, labels, row_params, class_index, config.spec, config.normalize_weight, chunk,
+            _with_sub_centers(epilogue, k))
+
+
 @torch.no_grad()
-def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                    chunk_size: int, epilogue: Epilogue, operand_dtype: Optional[torch.dtype] = None,
-                    sub_centers: int = 1, shift: Optional[torch.Tensor] = None,
-                    store: Optional[KeptTiles] = None) -> torch.Tensor:
+def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilogue: Epilogue,
+                    operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The rows' reduced negatives (log-sum-exp, or the binary family's softplus sum). ``operand_dtype``: see
-    _gemm_operand. ``chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is B x (chunk K).
-    With a ``store`` (``kept_tiles``, counting weight rows) its inverse norms are written once per call and the
-    tiles of its kept rows are the GEMM's output buffers (the epilogue only reads them)."""
+    _gemm_operand. ``config.chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is
+    B x (chunk K). With a ``state.store`` (``kept_tiles``, counting weight rows) its inverse norms are written
+    once per call and the tiles of its kept rows are the GEMM's output buffers (the epilogue only reads them)."""
+    x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
+        _unpacked(inputs, config, epilogue)
+    k, store = config.sub_centers, state.store
     acc = row_params.dtype
-    epilogue = _with_sub_centers(epilogue, sub_centers)
-    k = sub_centers
-    shift = zero_shift(shift, row_params)
+    shift = zero_shift(state.shift, row_params)
     batch = x.shape[0]
     run_max = torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
     run_sum = torch.zeros(batch, dtype=acc, device=x.device)
     num_cols = num_columns(weight, class_index, k)
     x_mm = _gemm_operand(x, acc, operand_dtype)
-    scratch = _Scratch(x.device, acc)
+    scratch = Scratch(x.device, acc)
     known = _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store)
     if store is not None:
         store.use_chunk(chunk_size * k)
@@ -279,33 +238,32 @@ def chunked_forward(x, weight, labels, row_params, class_index, spec: NegativeSp
 
 
 @torch.no_grad()
-def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeSpec, normalize_weight: bool,
-                     lse, g_lse, g_cos_target, chunk_size: int, epilogue: Epilogue, grad_filter: float = 0.0,
-                     operand_dtype: Optional[torch.dtype] = None, sub_centers: int = 1,
-                     shift: Optional[torch.Tensor] = None, store: Optional[KeptTiles] = None,
-                     sink: Optional["ChunkSink"] = None):
-    """(dx, dW, d shift). Per chunk: the forward's fp32 tile (kept in ``store``, else recomputed by a GEMM), the
-    epilogue's dL/dcos, then the dx
-    and dW GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage, sub-centers) or on a 16-bit copy the
-    epilogue writes instead (``gradient_operand_dtype``: tensor cores, half the bytes), whose fp32 outputs
-    ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one pass. d shift sums the tiles'
-    shares in chunk order (deterministic; zero for LSE). With a ``sink`` (``ChunkSink``: optim.sink, a fused
-    optimizer) each chunk's finished dW rows go to ``sink.store`` from a chunk-sized buffer, and dW is None."""
+def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state: CallState, epilogue: Epilogue,
+                     operand_dtype: Optional[torch.dtype] = None):
+    """(dx, dW, d shift). Per chunk: the forward's fp32 tile (kept in ``state.store``, else recomputed by a GEMM),
+    the epilogue's dL/dcos, then the dx and dW GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage,
+    sub-centers) or on a 16-bit copy the epilogue writes instead (``gradient_operand_dtype``: tensor cores, half
+    the bytes), whose fp32 outputs ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one
+    pass. d shift sums the tiles' shares in chunk order (deterministic; zero for LSE). With a ``state.sink``
+    (``sinks.ChunkSink``: an in-place add into ``weight.grad``, a fused optimizer) each chunk's finished dW rows
+    go to ``sink.store`` from a chunk-sized buffer, and dW is None."""
+    x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
+        _unpacked(inputs, config, epilogue)
+    k, store, sink, grad_filter = config.sub_centers, state.store, state.sink, config.grad_filter
+    lse, g_lse, g_cos_target = grads
     acc = row_params.dtype
-    epilogue = _with_sub_centers(epilogue, sub_centers)
-    k = sub_centers
-    shift = zero_shift(shift, row_params)
+    shift = zero_shift(state.shift, row_params)
     dshift = torch.zeros(1, dtype=acc, device=x.device)
     batch, dim = x.shape
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     if sink is not None and sink.sub_centers != k:
         raise ValueError(f"sink: made for {sink.sub_centers} sub-centers, the call has {k}")
-    dw_sink = _DenseStore(weight, class_index, acc, k) if sink is None else sink
+    dw_sink = DenseSink(weight, class_index, acc, k) if sink is None else sink
     x_mm = _gemm_operand(x, acc, operand_dtype)
     x_acc = None  # the fp32 path's dW operand, made on first use
     lse = finite_lse(lse)
     num_cols = num_columns(weight, class_index, k)
-    scratch = _Scratch(x.device, acc)
+    scratch = Scratch(x.device, acc)
     known = None if store is None else store.inv_norm
     if store is not None:
         store.use_chunk(chunk_size * k)
@@ -349,64 +307,3 @@ def chunked_backward(x, weight, labels, row_params, class_index, spec: NegativeS
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), (dw_sink.dweight if sink is None else None), dshift
-
-
-class ChunkSink:
-    """Where the loop puts each chunk's finished dW rows (K per class with sub-centers): the dense dW by default
-    (``_DenseStore``); a fused optimizer's update or an in-place add into an existing ``weight.grad``
-    (``optim.sink``) otherwise, handed the rows in a chunk-sized accumulation-dtype buffer it may overwrite.
-    ``class_index`` and ``sub_centers`` say which weight rows a chunk's columns are (``weight_rows``)."""
-
-    def __init__(self, class_index: Optional[torch.Tensor], sub_centers: int = 1):
-        self.class_index, self.sub_centers = class_index, sub_centers
-
-    def weight_rows(self, col0: int, col1: int):
-        """The weight rows of columns [col0, col1) (``chunk_row_ids``)."""
-        return chunk_row_ids(self.class_index, col0, col1, self.sub_centers)
-
-    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def acc_buffer(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> torch.Tensor:
-        """Where the fp32 path's dW GEMM writes the chunk's rows."""
-        return scratch.get("dw", (col1 - col0) * self.sub_centers, dim)
-
-    def rows_buffer(self, col0: int, col1: int, w_stored: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-        """Where the 16-bit path's finish_dw writes the chunk's rows (K = 1 there)."""
-        return scratch.get("dw", col1 - col0, w_stored.shape[1])
-
-    def skip(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> None:
-        """A filtered-out chunk: its gradient is zero (an update still runs it: decay and momentum)."""
-        self.store(col0, col1, self.acc_buffer(col0, col1, scratch, dim).zero_())
-
-
-class _DenseStore(ChunkSink):
-    """The default gradient sink: the dense dW (C x d, the weight's dtype), written chunk by chunk."""
-
-    def __init__(self, weight: torch.Tensor, class_index: Optional[torch.Tensor], acc: torch.dtype,
-                 sub_centers: int):
-        super().__init__(class_index, sub_centers)
-        # with a class subset only the sampled rows are written; the rest of dW must read as zero
-        self.dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
-        # the dW GEMM can write straight into dweight's rows (no copy) when they are a plain fp32/fp64 slice
-        self.in_place = class_index is None and weight.dtype == acc and self.dweight.is_contiguous()
-
-    def acc_buffer(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> torch.Tensor:
-        if self.in_place:
-            return self.dweight[col0 * self.sub_centers:col1 * self.sub_centers]
-        return super().acc_buffer(col0, col1, scratch, dim)
-
-    def rows_buffer(self, col0: int, col1: int, w_stored: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-        return self.dweight[col0:col1] if self.class_index is None else torch.empty_like(w_stored)
-
-    def store(self, col0: int, col1: int, dw: torch.Tensor) -> None:
-        rows = self.weight_rows(col0, col1)
-        if not isinstance(rows, tuple):
-            self.dweight.index_copy_(0, rows, dw.to(self.dweight.dtype))
-        elif dw.data_ptr() != self.dweight[rows[0]:rows[1]].data_ptr():
-            self.dweight[rows[0]:rows[1]].copy_(dw)
-
-    def skip(self, col0: int, col1: int, scratch: _Scratch, dim: int) -> None:
-        """A filtered-out chunk: zero rows (with a class subset dW is zero already)."""
-        if self.class_index is None:
-            self.dweight[col0 * self.sub_centers:col1 * self.sub_centers].zero_()

@@ -18,7 +18,9 @@ from .. import _native
 from ..losses.negatives import NegativeSpec
 from ..losses.reductions import ReductionKind
 from . import chunk_loop
-from .chunk_loop import TileGrad, product_operand_dtype
+from .chunk_loop import product_operand_dtype
+from .contract import OpInputs, RowGrads
+from .epilogue import TileGrad
 from .gradient_scale import chunk_operand_scale
 
 
@@ -88,10 +90,6 @@ class NativeBackend:
     def __init__(self, name: str, device_type: str):
         self.name, self.device_type = name, device_type
 
-    def default_chunk_size(self, batch: int, sub_centers: int = 1) -> int:
-        """The chunk used when the caller passes none: the chunk loop's policy for this device type."""
-        return chunk_loop.default_chunk_size(batch, self.device_type, sub_centers)
-
     def unavailable_reason(self) -> Optional[str]:
         if self.device_type == "cuda":
             if torch.version.cuda is None:
@@ -127,25 +125,21 @@ class NativeBackend:
     def _row_vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(dtype).contiguous()
 
-    def lse_forward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size,
-                    product="storage", sub_centers=1, shift=None, store=None):
-        self._check(x, weight, labels, row_params, class_index)
-        return chunk_loop.chunked_forward(
-            x, weight, labels.long().contiguous(), row_params.contiguous(),
-            None if class_index is None else class_index.long(), spec, normalize_weight,
-            chunk_size or self.default_chunk_size(x.shape[0], sub_centers), self._epilogue(),
-            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers, shift=shift, store=store)
+    def _inputs(self, inputs: OpInputs) -> OpInputs:
+        """The inputs checked, with int64 ids and contiguous row parameters (once per call, not per tile)."""
+        self._check(*inputs)
+        x, weight, labels, row_params, class_index = inputs
+        return OpInputs(x, weight, labels.long().contiguous(), row_params.contiguous(),
+                        None if class_index is None else class_index.long())
 
-    def lse_backward(self, x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                     g_cos_target, chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None,
-                     store=None, sink=None):
-        self._check(x, weight, labels, row_params, class_index)
+    def lse_forward(self, inputs, config, state):
+        inputs = self._inputs(inputs)
+        return chunk_loop.chunked_forward(inputs, config, state, self._epilogue(),
+                                          product_operand_dtype(config.product, inputs.x))
+
+    def lse_backward(self, inputs, config, grads, state):
+        inputs = self._inputs(inputs)
         epilogue = self._epilogue()
-        acc = row_params.dtype
-        return chunk_loop.chunked_backward(
-            x, weight, labels.long().contiguous(), row_params.contiguous(),
-            None if class_index is None else class_index.long(), spec, normalize_weight,
-            self._row_vector(lse, acc), self._row_vector(g_lse, acc), self._row_vector(g_cos_target, acc),
-            chunk_size or self.default_chunk_size(x.shape[0], sub_centers), epilogue, grad_filter,
-            operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers, shift=shift, store=store,
-            sink=sink)
+        grads = RowGrads(*(self._row_vector(t, inputs.row_params.dtype) for t in grads))
+        return chunk_loop.chunked_backward(inputs, config, grads, state, epilogue,
+                                           product_operand_dtype(config.product, inputs.x))

@@ -13,7 +13,7 @@ sum_i dL/dc_ij c_ij of the normalisation backward. O(B n K) elementwise work per
 from __future__ import annotations
 
 from ..subcenters import max_over_sub_centers, scatter_to_winners
-from .chunk_loop import TileGrad
+from .epilogue import TileGrad
 
 
 class SubCenterEpilogue:

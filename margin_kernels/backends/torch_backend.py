@@ -8,7 +8,8 @@ import torch
 from ..losses.negatives import negative_derivative, negative_logits
 from ..losses.reductions import ReductionKind, softplus_grad, softplus_terms
 from ..norms import inverse_norms
-from .chunk_loop import TileGrad, chunked_backward, chunked_forward, default_chunk_size, product_operand_dtype
+from .chunk_loop import chunked_backward, chunked_forward, product_operand_dtype
+from .epilogue import TileGrad
 from .gradient_scale import chunk_operand_scale
 
 
@@ -81,20 +82,13 @@ class TorchEpilogue:
 _TORCH_EPILOGUE = TorchEpilogue()
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
-                sub_centers=1, shift=None, store=None):
-    return chunked_forward(x, weight, labels, row_params, class_index, spec, normalize_weight,
-                           chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
-                           _TORCH_EPILOGUE, operand_dtype=product_operand_dtype(product, x), sub_centers=sub_centers,
-                           shift=shift, store=store)
+def lse_forward(inputs, config, state):
+    return chunked_forward(inputs, config, state, _TORCH_EPILOGUE, product_operand_dtype(config.product, inputs.x))
 
 
-def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None, sink=None):
-    return chunked_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse,
-                            g_cos_target, chunk_size or default_chunk_size(x.shape[0], x.device.type, sub_centers),
-                            _TORCH_EPILOGUE, grad_filter, operand_dtype=product_operand_dtype(product, x),
-                            sub_centers=sub_centers, shift=shift, store=store, sink=sink)
+def lse_backward(inputs, config, grads, state):
+    return chunked_backward(inputs, config, grads, state, _TORCH_EPILOGUE,
+                            product_operand_dtype(config.product, inputs.x))
 
 
 def unavailable_reason():

@@ -36,10 +36,9 @@ import triton  # an ImportError here makes the registry report the backend as un
 from . import filter_stats, gradient_scale
 from . import triton_configs as configs
 from ..losses.reductions import ReductionKind
-from ..precision import CAST_DTYPES, PRODUCTS
+from ..precision import CAST_DTYPES, FLOAT_DTYPES, PRODUCTS
 from .chunk_loop import finite_lse, num_columns, zero_shift
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _autotuned: dict = {}
 
 
@@ -103,7 +102,7 @@ def _check_inputs(x, weight, row_params, interpret: bool) -> None:
     if not interpret and x.device.type != "cuda":
         raise RuntimeError(f"the 'triton' backend runs on CUDA tensors, got x on {x.device}; set "
                            "TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU")
-    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+    if x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype:
         raise TypeError(f"the 'triton' backend takes x and weight of one dtype among fp16, bf16, fp32, fp64; "
                         f"got x {x.dtype}, weight {weight.dtype}")
     if row_params.dtype not in (torch.float32, torch.float64):
@@ -156,8 +155,11 @@ def _store_args(store, chunk: int, fallback: torch.Tensor, sub_centers: int):
     return norms, (store.tiles if kept else fallback), kept
 
 
-def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, product="storage",
-                sub_centers=1, shift=None, store=None):
+def lse_forward(inputs, config, state):
+    """The forward kernel over every class (``config.chunk_size`` is not used: tiles come from triton_configs)."""
+    x, weight, labels, row_params, class_index = inputs
+    spec, normalize_weight, product, sub_centers = (config.spec, config.normalize_weight, config.product,
+                                                    config.sub_centers)
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     forward, _ = _kernels()
@@ -167,10 +169,10 @@ def lse_forward(x, weight, labels, row_params, class_index, spec, normalize_weig
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
     chunk = _backward_layout(x, num_cols, acc, product, interpret, sub_centers)[2]
-    norms, kept_tiles, kept = _store_args(store, chunk, partial, sub_centers)
+    norms, kept_tiles, kept = _store_args(state.store, chunk, partial, sub_centers)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
         partial, norms, kept_tiles, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0),
-        weight.stride(1), splits, configs.batch_bucket(batch), zero_shift(shift, row_params), kept, chunk)
+        weight.stride(1), splits, configs.batch_bucket(batch), zero_shift(state.shift, row_params), kept, chunk)
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     meta["SUB_CENTERS"] = sub_centers
     # the norms only for a backward that reads kept tiles (recomputed chunks form them in the dcos kernel):
@@ -199,21 +201,24 @@ def _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target) -> torch.Ten
     return gradient_scale.operand_factor(spec, row_params, g_lse, g_cos_target)
 
 
-def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_weight, lse, g_lse, g_cos_target,
-                 chunk_size, grad_filter=0.0, product="storage", sub_centers=1, shift=None, store=None,
-                 sink=None):
+def lse_backward(inputs, config, grads, state):
     """The three kernels of triton_backward, chunk by chunk over the classes (see its docstring). With K
     sub-centers the dcos kernel runs over classes and the gradient GEMMs over their K rows each. With a
     ``sink`` (a fused optimizer) the dW kernel writes each chunk's rows into a (chunk K) x d buffer in the
     accumulation dtype, handed to ``sink.store`` after the dx kernel has read the chunk's weight rows: the update
     rule stays the one written in torch ops (optim.rules) for every backend, at the cost of one chunk-sized
     write and read per chunk, small beside the update's own traffic over W and its state."""
+    x, weight, labels, row_params, class_index = inputs
+    spec, normalize_weight, product, grad_filter = (config.spec, config.normalize_weight, config.product,
+                                                    config.grad_filter)
+    lse, g_lse, g_cos_target = grads
+    store, sink = state.store, state.sink
     interpret = interpret_mode()
     _check_inputs(x, weight, row_params, interpret)
     _, backward = _kernels()
     acc = row_params.dtype
     batch, dim = x.shape
-    k = sub_centers
+    k = config.sub_centers
     num_cols = num_columns(weight, class_index, k)
     common = _common_args(x, weight, labels, row_params, class_index, spec)
     index = common[5]
@@ -244,7 +249,7 @@ def lse_backward(x, weight, labels, row_params, class_index, spec, normalize_wei
                      PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
                      BLOCK_D=tiles.block_d, SUB_CENTERS=k)
     skipped, visited = [], 0
-    shift = zero_shift(shift, row_params)
+    shift = zero_shift(state.shift, row_params)
     binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
     # the binary reduction's per-(row block, class tile) sums of dL/dz, one buffer per chunk (summed in order)
     shift_partials = []

@@ -26,6 +26,10 @@ from typing import Optional
 import torch
 import triton
 
+from ..losses.negatives import NegativeKind
+from ..losses.reductions import ReductionKind
+from ..precision import PRODUCTS
+
 
 @dataclass(frozen=True)
 class ForwardTiles:
@@ -244,8 +248,6 @@ KEEP_MAX_TILE = 64 * 64
 
 def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
     """The tile-size limit of ``forward_candidate`` for a negative kind and reduction (None: no limit)."""
-    from ..losses.negatives import NegativeKind
-    from ..losses.reductions import ReductionKind
     if kind in (int(NegativeKind.POWER), int(NegativeKind.POWER_ST)):
         return POWER_KINDS_MAX_TILE
     if reduction == int(ReductionKind.SOFTPLUS_SUM):
@@ -286,7 +288,6 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
 
 def prune_forward(configs, named_args, **kwargs):
     """The autotune list less the tilings ``forward_candidate`` rules out for this call (keeps at least one)."""
-    from ..precision import PRODUCTS
     elem_bytes = named_args["x_ptr"].element_size()
     casts = PRODUCTS[kwargs.get("PRODUCT", 0)] in ("bf16", "fp16")
     sub_centers = kwargs.get("SUB_CENTERS", 1)

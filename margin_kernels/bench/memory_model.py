@@ -31,7 +31,7 @@ import torch
 from margin_kernels.backends.chunk_loop import DEFAULT_CHUNK_SIZE
 from margin_kernels.sampling import num_sampled
 from margin_kernels.distributed.sharding import max_shard_size
-from margin_kernels.reduction import accumulation_dtype
+from margin_kernels.batch_reduction import accumulation_dtype
 
 INT64, FP64 = 8, 8
 # backward of the torch backend keeps about this many (B x chunk) fp32 tiles alive at once: the cosines, the

@@ -8,7 +8,7 @@ ones; the alpha rule moves them on every timed call, as training would.
 from __future__ import annotations
 
 import margin_kernels as mk
-from margin_kernels.reduction import reduce_rows
+from margin_kernels.batch_reduction import reduce_rows
 from margin_kernels.regularizers import regularizer_rows, single_process_rows
 
 #: --regularizers names -> a fresh regulariser (the papers' usual weights)
@@ -36,6 +36,6 @@ def regularized_loss(margin: mk.MarginLoss, names: str, classes: int, dim: int, 
 
     def fn(x, w, labels):
         per_row = mk.margin_cross_entropy(x, w, labels, margin, reduction="none", **options)
-        rows = single_process_rows(x, labels, -1)
+        rows = single_process_rows(x, labels.long())
         return reduce_rows(per_row + regularizer_rows(regularizers, rows), rows.valid, "mean")
     return fn

@@ -212,3 +212,16 @@ def sum_grads_across_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
     if world == 1:
         return tensor
     return _SumGradsAcrossRanks.apply(tensor, group)
+
+
+@dataclass(frozen=True)
+class GroupSums:
+    """The two sums over ``group`` a regulariser needs (``regularizers.base.BatchRows.collectives``)."""
+
+    group: Optional[object] = None
+
+    def sum_replicated(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_replicated(tensor, self.group)
+
+    def sum_values_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_(tensor, self.group)

@@ -34,10 +34,10 @@ from ..losses.base import MarginLoss, RowInputs
 from ..losses.reductions import ReductionKind
 from ..head_base import HeadBase
 from ..precision import product_mode
-from ..reduction import empty_batch_loss, reduce_rows
+from ..batch_reduction import empty_batch_loss, reduce_rows
 from ..regularizers import BatchRows, regularizer_rows
 from ..validation import check_flag, value_check_mode
-from .comm import (RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
+from .comm import (GroupSums, RowLayout, all_gather_objects, all_reduce_replicated, all_reduce_sum_, gather_rows,
                    group_rank_and_size, lse_from_shifted_sum, max_shift, scale_gradient, sum_grads_across_ranks)
 from .sharding import shard_range
 from .validation import check_and_layout, run_collectively
@@ -122,9 +122,9 @@ class DistributedMarginHead(HeadBase):
             valid = labels >= 0
             columns, class_index = self._local_columns(labels)
 
-            cos0, wnorm0 = initial_target_pairs(x_all, weight, columns, class_index, margin, acc)
-            cos0, wnorm0 = self._sum_from_owners(cos0, wnorm0, columns, valid)
-            rows0 = RowInputs(cos0, feature_norm, wnorm0, valid)
+            targets = initial_target_pairs(x_all, weight, columns, class_index, margin, acc)
+            targets = targets._replace(**self._sum_from_owners(targets.cos, targets.norm, columns, valid))
+            rows0 = RowInputs(targets.cos, feature_norm, targets.norm, valid)
             request = margin.statistics_request(rows0.detach(), self.num_classes)
             if request is not None:
                 margin.receive_statistics(rows0.detach(), self._global_statistics(request, x_all, weight, columns,
@@ -134,11 +134,11 @@ class DistributedMarginHead(HeadBase):
             # the global pair goes through the local op: only the owner (columns >= 0) applies its gradient
             binary = margin.reduction_kind == ReductionKind.SOFTPLUS_SUM
             logits_shift = sum_grads_across_ranks(logit_shift(margin, row_params), group) if binary else None
-            lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, cos0,
-                                                       wnorm0, margin, self.resolved_backend, self.chunk_size,
+            lse_local, cos, weight_norm = negative_lse(x_all, weight, columns, row_params, class_index, targets,
+                                                       margin, self.resolved_backend, self.chunk_size,
                                                        self.grad_filter, product, shift=logits_shift,
                                                        memory_budget=self.memory_budget,
-                                                       optimizer_slot=self.optimizer_slot())
+                                                       sink_factory=self.gradient_sink())
             if binary:  # a sum over classes: the shards' sums add up
                 lse = all_reduce_replicated(lse_local, group)
             else:
@@ -159,7 +159,7 @@ class DistributedMarginHead(HeadBase):
         raw = None
         if any(regularizer.needs_features for regularizer in self.regularizers):
             raw = gather_rows(features, layout, sum_grads=False)
-        rows = BatchRows(raw, feature_norm, labels, valid, acc, distributed=True, group=self.process_group)
+        rows = BatchRows(raw, feature_norm, labels, valid, acc, collectives=GroupSums(self.process_group))
         return regularizer_rows(self.regularizers, rows)
 
     @torch.no_grad()
@@ -189,14 +189,14 @@ class DistributedMarginHead(HeadBase):
 
     @torch.no_grad()
     def _sum_from_owners(self, cos, weight_norm, columns, valid):
-        """Global (cos, ||w_y||) of each row's target pair in one all-reduce of 2 x B values, no gradient. The
+        """Global cos and ||w_y|| of each row's target pair (as ``TargetPairs`` fields) in one all-reduce of 2 x B values, no gradient. The
         owner of a row's class contributes its cos and norm, every other rank 0, so the sum is exact; rows
         without a target get cos 0 and norm 1, as in the single-process op."""
         has_target = columns >= 0
         packed = torch.stack([torch.where(has_target, cos, torch.zeros_like(cos)),
                               torch.where(has_target, weight_norm, torch.zeros_like(weight_norm))])
         packed = all_reduce_sum_(packed, self.process_group)
-        return packed[0], torch.where(valid, packed[1], torch.ones_like(packed[1]))
+        return dict(cos=packed[0], norm=torch.where(valid, packed[1], torch.ones_like(packed[1])))
 
     # ---- consistency across ranks ------------------------------------------------------------------------
     def _configuration(self) -> tuple:

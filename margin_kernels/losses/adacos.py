@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..row_statistics import NEGATIVE_LSE, StatisticsRequest
+from .statistics import NEGATIVE_LSE, StatisticsRequest
 from .base import MarginLoss, RowInputs
 from .negatives import NegativeKind, NegativeSpec
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..row_statistics import HARD_NEGATIVES, StatisticsRequest
+from .statistics import HARD_NEGATIVES, StatisticsRequest
 from .base import MarginLoss, RowInputs, cos_plus_margin, in_range
 from .negatives import NegativeKind, NegativeSpec
 

@@ -22,32 +22,26 @@ class BatchRows:
 
     ``features`` are the head's input features (cast to the weight's dtype; None when no regulariser of the
     head asks for them), ``feature_norm`` their norms in ``acc`` dtype; both differentiable. ``labels`` are
-    global class ids, -1 on ignored rows; ``valid`` marks the others. ``distributed`` is True in the
-    model-parallel head, whose ``group`` (None: the default group) the regularisers reduce over; a
-    ``MarginHead`` never communicates, even in a process where torch.distributed is initialised."""
+    global class ids, -1 on ignored rows; ``valid`` marks the others. ``collectives`` is the model-parallel
+    head's pair of sums over its group (``distributed.comm.GroupSums``); None in a ``MarginHead``, which never
+    communicates, even in a process where torch.distributed is initialised (and regularisers never import
+    distributed code)."""
 
     features: Optional[torch.Tensor]
     feature_norm: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
     acc: torch.dtype
-    distributed: bool = False
-    group: Optional[object] = None
+    collectives: Optional[object] = None
 
     def sum_replicated(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of per-rank contributions, for a consumer replicated on every rank (identity
         backward); unchanged in one process."""
-        if not self.distributed:
-            return tensor
-        from ..distributed.comm import all_reduce_replicated  # only model-parallel heads import distributed code
-        return all_reduce_replicated(tensor, self.group)
+        return tensor if self.collectives is None else self.collectives.sum_replicated(tensor)
 
     def sum_values_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks of a tensor without gradient; unchanged in one process."""
-        if not self.distributed:
-            return tensor
-        from ..distributed.comm import all_reduce_sum_
-        return all_reduce_sum_(tensor, self.group)
+        return tensor if self.collectives is None else self.collectives.sum_values_(tensor)
 
 
 class Regularizer(nn.Module):
@@ -77,12 +71,13 @@ def check_nonnegative(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def single_process_rows(features: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+def single_process_rows(features: torch.Tensor, columns: torch.Tensor,
                         class_index: Optional[torch.Tensor] = None) -> BatchRows:
-    """The regularisers' view of a one-process batch: class ids (through ``class_index`` when the labels index
-    into it), -1 on rows whose label is ``ignore_index``; feature norms in the accumulation dtype."""
-    valid = labels != ignore_index
-    classes = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    """The regularisers' view of a one-process batch from its safe column ids (``functional.safe_columns``: -1
+    on rows without a usable label): class ids (through ``class_index`` when the columns index into it), -1
+    on those rows; feature norms in the accumulation dtype."""
+    valid = columns >= 0
+    classes = columns.clamp_min(0)
     if class_index is not None:
         classes = class_index.long()[classes]
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32

@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from ..initialization import fill_rows_normal
 from .base import BatchRows, Regularizer, check_nonnegative, class_totals, owned_rows
 
 UPDATES = ("alpha", "gradient")
@@ -77,8 +78,6 @@ class CenterLoss(Regularizer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        from ..head_base import fill_rows_normal  # the weight's seeded block initialisation (head_base imports us)
-
         with torch.no_grad():
             if self.init_std > 0:
                 fill_rows_normal(self.centers, self.shard_range[0], self.seed * 1000003 + CENTER_STREAM,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reduction import accumulation_dtype
+from ..batch_reduction import accumulation_dtype
 from ..losses.base import _check_positive
 from .base import BatchRows, Regularizer, check_nonnegative
 
