@@ -19,9 +19,13 @@ def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> t
     return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
-def empty_batch_loss(features, weight, reduction):
-    """B = 0: loss 0 (or an empty vector) connected to both inputs, so backward gives zero gradients."""
+def empty_batch_loss(features, weight, reduction, rows: int = 0):
+    """A batch with nothing to learn from (B = 0, or ``rows`` rows all without a target): loss 0 (or ``rows``
+    zeros) connected to the features and to ``weight``, so backward gives zero gradients; ``weight`` None
+    (a head with a fused optimizer) leaves the weight out of the graph: no dW is allocated, no update runs."""
     acc = accumulation_dtype(features.dtype)
     # sums of empty slices: exactly 0 even when weight holds a NaN (w.sum() * 0 would be NaN), still connected
-    zero = features.reshape(-1)[:0].sum().to(acc) + weight.reshape(-1)[:0].sum().to(acc)
-    return zero.expand(0) if reduction == "none" else zero
+    zero = features.reshape(-1)[:0].sum().to(acc)
+    if weight is not None:
+        zero = zero + weight.reshape(-1)[:0].sum().to(acc)
+    return zero.expand(rows) if reduction == "none" else zero

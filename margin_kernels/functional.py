@@ -224,7 +224,11 @@ def columns_cross_entropy(features, weight, safe: SafeColumns, margin: MarginLos
                                               ignore_index=-1, class_index=safe.class_index,
                                               check_values=check_values)
     if features.shape[0] == 0:
-        return empty_batch_loss(features, weight, reduction)
+        return empty_batch_loss(features, weight if sink_factory is None else None, reduction)
+    if sink_factory is not None and not bool((safe.usable | safe.poisoned).any()):
+        # a fused update with no row to learn from would still step every row (decay, momentum): an all-ignored
+        # batch changes no state. Eager only (fused heads refuse torch.compile), so the host read is allowed.
+        return reduce_rows(empty_batch_loss(features, None, "none", features.shape[0]), safe.usable, reduction)
     backend = resolve_backend(backend, features.device)
     columns, valid, class_index = safe.columns, safe.usable, safe.class_index
 

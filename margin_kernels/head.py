@@ -73,7 +73,9 @@ class MarginHead(HeadBase):
             return columns_cross_entropy(features, weight, safe, self.margin, **options)
         options["reduction"] = "none"
         per_row = columns_cross_entropy(features, weight, safe, self.margin, **options)
-        return reduce_rows(per_row + regularizer_rows(self.regularizers, rows), rows.valid, self.reduction)
+        # a poisoned row (bad label, check_values=False) keeps its NaN: it counts as a row, as in the driver
+        return reduce_rows(per_row + regularizer_rows(self.regularizers, rows), rows.valid | safe.poisoned,
+                           self.reduction)
 
     # ---- checkpoints: HeadBase's extra state (sizes, class range, the Partial FC generator) ----------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -7,7 +7,7 @@ depend on how it is sharded) and the same Partial FC draws.
 """
 from __future__ import annotations
 
-import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -18,7 +18,7 @@ from .losses.base import MarginLoss
 from .optim import fused_weight
 from .optim.fused import FusedOptimizer
 from .optim.fused_weight import COMPILE_REFUSAL
-from .optim.sink import UpdateSink
+from .optim.sink import FusedUpdate
 from .regularizers import check_regularizers
 from .initialization import INIT_BLOCK_ROWS, fill_rows_normal  # noqa: F401 (INIT_BLOCK_ROWS: part of the head's API)
 from .sampling import PartialFCSampler
@@ -82,6 +82,7 @@ class HeadBase(nn.Module):
             regularizer.bind(num_classes=num_classes, embedding_dim=embedding_dim, shard_range=self.shard_range,
                              seed=seed, dtype=self.weight.dtype, device=self.weight.device)
         self.fused_optimizer = None
+        self._pending_update = None  # a weak reference to the last call's FusedUpdate (gradient_sink)
         if optimizer is not None:
             self.fuse(optimizer(self.parameters()) if callable(optimizer) else optimizer)
 
@@ -113,7 +114,18 @@ class HeadBase(nn.Module):
         if self.weight.grad is not None:
             raise RuntimeError("the head's weight has a .grad although its optimizer is fused: mixing a fused "
                                "update with an accumulated gradient is not supported")
-        return functools.partial(UpdateSink, self.fused_optimizer, self.weight)
+        pending = None if self._pending_update is None else self._pending_update()
+        if pending is not None and not pending.applied:
+            # refused before anything is written: the earlier call's update has not run, and in one backward
+            # the first update would change the weight the second call's gradient was taken at
+            raise RuntimeError("this head's previous call has not been backpropagated yet: with a fused optimizer "
+                               "each call's backward applies its own update, so two calls cannot share one "
+                               "backward. Concatenate the batches into one call, or call backward() (and "
+                               "optimizer.step()) after each call")
+        update = FusedUpdate(self.fused_optimizer, self.weight)
+        # alive as long as the call's autograd graph holds it (ops._SinkOp's context): a dropped loss frees it
+        self._pending_update = weakref.ref(update)
+        return update
 
     @property
     def num_local(self) -> int:

@@ -33,6 +33,7 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
         cos, winner = max_over_sub_centers(cos, k)
         weight_norms = weight_norms.view(-1, k).expand(cos.shape[0], -1, -1).gather(2, winner.unsqueeze(2))
         weight_norms = weight_norms.squeeze(2)
+    labels = labels.long()  # compared as int64: a uint8 255 is not ignore_index -1
     valid = labels != ignore_index
     logits, regularizer = logits_from_cosines(cos, labels, valid, margin, feature_norm, weight_norms,
                                               num_classes=weight.shape[0] // k)

@@ -109,7 +109,7 @@ class DistributedMarginHead(HeadBase):
                                       ignore_index=self.ignore_index, check_values=self.check_values, group=group)
             features = local_features.to(weight.dtype)
             if layout.total == 0:
-                return empty_batch_loss(features, weight, self.reduction)
+                return empty_batch_loss(features, weight if self.fused_optimizer is None else None, self.reduction)
             if self.ddp_backbone:
                 features = scale_gradient(features, float(layout.world))
             prepared = prepare_rows(features, margin)
@@ -150,8 +150,9 @@ class DistributedMarginHead(HeadBase):
             if not len(self.regularizers):
                 return finish_loss(margin, lse, rows, self.reduction, poisoned)
             per_row = finish_loss(margin, lse, rows, "none", poisoned)
+            # a poisoned row keeps its NaN (it counts as a row), as without regularisers
             return reduce_rows(per_row + self._regularizer_rows(features, feature_norm, labels, valid, layout, acc),
-                               valid, self.reduction)
+                               valid | poisoned, self.reduction)
 
     def _regularizer_rows(self, features, feature_norm, labels, valid, layout: RowLayout, acc):
         """The regularisers' terms on the global batch, replicated on every rank: the raw features are gathered

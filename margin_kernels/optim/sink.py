@@ -1,6 +1,7 @@
-"""The gradient sink of a fused optimizer (``backends.sinks`` says what a sink is): ``UpdateSink`` adds the B target rows' norm gradient that the op computes outside the backend,
-applies the optimizer's update to those weight rows and their state, and (dense mode with a class subset)
-updates the rows no chunk visited with a zero gradient when ``finish()`` is called.
+"""The gradient sink of a fused optimizer (``backends.sinks`` says what a sink is): ``UpdateSink`` adds the B
+target rows' norm gradient that the op computes outside the backend, applies the optimizer's update to those
+weight rows and their state, and (dense mode with a class subset) updates the rows no chunk visited with a zero
+gradient when ``finish()`` is called. ``FusedUpdate`` is the factory one head call hands the op.
 """
 from __future__ import annotations
 
@@ -59,3 +60,16 @@ class UpdateSink(ExtraRowsSink):
             self.optimizer.apply_rows(self.param, self.group, self.state, self.step, (start, stop), zeros)
             for t, rows in zip(tensors, saved):
                 t[start:stop].index_copy_(0, kept, rows)
+
+
+class FusedUpdate:
+    """The op's ``sink_factory`` for one call of a head with a fused optimizer: makes that call's
+    ``UpdateSink`` when its backward starts, and remembers that it did (``applied``), so the head can refuse a
+    second call whose backward would share one pass with this one before anything is written."""
+
+    def __init__(self, optimizer, param: torch.Tensor):
+        self.optimizer, self.param, self.applied = optimizer, param, False
+
+    def __call__(self, class_index, positions, values, sub_centers: int) -> UpdateSink:
+        self.applied = True
+        return UpdateSink(self.optimizer, self.param, class_index, positions, values, sub_centers)

@@ -56,8 +56,10 @@ class RingLoss(Regularizer):
         count = rows.valid.sum().clamp_min(1)
         mean_norm = torch.where(rows.valid, norm.detach(), torch.zeros_like(norm)).sum() / count
         with torch.no_grad():  # the authors' first-call radius, without a host sync
-            self.radius.copy_(torch.where(self.initialized, self.radius, mean_norm.to(self.radius.dtype)))
-            self.initialized.fill_(True)
+            # a batch without valid rows has no mean norm: it leaves R and the flag as they are
+            take = ~self.initialized & rows.valid.any()
+            self.radius.copy_(torch.where(take, mean_norm.to(self.radius.dtype), self.radius))
+            self.initialized.logical_or_(take)
         diff = norm - self.radius.to(rows.acc)
         if self.variant == "auto":
             diff = diff / mean_norm.clamp_min(AUTO_MIN_NORM)
