@@ -4,8 +4,10 @@ run and the subprocess runs of tests/test_fuzz.py.
 A case: a backend, a loss variant (with a parameter possibly re-assigned to an edge or invalid value), random
 B (0, 1 and odd sizes), C, d (1 and odd), dtype, scale (up to 1e30 in fp32/fp64), reduction, class_index
 (none, a subset, or one with a bad id or a duplicate), labels with ignored, duplicated and out-of-range
-entries, NaN/Inf injected into the features or the weight at the first, last or a middle row (or a target
-row), check_values on or off. The oracle, one of:
+entries, in any integer dtype that holds them (uint8 ... int64), every row ignored, NaN/Inf injected into the
+features or the weight at the first, last or a middle row (or a target row), a feature or weight row scaled to
+a huge (1e20, 1e30: its squares overflow fp32) or tiny (1e-30) norm, check_values on or off; and, on valid
+input, the loss through a ``MarginHead`` whose fused SGD applies the update in its backward. The oracle, one of:
 
 * a ValueError/TypeError whose message names the argument that is wrong (the parameter, "features",
   "weight", "labels", "class_index"), when the input is invalid and checked;
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 
 import margin_kernels as mk
 from margin_kernels.losses.reductions import ReductionKind
+from margin_kernels.optim import FusedSGD
 
 from .helpers import LOSS_NAMES, loss_and_grads, make_loss, rel_err, twin
 from .tolerances import LOW_PRECISION, TOLERANCES, bounds, scale_bound
@@ -37,6 +40,9 @@ BAD_VALUES = (float("nan"), float("inf"), float("-inf"))
 #: values assigned to a loss's margin parameter after construction: edges, and invalid ones that must raise
 M_VALUES = (None, 0.0, 0.05, 1.5, -0.1, 3.5, float("nan"))
 SCALES = (None, 0.5, 8.0, 100.0, 1e4, 1e30)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+#: a row's norm scaled by it: 1e20 and 1e30 overflow an fp32 sum of squares, 1e-30 is near fp32's smallest normal
+NORM_FACTORS = (1.0, 1.0, 1.0, 1e20, 1e30, 1e-30)
 
 
 @dataclass
@@ -58,6 +64,11 @@ class Case:
     ignore_some: bool
     check_values: bool
     seed: int
+    label_dtype: torch.dtype = torch.int64  # used where it holds every label of the case
+    ignore_all: bool = False
+    norm_factor: float = 1.0                 # one feature or weight row scaled by it (fp32/fp64/bf16)
+    norm_side: str = "features"
+    fused_head: bool = False                 # valid input only: through MarginHead + FusedSGD as well
 
 
 #: losses with one weight row per class (sub-center losses have their own NaN and layout tests in
@@ -76,7 +87,10 @@ def cases(backend: str, max_classes: int = 70, max_batch: int = 9):
         bad_label=st.sampled_from([None, None, None, -5, 0, 10**6]),  # 0 becomes C (one past the end)
         inject=st.sampled_from(["none", "none", "features", "weight", "target_weight"]),
         position=st.sampled_from(["first", "last", "middle"]), bad_value=st.sampled_from(BAD_VALUES),
-        ignore_some=st.booleans(), check_values=st.booleans(), seed=st.integers(0, 2**16))
+        ignore_some=st.booleans(), check_values=st.booleans(), seed=st.integers(0, 2**16),
+        label_dtype=st.sampled_from(LABEL_DTYPES), ignore_all=st.sampled_from([False] * 9 + [True]),
+        norm_factor=st.sampled_from(NORM_FACTORS), norm_side=st.sampled_from(["features", "weight"]),
+        fused_head=st.sampled_from([False, False, False, True]))
 
 
 def _row(position: str, n: int) -> int:
@@ -115,9 +129,29 @@ def problem(case: Case):
     labels = torch.randint(0, columns, (case.batch,), generator=gen)
     if case.ignore_some and case.batch:
         labels[torch.rand(case.batch, generator=gen) < 0.3] = -1
+    if case.ignore_all:
+        labels[:] = -1
     if case.bad_label is not None and case.batch:
         labels[_row(case.position, case.batch)] = columns if case.bad_label == 0 else case.bad_label
+    info = torch.iinfo(case.label_dtype)
+    if labels.numel() and info.min <= int(labels.min()) and int(labels.max()) <= info.max:
+        labels = labels.to(case.label_dtype)
+    factor = _norm_factor(case)
+    if factor != 1.0:
+        t = x if case.norm_side == "features" else w
+        if t.shape[0]:
+            t[_row(case.position, t.shape[0])] *= factor
     return x.to(case.dtype), w.to(case.dtype), labels, index
+
+
+def _norm_factor(case: Case) -> float:
+    """The case's norm factor where its dtype holds the scaled row (fp16 does not: 65504 is its largest) and the
+    gradient of a tiny row (~ s / norm) stays finite in fp32; else 1."""
+    if case.norm_factor == 1.0 or case.dtype == torch.float16:
+        return 1.0
+    if case.norm_factor < 1.0 and (case.scale or 64.0) > 100.0:
+        return 1.0
+    return case.norm_factor
 
 
 def check_case(case: Case) -> None:
@@ -125,9 +159,10 @@ def check_case(case: Case) -> None:
     if bad_param is not None:
         return
     x, w, labels, index = problem(case)
-    valid = labels != -1
+    labels_i64 = labels.long()
+    valid = labels_i64 != -1
     num_columns = case.classes if index is None else index.numel()
-    out_of_range = valid & ((labels < 0) | (labels >= num_columns))
+    out_of_range = valid & ((labels_i64 < 0) | (labels_i64 >= num_columns))
     bad_index = index is not None and bool(((index < 0) | (index >= case.classes)).any())
     duplicate = index is not None and torch.unique(index).numel() != index.numel()
     read = torch.arange(case.classes) if index is None else index[(index >= 0) & (index < case.classes)]
@@ -141,7 +176,7 @@ def check_case(case: Case) -> None:
         r = _row(case.position, case.classes)
         if case.inject == "target_weight" and bool((valid & ~out_of_range).any()):
             row = int(torch.nonzero(valid & ~out_of_range)[0, 0])
-            r = int(labels[row]) if index is None else int(index[labels[row]].clamp(0, case.classes - 1))
+            r = int(labels_i64[row]) if index is None else int(index[labels_i64[row]].clamp(0, case.classes - 1))
         w[r, case.dim // 2] = case.bad_value
         weight_read = bool((read == r).any())
     bad_input = bool(poisoned_rows.any()) or weight_read or bool(out_of_range.any()) or bad_index or duplicate
@@ -182,8 +217,9 @@ def check_case(case: Case) -> None:
         return
     out = loss_and_grads(lambda a, b: call(a, b), x, w)
     ref_margin = margin
-    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, twin(ref_margin), backend="reference",
-                                                              reduction=case.reduction, class_index=index),
+    ref = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels_i64, twin(ref_margin),
+                                                              backend="reference", reduction=case.reduction,
+                                                              class_index=index),
                          x.double(), w.double())
     # "reference" in a storage dtype against itself in float64: the portable chunk loop's bounds apply (it
     # computes in the same accumulation dtype, with no more rounding)
@@ -222,6 +258,33 @@ def check_case(case: Case) -> None:
         assert dx_err <= tol.dx + floor, f"{case}: dx error {dx_err:.2e}"
     if not (case.dim == 1 and margin.normalize_weight):
         assert dw_err <= tol.dw + floor, f"{case}: dw error {dw_err:.2e}"
+        if case.fused_head:
+            check_fused_head(case, margin, x, w, labels, index, tol)
+
+
+def check_fused_head(case: Case, margin, x, w, labels, index, tol) -> None:
+    """The same valid problem through a ``MarginHead`` with a fused plain SGD (lr 1): the loss the functional
+    call gives, and a weight moved by exactly minus the reference gradient, within the table's dW bound."""
+    if case.backend == "reference" or case.dtype not in (torch.float32, torch.float64) or not margin.s < 1e4:
+        return  # the reference has no fused update; low precision and huge scales are the oracle above's
+    head = mk.MarginHead(case.classes, case.dim, twin(margin), backend=case.backend, reduction=case.reduction,
+                         dtype=case.dtype, check_values=case.check_values, chunk_size=16)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    head.fuse(FusedSGD(head.parameters(), lr=1.0))
+    features = x.clone().requires_grad_()
+    loss = head(features, labels, class_index=index)
+    (loss.sum() if case.reduction == "none" else loss).backward()
+    head.fused_optimizer.step()
+    assert head.weight.grad is None
+    _, _, ref_dw = loss_and_grads(lambda a, b: mk.margin_cross_entropy(
+        a, b, labels.long(), twin(margin), backend="reference", reduction=case.reduction, class_index=index),
+        x.double(), w.double())
+    moved = (w.double() - head.weight.detach().double())
+    grad_floor = max(1e-3 * ref_dw.norm().item(), 1e-12)
+    err = rel_err(moved, ref_dw, grad_floor)
+    assert torch.isfinite(head.weight).all(), f"{case}: the fused update wrote a non-finite weight"
+    assert err <= tol.dw + scale_bound(case.dtype, margin.s, case.dim), f"{case}: fused update error {err:.2e}"
 
 
 def run(backend: str, examples: int, **limits) -> int:
