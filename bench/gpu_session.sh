@@ -3,7 +3,7 @@
 # everything it writes under $OUT (8 files):
 #   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
 #   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
-#   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (margin-bench kernels)
+#   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (python -m bench kernels)
 #   21_loaded.txt      the kernel report's table, then the same kernels as the driver loaded them (registers,
 #                      spills) after a real step
 #   30_arcface.json    margin-bench --device cuda, ArcFace bf16, B=512 d=512 C in {1e5,1e6,4e6}: triton, cuda,
@@ -11,11 +11,13 @@
 #   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
 #                      Liger-Kernel (each where installed: carry their wheels in .whl/, installed --no-deps)
 #   40_tables.md       both tables with achieved TFLOP/s (8 B C d FLOP over the fwd+bwd time) beside x floor
-#   99_summary.txt     each step's exit code and seconds, the roofline's ceilings measured (margin-bench
+#   99_summary.txt     each step's exit code and seconds, the roofline's ceilings measured (python -m bench
 #                      ceilings: GEMM TFLOP/s, L2 and HBM copy TB/s, the cuda estimate at them), the memory_budget table (ArcFace bf16, B=512,
 #                      C=1e6, d=512 and 1024: triton and cuda with and without every tile kept, the prediction
 #                      of margin_kernels/memory_budget.py measured)
 # Usage (repo root):  OUT=/some/dir bash bench/gpu_session.sh      (OUT defaults to ./gpu_session_out)
+# The developer tools run as `python -m bench JOB` from the repository root (bench/ is not installed); the
+# comparison is the installed package's `python -m margin_kernels.bench` (margin-bench).
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"; cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu_session_out}"; mkdir -p "$OUT"
@@ -55,7 +57,7 @@ step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.av
 # facts and the budget sweep: the steps' caps add up to more than the budget, and what is skipped when it runs
 # out should be what a later session can best afford to miss.
 # the roofline's ceilings (GEMM rate, L2 and HBM copy bandwidth) measured, and the cuda estimate at them
-step "ceilings" 40 "$OUT/99_summary.txt" "$PY" -m margin_kernels.bench ceilings --device cuda
+step "ceilings" 40 "$OUT/99_summary.txt" "$PY" -m bench ceilings --device cuda
 
 BENCH=("$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 -d 512 -C 1e5,1e6,4e6 --repeats 5
        --warmup 2 --no-progress --check-up-to 1e5)
@@ -63,7 +65,7 @@ step "bench arcface" 120 "$OUT/99_summary.txt" "${BENCH[@]}" --loss arcface --ba
   --peers naive-arcface,naive-arcface-compiled --json "$OUT/30_arcface.json"
 step "bench softmax" 100 "$OUT/99_summary.txt" "${BENCH[@]}" --loss softmax --backends triton,cuda \
   --peers torch-lce,cce,liger --json "$OUT/31_softmax.json"
-step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m margin_kernels.bench.throughput \
+step "tables" 20 "$OUT/99_summary.txt" sh -c "\"$PY\" -m bench throughput \
   \"$OUT/30_arcface.json\" \"$OUT/31_softmax.json\" > \"$OUT/40_tables.md\""
 
 TEST_LOG="$OUT/10_tests.log"
@@ -71,7 +73,7 @@ step "tests on the GPU" 150 "$TEST_LOG" "$PY" -m pytest -p no:cacheprovider -q -
   tests/test_triton_backend.py tests/test_native_epilogues.py tests/test_precision.py \
   tests/test_conformance.py tests/test_memory_budget.py -k "triton or cuda"
 
-step "kernel report" 90 "$OUT/21_loaded.txt" "$PY" -m margin_kernels.bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
+step "kernel report" 90 "$OUT/21_loaded.txt" "$PY" -m bench kernels --dtypes bf16,fp16 --dims 512 --jobs 8 \
   --json "$OUT/20_kernels.json"
 step "loaded kernels" 60 "$OUT/21_loaded.txt" "$PY" - <<'PYEOF'
 import torch, margin_kernels as mk

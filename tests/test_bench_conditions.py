@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from margin_kernels.bench import cli, peers
+from margin_kernels.bench import cli, outputs, peers
 from margin_kernels.bench.conditions import SPREAD_BOUND, LoadRecord, warnings_for
 from margin_kernels.bench.config import Problem
 from margin_kernels.bench.methods import BACKENDS, Method
@@ -50,7 +50,8 @@ def test_output_onto_a_folder_is_refused_before_the_run(tmp_path, no_sweep, caps
 
 
 def test_writable_output_paths_pass(tmp_path):
-    assert cli.output_path_problem(str(tmp_path / "out.json")) is None
+    assert outputs.output_path_problem(str(tmp_path / "out.json")) is None
+    assert not (tmp_path / "out.json").exists()  # tried by creating it, then removed
 
 
 def test_a_load_above_the_cores_warns_and_is_recorded():

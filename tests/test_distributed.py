@@ -402,7 +402,7 @@ def test_lse_across_shards_handles_rows_without_negatives():
 
 
 def test_memory_model_uses_the_code_sizes():
-    from margin_kernels.bench import memory_model as model
+    from bench import memory_model as model
     row = model.per_rank_bytes(num_classes=10 ** 6 + 3, dim=512, world=8, dtype=torch.bfloat16,
                                sample_rate=0.1, batch_per_rank=128)
     local = shard_range(10 ** 6 + 3, 8, 0)[1]

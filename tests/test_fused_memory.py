@@ -9,6 +9,7 @@ import sys
 import pytest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python -m bench runs from the repo root
 
 ACCUMULATE_SCRIPT = r"""
 import json, sys, torch
@@ -46,11 +47,12 @@ def test_accumulating_backward_adds_in_place(backend):
 
 @pytest.mark.slow
 def test_fused_sgd_momentum_step_peak_at_2e6_classes():
-    """The issue's measurement: C = 2e6, d = 512, fp32, FusedSGD with momentum (margin-bench optimizer-step):
+    """The issue's measurement: C = 2e6, d = 512, fp32, FusedSGD with momentum (python -m bench optimizer-step):
     the first step's peak RSS above W and its momentum <= 5% of W (unfused, dW alone is 100%)."""
-    out = subprocess.run([sys.executable, "-m", "margin_kernels.bench", "optimizer-step", "-C", "2e6", "-d", "512",
+    out = subprocess.run([sys.executable, "-m", "bench", "optimizer-step", "-C", "2e6", "-d", "512",
                           "-B", "64", "--dtype", "fp32", "--optimizer", "sgd", "--momentum", "0.9", "--steps", "1",
-                          "--modes", "fused", "--json", "-"], capture_output=True, text=True, check=True, env=ENV)
+                          "--modes", "fused", "--json", "-"], capture_output=True, text=True, check=True, env=ENV,
+                         cwd=ROOT)
     (row,) = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["state_bytes"] == row["weight_bytes"]  # the momentum buffer exists
     assert row["workspace_bytes"] <= 0.05 * row["weight_bytes"], row

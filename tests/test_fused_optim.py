@@ -308,11 +308,11 @@ def test_compile_is_refused_in_fused_mode():
 
 @pytest.mark.slow
 def test_bench_optimizer_step_runs_both_modes(tmp_path):
-    """margin-bench optimizer-step (small): both modes report; unfused holds a dW (about W) that fused does not
+    """python -m bench optimizer-step (small): both modes report; unfused holds a dW (about W) that fused does not
     (fused: a few MiB of chunk buffers and allocator slack, not proportional to W)."""
     import json
 
-    from margin_kernels.bench import optimizer_step
+    from bench import optimizer_step
     out = tmp_path / "rows.json"
     assert optimizer_step.main(["-C", "4e5", "-d", "32", "-B", "32", "--steps", "2", "--backend", "torch",
                                 "--json", str(out)]) == 0

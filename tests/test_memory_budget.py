@@ -348,7 +348,7 @@ def test_triton_keeps_no_sub_center_tiles():
 
 def test_keeping_forward_tilings_are_the_spill_free_ones():
     """The autotuner's candidates when the forward keeps its tiles: what compiled without spills for sm_90
-    (``margin-bench kernels`` checks every one in CI): 64 x 64, and the 8-warp 128 x 128 tilings under the
+    (``python -m bench kernels`` checks every one in CI): 64 x 64, and the 8-warp 128 x 128 tilings under the
     log-sum-exp; never 128 x 256 or a 4-warp tiling above 64 x 64, nothing above 64 x 64 under the binary sum."""
     from margin_kernels.backends import triton_configs as configs
     from margin_kernels.losses.reductions import ReductionKind

@@ -91,6 +91,10 @@ def test_build_makes_an_sdist_with_csrc_and_a_wheel_with_the_extension(tmp_path)
         metadata = next(whl.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert any(n.startswith("margin_kernels/_C.") and n.endswith((".so", ".pyd")) for n in names), names
     assert "margin_kernels/bench/cli.py" in names
+    # the developer tools stay in the checkout: neither the top-level bench/ nor a tool inside the package
+    assert not [n for n in names if n.split("/")[0] == "bench"], sorted(names)
+    tools = ("chunks", "kernels", "ceilings", "memory_model", "optimizer_step", "throughput")
+    assert not [n for n in names if n.rsplit("/", 1)[-1] in {f"{t}.py" for t in tools}], sorted(names)
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: triton")]
     assert requires and all('extra == "triton"' in line for line in requires), requires
 

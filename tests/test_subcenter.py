@@ -278,7 +278,7 @@ def test_compiled_head_matches_eager(backend):
 
 
 def test_triton_tilings_that_spill_with_sub_centers_are_not_candidates():
-    """margin-bench kernels (bench/results/kernels_sm90.md): with K > 1 the forward's tilings of >= 128 x 128
+    """python -m bench kernels (bench/results/kernels_sm90.md): with K > 1 the forward's tilings of >= 128 x 128
     elements and its 4-warp tilings of >= 8192 spill; the autotuner keeps the rest, and the fixed tiling is one
     of them."""
     from margin_kernels.backends import triton_configs as configs
@@ -290,9 +290,9 @@ def test_triton_tilings_that_spill_with_sub_centers_are_not_candidates():
 
 
 def test_memory_model_counts_k_rows_per_class():
-    """margin-bench memory-model --sub-centers K: W, dW and the optimizer state K x ArcFace's; the chunk's
+    """python -m bench memory-model --sub-centers K: W, dW and the optimizer state K x ArcFace's; the chunk's
     tile keeps its size (the chunk holds 1/K as many classes)."""
-    from margin_kernels.bench.memory_model import per_rank_bytes
+    from bench.memory_model import per_rank_bytes
     kwargs = dict(num_classes=10 ** 6, dim=512, world=2, dtype=torch.bfloat16, sample_rate=1.0, batch_per_rank=128)
     one, three = per_rank_bytes(**kwargs), per_rank_bytes(**kwargs, sub_centers=K)
     assert three["weight"] == K * one["weight"] and three["optimizer"] == K * one["optimizer"]

@@ -275,7 +275,7 @@ def test_fp32_products_follow_matmul_precision_and_autocast(mode, name):
 
 
 def test_fp32_with_cast_products_drops_the_spilling_forward_tilings():
-    """From the compiled evidence (margin-bench kernels): 4-warp 64x128 / 128x64 forward tiles spill when
+    """From the compiled evidence (python -m bench kernels): 4-warp 64x128 / 128x64 forward tiles spill when
     fp32 loads are cast to bf16 in registers; the autotuner must not pick them there, but may for 16-bit
     storage and for IEEE/TF32 fp32 products."""
     spilling = [t for t in configs.H100_FORWARD if t.num_warps == 4 and t.block_b * t.block_c >= 8192]

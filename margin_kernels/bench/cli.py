@@ -4,39 +4,38 @@ With no arguments: the quick comparison on the default device (ArcFace, B=256, d
 float32; the reference against every margin_kernels backend usable there, plus the GEMM floor); on a CPU it
 times them round-robin in one process with one thread (--interleave --threads 1), which keeps the ratios
 steady on a shared machine. A warning is printed when the 1-minute load exceeds the cores or a median's
-spread passes ±10%; the load is recorded beside the numbers.
+spread passes ±10%; the load is recorded beside the numbers. ``margin-bench compare ...`` is the same.
 
-Other jobs, as a first argument: ``margin-bench chunks ...`` (a backend's time against its class chunk, to pick
-the default), ``margin-bench kernels ...`` (the Triton kernels compiled for sm_90: registers, spills, wgmma;
-a roofline estimate), ``margin-bench ceilings ...`` (the GEMM rate and copy bandwidths that roofline assumes,
-measured on the device) and ``margin-bench memory-model ...`` (memory per rank of the distributed head, no timing);
-``margin-bench compare ...`` is the comparison spelled out.
+In a terminal the table fits its width (notes become numbered footnotes); piped or redirected, it is printed
+in full. Ctrl-C stops the sweep: the rows measured so far are printed and written, marked incomplete.
+The project's developer tools (chunk sizes, the compiled-kernel report, the memory model, ...) are not
+installed: ``python -m bench -h`` in a source checkout.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import shlex
 import sys
 from typing import Optional
 
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from margin_kernels.backends import BACKEND_NAMES, check_backend_name
 from margin_kernels.validation import check_chunk_size
 
+from .catalog import all_methods
 from .conditions import LoadRecord
 from .config import LOSSES, Settings, parse_count, parse_dtypes, parse_names, parse_sizes, problem_grid
-from .methods import BACKENDS, BUDGET_SEPARATOR, GEMM_FLOOR, all_methods, parse_budget
+from .methods import BACKENDS, BUDGET_SEPARATOR, GEMM_FLOOR, parse_budget
+from .options import add_clock_argument, check_device, progress_bar
+from .outputs import output_path_problem, output_paths, write_outputs
 from .peers import PEERS
 from .regularized import REGULARIZERS
-from .plot import MISSING_MATPLOTLIB, matplotlib_missing, write_plot
-from .report import payload, markdown, print_report
+from .plot import MISSING_MATPLOTLIB, matplotlib_missing
+from .screen import print_report
 from .runner import count_steps, plan, run_sweep
-from .timing import CLOCKS
 
 DEFAULT_BACKENDS = "reference,torch,cpu,triton,cuda"
 #: what plain ``margin-bench`` (no option of what to run or how to measure) adds on a CPU: every method of a
@@ -53,13 +52,10 @@ _CONCRETE = [n for n in BACKEND_NAMES if n != "auto"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="margin-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Jobs: margin-bench [compare] (this), margin-bench chunks -h, margin-bench memory-model -h, "
-               "margin-bench optimizer-step -h, "
-               "margin-bench kernels -h (compiled sm_90 facts of the Triton kernels, and a roofline), "
-               "margin-bench ceilings -h (that roofline's ceilings measured on the device). "
-               "Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
+        epilog="Sizes take lists and ranges: 1e3..1e6 (1-2-5 series), 1e3..4e6:7 (7 log-spaced points), "
                "1000,5e4. Every (problem, method) runs in its own process (with --interleave: every problem); "
-               "out-of-memory is a result.")
+               "out-of-memory is a result. Developer tools (chunks, kernels, ceilings, memory-model, "
+               "optimizer-step, throughput, plot from JSON): python -m bench -h in a source checkout.")
     what = p.add_argument_group("what to run")
     what.add_argument("--loss", default="arcface", help=f"loss(es): {', '.join(LOSSES)} (default arcface)")
     what.add_argument("--batch", "-B", default="256", help="batch size(s) B (default 256)")
@@ -114,31 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_clock_argument(group) -> None:
-    group.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                       help="wall (default: the figure to record) or process: CPU seconds of all threads, "
-                            "steadier on a busy CPU (set OMP_WAIT_POLICY=PASSIVE so idle threads do not spin)")
-
-
-def check_device(parser, requested: Optional[str], clock: str = "wall") -> str:
-    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA device: none is visible to this torch build "
-                     "(GPU figures are only ever measured, never estimated)")
-    if device == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("unset TRITON_INTERPRET: on CUDA the benchmark times compiled Triton kernels")
-    if device == "cuda" and clock == "process":
-        parser.error("--clock process counts CPU time: on CUDA use the default wall clock")
-    return device
-
-
 def _method_names(args) -> list[str]:
     if args.backends == "all":
         backends = _CONCRETE
     else:
         backends = [n.strip().lower() for n in args.backends.split(",") if n.strip()]
         for name in backends:  # the package's own check: the same wording as backend= everywhere
-            check_backend_name(name)
+            try:
+                check_backend_name(name)
+            except ValueError as exc:
+                raise ValueError(f"--backends: {exc}") from None
         backends = parse_names(",".join(backends), BACKENDS, "--backends")
     peers = [] if args.peers == "none" else list(PEERS) if args.peers == "all" else \
         parse_names(args.peers, PEERS, "--peers")
@@ -152,13 +133,27 @@ def _method_names(args) -> list[str]:
     return backends + budgeted + peers + ([] if args.no_floor else [GEMM_FLOOR.name])
 
 
+#: every numeric option and the values it takes: (option, attribute, lowest, whether the lowest is allowed)
+_NUMERIC = (("--repeats", "repeats", 1, True), ("--warmup", "warmup", 0, True), ("--threads", "threads", 1, True),
+            ("--seed", "seed", 0, True), ("--budget-s", "budget_s", 0, False),
+            ("--timeout-s", "timeout_s", 0, False), ("--mem-limit-gb", "mem_limit_gb", 0, False))
+
+
+def check_numbers(args) -> None:
+    """A clear error naming the option for every number out of range (NaN and infinity included): argparse
+    checks only that it parses."""
+    for option, name, lowest, inclusive in _NUMERIC:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= lowest if inclusive else value > lowest)
+        if not ok:
+            raise ValueError(f"{option} must be a finite number {'>=' if inclusive else '>'} {lowest}, "
+                             f"got {value!r}")
+
+
 def _settings(args) -> Settings:
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be >= 1")
-    if args.mem_limit_gb is not None and args.mem_limit_gb <= 0:
-        raise ValueError("--mem-limit-gb must be positive")
+    check_numbers(args)
     if args.interleave and args.mem_limit_gb is not None:
         raise ValueError("--mem-limit-gb is per method: it needs one process per method (drop --interleave)")
     return Settings(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget_s,
@@ -170,7 +165,10 @@ def _settings(args) -> Settings:
 
 
 def _problems(args, device: str):
-    check_chunk_size(args.chunk_size)  # the package's own check: the same wording as chunk_size= everywhere
+    try:  # the package's own check: the same wording as chunk_size= everywhere
+        check_chunk_size(args.chunk_size)
+    except ValueError as exc:
+        raise ValueError(f"--chunk-size: {exc}") from None
     return problem_grid(parse_names(args.loss, LOSSES, "--loss"), parse_sizes(args.batch, "--batch"),
                         parse_sizes(args.dim, "--dim"), parse_sizes(args.classes, "--classes"),
                         parse_dtypes(args.dtype), device, args.seed, args.chunk_size,
@@ -196,75 +194,37 @@ def _list_methods(problems, console: Console) -> None:
         console.print(f"{'':32s}{method.description}", style="dim", markup=False, highlight=False)
 
 
-def output_paths(args) -> list[str]:
-    """Every file the run will write (--json, --plot, --record's three)."""
-    paths = [p for p in (args.json, args.plot) if p and p != "-"]
-    if args.record:
-        paths += [args.record + suffix for suffix in (".json", ".md", ".png")]
-    return paths
-
-
-def output_path_problem(path: str) -> Optional[str]:
-    """Why ``path`` cannot be written, checked before the run so that a long sweep never ends in a
-    traceback that loses its results; None when it can."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"{path!r} is a folder, not a file name"
-    if not os.path.isdir(folder):
-        return f"the folder {folder!r} of {path!r} does not exist (create it first)"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"the folder {folder!r} of {path!r} is not writable"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{path!r} exists and is not writable"
-    return None
-
-
-def _progress(console: Console, disabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]margin-bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.description}"), console=console, disable=disabled, transient=True)
-
-
-def _write_outputs(args, sweep, settings, command: str, console: Console) -> None:
-    json_paths = [p for p in (args.json, args.record and args.record + ".json") if p]
-    plot_paths = [p for p in (args.plot, args.record and args.record + ".png") if p]
-    if args.record:
-        with open(args.record + ".md", "w") as f:
-            f.write(markdown(sweep, command))
-    if json_paths:
-        text = json.dumps(payload(sweep, command, settings), indent=1) + "\n"
-        for path in json_paths:
-            if path == "-":
-                sys.stdout.write(text)
-                continue
-            with open(path, "w") as f:
-                f.write(text)
-    for path in plot_paths:
-        write_plot(sweep, path, command=command)
-        console.print(f"plot written to {path}", markup=False, highlight=False)
+#: jobs margin-bench once ran that are now the developer tools of the source checkout (``python -m bench``)
+MOVED_JOBS = ("chunks", "memory-model", "optimizer-step", "kernels", "ceilings", "throughput")
+#: the exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Dispatch on the first argument: a job name, else the comparison (so plain ``margin-bench`` is it)."""
+    """Plain ``margin-bench`` (or ``margin-bench compare``) is the comparison; a moved job's name is a clear
+    error, not an option parse error."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in JOBS:
-        return JOBS[argv[0]](argv[1:])
-    return compare(argv)
-
-
-def _chunks(argv: list[str]) -> int:
-    from .chunks import main as chunks_main  # imported on use: each job keeps its own parser
-    return chunks_main(argv)
-
-
-def _memory_model(argv: list[str]) -> int:
-    from .memory_model import main as memory_model_main
-    return memory_model_main(argv)
+    if argv and argv[0] in MOVED_JOBS:
+        print(f"margin-bench: error: {argv[0]!r} moved out of the installed package: in a source checkout of "
+              f"margin_kernels run `python -m bench {argv[0]} ...` from the repository root", file=sys.stderr)
+        return 2
+    try:
+        return compare(argv[1:] if argv and argv[0] == "compare" else argv)
+    except KeyboardInterrupt:  # outside the sweep (which keeps its rows): nothing measured is lost here
+        print("margin-bench: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED
 
 
 def is_quick_default(parser, args) -> bool:
     """True when no option of what to run or how to measure was given (output options may be)."""
     defaults = vars(parser.parse_args([]))
     return all(value == defaults[name] for name, value in vars(args).items() if name not in _OUTPUT_OPTIONS)
+
+
+def _interrupted_line(sweep, written: list[str]) -> str:
+    where = f"written to {', '.join(written)}" if written else "printed above"
+    return (f"margin-bench: interrupted (Ctrl-C): the {len(sweep.rows)} row(s) measured so far are {where}, "
+            "marked incomplete")
 
 
 def compare(argv: list[str]) -> int:
@@ -291,7 +251,7 @@ def compare(argv: list[str]) -> int:
             parser.error(f"cannot write the results: {problem}")
     # the table goes to stderr when stdout carries JSON
     console = Console(stderr=args.json == "-")
-    if not console.is_terminal:  # logs and files: do not fold the table into 80 columns
+    if not console.is_terminal:  # logs and files: the full table, never folded into 80 columns
         console.width = max(console.width, 160)
     if args.list:
         _list_methods(problems, console)
@@ -302,7 +262,7 @@ def compare(argv: list[str]) -> int:
     runnable, _ = plan(problems, names)
     load = LoadRecord()
     load.sample()
-    with _progress(console, args.no_progress) as progress:
+    with progress_bar(console, args.no_progress) as progress:
         task = progress.add_task("", total=count_steps(problems, runnable, settings))
         started = [False]
 
@@ -312,29 +272,14 @@ def compare(argv: list[str]) -> int:
                 progress.advance(task)
             started[0] = True
             progress.update(task, description=text)
+        # Ctrl-C inside: the children are stopped and the sweep returns the rows done, marked incomplete
         sweep = run_sweep(problems, names, settings, advance)
         progress.update(task, completed=progress.tasks[0].total)
     load.sample()
     sweep.load = load
     print_report(sweep, console)
-    _write_outputs(args, sweep, settings, command, console)
+    written = write_outputs(args, sweep, settings, command, console)
+    if sweep.incomplete:
+        print(_interrupted_line(sweep, written), file=sys.stderr)
+        return INTERRUPTED
     return 1 if any(row.status == "error" for row in sweep.rows) else 0
-
-
-def _optimizer_step(argv: list[str]) -> int:
-    from .optimizer_step import main as optimizer_step_main
-    return optimizer_step_main(argv)
-
-
-def _kernels(argv: list[str]) -> int:
-    from .kernels import main as kernels_main
-    return kernels_main(argv)
-
-
-def _ceilings(argv: list[str]) -> int:
-    from .ceilings import main as ceilings_main
-    return ceilings_main(argv)
-
-
-JOBS = {"compare": compare, "chunks": _chunks, "memory-model": _memory_model, "kernels": _kernels,
-        "optimizer-step": _optimizer_step, "ceilings": _ceilings}

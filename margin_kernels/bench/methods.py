@@ -1,4 +1,4 @@
-"""What is measured: our backends, the GEMM floor, and (from ``peers.py``) other libraries.
+"""What is measured: our backends and the GEMM floor (``peers`` adds other libraries, ``catalog`` names them all).
 
 A ``Method`` says whether it can run a problem here (``unavailable`` returns the reason it cannot) and builds a
 ``Run`` (``timing.Run``) on the problem's inputs. Runs use the input tensors themselves as autograd leaves:
@@ -214,23 +214,3 @@ def budgeted_method(name: str) -> Optional[Method]:
     value = parse_budget(budget)
     return Method(name, "backend", f"{_description(backend)}, memory_budget={budget}",
                   _backend_unavailable(backend), _backend_builder(backend, value))
-
-
-class _Methods(dict):
-    """The method table; "<backend>@<budget>" names are built on first lookup (worker processes look them up
-    by name too)."""
-
-    def __missing__(self, name):
-        method = budgeted_method(name)
-        if method is None:
-            raise KeyError(name)
-        self[name] = method
-        return method
-
-    def __contains__(self, name):
-        return dict.__contains__(self, name) or budgeted_method(name) is not None
-
-
-def all_methods() -> dict:
-    from .peers import PEERS  # peers import optional third-party packages lazily; keep this module light
-    return _Methods({**BACKENDS, **PEERS, GEMM_FLOOR.name: GEMM_FLOOR})

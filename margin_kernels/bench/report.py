@@ -1,4 +1,5 @@
-"""Output: a rich table per curve, a summary of where methods stopped, JSON and markdown for the record."""
+"""Output: the full table per curve (what a log or a pipe gets; ``screen`` fits it to a terminal), a summary of
+where methods stopped, JSON and markdown for the record."""
 from __future__ import annotations
 
 import datetime
@@ -6,7 +7,6 @@ import os
 import platform
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -27,19 +27,30 @@ def fmt_bytes(n) -> str:
     return f"{n} B"
 
 
-def fmt_ms(stats) -> str:
+def fmt_median(stats) -> str:
+    """A median time in ms: 3 significant digits below 100 ms, whole ms above."""
     if not stats:
         return "-"
     median = stats["median_ms"]
-    text = f"{median:.0f}" if median >= 100 else f"{median:.3g}"
-    return f"{text} ±{stats['spread'] * 100:.0f}%" if stats["n"] > 1 else text
+    return f"{median:.0f}" if median >= 100 else f"{median:.3g}"
+
+
+def fmt_spread(stats) -> str:
+    """The half-range of the timed repeats in % of the median ("-" for a single repeat)."""
+    return f"{stats['spread'] * 100:.0f}" if stats and stats["n"] > 1 else "-"
+
+
+def fmt_ms(stats) -> str:
+    if not stats:
+        return "-"
+    return f"{fmt_median(stats)} ±{fmt_spread(stats)}%" if stats["n"] > 1 else fmt_median(stats)
 
 
 def fmt_err(value) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
-def _note(row: Row) -> str:
+def note(row: Row) -> str:
     notes = list(row.result.get("notes", []))
     if row.status == "ok" and row.result.get("total", {}).get("n", 0) == 1:
         notes.append("1 repeat")
@@ -54,26 +65,26 @@ def row_cells(row: Row) -> list[str]:
     status = row.status
     if status != "ok":
         label = "OOM" if status == "oom" else status
-        return [f"{row.problem.classes:,}", row.method, label, "", "", "", "", "", "", _note(row)]
+        return [f"{row.problem.classes:,}", row.method, label, "", "", "", "", "", "", note(row)]
     return [f"{row.problem.classes:,}", row.method, fmt_ms(r["forward"]), fmt_ms(r["backward"]),
             fmt_ms(r["total"]), fmt_bytes(r.get("extra_bytes")), fmt_err(row.check.get("loss_diff")),
             fmt_err(row.check.get("grad_err")),
-            "-" if row.floor_ratio is None else f"{row.floor_ratio:.2f}", _note(row)]
+            "-" if row.floor_ratio is None else f"{row.floor_ratio:.2f}", note(row)]
 
 
-def _families(rows: list[Row]) -> dict:
+def families(rows: list[Row]) -> dict:
     out: dict = {}
     for row in rows:
         out.setdefault(row.problem.family_label(), []).append(row)
     return out
 
 
-_STYLES = {"oom": "red", "error": "red", "timeout": "yellow", "skipped": "dim"}
+STATUS_STYLES = {"oom": "red", "error": "red", "timeout": "yellow", "skipped": "dim"}
 
 
 def tables(sweep: Sweep) -> list[Table]:
     out = []
-    for label, rows in _families(sweep.rows).items():
+    for label, rows in families(sweep.rows).items():
         table = Table(title=label, title_justify="left")
         for name in COLUMNS:
             table.add_column(name, justify="left" if name in ("method", "note") else "right",
@@ -84,7 +95,7 @@ def tables(sweep: Sweep) -> list[Table]:
                 table.add_section()
             previous = row.problem.classes
             # Text, not markup: notes quote library messages that contain [brackets]
-            table.add_row(*map(Text, row_cells(row)), style=_STYLES.get(row.status))
+            table.add_row(*map(Text, row_cells(row)), style=STATUS_STYLES.get(row.status))
         out.append(table)
     return out
 
@@ -119,15 +130,6 @@ LEGEND = ("times: median ±half-range over the timed repeats (warm-up excluded);
           "alone, the faster of full-size and class-chunked, timed in the same run)")
 
 
-def print_report(sweep: Sweep, console: Console) -> None:
-    for table in tables(sweep):
-        console.print(table)
-    console.print(LEGEND, style="dim")
-    for line in summary_lines(sweep):
-        style = "bold yellow" if line.startswith("WARNING") else None
-        console.print(line, markup=False, highlight=False, style=style)
-
-
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -142,12 +144,12 @@ def payload(sweep: Sweep, command: str, settings) -> dict:
             "environment": environment(), "settings": settings.to_dict(),
             "rows": [row.to_dict() for row in sweep.rows], "stopped": sweep.stopped, "skipped": sweep.skipped,
             "load_1min": None if sweep.load is None else sweep.load.to_dict(), "warnings": sweep_warnings(sweep),
-            "legend": LEGEND}
+            "legend": LEGEND, "incomplete": sweep.incomplete}
 
 
 def markdown(sweep: Sweep, command: str) -> str:
     lines = [f"`{command}`", ""]
-    for label, rows in _families(sweep.rows).items():
+    for label, rows in families(sweep.rows).items():
         lines += [f"**{label}**", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in rows:
             cells = [c.replace("|", "/") for c in row_cells(row)]

@@ -2,6 +2,9 @@
 
 Within a curve (same loss, B, d, dtype; growing C) a method that ran out of memory or time at some C is not
 run again at larger C: its rows say where it stopped. Same for the float64 check once it no longer fits.
+
+Ctrl-C (KeyboardInterrupt) stops the running child and ends the sweep early: it returns the rows measured so
+far (those of the interrupted problem included, unchecked) with ``incomplete`` set, for the caller to write.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .config import Problem, Settings
-from .methods import all_methods
+from .catalog import all_methods
 from .worker import child_main
 
 _STOP_WORDS = {"oom": "OOM", "timeout": "timed out"}
@@ -53,6 +56,8 @@ class Sweep:
     notes: list = field(default_factory=list)
     #: the 1-minute load averages seen while it ran (conditions.LoadRecord; None: not sampled)
     load: Optional[object] = None
+    #: stopped by Ctrl-C before every problem was measured
+    incomplete: bool = False
 
 
 _context = None
@@ -89,6 +94,9 @@ def run_child(job: dict, timeout_s: Optional[float]) -> dict:
         except EOFError:  # died without a result
             proc.join()
             return _death_result(proc.exitcode, log_path)
+        except KeyboardInterrupt:  # Ctrl-C: the child must not outlive the sweep (nor finish a long case)
+            proc.kill()
+            raise
         finally:
             proc.join()
             receive.close()
@@ -168,42 +176,73 @@ def one_minute_load():
 
 
 def run_sweep(problems: list[Problem], method_names: list[str], settings: Settings,
-              advance: Callable[[str], None] = lambda text: None, child=run_child) -> Sweep:
-    """``advance(text)`` is called before each child (for a progress bar); ``child`` runs one job."""
-    methods = all_methods()
+              advance: Callable[[str], None] = lambda text: None, child=None) -> Sweep:
+    """``advance(text)`` is called before each child (for a progress bar); ``child`` runs one job (default
+    ``run_child``). Ctrl-C ends it early with the rows so far (``Sweep.incomplete``)."""
+    sweep = Sweep()
+    try:
+        _sweep(sweep, problems, method_names, settings, advance, child or run_child)
+    except KeyboardInterrupt:
+        sweep.incomplete = True
+        sweep.notes.append(f"incomplete: interrupted (Ctrl-C) after {len(sweep.rows)} row(s); the problems after "
+                           "them were not measured")
+    return sweep
+
+
+def _sweep(sweep: Sweep, problems: list[Problem], method_names: list[str], settings: Settings, advance,
+           child) -> None:
     runnable, skipped = plan(problems, method_names)
-    sweep = Sweep(skipped=skipped)
+    sweep.skipped = skipped
     if settings.check and settings.check_max_classes is not None:
         sweep.notes.append(f"loss diff / grad err: checked up to C = {settings.check_max_classes:,} only")
     for family, members in _families(problems).items():
         label = members[0].family_label()
-        stopped: dict = {}
-        for problem in members:
-            load_before = one_minute_load()
-            results = _measure(problem, runnable[family], stopped, settings, advance, child)
-            load = [load_before, one_minute_load()]
-            if None not in load:
-                sweep.notes.append(f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
-                                   f"{problem.family_label()}, C = {problem.classes:,}")
-            rows = []
-            for name in runnable[family]:
-                result = results[name]
-                if name not in stopped and result.get("status") in ("oom", "timeout"):
-                    stopped[name] = f"{_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
-                result.setdefault("load_1min", load)
-                rows.append(Row(problem, name, methods[name].kind, result))
-            _attach_floor_ratios(rows)
-            _check(problem, rows, settings, stopped, advance, child)
-            sweep.rows.extend(rows)
-        if stopped:
-            sweep.stopped[label] = stopped
-    return sweep
+        stopped = sweep.stopped.setdefault(label, {})  # filled as the curve goes (kept if Ctrl-C cuts it)
+        try:
+            for problem in members:
+                _problem_rows(problem, runnable[family], stopped, settings, advance, child, sweep)
+        finally:
+            if not stopped:
+                del sweep.stopped[label]
 
 
-def _measure(problem: Problem, names: list, stopped: dict, settings: Settings, advance, child) -> dict:
-    """name -> result at one problem: a child per method, or (interleave) one child for all of them."""
+def _problem_rows(problem: Problem, names: list, stopped: dict, settings: Settings, advance, child,
+                  sweep: Sweep) -> None:
+    """Add the rows of one problem to ``sweep``: measured, given their floor ratios, checked; on Ctrl-C the
+    methods that finished are added (unchecked) before the interrupt goes on."""
     methods = all_methods()
-    out = {name: {"status": "skipped", "notes": [f"not run: {stopped[name]}"]} for name in names if name in stopped}
+    results: dict = {}
+    try:
+        load_before = one_minute_load()
+        _measure(problem, names, stopped, settings, advance, child, results)
+        load = [load_before, one_minute_load()]
+        if None not in load:
+            sweep.notes.append(f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
+                               f"{problem.family_label()}, C = {problem.classes:,}")
+        rows = []
+        for name in names:
+            result = results[name]
+            if name not in stopped and result.get("status") in ("oom", "timeout"):
+                stopped[name] = f"{_STOP_WORDS[result['status']]} at C = {problem.classes:,}"
+            result.setdefault("load_1min", load)
+            rows.append(Row(problem, name, methods[name].kind, result))
+        _attach_floor_ratios(rows)
+        _check(problem, rows, settings, stopped, advance, child)
+    except KeyboardInterrupt:
+        done = [Row(problem, name, methods[name].kind, results[name]) for name in names
+                if name in results and results[name].get("status") != "skipped"]
+        _attach_floor_ratios(done)
+        sweep.rows.extend(done)
+        raise
+    sweep.rows.extend(rows)
+
+
+def _measure(problem: Problem, names: list, stopped: dict, settings: Settings, advance, child, out: dict) -> None:
+    """Fill ``out`` (name -> result) at one problem as the results come (so Ctrl-C keeps those done): a child
+    per method, or (interleave) one child for all of them."""
+    methods = all_methods()
+    out.update({name: {"status": "skipped", "notes": [f"not run: {stopped[name]}"]} for name in names
+                if name in stopped})
     todo = [name for name in names if name not in stopped]
     if settings.interleave and todo:
         advance(f"C={problem.classes:,} {len(todo)} methods interleaved")
@@ -211,13 +250,12 @@ def _measure(problem: Problem, names: list, stopped: dict, settings: Settings, a
                         "settings": settings.to_dict()}, settings.timeout_s)
         # a dead or stopped child is the result of every method it was running
         out.update(result["methods"] if result.get("status") == "ok" else {name: result for name in todo})
-        return out
+        return
     for name in names:
         advance(f"C={problem.classes:,} {name}")
         if name not in out:
             out[name] = child({"mode": "measure", "problem": problem.to_dict(), "method": name,
                                "settings": _settings_for(methods[name].kind, settings)}, settings.timeout_s)
-    return out
 
 
 def _check(problem: Problem, rows: list[Row], settings: Settings, stopped: dict, advance, child) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -34,7 +35,8 @@ import margin_kernels as mk
 
 from .config import Problem, Settings, make_loss
 from .memory import is_out_of_memory, memory_probe, timing_allocator
-from .methods import all_methods, floor_ms, floor_variants, resolved_auto
+from .catalog import all_methods
+from .methods import floor_ms, floor_variants, resolved_auto
 from .problem import make_inputs
 from .regularized import regularized_loss
 from .timing import repeats_within, summarize, timed_run
@@ -307,6 +309,9 @@ def _redirect_output(log_path: str) -> None:
 
 def child_main(job: dict, conn, log_path: str) -> None:
     """Entry point of a measuring child (forked from the runner's preloaded server): result -> ``conn``."""
+    # Ctrl-C reaches the whole process group: the parent alone decides (it kills this child and keeps the rows
+    # done), so the child neither prints a traceback nor sends back a half-measured result
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _redirect_output(log_path)
     try:
         result = run_job(job)

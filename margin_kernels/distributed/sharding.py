@@ -1,7 +1,7 @@
 """Which classes each rank owns: contiguous ranges, sizes differing by at most one (insightface's split).
 
 The first ``C % world`` ranks hold ``C // world + 1`` classes, the others ``C // world``. Everything that
-needs shard sizes (the head, the checkpoint loader, ``margin-bench memory-model``) calls these functions.
+needs shard sizes (the head, the checkpoint loader, ``python -m bench memory-model``) calls these functions.
 Shards are cut in classes: with K sub-centers per class a shard holds K rows per class (``row_range``), so a
 class's rows never straddle two ranks and its max over them stays local.
 """

@@ -1,4 +1,4 @@
-"""``margin-bench kernels``: the compiled facts of every Triton kernel for a GPU, without a GPU, and a roofline.
+"""``python -m bench kernels``: the compiled facts of every Triton kernel for a GPU, without a GPU, and a roofline.
 
 For each kernel x config x dtype (fp32 under each product mode of margin_kernels.precision: IEEE, TF32, bf16)
 x negative kind x d it compiles the kernel for sm_90 (``GPUTarget("cuda", 90,
@@ -315,13 +315,13 @@ def roofline(variants: list[Variant], batch: int = 512, dim: int = 512, classes:
     if sub_centers > 1:
         return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16", sub_centers=sub_centers),
                 "floor_ms": floor * 1e3, "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor,
-                "backward_chunk": chunk, "model": "see margin_kernels/bench/kernels.py"}
+                "backward_chunk": chunk, "model": "see bench/kernels.py"}
     cuda_s, cuda_chunk = cuda_estimate_s(batch, dim, classes, elem)
     return {"shape": dict(batch=batch, dim=dim, classes=classes, dtype="bf16"),
             "floor_ms": floor * 1e3,
             "triton_ms": triton_s * 1e3, "triton_x_floor": triton_s / floor,
             "cuda_ms": cuda_s * 1e3, "cuda_x_floor": cuda_s / floor,
-            "backward_chunk": chunk, "cuda_chunk": cuda_chunk, "model": "see margin_kernels/bench/kernels.py"}
+            "backward_chunk": chunk, "cuda_chunk": cuda_chunk, "model": "see bench/kernels.py"}
 
 
 def floor_s(batch: int, dim: int, rows: int, peak_tflops: float = PEAK_TFLOPS) -> float:
@@ -333,7 +333,7 @@ def cuda_estimate_s(batch: int, dim: int, classes: int, elem: int = 2, peak_tflo
                     l2_tbps: float = L2_TBPS, hbm_tbps: float = HBM_TBPS,
                     launch_us: float = LAUNCH_US) -> tuple[float, int]:
     """(seconds, chunk) of the ``cuda`` backend's step under the module docstring's model, with its ceilings
-    as arguments: ``margin-bench ceilings`` re-evaluates it at the ceilings measured on a GPU."""
+    as arguments: ``python -m bench ceilings`` re-evaluates it at the ceilings measured on a GPU."""
     from margin_kernels.backends.chunk_loop import default_chunk_size
     chunk = default_chunk_size(batch, "cuda")
     chunk_gemm = 2.0 * batch * chunk * dim
@@ -390,7 +390,7 @@ def summary_markdown(report: dict) -> str:
         lines.append(f"| {kernel} | {dtype} / {product} | {len(rows)} | {min(regs)}-{max(regs)} | "
                      f"{max(v['spill_bytes'] for v in ok)} | {min(smem)}-{max(smem)} KiB | {wgmma} |")
     r = report["roofline"]
-    lines += ["", "Roofline estimate (model: margin_kernels/bench/kernels.py), ArcFace B = 512, d = 512, C = 1e6, "
+    lines += ["", "Roofline estimate (model: bench/kernels.py), ArcFace B = 512, d = 512, C = 1e6, "
               "bf16, H100 SXM:", "", "| | ms | x floor |", "|---|---|---|",
               f"| the 4 GEMMs (floor) | {r['floor_ms']:.2f} | 1.00 |",
               f"| triton ({r['backward_chunk']}-class backward chunks) | {r['triton_ms']:.2f} | "
@@ -407,7 +407,7 @@ def summary_markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="margin-bench kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_90", choices=["sm_90"], help="target (sm_90: H100/H200)")
     parser.add_argument("--json", default=None, help="write the report as JSON to this path ('-' = stdout)")
     parser.add_argument("--ptx-dir", default=None, help="where the PTX files go (default: a temporary folder)")

@@ -1,7 +1,7 @@
-"""``margin-bench optimizer-step``: one training step of the head's weight, forward + backward + optimizer,
+"""``python -m bench optimizer-step``: one training step of the head's weight, forward + backward + optimizer,
 with the update fused into backward (``margin_kernels.optim``) against backward followed by torch.optim.
 
-    margin-bench optimizer-step -C 2e6 -d 512 -B 64 --dtype fp32 --optimizer sgd --momentum 0.9 --steps 3
+    python -m bench optimizer-step -C 2e6 -d 512 -B 64 --dtype fp32 --optimizer sgd --momentum 0.9 --steps 3
 
 Per mode: the peak resident memory above the weight over the first step (``memory.CpuMemory``: VmHWM reset
 before it, glibc returning large blocks on free), which allocates the optimizer state, split into the
@@ -96,7 +96,7 @@ def _render(rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="margin-bench optimizer-step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench optimizer-step", description=__doc__.split("\n\n")[0])
     parser.add_argument("-C", "--classes", type=float, default=1e6)
     parser.add_argument("-d", "--dim", type=int, default=512)
     parser.add_argument("-B", "--batch", type=int, default=128)

@@ -1,4 +1,4 @@
-"""``margin-bench chunks``: one backend's forward+backward time against its class chunk, beside the GEMM floor.
+"""``python -m bench chunks``: one backend's forward+backward time against its class chunk, beside the GEMM floor.
 
 This is how a backend's default chunk is picked (``chunk_loop.default_chunk_size`` on CPU,
 ``DEFAULT_CHUNK_SIZE`` on CUDA): memory per chunk is a few B x chunk tiles, so the smallest chunk within
@@ -6,7 +6,7 @@ This is how a backend's default chunk is picked (``chunk_loop.default_chunk_size
 backends' default chunk, so every row's "x floor" divides by the same number. Each chunk runs in its own
 process, like the comparison; no accuracy check (the tests own correctness at every chunk).
 
-    margin-bench chunks --backend torch -B 256 -C 1e5 -d 512
+    python -m bench chunks --backend torch -B 256 -C 1e5 -d 512
 """
 from __future__ import annotations
 
@@ -20,17 +20,19 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from .config import LOSSES, Problem, Settings, parse_count, parse_dtypes, parse_names, parse_sizes
-from .methods import BACKENDS, GEMM_FLOOR
-from .report import environment, fmt_bytes, fmt_ms
-from .runner import run_sweep
+from margin_kernels.bench.config import (LOSSES, Problem, Settings, parse_count, parse_dtypes, parse_names,
+                                         parse_sizes)
+from margin_kernels.bench.methods import BACKENDS, GEMM_FLOOR
+from margin_kernels.bench.options import add_clock_argument, check_device, progress_bar
+from margin_kernels.bench.report import environment, fmt_bytes, fmt_ms
+from margin_kernels.bench.runner import run_sweep
 
 _CHUNKED = [name for name in BACKENDS if name not in ("reference", "auto")]  # the backends that take a chunk
 COLUMNS = ("chunk", "fwd ms", "bwd ms", "total ms", "extra mem", "x floor", "note")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="margin-bench chunks", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench chunks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=_CHUNKED, default="torch", help="the backend timed (default torch)")
     p.add_argument("--loss", default="arcface", help=f"one of {', '.join(LOSSES)} (default arcface)")
@@ -47,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=None)
     p.add_argument("--json", metavar="PATH", help="write the rows, the floor and the pick as JSON")
     p.add_argument("--no-progress", action="store_true")
-    from .cli import add_clock_argument  # shared with the comparison (cli imports this module lazily)
     add_clock_argument(p)
     return p
 
@@ -77,7 +78,6 @@ def _table(rows, floor, label: str) -> Table:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .cli import _progress, check_device
     parser = build_parser()
     args = parser.parse_args(argv)
     device = check_device(parser, args.device, args.clock)
@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = Settings(repeats=args.repeats, warmup=args.warmup, check=False, timeout_s=args.timeout_s,
                         threads=args.threads, clock=args.clock)
     console = Console()
-    with _progress(console, args.no_progress) as progress:
+    with progress_bar(console, args.no_progress) as progress:
         task = progress.add_task("", total=len(chunks) + 1)
 
         def advance(text: str) -> None:
@@ -112,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     console.print(f"pick: chunk {chosen} (the smallest within {args.within:.0%} of the fastest)", markup=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": "margin-bench chunks " + " ".join(shlex.quote(a) for a in (argv or [])),
+            json.dump({"command": "python -m bench chunks " + " ".join(shlex.quote(a) for a in (argv or [])),
                        "created": datetime.datetime.now().isoformat(timespec="seconds"),
                        "environment": environment(), "settings": settings.to_dict(), "backend": args.backend,
                        "floor": floor.to_dict(), "rows": [row.to_dict() for row in rows], "pick": chosen},

@@ -1,4 +1,4 @@
-"""``margin-bench ceilings``: the ceilings the roofline model of bench/kernels.py assumes, measured on this
+"""``python -m bench ceilings``: the ceilings the roofline model of bench/kernels.py assumes, measured on this
 device, and the ``cuda`` backend's estimate re-evaluated at the measured values.
 
 The model's least certain constant is ``L2_TBPS``, what an epilogue pass over an L2-resident tile costs: the
@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from .kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s, floor_s
-from .timing import synchronize
+from margin_kernels.bench.timing import synchronize
 
 #: the estimate's problem, as kernels.roofline's
 BATCH, DIM, CLASSES = 512, 512, 10 ** 6
@@ -100,7 +100,7 @@ def estimates(peak_tflops: float, l2_tbps: float, hbm_tbps: float) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="margin-bench ceilings", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench ceilings", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="the GEMMs' dtype (default bfloat16 on a GPU, float32 on a CPU)")

@@ -1,7 +1,7 @@
-"""``margin-bench memory-model``: memory per rank and traffic per step of DistributedMarginHead, from the sizes
+"""``python -m bench memory-model``: memory per rank and traffic per step of DistributedMarginHead, from the sizes
 the code uses (arithmetic, no timing: it runs anywhere, GPU or not).
 
-    margin-bench memory-model  [--detail] [--classes 1e6 1e7 1e8] ...
+    python -m bench memory-model  [--detail] [--classes 1e6 1e7 1e8] ...
 
 Every size comes from the package: the shard a rank holds (``sharding.max_shard_size``: rank 0 holds the
 largest, which is what every GPU must provision), the classes Partial FC keeps (``sampling.num_sampled``),
@@ -198,7 +198,7 @@ def render_comm(rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="margin-bench memory-model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench memory-model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--dim", type=int, default=512)

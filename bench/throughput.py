@@ -3,7 +3,7 @@
 A fused step does the work of four B x C x d GEMMs, 8 B C d FLOP, whatever the method; TFLOP/s is that over
 the median forward + backward time, so it compares directly with the machine's GEMM peak.
 
-    python -m margin_kernels.bench.throughput run1.json [run2.json ...] > tables.md
+    python -m bench throughput run1.json [run2.json ...] > tables.md
 """
 from __future__ import annotations
 

@@ -1,0 +1,204 @@
+"""The developer tools of the repository's bench/ folder (not installed; ``python -m bench JOB`` from the
+repository root), as CI runs them: the 'chunks' and 'memory-model' jobs, the compiled-kernel report and its
+roofline, the ceilings, the throughput table, the GPU session script, the plot redrawn from a run's JSON and
+the dispatcher. They import from the top-level ``bench`` package: tests/ is a package, so pytest puts the
+repository root on sys.path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.__main__ import JOBS, main as bench_main
+from margin_kernels.bench import cli
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_tools_import_from_this_checkout_and_the_dispatcher_lists_them(capsys):
+    import bench
+    assert os.path.dirname(bench.__file__) == os.path.join(REPO_ROOT, "bench")
+    assert bench_main(["-h"]) == 0
+    text = capsys.readouterr().out
+    assert all(job in text for job in JOBS)
+    assert bench_main(["nosuch"]) == 2 and "unknown job 'nosuch'" in capsys.readouterr().err
+
+
+def test_margin_bench_names_where_a_moved_job_went(capsys):
+    """The installed CLI no longer offers the tools: one line saying where they are, exit status 2."""
+    for job in ("chunks", "memory-model", "optimizer-step", "kernels", "ceilings", "throughput"):
+        assert cli.main([job, "--help"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"python -m bench {job}" in err and "source checkout" in err
+
+
+def test_bad_arguments_of_the_tools_exit_with_usage(capsys):
+    for argv in (["chunks", "--backend", "reference"], ["memory-model", "--optimizer", "nosuch"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_main(argv)
+        assert exc.value.code == 2
+    assert "python -m bench" in capsys.readouterr().err
+
+
+def test_chunks_without_cuda_is_explained(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["chunks", "--device", "cuda"])
+    assert exc.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_plot_is_redrawn_from_a_recorded_json(tmp_path, capsys):
+    """The PNG is derived data: the recorded run's JSON gives it back (rows, OOM marks, load in the title)."""
+    pytest.importorskip("matplotlib", reason="matplotlib (the 'plot'/'test' extra) is not installed")
+    from matplotlib import image
+    from bench.plot import sweep_from_payload
+    from margin_kernels.bench.plot import plot_title
+    run = os.path.join(REPO_ROOT, "bench", "results", "cpu_quick_default.json")
+    with open(run) as f:
+        data = json.load(f)
+    sweep = sweep_from_payload(data)
+    assert len(sweep.rows) == len(data["rows"]) and sweep.load.samples == data["load_1min"]["samples"]
+    assert [(r.method, r.problem.classes, r.total_ms()) for r in sweep.rows] == \
+        [(r["method"], r["classes"], r["total"]["median_ms"] if r["status"] == "ok" else None) for r in data["rows"]]
+    assert "1-minute load average" in plot_title(sweep)
+    out = tmp_path / "quick.png"
+    assert bench_main(["plot", run, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    pixels = image.imread(str(out))
+    assert pixels.shape[0] > 200 and float(pixels[..., :3].std()) > 0.01  # something was drawn
+
+
+def test_chunks_job_times_a_backend_against_its_chunk(tmp_path, capsys):
+    """``python -m bench chunks`` (it replaced the chunk-size script): one row per chunk, every ratio to the same
+    floor, and a pick among the chunks."""
+    path = tmp_path / "chunks.json"
+    code = bench_main(["chunks", "-B", "16", "-d", "16", "-C", "3000", "--chunks", "256,1024", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--no-progress", "--json", str(path)])
+    text = capsys.readouterr().out
+    assert code == 0
+    for heading in ("chunk", "total ms", "extra mem", "x floor", "pick: chunk"):
+        assert heading in text
+    payload = json.loads(path.read_text())
+    assert payload["command"].startswith("python -m bench chunks ") and payload["backend"] == "torch"
+    assert payload["floor"]["method"] == "gemm-floor" and payload["floor"]["status"] == "ok"
+    assert [r["chunk_size"] for r in payload["rows"]] == [256, 1024]
+    floor = payload["floor"]["total"]["median_ms"]
+    for row in payload["rows"]:
+        assert row["status"] == "ok" and row["method"] == "torch"
+        assert row["floor_ratio"] == pytest.approx(row["total"]["median_ms"] / floor) and row["floor_ratio"] > 0
+    assert payload["pick"] in (256, 1024)
+
+
+def test_memory_model_job_prints_the_per_rank_table(capsys):
+    from bench.memory_model import per_rank_bytes
+    assert bench_main(["memory-model", "--classes", "1e6", "--worlds", "1", "2", "--detail"]) == 0
+    text = capsys.readouterr().out
+    assert "| C | dtype | sample_rate | 1 GPU | 2 GPUs |" in text and "| 1e6 | bf16 | 1.0 |" in text
+    assert "MiB received per rank per step" in text and "torch_tiles" in text
+    row = per_rank_bytes(num_classes=10 ** 6, dim=512, world=2, dtype=torch.bfloat16, sample_rate=1.0,
+                         batch_per_rank=128)
+    assert row["local_classes"] == 500_000 and row["weight"] == 500_000 * 512 * 2
+
+
+# ---- python -m bench kernels: the compiled sm_90 facts and the roofline ----------------------------------------
+def _variant(**kw):
+    from bench.kernels import Variant
+    base = dict(kernel="dcos", config="c", dtype="bf16", kind="ARC", dim=512, registers=128, spill_bytes=0,
+                shared_bytes=64 * 1024, wgmma=True)
+    base.update(kw)
+    return Variant(**base)
+
+
+def test_kernel_report_flags_spills_and_products_off_wgmma_where_ci_requires():
+    from bench import kernels
+    good = [_variant(kernel=k) for k in ("lse_forward", "dcos", "dweight", "dx")]
+    estimate = kernels.roofline(good)
+    assert 1.0 < estimate["triton_x_floor"] <= kernels.TRITON_ESTIMATE_LIMIT
+    assert estimate["triton_x_floor"] < estimate["cuda_x_floor"] <= kernels.CUDA_ESTIMATE_LIMIT
+    assert kernels.violations(good, estimate) == []
+    bad = good + [_variant(spill_bytes=16), _variant(wgmma=False, dtype="fp16"),
+                  _variant(spill_bytes=999, dim=1024), _variant(wgmma=False, dtype="fp32")]
+    found = kernels.violations(bad, estimate)
+    assert len(found) == 2 and "spills 16 bytes" in found[0] and "not on wgmma" in found[1]
+    slow = good + [_variant(kernel="dweight", wgmma=False, spill_bytes=512)]  # a third the speed: over 1.3x
+    assert any("triton estimate" in v for v in kernels.violations(slow, kernels.roofline(slow)))
+
+
+@pytest.mark.slow
+def test_kernel_report_compiles_every_16_bit_variant_on_wgmma_without_spills(tmp_path):
+    """What CI enforces: every Triton kernel x config x bf16/fp16 x negative kind x d compiled for sm_90
+    (no GPU needed): no spill and every product on wgmma at d <= 512, and the estimate within 1.3x."""
+    pytest.importorskip("triton", reason="the report compiles Triton kernels")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "kernels", "--dtypes", "bf16,fp16",
+                           "--ptx-dir", str(tmp_path / "ptx"), "--json", str(out), "--check"],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kernels_seen = {v["kernel"] for v in report["variants"]}
+    assert kernels_seen == {"lse_forward", "dcos", "dweight", "dx"}
+    assert all(v["error"] is None and os.path.isfile(v["ptx"]) for v in report["variants"])
+    assert report["roofline"]["triton_x_floor"] <= 1.3 and report["violations"] == []
+    # fp64 compiles too (its dots name an fp64 accumulator); not held to the no-spill rule
+    proc = subprocess.run([sys.executable, "-m", "bench", "kernels", "--dtypes", "fp64", "--dims",
+                           "512", "--json", str(out)], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fp64 = json.loads(out.read_text())["variants"]
+    assert {v["kernel"] for v in fp64} == {"lse_forward", "dcos", "dweight", "dx"}  # the forward's fallback too
+    assert all(v["error"] is None for v in fp64)
+
+
+def test_gpu_session_script_parses_and_writes_at_most_eight_named_files():
+    """bench/gpu_session.sh runs only on a lent GPU; here: it is valid bash and names at most 8 outputs."""
+    import re
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    names = set(re.findall(r'\$OUT/([0-9]{2}_[a-z_]+\.(?:log|json|txt|md))', open(script).read()))
+    assert 1 < len(names) <= 8, names
+
+
+def test_ceilings_job_measures_this_device_and_keeps_the_model_beside_it(tmp_path):
+    """python -m bench ceilings on the CPU: every measured figure positive and finite, the model's cuda estimate
+    the one the kernel report gives (one function), and no "measured" estimate off a GPU."""
+    from bench import ceilings, kernels
+    path = tmp_path / "ceilings.json"
+    assert bench_main(["ceilings", "--device", "cpu", "--repeats", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    for key in ("square_gemm_tflops", "chunk_gemm_tflops", "cache_copy_tbps", "large_copy_tbps"):
+        assert 0 < report[key] < float("inf"), key
+    assert report["model"]["cuda_x_floor"] == pytest.approx(kernels.roofline([])["cuda_x_floor"], rel=1e-12)
+    assert "measured" not in report
+    with pytest.raises(SystemExit):
+        ceilings.main(["--repeats", "0", "--device", "cpu"])
+
+
+def test_cuda_bound_of_the_unfused_design_is_as_written():
+    """kernels.py's docstring: at the model's ceilings the cuda estimate is >= 1.77x; 1.6x needs an L2 of
+    >= 12 TB/s with the launches hidden, and the launches alone cap it at 1.85x."""
+    from bench.kernels import HBM_TBPS, L2_TBPS, PEAK_TFLOPS, cuda_estimate_s, floor_s
+    floor = floor_s(512, 512, 10 ** 6)
+
+    def ratio(l2, launch_us):
+        return cuda_estimate_s(512, 512, 10 ** 6, 2, PEAK_TFLOPS, l2, HBM_TBPS, launch_us)[0] / floor
+    assert ratio(L2_TBPS, 0.0) >= 1.77
+    assert ratio(11.5, 0.0) > 1.6 >= ratio(12.0, 0.0)
+    assert ratio(1e9, 4.0) == pytest.approx(1.85, abs=0.01)
+
+
+def test_throughput_table_reports_tflops_beside_the_floor_ratio(tmp_path):
+    from bench import throughput
+    row = dict(loss="arcface", batch=512, classes=10 ** 6, dim=512, dtype="bfloat16", method="triton",
+               status="ok", total={"median_ms": 4.0}, floor_ratio=1.25)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"command": "margin-bench ...", "rows": [row, dict(row, method="reference",
+                                                                                   status="oom", total=None)]}))
+    table = throughput.markdown([path, tmp_path / "absent.json"])
+    assert "| triton | 4 | 1.25 | 524.3 |" in table  # 8 * 512 * 1e6 * 512 FLOP in 4 ms
+    assert "| reference | oom |" in table and "(missing" in table
