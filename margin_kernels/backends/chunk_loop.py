@@ -43,7 +43,7 @@ CUDA_TILE_BYTES = 24 << 20
 CUDA_TILE_BYTES_PER_ELEMENT = 6
 CUDA_MIN_CHUNK, CUDA_MAX_CHUNK = 1024, 16384  # below: the GEMMs get thin; above: no gain, more memory
 #: on CPU, elements of the B x chunk fp32 tile: 2 MiB stays in cache between the GEMM that writes it, the
-#: epilogue and the two GEMMs that read it. Measured by the chunk-size script that `margin-bench chunks` replaced
+#: epilogue and the two GEMMs that read it. Measured by the chunk-size script that `python -m bench chunks` replaced
 #: (its floor: the 4 GEMMs full-size; B=256, C=1e5, d=512, fp32, 2 cores, idle): 1.05x the floor at chunk
 #: 1024, 1.06x at 2048, 1.08x at 4096, 1.17x at 8192, 1.56x at 32768.
 CPU_TILE_ELEMENTS = 1 << 19

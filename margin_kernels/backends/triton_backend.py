@@ -176,7 +176,7 @@ def lse_forward(inputs, config, state):
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     meta["SUB_CENTERS"] = sub_centers
     # the norms only for a backward that reads kept tiles (recomputed chunks form them in the dcos kernel):
-    # without a budget the forward is the very kernel variant `margin-bench kernels --check` compiles
+    # without a budget the forward is the very kernel variant `python -m bench kernels --check` compiles
     meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0)
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers,
                                   meta["KIND"], meta["REDUCTION"], kept > 0)

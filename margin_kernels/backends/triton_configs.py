@@ -60,7 +60,7 @@ H100_FORWARD = [
 ]
 #: the backward's tiling per storage element size, per architecture (one pick each: the three kernels must
 #: agree on BLOCK_B x BLOCK_C for gradient filtering, and none is re-tuned per step). Chosen by the compiled
-#: sm_90 code (``margin-bench kernels``, bf16, d = 512): 128 x 64 dC tiles with 8 warps keep the dcos
+#: sm_90 code (``python -m bench kernels``, bf16, d = 512): 128 x 64 dC tiles with 8 warps keep the dcos
 #: kernel at 170-196 registers without spills for every negative kind and the two GEMMs at 99-125, all on
 #: wgmma; 128 x 128 tiles reach 255 registers and spill 16-24 bytes (CURRICULAR, CIRCLE) in the dcos
 #: epilogue. fp32/fp64: smaller tiles (their operand tiles are 2x/4x the bytes).
@@ -238,7 +238,7 @@ def forward_autotune_configs():
 #: the forward tiling when no autotune candidate fits (fp64: 8-byte operand tiles exceed shared memory)
 FORWARD_FALLBACK = ForwardTiles(32, 32, 32, num_warps=4, num_stages=1)
 #: the largest forward tile (BLOCK_B x BLOCK_C elements) whose epilogue still fits the registers, for the heavier
-#: epilogues (``margin-bench kernels``, sm_90, bf16, d = 512): SphereFace2's power (exp2/log2 per element)
+#: epilogues (``python -m bench kernels``, sm_90, bf16, d = 512): SphereFace2's power (exp2/log2 per element)
 #: spills above 64 x 64 under the binary reduction (52-2848 bytes per thread) and at 128 x 64 w4 (8 bytes) and
 #: 128 x 256 under the log-sum-exp; the binary reduction with IDENTITY spills at 128 x 256 (1680 bytes)
 POWER_KINDS_MAX_TILE, BINARY_MAX_TILE = 64 * 64, 128 * 128
@@ -260,14 +260,14 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
     """Whether the autotuner may pick ``tiles``: its operand tiles fit shared memory, and, for 4-byte storage
     whose operands are cast to 16 bits in registers (bf16/fp16 products of fp32 weights), it is not one of the
     4-warp tilings of >= 8192 elements that spill there (72 and 536 bytes per thread for 64x128 and 128x64 in
-    ``margin-bench kernels``; the 8-warp tilings of the same size do not).
+    ``python -m bench kernels``; the 8-warp tilings of the same size do not).
 
-    Sub-centers (K > 1) keep a running max tile beside the cosine accumulator: in ``margin-bench kernels``
+    Sub-centers (K > 1) keep a running max tile beside the cosine accumulator: in ``python -m bench kernels``
     (bf16, d = 512, K = 3) the 4-warp tilings of >= 8192 elements spill 32 bytes and 128 x 256 2408 bytes,
     so those are ruled out too (128 x 128 with 8 warps: 254 registers, no spill).
 
     ``keeps`` (the kernel also stores its cosine tiles for a memory budget, KEEP): the store's int64 offsets
-    sit beside the accumulator. In ``margin-bench kernels`` (bf16/fp16, d = 512) 128 x 256 spills 188-1904
+    sit beside the accumulator. In ``python -m bench kernels`` (bf16/fp16, d = 512) 128 x 256 spills 188-1904
     bytes, the 4-warp 64 x 128 / 128 x 64 tilings 64-464, and every tiling above 64 x 64 under the binary
     reduction 376-1176; 64 x 64 and the 8-warp 128 x 128 tilings under the log-sum-exp stay at 0."""
     if not forward_fits(tiles, elem_bytes):
@@ -280,7 +280,7 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
         return False
     big_for_four_warps = tiles.num_warps == 4 and tiles.block_b * tiles.block_c >= 8192
     # sub-centers keep a running max and argmax tile beside the accumulator: 128 x 128 spills there (276-344
-    # bytes per thread in ``margin-bench kernels`` once the max propagates NaN), as do the 4-warp >= 8192 tilings
+    # bytes per thread in ``python -m bench kernels`` once the max propagates NaN), as do the 4-warp >= 8192 tilings
     if sub_centers > 1 and (big_for_four_warps or tiles.block_b * tiles.block_c >= 128 * 128):
         return False
     return not (casts_operands and elem_bytes == 4 and big_for_four_warps)
