@@ -27,7 +27,7 @@ from .backends.kept_tiles import KeptTiles, saved_numel
 from .losses.negatives import NegativeKind, NegativeSpec
 from . import subcenters
 from .losses.reductions import ReductionKind
-from .norms import floored
+from .norms import floored, row_norms
 
 
 def _target_rows(labels: Tensor, class_index: Optional[Tensor], num_rows: int) -> Tensor:
@@ -61,7 +61,7 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
     else:
         w = weight.index_select(0, classes).to(acc_dtype)
         dot = (x.to(acc_dtype) * w).sum(dim=1)
-        norm = w.norm(dim=1)
+        norm = row_norms(w, acc_dtype)
         cos = dot / floored(norm) if normalize_weight else dot
     return torch.where(valid, cos, torch.zeros_like(cos)), torch.where(valid, norm, torch.ones_like(norm))
 
@@ -145,7 +145,7 @@ def target_norm_gradient(x: Tensor, weight: Tensor, labels: Tensor, class_index:
     without a target), in g_norm's dtype; with sub-centers w_y is the target class's winning row."""
     rows = _target_weight_rows(x, weight, labels, class_index, normalize_weight, sub_centers, acc_dtype)
     w = weight.index_select(0, rows).to(g_norm.dtype)
-    coef = torch.where(labels >= 0, g_norm, torch.zeros_like(g_norm)) / floored(w.norm(dim=1))
+    coef = torch.where(labels >= 0, g_norm, torch.zeros_like(g_norm)) / floored(row_norms(w, g_norm.dtype))
     return rows, coef.unsqueeze(1) * w
 
 

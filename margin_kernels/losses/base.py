@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..norms import floored
+from ..norms import floored, normalized, row_norms
 from .negatives import NegativeKind, NegativeSpec
 from .reductions import NO_CLAMP, ReductionKind
 
@@ -251,10 +251,9 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
     # ---- per-call hooks, in the order the driver calls them ---------------------------------------------
     def prepare_features(self, features: torch.Tensor, acc_dtype: torch.dtype):
         """(x_eff in the storage dtype, ||x|| in acc_dtype), both differentiable."""
-        norm = features.to(acc_dtype).norm(dim=1)
         if not self.normalize_features:
-            return features, norm
-        x_eff = features.to(acc_dtype) / floored(norm).unsqueeze(1)
+            return features, row_norms(features, acc_dtype)
+        x_eff, norm = normalized(features, acc_dtype)
         return x_eff.to(features.dtype), norm
 
     def update_state(self, rows: RowInputs) -> None:
