@@ -148,6 +148,11 @@ def flag(name: str, value) -> bool:
     return bool(value)
 
 
+def optional_flag(name: str, value) -> Optional[bool]:
+    """None (a default derived from other settings when used) or a bool (``flag``)."""
+    return None if value is None else flag(name, value)
+
+
 class _ParamsReady(type):
     """Metaclass of MarginLoss: once the outermost constructor returns, the cross-parameter checks run and
     from then on run after every assignment (not during construction, when not every name is set yet)."""
@@ -171,6 +176,9 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
 
     #: name -> rule, merged over the class hierarchy (see the class docstring)
     params: dict = {"s": positive}
+    #: constructor values that only shaped state at construction (a seeded generator, an initial scale or
+    #: bias): assigning one afterwards would change nothing, so it raises an AttributeError naming it
+    fixed_after_init: tuple = ()
 
     #: the kernels dot x/||x|| (True) or x itself (False) with the weights
     normalize_features: bool = True
@@ -199,6 +207,9 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
         self.s = s
 
     def __setattr__(self, name: str, value) -> None:
+        if name in type(self).fixed_after_init and self.__dict__.get("_params_ready", False):
+            raise AttributeError(f"{name} of {type(self).__name__} only sets its initial state at construction; "
+                                 f"construct a new {type(self).__name__}({name}=...) instead")
         rule = type(self)._rules.get(name)
         if rule is None:
             return super().__setattr__(name, value)
