@@ -24,6 +24,15 @@ def num_sampled(num_local: int, sample_rate: float) -> int:
 
 SAMPLER_STREAM, INIT_STREAM = 1, 2
 
+#: why a head cannot be traced while it samples (raised while dynamo traces ``sample``, before any shape
+#: depends on the data, so torch.compile(fullgraph=True) reports this instead of a graph break deep inside)
+COMPILE_REFUSAL = (
+    "Partial FC (sample_rate < 1, training mode) cannot run inside torch.compile(fullgraph=True): the sampled "
+    "class index keeps every positive class of the batch, so its size depends on the labels, and it is drawn "
+    "from the sampler's own torch.Generator, which dynamo does not trace. Compile the backbone and call the "
+    "head eagerly (torch.compile(backbone); loss = head(features, labels)), or compile without fullgraph (the "
+    "sampler then runs eagerly between graphs), or use sample_rate=1.0 for a fully compiled head")
+
 
 def derived_seed(seed: int, stream: int, offset: int) -> int:
     """A generator seed per (use, class offset), so every shard and every weight block draws its own stream
@@ -47,9 +56,13 @@ class PartialFCSampler:
         return self.num_sampled < self.num_local
 
     def sample(self, local_positives: torch.Tensor) -> torch.Tensor:
-        """Sorted int64 class index (local ids) holding every id of ``local_positives`` (any order, repeats
-        allowed) plus uniformly drawn others, ``max(num_sampled, #unique positives)`` ids in all."""
+        """Sorted int64 class index (local ids) holding every id >= 0 of ``local_positives`` (any order,
+        repeats allowed; -1 = a row without a local target, skipped) plus uniformly drawn others,
+        ``max(num_sampled, #unique positives)`` ids in all."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_REFUSAL)
         device = self.generator.device
+        local_positives = local_positives[local_positives >= 0]
         positives = torch.unique(local_positives.to(device=device, dtype=torch.long))
         if positives.numel() > self.num_sampled:
             return positives  # torch.unique sorts
