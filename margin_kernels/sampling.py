@@ -14,11 +14,13 @@ import warnings
 
 import torch
 
-from .validation import check_sample_rate
+from .validation import check_positive_int, check_sample_rate
 
 
 def num_sampled(num_local: int, sample_rate: float) -> int:
     """Classes kept per step on a shard of ``num_local`` classes (before adding positives beyond it)."""
+    check_positive_int("num_local", num_local)
+    sample_rate = check_sample_rate(sample_rate)
     return max(1, min(num_local, int(sample_rate * num_local)))
 
 
@@ -44,7 +46,7 @@ class PartialFCSampler:
     """Draws the class index of one shard per step. ``num_local`` classes, ``sample_rate`` in (0, 1]."""
 
     def __init__(self, num_local: int, sample_rate: float, *, seed: int = 0, shard_start: int = 0, device=None):
-        self.num_local = int(num_local)
+        self.num_local = check_positive_int("num_local", num_local)
         self.sample_rate = check_sample_rate(sample_rate)
         self.num_sampled = num_sampled(self.num_local, self.sample_rate)
         self.generator = torch.Generator(device=device or "cpu")

@@ -46,6 +46,7 @@ from ..losses.additive import ArcFace as _ArcFace, CombinedMargin, CosFace as _C
 from ..losses.base import MarginLoss
 from ..reference import logits_from_cosines
 from ..sampling import PartialFCSampler
+from ..validation import check_positive_int
 from .settings import SettingsModule
 
 #: DistCrossEntropy's floor of each row's probability (``loss.clamp_min_(1e-30)``)
@@ -165,6 +166,7 @@ class PartialFC_V2(SettingsModule, DistributedMarginHead):  # noqa: N801 - insig
                  fp16: bool = False, *, backend: str = "auto", chunk_size: Optional[int] = None,
                  process_group=None):
         margin = _loss_description(margin_loss)
+        check_positive_int("embedding_size", embedding_size)  # insightface's name (the head says embedding_dim)
         super().__init__(num_classes, embedding_size, margin, sample_rate=sample_rate, backend=backend,
                          reduction="none", chunk_size=chunk_size, process_group=process_group, ddp_backbone=True)
         self.margin_softmax = margin_loss

@@ -39,6 +39,7 @@ from ..losses.subcenter import SubCenterArcFace
 from ..norms import floored, normalized, row_norms
 from ..subcenters import dominant_sub_centers
 from ..reference import logits_from_cosines
+from ..validation import check_chunk_size, check_positive_int
 from .settings import SettingsModule
 
 _UNSUPPORTED = ("embedding_regularizer", "weight_regularizer", "distance", "collect_stats")
@@ -62,6 +63,10 @@ class _PmlClassificationLoss(SettingsModule):
                 raise ValueError(f"{name} is not supported by margin_kernels.integrations.pml (use pml's own loss)")
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("sub_centers", self.weight_columns_per_class())
+        check_chunk_size(chunk_size)
         if reducer is not None and type(reducer).__name__ != "MeanReducer":
             raise ValueError(f"reducer must be pml's MeanReducer (the default), got {type(reducer).__name__}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
