@@ -204,12 +204,19 @@ MK_ISA_CLONES void backward_strip(const TileArgs<T>& g, int64_t j0, const T* lse
 
 template <typename T>
 MK_ISA_CLONES void inv_norm_row(const T* w, int64_t dim, T* out) {
-  *out = mk::inv_norm_from_sumsq(lane_sum_squares(w, dim));
+  const T sumsq = lane_sum_squares(w, dim);
+  if (!mk::sumsq_overflowed(sumsq)) {
+    *out = mk::inv_norm_from_sumsq(sumsq);
+    return;
+  }
+  const auto get = [w](int64_t k) { return w[k]; };  // the rare rescue (margin_math.h), scalar loops
+  const T top = mk::max_abs_strided<T>(get, 0, dim, 1);
+  *out = mk::inv_norm_rescaled(top, mk::unit_sumsq_strided<T>(get, 0, dim, 1, top));
 }
 
 template <typename T>
-MK_ISA_CLONES void finish_dw_row(T* __restrict g, int64_t dim, const T* __restrict w, T coef) {
-  for (int64_t k = 0; k < dim; ++k) g[k] = mk::dw_normalize(g[k], w[k], coef);
+MK_ISA_CLONES void finish_dw_row(T* __restrict g, int64_t dim, const T* __restrict w, T coef, T inv_norm) {
+  for (int64_t k = 0; k < dim; ++k) g[k] = mk::dw_normalize(g[k], w[k], coef, inv_norm);
 }
 
 }  // namespace
@@ -264,7 +271,7 @@ void finish_dw(T* g, int64_t n, int64_t dim, int64_t ld_g, const T* w, int64_t l
                const T* inv_norm, int threads) {
 #pragma omp parallel for schedule(static) num_threads(thread_count(threads)) if (n * dim > 32768)
   for (int64_t j = 0; j < n; ++j)
-    finish_dw_row(g + j * ld_g, dim, w + j * ld_w, mk::dw_norm_coef(col_dot[j], inv_norm[j]));
+    finish_dw_row(g + j * ld_g, dim, w + j * ld_w, mk::dw_norm_coef(col_dot[j], inv_norm[j]), inv_norm[j]);
 }
 
 template <typename T>

@@ -86,6 +86,15 @@ __global__ void inv_norms_kernel(const Tin* __restrict__ w, int64_t n, int64_t d
     sumsq += v * v;
   }
   for (int offset = 16; offset > 0; offset /= 2) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, offset);
+  if (mk::sumsq_overflowed(sumsq)) {  // warp-uniform (every lane holds the sum): the rare rescue, margin_math.h
+    const auto get = [p](int64_t k) { return static_cast<Tacc>(widen(p[k])); };
+    Tacc top = mk::max_abs_strided<Tacc>(get, lane, dim, 32);
+    for (int offset = 16; offset > 0; offset /= 2) top = mk::max_of(top, __shfl_xor_sync(0xffffffffu, top, offset));
+    Tacc unit = mk::unit_sumsq_strided<Tacc>(get, lane, dim, 32, top);
+    for (int offset = 16; offset > 0; offset /= 2) unit += __shfl_xor_sync(0xffffffffu, unit, offset);
+    if (lane == 0) out[row] = mk::inv_norm_rescaled(top, unit);
+    return;
+  }
   if (lane == 0) out[row] = mk::inv_norm_from_sumsq(sumsq);
 }
 
@@ -209,7 +218,8 @@ __global__ void finish_dw_kernel(const T* g, int64_t n, int64_t dim, int64_t ld_
     const int64_t j = e / dim, col = e - j * dim;
     T v = g[j * ld_g + col] * unscale;
     if (NORM)
-      v = mk::dw_normalize(v, static_cast<T>(widen(w[j * ld_w + col])), mk::dw_norm_coef(col_dot[j], inv_norm[j]));
+      v = mk::dw_normalize(v, static_cast<T>(widen(w[j * ld_w + col])), mk::dw_norm_coef(col_dot[j], inv_norm[j]),
+                           inv_norm[j]);
     out[j * ld_out + col] = narrow<Tout>(v);
   }
 }

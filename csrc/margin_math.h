@@ -335,17 +335,58 @@ MK_HD T inv_norm_from_sumsq(T sumsq) {
   return T(1) / max_of(norm, T(kNormEps));
 }
 
+// A row's sum of squares overflows (+inf from finite entries) once its norm passes sqrt(max): ~1.8e19 in fp32.
+// Such a row (and only such a row: the plain sum costs one pass, the rescue two more) is summed again divided
+// by its largest |entry| (LAPACK nrm2's scaling, margin_kernels/norms.py's rule), so no square can overflow.
+// A row holding inf also sums to inf: its largest entry is inf, and the rescue keeps the plain result.
+template <typename T>
+MK_HD bool sumsq_overflowed(T sumsq) {
+  return sumsq == static_cast<T>(INFINITY);
+}
+
+// The rescue's two passes over entries get(k), k = begin, begin + step, .. < end (one lane's share on a GPU):
+// the largest |entry|, then the sum of (entry / top)^2.
+template <typename T, typename Get>
+MK_HD T max_abs_strided(Get get, int64_t begin, int64_t end, int64_t step) {
+  T top = T(0);
+  for (int64_t k = begin; k < end; k += step) {
+    const T v = get(k);
+    top = max_of(top, v < T(0) ? -v : v);
+  }
+  return top;
+}
+
+template <typename T, typename Get>
+MK_HD T unit_sumsq_strided(Get get, int64_t begin, int64_t end, int64_t step, T top) {
+  T sumsq = T(0);
+  for (int64_t k = begin; k < end; k += step) {
+    const T v = get(k) / top;
+    sumsq += v * v;
+  }
+  return sumsq;
+}
+
+// 1/||w|| from the rescue's largest |entry| and sum of (w / top)^2: (1 / sqrt(s)) / top, which forms neither
+// ||w|| (beyond the dtype's range for a row of near-max entries) nor 1/top. No eps floor: ||w|| > ~1e19 here.
+// A top of inf (the row holds inf) keeps the plain sum's 1/inf = 0.
+template <typename T>
+MK_HD T inv_norm_rescaled(T top, T unit_sumsq) {
+  if (top == static_cast<T>(INFINITY)) return T(0);
+  return (T(1) / mk_sqrt(unit_sumsq)) / top;
+}
+
 // c_ij = x_i.w_j / |w_j| gives dW_j = (sum_i dc_ij x_i - (sum_i dc_ij c_ij) w_j / |w_j|) / |w_j|. The kernels
 // fold one 1/|w_j| into dc before the dW GEMM, whose output g_j = sum_i dc_ij x_i / |w_j| then needs
-// dW_j = g_j - coef_j w_j with coef_j = (sum_i dc_ij c_ij) / |w_j|^2.
+// dW_j = g_j - coef_j (w_j / |w_j|) with coef_j = (sum_i dc_ij c_ij) / |w_j|: one 1/|w_j| on each side, never
+// 1/|w_j|^2 (which underflows to 0 in fp32 for |w_j| > ~1e19, dropping the radial term).
 template <typename T>
 MK_HD T dw_norm_coef(T col_dot, T inv_norm) {
-  return col_dot * inv_norm * inv_norm;
+  return col_dot * inv_norm;
 }
 
 template <typename T>
-MK_HD T dw_normalize(T g, T w, T coef) {
-  return g - coef * w;
+MK_HD T dw_normalize(T g, T w, T coef, T inv_norm) {
+  return g - coef * (w * inv_norm);
 }
 
 // ---- sub-centers (margin_kernels/subcenters.py): a class's cosine is the best of its K adjacent rows ---------

@@ -150,7 +150,7 @@ class HeadBase(nn.Module):
             self.sampled_classes = None
             return columns, None
         # the sampler draws on its generator's device (insightface's on the CPU): the index joins the columns
-        index = self.sampler.sample(columns[columns >= 0]).to(columns.device)
+        index = self.sampler.sample(columns).to(columns.device)
         self.sampled_classes = index + self.shard_range[0]
         return self.sampler.remap(index, columns), index
 

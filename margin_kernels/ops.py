@@ -35,7 +35,7 @@ from .backends import get_backend, stores_norms
 from .backends.contract import CallState, OpConfig, OpInputs, RowGrads
 from .backends.kept_tiles import KeptTiles, saved_numel
 from .backends.sinks import AccumulateSink, ChunkSink
-from .norms import floored
+from .norms import floored, row_norms
 
 #: (class_index, positions, values, sub_centers) -> a ChunkSink taking the chunks' dW rows and the B target
 #: rows' norm gradient ``values`` at ``positions`` (column * K + sub-center) of the loop's row order
@@ -80,7 +80,7 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
     else:
         w = weight.index_select(0, classes).to(acc_dtype)
         dot = (x.to(acc_dtype) * w).sum(dim=1)
-        norm = w.norm(dim=1)
+        norm = row_norms(w, acc_dtype)
         cos, rows = (dot / floored(norm) if normalize_weight else dot), classes
     return TargetPairs(torch.where(valid, cos, torch.zeros_like(cos)),
                        torch.where(valid, norm, torch.ones_like(norm)), rows)

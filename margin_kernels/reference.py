@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses.base import MarginLoss, RowInputs
-from .norms import floored
+from .norms import floored, row_norms
 from .losses.negatives import negative_logits
 from . import row_statistics
 from .losses.reductions import ReductionKind, softplus_terms
@@ -25,7 +25,7 @@ def margin_logits(features, weight, labels, margin: MarginLoss, *, ignore_index:
     x = x.to(acc)
     k = margin.sub_centers
     w = weight.to(acc) if class_index is None else weight.to(acc)[class_rows(class_index.long(), k)]
-    weight_norms = w.norm(dim=1)
+    weight_norms = row_norms(w, acc)
     cos = x @ w.t()
     if margin.normalize_weight:
         cos = cos / floored(weight_norms)

@@ -14,15 +14,26 @@ import warnings
 
 import torch
 
-from .validation import check_sample_rate
+from .validation import check_positive_int, check_sample_rate
 
 
 def num_sampled(num_local: int, sample_rate: float) -> int:
     """Classes kept per step on a shard of ``num_local`` classes (before adding positives beyond it)."""
+    check_positive_int("num_local", num_local)
+    sample_rate = check_sample_rate(sample_rate)
     return max(1, min(num_local, int(sample_rate * num_local)))
 
 
 SAMPLER_STREAM, INIT_STREAM = 1, 2
+
+#: why a head cannot be traced while it samples (raised while dynamo traces ``sample``, before any shape
+#: depends on the data, so torch.compile(fullgraph=True) reports this instead of a graph break deep inside)
+COMPILE_REFUSAL = (
+    "Partial FC (sample_rate < 1, training mode) cannot run inside torch.compile(fullgraph=True): the sampled "
+    "class index keeps every positive class of the batch, so its size depends on the labels, and it is drawn "
+    "from the sampler's own torch.Generator, which dynamo does not trace. Compile the backbone and call the "
+    "head eagerly (torch.compile(backbone); loss = head(features, labels)), or compile without fullgraph (the "
+    "sampler then runs eagerly between graphs), or use sample_rate=1.0 for a fully compiled head")
 
 
 def derived_seed(seed: int, stream: int, offset: int) -> int:
@@ -35,7 +46,7 @@ class PartialFCSampler:
     """Draws the class index of one shard per step. ``num_local`` classes, ``sample_rate`` in (0, 1]."""
 
     def __init__(self, num_local: int, sample_rate: float, *, seed: int = 0, shard_start: int = 0, device=None):
-        self.num_local = int(num_local)
+        self.num_local = check_positive_int("num_local", num_local)
         self.sample_rate = check_sample_rate(sample_rate)
         self.num_sampled = num_sampled(self.num_local, self.sample_rate)
         self.generator = torch.Generator(device=device or "cpu")
@@ -47,9 +58,13 @@ class PartialFCSampler:
         return self.num_sampled < self.num_local
 
     def sample(self, local_positives: torch.Tensor) -> torch.Tensor:
-        """Sorted int64 class index (local ids) holding every id of ``local_positives`` (any order, repeats
-        allowed) plus uniformly drawn others, ``max(num_sampled, #unique positives)`` ids in all."""
+        """Sorted int64 class index (local ids) holding every id >= 0 of ``local_positives`` (any order,
+        repeats allowed; -1 = a row without a local target, skipped) plus uniformly drawn others,
+        ``max(num_sampled, #unique positives)`` ids in all."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_REFUSAL)
         device = self.generator.device
+        local_positives = local_positives[local_positives >= 0]
         positives = torch.unique(local_positives.to(device=device, dtype=torch.long))
         if positives.numel() > self.num_sampled:
             return positives  # torch.unique sorts

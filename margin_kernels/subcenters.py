@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .norms import floored
+from .norms import floored, normalized, row_norms
 
 
 def class_rows(classes: torch.Tensor, sub_centers: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def target_pairs(x: torch.Tensor, weight: torch.Tensor, target_classes: torch.Te
     rows = class_rows(target_classes, sub_centers)
     w = weight.index_select(0, rows).to(acc_dtype).view(x.shape[0], sub_centers, -1)
     dots = torch.einsum("bd,bkd->bk", x.to(acc_dtype), w)
-    norms = w.norm(dim=2)
+    norms = row_norms(w, acc_dtype)
     scores = dots / floored(norms) if normalize_weight else dots
     best, winner = scores.max(dim=1)
     norm = norms.gather(1, winner.unsqueeze(1)).squeeze(1)
@@ -75,8 +75,8 @@ def dominant_sub_centers(features: torch.Tensor, weight: torch.Tensor, labels: t
     (int64, ascending by class, then by row), the dominant rows (C, d): the dominant sub-center of each present
     class and zeros for absent classes, where PML leaves ``torch.Tensor``'s uninitialised memory)."""
     num_classes = num_classes_of(weight, sub_centers)
-    x = torch.nn.functional.normalize(features.to(weight.dtype), dim=1)
-    w = torch.nn.functional.normalize(weight, dim=1).view(num_classes, sub_centers, -1)
+    x = normalized(features, weight.dtype)[0]
+    w = normalized(weight, weight.dtype)[0].view(num_classes, sub_centers, -1)
     cos_threshold = torch.cos(torch.deg2rad(torch.tensor(float(threshold), dtype=torch.float64))).item()
     dominant = weight.new_zeros(num_classes, weight.shape[1])
     outliers = []

@@ -107,3 +107,46 @@ def test_compiled_elastic_with_explicit_margins_matches_eager(plus):
         return mk.margin_cross_entropy(a, b, labels, margin, backend="cpu", chunk_size=16)
 
     _assert_same(loss_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, w), loss_and_grads(fn, x, w))
+
+
+def _partial_fc_head():
+    x, w, labels = random_problem(8, 40, 16, dtype=torch.float32)
+    head = mk.MarginHead(40, 16, mk.ArcFace(), sample_rate=0.5, backend="torch", seed=3)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    return head, x, labels
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compiled_partial_fc_head_refuses_with_what_to_do(compiler):
+    """Issue 25 point 8: fullgraph on a sampling head (training mode) once failed deep in dynamo on the
+    sampler's data-dependent branch; now it raises the sampler's reason and the ways around it."""
+    head, x, labels = _partial_fc_head()
+    compiled = torch.compile(head, fullgraph=True, backend=compiler)
+    with pytest.raises(Exception, match="Partial FC .* cannot run inside torch.compile") as info:
+        compiled(x, labels)
+    assert "sample_rate=1.0" in str(info.value) and "torch.compile(backbone)" in str(info.value)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_partial_fc_head_without_fullgraph_matches_eager(compiler):
+    """The ways the refusal names work: without fullgraph the sampler runs eagerly between graphs, with the
+    same draws (the same generator state) as an eager twin; in eval mode (no sampling) fullgraph traces."""
+    head, x, labels = _partial_fc_head()
+    twin = mk.MarginHead(40, 16, mk.ArcFace(), sample_rate=0.5, backend="torch", seed=3)
+    twin.load_state_dict(head.state_dict())
+    compiled = torch.compile(head, backend=compiler)
+
+    def run(module, weight):
+        a = x.clone().requires_grad_(True)
+        loss = module(a, labels)
+        return (loss.detach(), *torch.autograd.grad(loss, [a, weight]))
+
+    for _ in range(2):  # two steps: the generators advance alike
+        eager, comp = run(twin, twin.weight), run(compiled, head.weight)
+        assert torch.equal(head.sampled_classes, twin.sampled_classes)
+        _assert_same(comp, eager)
+    head.eval()
+    twin.eval()
+    evaluated = torch.compile(head, fullgraph=True, backend=compiler)(x, labels)
+    assert torch.allclose(evaluated, twin(x, labels), rtol=COMPILE_VS_EAGER, atol=0.0)

@@ -274,3 +274,24 @@ FUSED_TRAJECTORY = {
     # step); the flips feed the later gradients (observed after 5 steps: SGD 3.5e-3, AdamW 1.4e-2)
     torch.bfloat16: (3e-2, "the reference's dW rounded to bf16 (2^-9) moving W by up to an ulp, 5 steps"),
 }
+
+
+def subnormal_bounds(dtype: torch.dtype, weight_norm: float, scale: float) -> tuple:
+    """(loss, dx, dw) added to a backend's bounds for weight rows of norm N = ``weight_norm``
+    (tests/test_huge_norms.py; errors in the rows' own units, dL/dw_j * ||w_j||). Past 1/tiny (~8.5e37 in
+    fp32) the inverse norm 1/N that every kernel multiplies by, and the dL/dcos / N folded into the gradient
+    GEMMs, are subnormal in the accumulation dtype, with an absolute spacing of 2^-149 (fp32): a relative error
+    up to 2^-149 N on each cosine of that row, which the logits multiply by s; times 8 for the several such
+    roundings a value goes through (cosine, dL/dcos, dW's radial term). dW_j itself is ~s / N: stored in bf16
+    it is subnormal there (spacing 2^-133, ~5 significant bits at N = 3e38), which the dw bound takes from the
+    storage dtype's spacing instead (then it claims little beyond finiteness: the dtype cannot hold more).
+    0 below 1/tiny."""
+    acc = accumulation_dtype_of(dtype)
+
+    def spacing(t):  # the smallest subnormal: the absolute rounding step below the smallest normal
+        return torch.finfo(t).smallest_normal * torch.finfo(t).eps
+
+    if weight_norm * torch.finfo(acc).tiny <= 1.0:
+        return 0.0, 0.0, 0.0
+    computed = 8.0 * abs(scale) * weight_norm * spacing(acc)
+    return computed, computed, 8.0 * abs(scale) * weight_norm * max(spacing(acc), spacing(dtype))

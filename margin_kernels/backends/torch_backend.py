@@ -74,7 +74,8 @@ class TorchEpilogue:
         if inv_factor is not None:
             dw.mul_(inv_factor)
         if col_dot is not None:
-            dw.sub_((col_dot * inv_norm * inv_norm).unsqueeze(1) * w.to(dw.dtype))
+            # (col_dot / |w|) (w / |w|), never col_dot / |w|^2: that underflows to 0 in fp32 for |w| > ~1e19
+            dw.sub_((col_dot * inv_norm).unsqueeze(1) * (w.to(dw.dtype) * inv_norm.unsqueeze(1)))
         if out is not None:
             out.copy_(dw)
 

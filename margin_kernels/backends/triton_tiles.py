@@ -117,7 +117,33 @@ def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok
         w_acc = w.to(acc_dtype)
         sumsq += tl.sum(w_acc * w_acc, 1)
     inv_norm = inverse_norms(sumsq, NORMALIZE)
+    if NORMALIZE:
+        overflowed = sumsq == float("inf")
+        if tl.max(overflowed.to(tl.int32), 0) > 0:  # rare: a row of norm > ~1.8e19 (fp32) in this tile
+            inv_norm = rescued_inverse_norms(w_ptr, w_off, stride_wd, col_ok, D, overflowed, inv_norm, acc_dtype,
+                                             BLOCK_C, BLOCK_K)
     return dots * inv_norm[None, :], inv_norm
+
+
+@triton.jit
+def rescued_inverse_norms(w_ptr, w_off, stride_wd, col_ok, D, overflowed, inv_norm, acc_dtype: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1/||w|| of the rows whose sum of squares overflowed, summed again divided by their largest |entry|
+    (norms.py's rule, mk::inv_norm_rescaled in C++): (1 / sqrt(sum (w/top)^2)) / top, two more passes over the
+    tile's W rows, taken only by a tile holding such a row. A row holding inf (top = inf) keeps 1/inf = 0."""
+    top = tl.zeros((BLOCK_C,), acc_dtype)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = load_tile(w_ptr, w_off, stride_wd, ks, col_ok, ks < D).to(acc_dtype)
+        top = tl.maximum(top, tl.max(tl.abs(w), 1))
+    rescue = overflowed & (top < float("inf"))
+    top = tl.where(rescue, top, 1.0)
+    unit = tl.zeros((BLOCK_C,), acc_dtype)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = load_tile(w_ptr, w_off, stride_wd, ks, col_ok, ks < D).to(acc_dtype) / top[:, None]
+        unit += tl.sum(w * w, 1)
+    return tl.where(rescue, (1.0 / tl.sqrt(unit)) / top, inv_norm)
 
 
 @triton.jit

@@ -107,9 +107,35 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
+def _check_head(head, what: str) -> None:
+    if not (hasattr(head, "shard_range") and hasattr(head, "weight") and hasattr(head, "state_dict")):
+        raise TypeError(f"{what}: head must be a MarginHead or DistributedMarginHead, got {type(head).__name__}")
+
+
+def _single_process(head) -> bool:
+    """A ``MarginHead`` (no process group): one shard of every class, saved and loaded by this process alone,
+    never a collective (even where torch.distributed is initialised); its state_dict is already the one-shard
+    checkpoint of the distributed head."""
+    return not hasattr(head, "process_group")
+
+
 def save_sharded(head: DistributedMarginHead, directory: str) -> str:
     """Collective: each rank writes its shard file into ``directory`` (created if needed), then rank 0 the
-    manifest; returns this rank's shard path once the manifest names every rank's file."""
+    manifest; returns this rank's shard path once the manifest names every rank's file. A ``MarginHead``
+    writes a one-shard checkpoint (world size 1) that any ``DistributedMarginHead`` can load."""
+    _check_head(head, "save_sharded")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_sharded: directory must be a path, got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    if _single_process(head):
+        os.makedirs(directory, exist_ok=True)
+        try:
+            generation = read_manifest(directory)["generation"] + 1
+        except ValueError:
+            generation = 1
+        entry = _save_shard(head, directory, generation, 0)
+        _write_manifest(head, directory, generation, 1, [entry])
+        return os.path.join(directory, entry["file"])
     group = head.process_group
     what = f"save_sharded({directory!r})"
     rank, world = group_rank_and_size(group)
@@ -278,7 +304,15 @@ def _reshard_optimizer(pieces: list[dict], start: int, stop: int, rows_per_class
 
 
 def load_sharded(head: DistributedMarginHead, directory: str) -> None:
-    """Collective: load a ``save_sharded`` checkpoint saved at any world size into ``head``."""
+    """Collective: load a ``save_sharded`` checkpoint saved at any world size into ``head`` (a ``MarginHead``:
+    by this process alone)."""
+    _check_head(head, "load_sharded")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"load_sharded: directory must be a path, got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    if _single_process(head):
+        _load(head, directory)
+        return
     run_collectively(lambda: _load(head, directory), head.process_group, f"load_sharded({directory!r})")
     check_buffers_consistent(head)
 

@@ -34,6 +34,7 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 def shard_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
+    _check(num_classes, world_size)  # before range(world_size) can fail on a bad one
     return [shard_range(num_classes, world_size, r) for r in range(world_size)]
 
 

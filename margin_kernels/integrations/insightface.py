@@ -46,19 +46,36 @@ from ..losses.additive import ArcFace as _ArcFace, CombinedMargin, CosFace as _C
 from ..losses.base import MarginLoss
 from ..reference import logits_from_cosines
 from ..sampling import PartialFCSampler
+from ..validation import check_positive_int
+from .settings import SettingsModule
 
 #: DistCrossEntropy's floor of each row's probability (``loss.clamp_min_(1e-30)``)
 PROBABILITY_FLOOR = 1e-30
 LOSS_CAP = -math.log(PROBABILITY_FLOOR)
 
 
-class _InsightfaceMargin(nn.Module):
+class _InsightfaceMargin(SettingsModule):
     """An arcface_torch margin module: ``forward(logits, labels)`` maps clamped cosine logits (B, C) and
     labels (-1 = no target on this rank) to scaled margin logits, as its code does (the full-logit path, for
     code that calls the module directly). ``PartialFC_V2`` never calls it: it runs ``description``, the
-    ``margin_kernels`` loss the fused kernels compute."""
+    ``margin_kernels`` loss the fused kernels compute.
+
+    Its settings may be assigned, as insightface's (which reads them on every call): the description is
+    updated in place (``aliases``: setting -> the description's attribute), so a ``PartialFC_V2`` built on the
+    module follows too; a value the description rejects raises and is undone."""
 
     description: MarginLoss
+    #: setting -> the description's attribute it sets
+    aliases: dict = {}
+
+    @property
+    def settings(self):  # type: ignore[override]
+        return tuple(self.aliases)
+
+    def apply_settings(self) -> None:
+        for name, target in self.aliases.items():
+            if getattr(self.description, target) != float(getattr(self, name)):
+                setattr(self.description, target, float(getattr(self, name)))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.reshape(-1).long()
@@ -70,30 +87,40 @@ class CombinedMarginLoss(_InsightfaceMargin):
     """arcface_torch's ``CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold=0)``; a setting its
     code rejects (m1 != 1 with m3 == 0) raises a ValueError here at construction."""
 
+    aliases = {"s": "s", "m1": "m1", "m2": "m2", "m3": "m3",
+               "interclass_filtering_threshold": "interclass_filtering_threshold"}
+
     def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0):
         super().__init__()
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
         self.description = CombinedMargin(float(s), float(m1), float(m2), float(m3),
                                           float(interclass_filtering_threshold), mode="insightface")
+        self.settings_ready()
 
 
 class ArcFace(_InsightfaceMargin):
     """arcface_torch's ``ArcFace(s=64.0, margin=0.5)``: cos(theta + m) applied under no_grad, no th/mm rule."""
 
+    aliases = {"s": "s", "margin": "m"}
+
     def __init__(self, s=64.0, margin=0.5):
         super().__init__()
         self.s, self.margin = s, margin
         self.description = _ArcFace(float(s), float(margin), mode="insightface")
+        self.settings_ready()
 
 
 class CosFace(_InsightfaceMargin):
     """arcface_torch's ``CosFace(s=64.0, m=0.40)``: c - m at the target, exact gradient."""
 
+    aliases = {"s": "s", "m": "m"}
+
     def __init__(self, s=64.0, m=0.40):
         super().__init__()
         self.s, self.m = s, m
         self.description = _CosFace(float(s), float(m))
+        self.settings_ready()
 
 
 def _loss_description(margin_loss) -> MarginLoss:
@@ -115,14 +142,18 @@ class _GlobalGeneratorSampler(PartialFCSampler):
         return torch.rand(self.num_local)
 
 
-class PartialFC_V2(DistributedMarginHead):  # noqa: N801 - insightface's name
+class PartialFC_V2(SettingsModule, DistributedMarginHead):  # noqa: N801 - insightface's name
     """arcface_torch's ``PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False)``
     on ``DistributedMarginHead``; ``loss = module(local_embeddings, local_labels)`` on every rank.
 
     Keyword-only extras: ``backend`` / ``chunk_size`` (as for ``margin_cross_entropy``), ``process_group``.
     The state dict holds ``weight`` only, as insightface's (no ``_extra_state``: the sampler draws from the
-    global generator, which insightface does not checkpoint either).
+    global generator, which insightface does not checkpoint either). ``fp16`` may be assigned; the sizes, the
+    rate and the margin module (the sampler and the description are built from them) are fixed: assigning one
+    raises. Assign the margin module's own settings instead (``module.margin_softmax.s = 32``).
     """
+
+    fixed = ("margin_softmax", "embedding_size", "num_classes", "sample_rate")
 
     _version = 2
     # the per-row losses are floored like DistCrossEntropy's and averaged here, identically on every rank
@@ -135,11 +166,13 @@ class PartialFC_V2(DistributedMarginHead):  # noqa: N801 - insightface's name
                  fp16: bool = False, *, backend: str = "auto", chunk_size: Optional[int] = None,
                  process_group=None):
         margin = _loss_description(margin_loss)
+        check_positive_int("embedding_size", embedding_size)  # insightface's name (the head says embedding_dim)
         super().__init__(num_classes, embedding_size, margin, sample_rate=sample_rate, backend=backend,
                          reduction="none", chunk_size=chunk_size, process_group=process_group, ddp_backbone=True)
         self.margin_softmax = margin_loss
         self.embedding_size, self.sample_rate, self.fp16 = embedding_size, float(sample_rate), bool(fp16)
         self.sampler = _GlobalGeneratorSampler(self.num_local, sample_rate, device=self.weight.device)
+        self.settings_ready()
 
     def reset_parameters(self) -> None:
         # insightface: torch.nn.Parameter(torch.normal(0, 0.01, (num_local, embedding_size)))

@@ -36,14 +36,24 @@ from ..losses.base import MarginLoss
 from ..losses.multiplicative import LSoftmax, SphereFace
 from ..losses.plain import NormFace
 from ..losses.subcenter import SubCenterArcFace
+from ..norms import floored, normalized, row_norms
 from ..subcenters import dominant_sub_centers
 from ..reference import logits_from_cosines
+from ..validation import check_chunk_size, check_positive_int
+from .settings import SettingsModule
 
 _UNSUPPORTED = ("embedding_regularizer", "weight_regularizer", "distance", "collect_stats")
 
 
-class _PmlClassificationLoss(nn.Module):
-    """pml's weight-holding classification loss: ``W`` (embedding_size, num_classes), mean reduction."""
+class _PmlClassificationLoss(SettingsModule):
+    """pml's weight-holding classification loss: ``W`` (embedding_size, num_classes), mean reduction.
+
+    As pml's losses, an assigned ``margin`` / ``scale`` / ``temperature`` takes effect from the next call (the
+    description is rebuilt, and a value it rejects raises and is undone); the sizes that shape ``W``
+    (``num_classes``, ``embedding_size``, ``sub_centers``) are fixed: assigning one raises an AttributeError."""
+
+    fixed = ("num_classes", "embedding_size", "sub_centers")
+    settings = ("margin", "scale")
 
     def __init__(self, num_classes: int, embedding_size: int, *, weight_init_func: Optional[Callable] = None,
                  reducer=None, backend: str = "auto", chunk_size: Optional[int] = None, **kwargs):
@@ -53,6 +63,10 @@ class _PmlClassificationLoss(nn.Module):
                 raise ValueError(f"{name} is not supported by margin_kernels.integrations.pml (use pml's own loss)")
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("sub_centers", self.weight_columns_per_class())
+        check_chunk_size(chunk_size)
         if reducer is not None and type(reducer).__name__ != "MeanReducer":
             raise ValueError(f"reducer must be pml's MeanReducer (the default), got {type(reducer).__name__}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
@@ -61,6 +75,10 @@ class _PmlClassificationLoss(nn.Module):
         (weight_init_func or nn.init.normal_)(self.W)
         # the description is not a submodule: pml's state dict holds W only (L-Softmax's iteration counter is
         # unused with lambda = 0)
+        self.__dict__["_description"] = self.description()
+        self.settings_ready()
+
+    def apply_settings(self) -> None:
         self.__dict__["_description"] = self.description()
 
     def description(self) -> MarginLoss:
@@ -90,7 +108,7 @@ class _PmlClassificationLoss(nn.Module):
         x, feature_norm = margin.prepare_features(embeddings, embeddings.dtype)
         cos = x @ weight.t()
         if margin.normalize_weight:
-            cos = cos / weight.norm(dim=1).clamp_min(1e-12)
+            cos = cos / floored(row_norms(weight, weight.dtype))
         no_target = torch.zeros(cos.shape[0], dtype=torch.bool, device=cos.device)
         return logits_from_cosines(cos, torch.zeros(cos.shape[0], dtype=torch.long, device=cos.device), no_target,
                                    margin, feature_norm)[0]
@@ -143,6 +161,8 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
 class NormalizedSoftmaxLoss(_PmlClassificationLoss):
     """pml's ``NormalizedSoftmaxLoss(num_classes, embedding_size, temperature=0.05)``."""
 
+    settings = ("temperature",)
+
     def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, **kwargs):
         self.temperature = temperature
         super().__init__(num_classes, embedding_size, **kwargs)
@@ -170,7 +190,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """pml's logits without margin: the best sub-center's cosine of every class, times the scale."""
-        cos = nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(self.W.t(), dim=1).t()
+        cos = normalized(embeddings, embeddings.dtype)[0] @ normalized(self.W.t(), self.W.dtype)[0].t()
         return cos.view(cos.shape[0], self.num_classes, self.sub_centers).amax(dim=2) * self.scale
 
     @torch.no_grad()

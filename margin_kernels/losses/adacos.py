@@ -46,6 +46,12 @@ class AdaCos(MarginLoss):
     """
 
     negative_kind = NegativeKind.ROW_SCALE
+    fixed_after_init = ("num_classes",)  # the initial scale
+
+    @property
+    def observes_negative_lse(self) -> bool:  # type: ignore[override]
+        """The lagged update reads the forward's lse (derived on use: ``dynamic``/``update`` may be assigned)."""
+        return self.dynamic and self.update == "lagged"
 
     def __init__(self, num_classes: Optional[int] = None, dynamic: bool = True, update: str = "faithful"):
         super().__init__(1.0)
@@ -57,7 +63,6 @@ class AdaCos(MarginLoss):
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         self.num_classes, self.dynamic, self.update = num_classes, dynamic, update
-        self.observes_negative_lse = dynamic and update == "lagged"
         initial = math.nan if num_classes is None else fixed_scale(num_classes)
         # float64: the scale is a B-independent scalar that every later step is computed from
         self.register_buffer("scale", torch.full((), initial, dtype=torch.float64))

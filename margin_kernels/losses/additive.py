@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .base import (MarginLoss, RowInputs, arc_target, check_margin_am, cos_plus_margin, flag, in_range,
-                   one_of, straight_through)
+                   one_of, optional_flag, straight_through)
 from .negatives import NegativeKind
 
 #: ArcFace's modes, each named after the code it reproduces (docs/losses.md, "Which code each mode reproduces")
@@ -42,17 +42,19 @@ class ArcFace(MarginLoss):
     * ``"facexzoo"``: FaceX-Zoo's ``ArcFace`` head: ``c - margin_am`` past pi - m, exact gradient.
 
     ``straight_through=None`` follows the mode's code; True/False force the gradient (True on another mode
-    gives that mode's value with the straight-through gradient, a hybrid no original code computes).
+    gives that mode's value with the straight-through gradient, a hybrid no original code computes). The
+    attribute keeps what was asked (None included) and the rule in force is derived on every call
+    (``uses_straight_through``), so an assigned ``mode`` brings its own gradient rule, as a fresh loss would.
     """
 
-    params = {"m": in_range(0.0, math.pi / 2), "easy_margin": flag, "straight_through": flag,
+    params = {"m": in_range(0.0, math.pi / 2), "easy_margin": flag, "straight_through": optional_flag,
               "mode": one_of(*ARCFACE_MODES), "margin_am": in_range(0.0, 2.0)}
 
     def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False,
                  straight_through: Optional[bool] = None, mode: str = "insightface_legacy", margin_am: float = 0.0):
         super().__init__(s)
         self.m, self.mode, self.margin_am, self.easy_margin = m, mode, margin_am, easy_margin
-        self.straight_through = (mode == "insightface") if straight_through is None else straight_through
+        self.straight_through = straight_through
 
     def check_params(self) -> None:
         check_margin_am(self.margin_am, self.mode)
@@ -67,9 +69,14 @@ class ArcFace(MarginLoss):
             return "margin_am"
         return "easy" if self.easy_margin else "th_mm"
 
+    def uses_straight_through(self) -> bool:
+        """The gradient rule in force: ``straight_through`` as set, or (None) the mode's: insightface's
+        margin under no_grad."""
+        return self.mode == "insightface" if self.straight_through is None else self.straight_through
+
     def target_logit(self, rows: RowInputs):
         value = arc_target(rows.cos, self.m, self.rule(), self.margin_am)
-        if self.straight_through:
+        if self.uses_straight_through():
             value = straight_through(value, rows.cos)
         return self.s * value
 
@@ -89,11 +96,12 @@ class CombinedMargin(MarginLoss):
       z_iy = s (cos(m1 theta_iy + m2) - m3) for every setting, exact gradient.
 
     ``interclass_filtering_threshold`` tau > 0 (insightface only) sets negatives with c_ij > tau to 0 (no
-    gradient). ``straight_through=None`` follows the mode's code; True/False force the gradient.
+    gradient). ``straight_through=None`` follows the mode's code (derived on every call, so assigned ``mode``,
+    ``m1`` or ``m3`` bring their branch's gradient rule); True/False force the gradient.
     """
 
     params = {"m1": in_range(0.0, 10.0), "m2": in_range(0.0, math.pi), "m3": in_range(0.0, 2.0),
-              "interclass_filtering_threshold": in_range(0.0, 1.0), "straight_through": flag,
+              "interclass_filtering_threshold": in_range(0.0, 1.0), "straight_through": optional_flag,
               "mode": one_of(*COMBINED_MODES)}
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
@@ -103,8 +111,6 @@ class CombinedMargin(MarginLoss):
         self.mode = mode
         self.m1, self.m2, self.m3 = m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
-        if straight_through is None:
-            straight_through = mode == "insightface" and self.m1 == 1.0 and self.m3 == 0.0
         self.straight_through = straight_through
 
     def check_params(self) -> None:
@@ -124,6 +130,13 @@ class CombinedMargin(MarginLoss):
     def negative_constants(self):
         return self.interclass_filtering_threshold, 0.0
 
+    def uses_straight_through(self) -> bool:
+        """The gradient rule in force: ``straight_through`` as set, or (None) the mode's: insightface's arc
+        branch (m1 == 1, m3 == 0) applies its margin under no_grad."""
+        if self.straight_through is not None:
+            return self.straight_through
+        return self.mode == "insightface" and self.m1 == 1.0 and self.m3 == 0.0
+
     def target_logit(self, rows: RowInputs):
         c = rows.cos
         if self.mode == "insightface" and self.m3 > 0:
@@ -134,7 +147,7 @@ class CombinedMargin(MarginLoss):
             # keep arccos' derivative finite at |c| = 1
             theta = torch.acos(c.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
             value = torch.cos(self.m1 * theta + self.m2) - self.m3
-        if self.straight_through:
+        if self.uses_straight_through():
             value = straight_through(value, c)
         return self.s * value
 

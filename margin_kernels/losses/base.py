@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..norms import floored
+from ..norms import floored, normalized, row_norms
 from .negatives import NegativeKind, NegativeSpec
 from .reductions import NO_CLAMP, ReductionKind
 
@@ -148,6 +148,11 @@ def flag(name: str, value) -> bool:
     return bool(value)
 
 
+def optional_flag(name: str, value) -> Optional[bool]:
+    """None (a default derived from other settings when used) or a bool (``flag``)."""
+    return None if value is None else flag(name, value)
+
+
 class _ParamsReady(type):
     """Metaclass of MarginLoss: once the outermost constructor returns, the cross-parameter checks run and
     from then on run after every assignment (not during construction, when not every name is set yet)."""
@@ -171,6 +176,9 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
 
     #: name -> rule, merged over the class hierarchy (see the class docstring)
     params: dict = {"s": positive}
+    #: constructor values that only shaped state at construction (a seeded generator, an initial scale or
+    #: bias): assigning one afterwards would change nothing, so it raises an AttributeError naming it
+    fixed_after_init: tuple = ()
 
     #: the kernels dot x/||x|| (True) or x itself (False) with the weights
     normalize_features: bool = True
@@ -199,6 +207,9 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
         self.s = s
 
     def __setattr__(self, name: str, value) -> None:
+        if name in type(self).fixed_after_init and self.__dict__.get("_params_ready", False):
+            raise AttributeError(f"{name} of {type(self).__name__} only sets its initial state at construction; "
+                                 f"construct a new {type(self).__name__}({name}=...) instead")
         rule = type(self)._rules.get(name)
         if rule is None:
             return super().__setattr__(name, value)
@@ -251,10 +262,9 @@ class MarginLoss(nn.Module, metaclass=_ParamsReady):
     # ---- per-call hooks, in the order the driver calls them ---------------------------------------------
     def prepare_features(self, features: torch.Tensor, acc_dtype: torch.dtype):
         """(x_eff in the storage dtype, ||x|| in acc_dtype), both differentiable."""
-        norm = features.to(acc_dtype).norm(dim=1)
         if not self.normalize_features:
-            return features, norm
-        x_eff = features.to(acc_dtype) / floored(norm).unsqueeze(1)
+            return features, row_norms(features, acc_dtype)
+        x_eff, norm = normalized(features, acc_dtype)
         return x_eff.to(features.dtype), norm
 
     def update_state(self, rows: RowInputs) -> None:

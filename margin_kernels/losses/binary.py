@@ -60,6 +60,17 @@ class SphereFace2(BinaryMarginLoss):
         "always kept) gives no unbiased estimate of its sum over the classes without per-class weights; use "
         "sample_rate=1.0")
 
+    fixed_after_init = ("num_class",)  # only the initial bias b (assign b itself)
+
+    @property
+    def r(self) -> float:
+        """The paper's scale r: the base's ``s`` under its name here (one value for the kernels and the target)."""
+        return self.s
+
+    @r.setter
+    def r(self, value) -> None:
+        self.s = value
+
     def __init__(self, magn_type: str = "C", alpha: float = 0.7, r: float = 40.0, m: float = 0.4, t: float = 3.0,
                  lw: float = 50.0, num_class: Optional[int] = None, b: Optional[float] = None,
                  straight_through: bool = True):
@@ -136,6 +147,8 @@ class UniFace(BinaryMarginLoss):
     is given); ``r`` is the code's Partial FC sampling ratio, used only for that initialisation here (sample
     with the head's ``sample_rate``: the sampled negatives enter the sum unweighted, as in the code).
     """
+
+    fixed_after_init = ("r", "out_features")  # only the initial bias (assign bias itself)
 
     def __init__(self, s: float = 64.0, m: float = 0.4, l: float = 1.0, r: float = 1.0,  # noqa: E741
                  out_features: Optional[int] = None, bias: Optional[float] = None):

@@ -34,6 +34,7 @@ class _ElasticMargin(MarginLoss):
 
     params = {"m": in_range(0.0, math.pi), "std": in_range(0.0, 1.0), "plus": flag,
               "plus_order": one_of(*PLUS_ORDERS)}
+    fixed_after_init = ("seed", "generator")  # the draws' source (rng_state is made from seed once)
 
     def __init__(self, s: float, m: float, std: float, plus: bool, plus_order: str, seed: Optional[int],
                  generator: Optional[torch.Generator], margins: Optional[torch.Tensor]):

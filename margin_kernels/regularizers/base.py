@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..norms import row_norms
+
 
 @dataclass
 class BatchRows:
@@ -81,7 +83,7 @@ def single_process_rows(features: torch.Tensor, columns: torch.Tensor,
     if class_index is not None:
         classes = class_index.long()[classes]
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return BatchRows(features, features.to(acc).norm(dim=1), torch.where(valid, classes, -torch.ones_like(classes)),
+    return BatchRows(features, row_norms(features, acc), torch.where(valid, classes, -torch.ones_like(classes)),
                      valid, acc)
 
 
