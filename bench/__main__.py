@@ -12,6 +12,11 @@ JOBS = {
     "optimizer-step": ("optimizer_step", "forward + backward + optimizer step, fused against torch.optim"),
     "kernels": ("kernels", "the Triton kernels compiled for sm_90 without a GPU (registers, spills, wgmma) and "
                            "the roofline estimate"),
+    "kernel-facts": ("kernel_facts", "compile this project's and the peers' kernels: the facts the GPU model reads "
+                                     "(bench/data/kernel_facts.json)"),
+    "calibrate": ("calibration", "the GPU model against the peers' published times, and its estimate of ours"),
+    "archs": ("arch_check", "every Triton config compiled for sm_80/86/89/90/100: shared memory, spills, "
+                            "tensor-core instruction"),
     "ceilings": ("ceilings", "the roofline's GEMM rate and copy bandwidths measured on this device"),
     "throughput": ("throughput", "achieved TFLOP/s beside x floor, from margin-bench JSON files (markdown)"),
     "plot": ("plot", "redraw a recorded run's plot from its JSON (bench/results/NAME.json -> NAME.png)"),
