@@ -17,6 +17,7 @@ JOBS = {
     "calibrate": ("calibration", "the GPU model against the peers' published times, and its estimate of ours"),
     "archs": ("arch_check", "every Triton config compiled for sm_80/86/89/90/100: shared memory, spills, "
                             "tensor-core instruction"),
+    "gpu-probe": ("gpu_probe", "what a first GPU session measures to falsify the GPU model (skips without CUDA)"),
     "ceilings": ("ceilings", "the roofline's GEMM rate and copy bandwidths measured on this device"),
     "throughput": ("throughput", "achieved TFLOP/s beside x floor, from margin-bench JSON files (markdown)"),
     "plot": ("plot", "redraw a recorded run's plot from its JSON (bench/results/NAME.json -> NAME.png)"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (H100/H200, torch + triton preinstalled, no internet), at most ~8 minutes,
-# everything it writes under $OUT (8 files):
+# everything it writes under $OUT (10 files):
 #   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
 #   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
 #   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (python -m bench kernels)
@@ -11,6 +11,10 @@
 #   31_softmax.json    the same for plain Softmax with the peers: F.linear_cross_entropy, Cut Cross-Entropy,
 #                      Liger-Kernel (each where installed: carry their wheels in .whl/, installed --no-deps)
 #   40_tables.md       both tables with achieved TFLOP/s (8 B C d FLOP over the fwd+bwd time) beside x floor
+#   50_probe.json      python -m bench gpu-probe: versions, ceilings, each Triton kernel alone (profiler, filter
+#                      off and on) beside a cuBLAS GEMM of its shape, host vs device time of the step, the peers,
+#                      correctness at C x d > 2^31, the GPU model's constants re-fitted
+#   51_model_vs_measured.md  the model per kernel at the re-fitted constants beside the measured time
 #   99_summary.txt     each step's exit code and seconds, the roofline's ceilings measured (python -m bench
 #                      ceilings: GEMM TFLOP/s, L2 and HBM copy TB/s, the cuda estimate at them), the memory_budget table (ArcFace bf16, B=512,
 #                      C=1e6, d=512 and 1024: triton and cuda with and without every tile kept, the prediction
@@ -58,6 +62,8 @@ step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.av
 # out should be what a later session can best afford to miss.
 # the roofline's ceilings (GEMM rate, L2 and HBM copy bandwidth) measured, and the cuda estimate at them
 step "ceilings" 40 "$OUT/99_summary.txt" "$PY" -m bench ceilings --device cuda
+# what falsifies the GPU model first (bench/gpu_probe.py): per-kernel times, host vs device, peers, C x d > 2^31
+step "gpu probe" 150 "$OUT/99_summary.txt" "$PY" -m bench gpu-probe --out "$OUT"
 
 BENCH=("$PY" -m margin_kernels.bench --device cuda --dtype bfloat16 -B 512 -d 512 -C 1e5,1e6,4e6 --repeats 5
        --warmup 2 --no-progress --check-up-to 1e5)

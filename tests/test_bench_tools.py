@@ -255,13 +255,31 @@ def test_kernel_report_compiles_every_16_bit_variant_on_wgmma_without_spills(tmp
     assert all(v["error"] is None for v in fp64)
 
 
-def test_gpu_session_script_parses_and_writes_at_most_eight_named_files():
-    """bench/gpu_session.sh runs only on a lent GPU; here: it is valid bash and names at most 8 outputs."""
+def test_gpu_session_script_parses_and_writes_at_most_ten_named_files():
+    """bench/gpu_session.sh runs only on a lent GPU; here: it is valid bash and names at most 10 outputs (8, and
+    the GPU probe's two: 50_probe.json, 51_model_vs_measured.md, which gpu-probe writes itself)."""
     import re
     script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "gpu_session.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    names = set(re.findall(r'\$OUT/([0-9]{2}_[a-z_]+\.(?:log|json|txt|md))', open(script).read()))
-    assert 1 < len(names) <= 8, names
+    text = open(script).read()
+    names = set(re.findall(r'\$OUT/([0-9]{2}_[a-z_]+\.(?:log|json|txt|md))', text)) | set(
+        re.findall(r'#\s+([0-9]{2}_[a-z_]+\.(?:log|json|txt|md))', text))
+    assert 1 < len(names) <= 10, names
+    assert "python -m bench gpu-probe" in text.replace('"$PY" -m', "python -m")
+
+
+def test_gpu_probe_dry_run_on_cpu_skips_every_gpu_step(tmp_path):
+    """python -m bench gpu-probe without CUDA: exit 0, versions recorded, every measurement skipped with its
+    reason, both files written (the plumbing of the session's probe, tried on CPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the probe would measure")
+    assert bench_main(["gpu-probe", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "50_probe.json").read_text())
+    assert report["versions"]["torch"] == torch.__version__
+    for step in ("ceilings", "step_filter_off", "step_filter_on", "plain_gemms_ms", "peers",
+                 "correctness_c_times_d_over_2_31"):
+        assert report[step] == "skipped: no CUDA device", step
+    assert "skipped" in (tmp_path / "51_model_vs_measured.md").read_text()
 
 
 def test_ceilings_job_measures_this_device_and_keeps_the_model_beside_it(tmp_path):
