@@ -32,6 +32,7 @@ from . import archs
 
 DATA = Path(__file__).resolve().parent / "data"
 FACTS_PATH = DATA / "kernel_facts.json"
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 #: the forward epilogue of the calibration shapes (ArcFace: identity negatives under the log-sum-exp)
 OUR_KIND = "IDENTITY"
 
@@ -91,12 +92,14 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
     from margin_kernels.losses.negatives import NegativeKind
     from margin_kernels.losses.reductions import ReductionKind
     from margin_kernels.precision import PRODUCTS
-    from .kernels import DTYPES, _pointer_types
-
     cc = archs.ARCHS[arch].cc
-    elem = DTYPES[dtype]
-    types = _pointer_types(dtype, "storage")
-    types["*"] = types["acc"]
+    elem = ELEMENT_BYTES[dtype]
+    acc = "*fp64" if dtype == "fp64" else "*fp32"
+    # the pointers of a launch on 16-bit storage (dL/dcos in the storage dtype) or fp32/fp64 (accumulation
+    # dtype, IEEE product); every other pointer is in the accumulation dtype (as bench/kernels.py compiles them)
+    types = {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "dw_ptr": "*" + dtype, "labels_ptr": "*i64",
+             "index_ptr": "*i64", "flags_ptr": "*i8", "filter_threshold": "fp32",
+             "dc_ptr": "*" + dtype if elem == 2 else acc, "*": acc}
     divisible = {"x_ptr", "w_ptr", "dw_ptr", "labels_ptr", "index_ptr", "flags_ptr", "dc_ptr", "rp_ptr",
                  "consts_ptr", "partial_ptr", "norms_ptr", "keep_ptr", "lse_ptr", "g_lse_ptr", "g_target_ptr",
                  "factor_ptr", "col_dot_ptr", "inv_norm_ptr", "shift_ptr", "shift_partial_ptr", "stride_xb",
