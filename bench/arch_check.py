@@ -28,16 +28,11 @@ from . import archs
 from . import kernel_facts as kf
 
 
-#: what ``--representative`` finds today, each with its fix (tests/test_bench_tools.py holds the list to it):
-#: the fixed forward tiling (64 x 128 x 64, 4 warps: ``triton_configs.default_forward``) keeps its fp32
-#: accumulator in registers on mma.sync (no wgmma on sm_8x) and spills there. Fix (triton_configs, the lead's):
-#: an arch-aware default and candidate list, e.g. 128 x 128 x 32 with 8 warps or 64 x 64 x 64 with 4 (no
-#: spill on any arch in ``python -m bench archs``) for sm_8x.
-KNOWN = [
-    "sm_80 lse_forward bf16 IDENTITY [64x128x64 w4 s4]: spills 48 bytes per thread",
-    "sm_86 lse_forward bf16 IDENTITY [64x128x64 w4 s4]: spills 140 bytes per thread",
-    "sm_89 lse_forward bf16 IDENTITY [64x128x64 w4 s4]: spills 140 bytes per thread",
-]
+#: what ``--representative`` finds today, each with its fix (tests/test_bench_tools.py holds the list to it).
+#: Empty since the fixed forward tiling became arch-aware (``triton_configs.PREFERRED_FORWARD``): sm_90's
+#: 64 x 128 x 64 with 4 warps kept its fp32 accumulator in registers on mma.sync and spilled 48-140 bytes per
+#: thread on sm_8x; 128 x 128 x 32 with 8 warps there spills on none.
+KNOWN: list = []
 
 
 def cases(arch_names, dtypes=("bf16",), kinds=(kf.OUR_KIND,), representative: bool = False):

@@ -108,7 +108,7 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
                 stride_xd=1, stride_wd=1, stride_dwd=1)
     epilogue = dict(KIND=int(NegativeKind[kind]), REDUCTION=int(ReductionKind.LSE))
     if representative:
-        forward = [configs.default_forward(elem)]
+        forward = [configs.default_forward(elem, arch="sm_90" if cc >= 90 else "sm_80")]
     else:
         forward = [t for t in configs.forward_candidates_for(arch, elem)] if hasattr(
             configs, "forward_candidates_for") else [t for t in configs.H100_FORWARD

@@ -294,6 +294,11 @@ def test_fixed_forward_tiling_avoids_the_spilling_ones():
             tiles = configs.default_forward(elem_bytes, casts)
             assert configs.forward_candidate(tiles, elem_bytes, casts)
     assert configs.default_forward(2) == configs.ForwardTiles(64, 128, 64, 4, 4)  # unchanged for 16-bit
+    # sm_8x (mma.sync): the tile that spills on none of sm_80/86/89 (python -m bench archs), every dtype valid
+    assert configs.default_forward(2, arch="sm_80") == configs.ForwardTiles(128, 128, 32, 8, 4)
+    for elem_bytes in (2, 4, 8):
+        tiles = configs.default_forward(elem_bytes, arch="sm_80")
+        assert configs.forward_candidate(tiles, elem_bytes, False)
 
 
 def test_fixed_forward_tiling_follows_the_epilogue():

@@ -179,7 +179,7 @@ def lse_forward(inputs, config, state):
     # without a budget the forward is the very kernel variant `python -m bench kernels --check` compiles
     meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0)
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers,
-                                  meta["KIND"], meta["REDUCTION"], kept > 0)
+                                  meta["KIND"], meta["REDUCTION"], kept > 0, x.device)
     if tiles is None:
         grid = lambda META: (triton.cdiv(batch, META["BLOCK_B"]), splits)  # noqa: E731
         _autotuned_kernel(forward.lse_forward_kernel)[grid](*args, **meta)

@@ -130,14 +130,20 @@ def forward_fits(tiles: ForwardTiles, elem_bytes: int) -> bool:
     return (tiles.block_b + tiles.block_c) * tiles.block_k * elem_bytes * tiles.num_stages <= _SHARED_MEMORY_BUDGET
 
 
+#: the fixed forward tiling per architecture (as many stages as fit are taken): on sm_90 64 x 128 x 64 with 4
+#: warps (the accumulator lives in wgmma's registers); on sm_8x the same tile on mma.sync spills 48 (sm_80) to
+#: 140 (sm_86/89) bytes per thread (``python -m bench archs``), 128 x 128 x 32 with 8 warps spills on none
+PREFERRED_FORWARD = {"sm_90": ForwardTiles(64, 128, 64, 4, 4), "sm_80": ForwardTiles(128, 128, 32, 8, 4)}
+
+
 def default_forward(elem_bytes: int, casts_operands: bool = False, sub_centers: int = 1, kind: int = 0,
-                    reduction: int = 0, keeps: bool = False) -> ForwardTiles:
-    """The GPU's fixed forward tiling when autotuning is off: 64 x 128 x 64 with 4 warps and as many stages as
-    fit (fp32/fp64 tiles need fewer), else the first autotune candidate ``forward_candidate`` allows (fp32
-    weights cast to 16 bits spill in the 4-warp tiling)."""
-    preferred = ForwardTiles(64, 128, 64, 4, 4)
+                    reduction: int = 0, keeps: bool = False, arch: str = "sm_90") -> ForwardTiles:
+    """The GPU's fixed forward tiling when autotuning is off: the arch's ``PREFERRED_FORWARD`` with as many
+    stages as fit (fp32/fp64 tiles need fewer), else the first autotune candidate ``forward_candidate`` allows
+    (fp32 weights cast to 16 bits spill in the 4-warp tiling)."""
+    preferred = PREFERRED_FORWARD[arch]
     for stages in (4, 3, 2, 1):
-        tiles = ForwardTiles(preferred.block_b, preferred.block_c, preferred.block_k, 4, stages)
+        tiles = ForwardTiles(preferred.block_b, preferred.block_c, preferred.block_k, preferred.num_warps, stages)
         if forward_candidate(tiles, elem_bytes, casts_operands, sub_centers, kind, reduction, keeps):
             return tiles
     for tiles in H100_FORWARD:
@@ -175,14 +181,14 @@ def autotune_enabled(interpret: bool) -> bool:
 
 def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False,
                   sub_centers: int = 1, kind: int = 0, reduction: int = 0,
-                  keeps: bool = False) -> Optional[ForwardTiles]:
+                  keeps: bool = False, device=None) -> Optional[ForwardTiles]:
     """The fixed forward tiling, or None to autotune."""
     if _override.forward is not None:
         return _override.forward
     if interpret:
         return INTERPRETER_FORWARD
     return None if autotune_enabled(interpret) else default_forward(elem_bytes, casts_operands, sub_centers, kind,
-                                                                    reduction, keeps)
+                                                                    reduction, keeps, architecture(device))
 
 
 def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTiles:
