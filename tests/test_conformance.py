@@ -27,7 +27,7 @@ from margin_kernels.backends import unavailable_reason
 from margin_kernels.losses.negatives import NegativeKind, negative_derivative, negative_value
 
 from .helpers import LOSS_NAMES, SPECS, compare_with_references, make_loss
-from .tolerances import THRESHOLDED_KINDS, bounds
+from .tolerances import NEGATIVE_FUNCTION, THRESHOLDED_KINDS, bounds
 
 CUDA = torch.cuda.is_available()
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -238,7 +238,7 @@ def test_negative_functions_at_branch_points(implementation, kind, dtype):
     ref_value = negative_value(c, spec, row_params)
     ref_deriv = negative_derivative(c, spec, row_params)
     assert value.dtype == dtype and deriv.dtype == dtype
-    tol = 1e-6 if dtype == torch.float32 else 1e-15
+    tol = NEGATIVE_FUNCTION[dtype]
     assert torch.allclose(value, ref_value, rtol=tol, atol=tol), (value - ref_value).abs().max()
     if kind in SMOOTH_DERIVATIVE_KINDS:
         assert torch.allclose(deriv, ref_deriv, rtol=tol, atol=tol), (deriv - ref_deriv).abs().max()

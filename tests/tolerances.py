@@ -353,3 +353,112 @@ FUSED_TRAJECTORY = {
     # grows to ~1e-6 in 5 SGD steps
     torch.float32: (1e-5, "fp32 rounding (6e-8) grown over <= 6 steps (observed 1.0e-6 from one ulp, 5 SGD steps)"),
 }
+
+
+# ---- every other comparison with a reference (one name per kind of comparison; the tests import these) -----
+# u = 2^-53 (fp64) / 2^-24 (fp32) is the unit roundoff; s <= 64 the scales of the tests' losses. "Observed" is
+# the worst case seen on this repository's machine (Intel Xeon with AMX) where it was measured; where none is
+# given, the bound was set from the arithmetic alone.
+
+#: float64 loss and gradients of the package against the float64 reference, or of two float64 paths of the
+#: package (chunked vs full logits, ranks vs one process, sub-centers, the auto backend's fallback): the same
+#: formulas in another summation order. The logits carry s * (d + 3) u of rounding (~1e-13 at s = 64, d <= 200)
+#: and p = exp(z - lse) turns it into a relative error of p; where 1 - p_target cancels (a confident row) the
+#: gradient's relative error grows by 1 / (1 - p_target), so the bound keeps three orders of room over 1e-13
+#: (the conformance table's tight fp64 bounds are for its fixed, well-conditioned problems).
+FP64_END_TO_END = 1e-10
+#: two float64 computations of the same quantity that share every large sum and differ in a few operations
+#: (a loss that is the mean of the same per-row losses, an integration's adapter against the code it replaces
+#: on the same logits, the resumed step of a resharded checkpoint, row statistics from the same cosines):
+#: a few ulps of values up to ~100 (losses at s = 64), so 1e-12 relative is ~50 ulps
+FP64_SAME_SUMS = 1e-12
+#: the resumed run of a LR/margin schedule against the one that kept going: the same steps, the schedule's
+#: value recomputed from the step count (pow / cos in float64, one rounding each) instead of carried
+FP64_RESUMED_SCHEDULE = 1e-13
+#: a float64 scalar of a few operations over at most B values (a mean of feature norms, a bench's head-free
+#: composition of the same loss): B u ~ 1e-14 for B <= 64
+FP64_SHORT_SUM = 1e-14
+#: one float64 formula evaluated twice in a different association (AdaCos's scale, the shifted-sum LSE of
+#: two ranks): a few roundings, 1e-15 ~ 5 ulps
+FP64_FEW_ULPS = 1e-15
+
+#: a float64 transcription of the authors' code (tests/originals*.py) against ours, in float64: loss and the
+#: scalar state (batch mean/std, AdaCos's scale) to 1e-9, gradients, weights after steps and CurricularFace's t
+#: to 1e-7. Not rounding: the authors' clamps and epsilons (acos clamped to 1 - 1e-7, F.normalize's eps,
+#: + 1e-10 in denominators, theta clamped to [1e-5, pi]) move elements next to them by ~1e-8 relative, which our
+#: formulas do not have; everything else agrees to rounding (~1e-13)
+ORIGINALS_LOSS = 1e-9
+ORIGINALS_GRAD = 1e-7
+#: the binary losses' learnable bias is an fp32 parameter (the authors' ``Parameter(Tensor(1))``) in a
+#: float64 problem: its gradient is summed in fp32 over B x C terms (~1e-6 relative with C u at C ~ 10^1..10^4),
+#: its value after steps to 1e-5 (an fp32 value of ~1..10 moved by lr * gradient, a few ulps a step)
+ORIGINALS_FP32_PARAMETER_GRAD = 1e-6
+ORIGINALS_FP32_PARAMETER = 1e-5
+
+#: fp32 inputs through any backend against the float64 reference, for the checks outside the conformance suite
+#: (the bench's accuracy columns, the head, packaging smoke tests): the loss to 1e-5 relative (s (d + 3) u
+#: ~ 1e-4 absolute on logits of ~64, averaged over the rows) and the gradients to 1e-4 (the conformance suite's
+#: fp32 bounds, 1e-5..2e-5, hold for its problems; these cover bigger problems, d up to 512, with ~5x room)
+FP32_LOSS = 1e-5
+FP32_GRAD = 1e-4
+#: fp32 buffers of a stateful loss (CurricularFace's t, MagFace/AdaFace's batch statistics) updated from fp32
+#: cosines vs the float64 reference's: a mean of B cosines in fp32, ~(d + B) u ~ 2e-6 absolute, with ~0.5 of
+#: momentum carried over 5 steps
+FP32_STATE = 1e-6
+#: bf16 features: their gradient comes back rounded to bf16 (2^-8 relative per element) on top of the fp32
+#: math, so ~2^-8 / sqrt(3) ~ 2.3e-3 relative L2 typically and 3.9e-3 at worst per element; the bound is 5x that
+#: worst case because the reference's float64 gradient is compared with a gradient of the bf16-rounded inputs
+#: (x/||x|| rounded too: LP_F64 above)
+BF16_FEATURE_GRAD = 2e-2
+
+#: torch.autograd.gradcheck in float64 (finite differences with step eps against the analytic Jacobian):
+#: central differences err by eps^2 * f''' ~ 1e-12 and by u / eps ~ 1e-10 of rounding; atol 1e-6 / rtol 1e-5 are
+#: 10x / 100x tighter than gradcheck's defaults and far above both
+GRADCHECK = dict(eps=1e-6, atol=1e-6, rtol=1e-5)
+
+#: the negative functions of each backend (native C++/CUDA, Triton) against losses/negatives.py at their branch
+#: points and over the cosine range: value and derivative of one elementwise formula (a few roundings, pow/exp
+#: to ~1 ulp): fp32 1e-6 ~ 8 u, fp64 1e-15 ~ 9 u
+NEGATIVE_FUNCTION = {torch.float32: 1e-6, torch.float64: 1e-15}
+#: the native epilogues' own transcendental functions against torch's: exp_eval (a polynomial after range
+#: reduction: ~2 ulp fp32), SLEEF's exp in fp64 against libm (1 ulp)
+NATIVE_EXP_F32 = 3e-7
+NATIVE_EXP_F64 = 1e-15
+#: the power negatives' value 2((c+1)/2)^t - 1 (+ 0.2) with |value| <= 1.2 (~4 ulp fp32 through pow), and their
+#: derivative relative to itself (pow's relative error times t, up to ~16 ulp)
+NATIVE_POWER_VALUE = 5e-7
+NATIVE_POWER_DERIVATIVE = 2e-6
+#: the native (C++) epilogue against the torch epilogue on the same tile: fp32 1e-5, fp64 1e-12 relative (the
+#: same formulas, exp/log from different libraries); raw tiles with |c| up to 3.3 reach logits of ~800 in the
+#: power kinds, where exp(z - lse) carries |z| u ~ 5e-5 of relative error in fp32
+NATIVE_VS_TORCH = {torch.float32: 1e-5, torch.float64: 1e-12}
+NATIVE_VS_TORCH_LARGE_LOGITS_F32 = 2e-4
+#: 1/||w|| computed by the native epilogue in fp32 against torch's (a norm of d terms and a reciprocal)
+NATIVE_INV_NORM_F32 = 1e-6
+
+#: torch's fused optimizer kernel against the op-by-op transcription, one step, per element: 4 eps of the
+#: element's magnitude (clamped below at 1e-3: for elements near 0 the error is relative to the step's size)
+FUSED_KERNEL_EPS = 4
+#: merging two (max, sum) log-sum-exp partials in the native code against torch.logaddexp: a log, an exp and
+#: an addition (fp32 1e-6 ~ 8 u; fp64 1e-14 leaves room for libm's log near 1, where the result cancels)
+NATIVE_LSE_MERGE = {torch.float32: 1e-6, torch.float64: 1e-14}
+
+#: fp32 steps (the distributed head in fp32 or under autocast, a parameter kept in fp32) against the float64
+#: reference on the tests' small problems: the conformance suite's torch/cpu fp32 bound on dx (1e-5), for
+#: loss and gradients alike
+FP32_END_TO_END = TOLERANCES[("torch", torch.float32)].float64.dx
+#: a smoke test in a fresh process or an installed wheel (the cpu backend, a JIT build): one fp32 loss
+#: against float64, 1e-4 relative: catches a wrong build or a wrong fallback, not rounding (FP32_GRAD)
+FP32_SMOKE = 1e-4
+#: random extremes in float64 (tests/test_torch_backend.py's hypothesis case: unnormalised Softmax with
+#: |x| ~ 100, losses ~ 0): the reference's softmax - onehot cancels (1 - p_target), so the gradients are
+#: measured against an absolute floor of 1e-2 and bounded at 1e-9 (u / (1 - p) with 1 - p down to ~1e-7);
+#: the loss to 1e-12
+FP64_RANDOM_EXTREMES = Bounds(1e-12, 1e-9, 1e-9, None, "1 - p_target cancelling in float64")
+#: an integration adapter against the library code it replaces, float64, the same inputs (pytorch-metric-
+#: learning's losses): summation order through chunked vs full logits; gradients to 1e-9 where 1 - p cancels
+INTEGRATION_LOSS = 1e-10
+INTEGRATION_GRAD = 1e-9
+#: CurricularFace's t after one step from 0 is 0.01 * the mean target cosine (|t| <= 0.01): a mean of B fp32
+#: cosines, 1e-7 absolute (~1e-5 relative of t; (d + B) u ~ 3e-6 relative at worst)
+CURRICULAR_T_FIRST_STEP = 1e-7
