@@ -142,7 +142,7 @@ def trajectory_errors(kind, options, *, backend="torch", dtype=torch.float64, sa
     Comparing instead with torch.optim stepping on the reference's gradient at its own weight (a free-running
     trajectory) feeds each step's rounding difference into the next step's gradient; with AdamW's normalised
     steps (lr = 1e-2 on weights of N(0, 0.01^2)) the difference grows ~1.3-2x per step, by a factor that
-    depends on the trajectory and not on the fused code (tests/tolerances.py, FUSED_UPDATE)."""
+    depends on the trajectory and not on the fused code (tests/tolerances.py, above fused_gradient_bound)."""
     head = mk.MarginHead(C, D, mk.ArcFace(), backend=backend, dtype=dtype, chunk_size=CHUNK,
                          sample_rate=sample_rate, seed=3)
     ref = TorchReference(head.weight, kind, options, sparse, dtype)
@@ -257,7 +257,7 @@ def test_triton_interpreter_trajectory():
 @pytest.mark.parametrize("fault", ["lr", "bias_correction", "skipped_row"])
 def test_a_wrong_update_fails_the_bound(monkeypatch, fault):
     """The bounds are tight enough to see an update that is almost right: lr 1% off, AdamW without its bias
-    correction (from the first step), one weight row not updated (its state still is) in each step."""
+    correction (from the first step), one weight row (and its state) left as it was in each step."""
     options = dict(ADAMW)
     fused_options = dict(ADAMW, lr=ADAMW["lr"] * 1.01) if fault == "lr" else None
     if fault == "bias_correction":
