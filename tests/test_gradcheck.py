@@ -9,6 +9,7 @@ import torch
 
 import margin_kernels as mk
 from tests.helpers import LOSS_NAMES, make_loss, random_problem
+from tests.tolerances import GRADCHECK
 
 NOT_A_TRUE_GRADIENT = {"arcface_st", "arcface_insightface", "combined", "combined_filter", "circle", "adaface",
                        "npcface",  # NPCFace's margin follows a no-grad statistic of the row's negatives
@@ -25,7 +26,7 @@ def test_gradcheck_torch_backend(name):
     def fn(a, b):
         return mk.margin_cross_entropy(a, b, labels, margin, backend="torch", chunk_size=4)
 
-    assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (x, w), **GRADCHECK)
 
 
 @pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
@@ -40,4 +41,4 @@ def test_gradcheck_elastic_with_explicit_margins(loss, plus):
     def fn(a, b):
         return mk.margin_cross_entropy(a, b, labels, margin, backend="torch", chunk_size=4)
 
-    assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (x, w), **GRADCHECK)

@@ -1,8 +1,4 @@
 """The memory claim: the chunked backend never allocates B x C, nor any C x d buffer besides dW."""
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,6 +7,7 @@ import margin_kernels as mk
 from margin_kernels.backends import chunk_loop, torch_backend
 from margin_kernels.backends.contract import CallState, OpConfig, OpInputs, RowGrads
 from tests.helpers import random_problem
+from tests.peak_memory import peak_extra
 
 
 class AllocationLog(TorchDispatchMode):
@@ -68,7 +65,7 @@ def test_backend_internals_stay_within_a_chunk():
 
 
 PEAK_SCRIPT = r"""
-import gc, json, resource, sys, torch
+import sys
 import margin_kernels as mk
 backend, B, C, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
@@ -80,19 +77,12 @@ def run(c):
 x, w, y = run(64)
 mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend).backward()   # load code paths
 x, w, y = run(C)
-gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend).backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_bytes": (after - before) * 1024}))
+report(measure(lambda: mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend).backward()), C * D)
 """
 
 
 def _peak_extra(backend, batch, classes, dim):
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend, str(batch), str(classes), str(dim)],
-                         capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1",
-                                                                         **__import__("os").environ})
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return peak_extra(PEAK_SCRIPT, backend, batch, classes, dim)
 
 
 @pytest.mark.slow  # three fresh processes at C up to 1e6: ~12 s
@@ -106,5 +96,5 @@ def test_peak_extra_memory_is_flat_in_classes():
     dweight_bytes = classes * dim * 4
     chunk_bytes = batch * chunk_loop.default_chunk_size(batch) * 4
     assert ref > 3 * logits_bytes, (ref, logits_bytes)
-    assert fused < dweight_bytes + 16 * chunk_bytes, (fused, dweight_bytes, chunk_bytes)
+    assert 0.9 * dweight_bytes <= fused < dweight_bytes + 16 * chunk_bytes, (fused, dweight_bytes, chunk_bytes)
     assert ref > 8 * fused, (ref, fused)

@@ -10,7 +10,6 @@
 * the budget is respected: peak extra memory in a fresh process grows by at most the budget plus O(B·d);
 * bad values raise a ValueError naming the argument; "auto" follows the per-device rule.
 """
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from margin_kernels.backends.contract import OpConfig, OpInputs
 from margin_kernels.backends.kept_tiles import KeptTiles, keep_columns, kept_whole_chunks
 from margin_kernels.ops import TargetPairs, margin_lse
 from tests.helpers import LOSS_NAMES, compare_with_reference, loss_and_grads, make_loss, random_problem
+from tests.peak_memory import peak_extra
 from tests.tolerances import COMPILE_VS_EAGER, bounds
 
 BACKENDS = ["torch", "cpu", "triton"]
@@ -194,20 +194,8 @@ def test_keep_arithmetic():
 
 
 PEAK_SCRIPT = r"""
-import gc, json, resource, sys, torch
+import sys
 import margin_kernels as mk
-def peak_rss():  # bytes; VmHWM after resetting it (Linux clear_refs 5), else the process's ru_maxrss
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 backend, budget, B, C, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(0)
 def run(c):
@@ -218,20 +206,13 @@ def run(c):
 x, w, y = run(64)
 mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend, memory_budget=budget).backward()
 x, w, y = run(C)
-gc.collect()
-reset_peak()
-before = peak_rss()
-mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend, memory_budget=budget).backward()
-after = peak_rss()
-print(json.dumps({"extra_bytes": after - before}))
+report(measure(lambda: mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend,
+                                               memory_budget=budget).backward()), C * D)
 """
 
 
 def _peak_extra(backend, budget, batch, classes, dim):
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend, str(budget), str(batch), str(classes),
-                          str(dim)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return peak_extra(PEAK_SCRIPT, backend, budget, batch, classes, dim)
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("torch", marks=pytest.mark.slow)])

@@ -12,13 +12,14 @@ from margin_kernels.distributed import reshard_state_dicts
 from margin_kernels.distributed.sharding import row_range, shard_ranges
 from margin_kernels.subcenters import class_rows, max_over_sub_centers
 from tests.helpers import head_eager_and_compiled, loss_and_grads, random_problem, rel_err
+from tests.tolerances import FP64_END_TO_END, NATIVE_VS_TORCH
 from tests.test_memory import AllocationLog
 
 # Triton's interpreter: a class split left without tiles merges log(0) = -inf (the conformance suite's filter)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
 K = 3
-FP64_TOL = 1e-10  # fp64 end to end: summation order only
+FP64_TOL = FP64_END_TO_END  # fp64 end to end: summation order only
 
 
 def _backends():
@@ -256,7 +257,7 @@ def test_native_sub_center_passes_match_pytorch(device, dtype, normalized):
     out_t, dot_t = torch_path._row_gradient(grad, values_t, winner_t, inv, tile.clone())
     assert torch.allclose(out_n, out_t, rtol=0, atol=0)
     if normalized:
-        assert torch.allclose(dot_n, dot_t, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+        assert torch.allclose(dot_n, dot_t, rtol=NATIVE_VS_TORCH[dtype], atol=0)
     else:
         assert dot_n is None and dot_t is None
 

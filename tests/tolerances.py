@@ -256,23 +256,102 @@ def accumulation_dtype_of(dtype: torch.dtype) -> torch.dtype:
 #: 2.2e-16, fp32 2.3e-7, bf16 1.1e-3, fp16 1.0e-4. The fp64 bound also covers the shape variants.
 SHIFT_GRAD = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 5e-3, torch.float16: 5e-4}
 
-# the fused optimizers (tests/test_fused_optim.py): the head's weight after N steps of FusedSGD / FusedAdamW
-# against torch.optim.SGD / AdamW (SparseAdam for sparse AdamW) stepping a float64 copy on the reference's dense
-# gradient, ||ours - theirs|| / ||theirs||. The update formulas are torch's, operation by operation; what
-# differs is the gradient's summation order (chunked vs full logits), compounded over the steps.
+# ---- the fused optimizers (tests/test_fused_optim.py) ----
+# A fused step can get two things wrong: the gradient it applies (the backend's chunk rows handed to the update
+# sink) and the update it applies with it. The trajectory tests check each against its own reference, so that
+# neither compounds through the other: the gradient of every step against the reference's dW at the same
+# weight (fused_gradient_bound), and the weight after N steps against torch.optim stepping a copy on the very
+# gradients the fused update applied (update_bound).
+#
+# Why not torch.optim on the reference's gradient at its own weight (a free-running trajectory, the test's
+# earlier form, bound 1e-5 after 20 fp32 AdamW steps): any rounding difference in step t moves the weight, so
+# step t+1's gradient differs by more than rounding, and AdamW's normalised steps (lr = 1e-2 on N(0, 0.01^2)
+# weights: each step moves ||W|| by ~30%) amplify it ~1.3-2x per step. Measured on torch.optim.AdamW alone
+# (no fused code), Intel Xeon (AMX), 20 fp32 steps: W0 perturbed by one ulp (6e-8 relative) ends 8.5e-5 apart;
+# dW by the torch backend at chunk 48 instead of 64 (another summation order, as another CPU's GEMM
+# blocking gives) ends 3.0e-5 apart (1.2e-6 after 5 steps), the cpu backend's dW instead of torch's 5.7e-5;
+# SGD with momentum 8e-6. The AMD EPYC failure (3.5e-5 after 20 steps, 3e-7 after 5) is this growth: the
+# factor depends on the trajectory, not on the fused code, so no bound on it follows from the arithmetic.
+
+
+def fused_gradient_bound(dtype: torch.dtype, scale: float, dim: int, classes: int, batch: int) -> float:
+    """Relative L2 error of one fused step's dW (the rows the update sink received) against the reference's dW
+    on the same weight and features: fp64 for fp32/fp64 storage, the reference on the same 16-bit tensors for
+    bf16/fp16 (dW rounded to the storage dtype there, one rounding of u_storage per element).
+
+    Worst-case first-order rounding, every error aligned, for any summation order (so for any CPU's GEMM
+    blocking: MKL/oneDNN's AVX-512 or AMX kernels, Triton's 16-wide K steps), relative to the gradient's size,
+    u the accumulation dtype's unit roundoff (2^-24 fp32, 2^-53 fp64):
+      * a cosine x.w/(|x||w|) is a dot product of ``dim`` terms plus the two norms: (dim + 3) u absolute;
+        the logit multiplies it by ``scale``, and exp(logit - lse) turns that absolute error into a relative
+        error of p: scale * (dim + 3) u;
+      * the log-sum-exp sums ``classes`` exponentials: classes * u relative, absolute on lse;
+      * dW_j sums ``batch`` rows of dL/dlogit_ij * x_i: batch * u (no cancellation assumed: a weight row's
+        gradient is dominated by the rows whose target it is, or by same-signed softmax terms).
+    ArcFace, s = 64, d = 16, C = 300, B = 24: 1540 u = 9.2e-5 fp32, 1.7e-13 fp64. Observed (Intel Xeon, AMX;
+    max over 20 steps of every trajectory): fp32 4.6e-6 (cpu backend), 2.8e-6 (torch); fp64 6.2e-15; the
+    statistical estimate (errors adding in quadrature, scale * sqrt(dim + 3) u) is 1.8e-5 fp32, so the worst
+    case is ~5x that and 20x the observation, and far below a wrong gradient (one class row of 300 missing:
+    ~6e-2). bf16 adds the reference's rounding of dW to bf16, 2^-8 = 3.9e-3 (observed 1.8e-3)."""
+    u = torch.finfo(accumulation_dtype_of(dtype)).eps / 2
+    bound = (scale * (dim + 3) + classes + batch) * u
+    if dtype in LOW_PRECISION:
+        bound += torch.finfo(dtype).eps / 2
+    return bound
+
+
+def update_bound(kind: str, options: dict, dtype: torch.dtype, steps: int, weight_path: float,
+                 step_path: float) -> float:
+    """Relative L2 distance, after ``steps`` steps, between the fused update's weight and torch.optim's (SGD,
+    AdamW, SparseAdam) stepping a copy on the same gradients. ``weight_path``: sum over the steps of ||W_t||,
+    ``step_path``: of ||W_t - W_{t-1}||, both over ||W_N|| (the reference trajectory's, measured by the test:
+    a bound relative to the final weight must know how large the weights and steps on the way were).
+
+    Both sides evaluate torch's formulas operation by operation on the same inputs; torch's fused kernel
+    (``torch._fused_sgd_`` / ``_fused_adamw_``, which the fused update runs) and torch.optim's op-by-op path
+    can round each operation differently (vectorised FMA contraction, scalars such as lr / (1 - beta1^t)
+    rounded in double or in the math dtype), one unit roundoff u of the math dtype per operation, and each
+    step starts from the previous step's difference (carried with factor 1 - lr * weight_decay <= 1). Per
+    element and step, counting roundings that can differ:
+      * the weight's own: the decay product and the final addition, 2 u |w|; 16-bit weights are stored
+        rounded after every step (the reference rounds its copy the same way), and where the fp32 values
+        differ the rounding can land one storage ulp apart: + u_storage |w| (2^-8 bf16);
+      * the step's: SGD: the decay add, the buffer update (2), the Nesterov add, the lr product: 5 u, plus the
+        buffer's carried error, 2 u a step decaying by ``momentum``: 2 u / (1 - momentum); AdamW: the
+        bias-corrected step size, sqrt(v), its division and + eps, m / denom and the lr product: 5 u, plus
+        the carried state: m's 2 u a step decaying by beta1 (2 u / (1 - beta1)), v's 2 u a step decaying by
+        beta2 (at most 2 u * min(N, 1 / (1 - beta2))), of which sqrt(v) keeps half.
+    Summed over the steps: (k_w u sum ||W_t|| + k_step u sum ||dW_t||) / ||W_N||. fp32 AdamW here (lr 1e-2,
+    betas (0.8, 0.99), 20 steps; ||W|| 0.69 -> 3.16, path 14.7 and 1.8): 91 u = 5.4e-6. Observed (Intel Xeon,
+    AMX): SGD 0 (the kernel rounds every operation as the ops do), AdamW 1.2e-8 fp32, 2.2e-17 fp64, bf16 0:
+    the two paths round almost every operation identically on this CPU, and the bound assumes that none does.
+    Emulating a CPU where they differ, every weight element moved one ulp up or down at random after every
+    fused AdamW step: 3.1e-7, ~1/18 of the bound (which counts ~6 such roundings a step, all aligned).
+    What it must catch is far above it: lr 1% off gives 1.0e-2, AdamW without bias correction 1.7, one row
+    left unupdated 5.6e-2 (tests/test_fused_optim.py, test_a_wrong_update_fails_the_bound)."""
+    u = torch.finfo(accumulation_dtype_of(dtype)).eps / 2
+    k_weight = 2 * u + (torch.finfo(dtype).eps / 2 if dtype in LOW_PRECISION else 0.0)
+    if kind == "sgd":
+        k_step = 5 + 2 / (1 - options.get("momentum", 0.0))
+    else:
+        beta1, beta2 = options["betas"]
+        k_step = 5 + 2 / (1 - beta1) + min(steps, 1 / (1 - beta2))
+    return k_weight * weight_path + k_step * u * step_path
+
+
+#: free-running trajectories (tests/test_fused_distributed.py, test_fused_limits.py): a fused head against an
+#: unfused head stepped by torch.optim, each on its own gradient. Every rounding difference feeds the next
+#: step's gradient and grows (see above: one ulp of W0 grew to 8.5e-5 in 20 fp32 AdamW steps, 5.8e-6 in 5,
+#: 1.0e-6 in 5 SGD steps), so these bounds hold only where a growth factor of ~10^3 (20 AdamW steps) keeps
+#: the result below them:
 FUSED_TRAJECTORY = {
-    torch.float64: (1e-10, "float64 gradients to a few ulps, 20 steps (the issue's bound; observed <= 1.6e-13)"),
-    # fp32: torch.optim steps on the unfused backend's own fp32 dW (the backend's gradient error against the
-    # reference is bounded elsewhere): only the update's rounding differs (torch's fused AdamW kernel vs
-    # torch.optim.AdamW's ops, an ulp a step; SGD's kernel is bit for bit: observed 0 for SGD, 1.9e-7 AdamW)
-    torch.float32: (1e-5, "the update's rounding over 20 steps on the same fp32 gradient (the issue's bound)"),
-    # bf16 weights: the reference steps an fp32 copy with fp32 state on the unfused backend's bf16 dW (same
-    # bf16 inputs) and rounds the weight to bf16 after every step, as the fused update stores it; the fused
-    # update sees the fp32 dW before its rounding to bf16 (2^-9 relative per element). At the N(0, 0.01^2)
-    # initialisation lr * |dW| is far above |w| (normalised weights: dW ~ 1/|w|), so that rounding moves the new
-    # weight by ~2^-9 relative and flips many rounded elements by one bf16 ulp (observed 2.7e-3 after one SGD
-    # step); the flips feed the later gradients (observed after 5 steps: SGD 3.5e-3, AdamW 1.4e-2)
-    torch.bfloat16: (3e-2, "the reference's dW rounded to bf16 (2^-9) moving W by up to an ulp, 5 steps"),
+    # fp64: a gradient difference of at most fused_gradient_bound (~2e-13 relative) per step grown 10^3x is
+    # 2e-10 at worst, and more typically ~1e-12 (observed <= 1.6e-13, the issue's bound 1e-10)
+    torch.float64: (1e-10, "float64 rounding per step (<= 2e-13 relative), grown <= 10^3x over 20 steps"),
+    # fp32: used only for short runs: 4 SGD steps of the 16-bit product path, and a scalar fp32 parameter
+    # (SphereFace2's bias) stepped unfused beside a float64 weight for 6 steps: one ulp of an fp32 weight
+    # grows to ~1e-6 in 5 SGD steps
+    torch.float32: (1e-5, "fp32 rounding (6e-8) grown over <= 6 steps (observed 1.0e-6 from one ulp, 5 SGD steps)"),
 }
 
 
@@ -295,3 +374,112 @@ def subnormal_bounds(dtype: torch.dtype, weight_norm: float, scale: float) -> tu
         return 0.0, 0.0, 0.0
     computed = 8.0 * abs(scale) * weight_norm * spacing(acc)
     return computed, computed, 8.0 * abs(scale) * weight_norm * max(spacing(acc), spacing(dtype))
+
+
+# ---- every other comparison with a reference (one name per kind of comparison; the tests import these) -----
+# u = 2^-53 (fp64) / 2^-24 (fp32) is the unit roundoff; s <= 64 the scales of the tests' losses. "Observed" is
+# the worst case seen on this repository's machine (Intel Xeon with AMX) where it was measured; where none is
+# given, the bound was set from the arithmetic alone.
+
+#: float64 loss and gradients of the package against the float64 reference, or of two float64 paths of the
+#: package (chunked vs full logits, ranks vs one process, sub-centers, the auto backend's fallback): the same
+#: formulas in another summation order. The logits carry s * (d + 3) u of rounding (~1e-13 at s = 64, d <= 200)
+#: and p = exp(z - lse) turns it into a relative error of p; where 1 - p_target cancels (a confident row) the
+#: gradient's relative error grows by 1 / (1 - p_target), so the bound keeps three orders of room over 1e-13
+#: (the conformance table's tight fp64 bounds are for its fixed, well-conditioned problems).
+FP64_END_TO_END = 1e-10
+#: two float64 computations of the same quantity that share every large sum and differ in a few operations
+#: (a loss that is the mean of the same per-row losses, an integration's adapter against the code it replaces
+#: on the same logits, the resumed step of a resharded checkpoint, row statistics from the same cosines):
+#: a few ulps of values up to ~100 (losses at s = 64), so 1e-12 relative is ~50 ulps
+FP64_SAME_SUMS = 1e-12
+#: the resumed run of a LR/margin schedule against the one that kept going: the same steps, the schedule's
+#: value recomputed from the step count (pow / cos in float64, one rounding each) instead of carried
+FP64_RESUMED_SCHEDULE = 1e-13
+#: a float64 scalar of a few operations over at most B values (a mean of feature norms, a bench's head-free
+#: composition of the same loss): B u ~ 1e-14 for B <= 64
+FP64_SHORT_SUM = 1e-14
+#: one float64 formula evaluated twice in a different association (AdaCos's scale, the shifted-sum LSE of
+#: two ranks): a few roundings, 1e-15 ~ 5 ulps
+FP64_FEW_ULPS = 1e-15
+
+#: a float64 transcription of the authors' code (tests/originals*.py) against ours, in float64: loss and the
+#: scalar state (batch mean/std, AdaCos's scale) to 1e-9, gradients, weights after steps and CurricularFace's t
+#: to 1e-7. Not rounding: the authors' clamps and epsilons (acos clamped to 1 - 1e-7, F.normalize's eps,
+#: + 1e-10 in denominators, theta clamped to [1e-5, pi]) move elements next to them by ~1e-8 relative, which our
+#: formulas do not have; everything else agrees to rounding (~1e-13)
+ORIGINALS_LOSS = 1e-9
+ORIGINALS_GRAD = 1e-7
+#: the binary losses' learnable bias is an fp32 parameter (the authors' ``Parameter(Tensor(1))``) in a
+#: float64 problem: its gradient is summed in fp32 over B x C terms (~1e-6 relative with C u at C ~ 10^1..10^4),
+#: its value after steps to 1e-5 (an fp32 value of ~1..10 moved by lr * gradient, a few ulps a step)
+ORIGINALS_FP32_PARAMETER_GRAD = 1e-6
+ORIGINALS_FP32_PARAMETER = 1e-5
+
+#: fp32 inputs through any backend against the float64 reference, for the checks outside the conformance suite
+#: (the bench's accuracy columns, the head, packaging smoke tests): the loss to 1e-5 relative (s (d + 3) u
+#: ~ 1e-4 absolute on logits of ~64, averaged over the rows) and the gradients to 1e-4 (the conformance suite's
+#: fp32 bounds, 1e-5..2e-5, hold for its problems; these cover bigger problems, d up to 512, with ~5x room)
+FP32_LOSS = 1e-5
+FP32_GRAD = 1e-4
+#: fp32 buffers of a stateful loss (CurricularFace's t, MagFace/AdaFace's batch statistics) updated from fp32
+#: cosines vs the float64 reference's: a mean of B cosines in fp32, ~(d + B) u ~ 2e-6 absolute, with ~0.5 of
+#: momentum carried over 5 steps
+FP32_STATE = 1e-6
+#: bf16 features: their gradient comes back rounded to bf16 (2^-8 relative per element) on top of the fp32
+#: math, so ~2^-8 / sqrt(3) ~ 2.3e-3 relative L2 typically and 3.9e-3 at worst per element; the bound is 5x that
+#: worst case because the reference's float64 gradient is compared with a gradient of the bf16-rounded inputs
+#: (x/||x|| rounded too: LP_F64 above)
+BF16_FEATURE_GRAD = 2e-2
+
+#: torch.autograd.gradcheck in float64 (finite differences with step eps against the analytic Jacobian):
+#: central differences err by eps^2 * f''' ~ 1e-12 and by u / eps ~ 1e-10 of rounding; atol 1e-6 / rtol 1e-5 are
+#: 10x / 100x tighter than gradcheck's defaults and far above both
+GRADCHECK = dict(eps=1e-6, atol=1e-6, rtol=1e-5)
+
+#: the negative functions of each backend (native C++/CUDA, Triton) against losses/negatives.py at their branch
+#: points and over the cosine range: value and derivative of one elementwise formula (a few roundings, pow/exp
+#: to ~1 ulp): fp32 1e-6 ~ 8 u, fp64 1e-15 ~ 9 u
+NEGATIVE_FUNCTION = {torch.float32: 1e-6, torch.float64: 1e-15}
+#: the native epilogues' own transcendental functions against torch's: exp_eval (a polynomial after range
+#: reduction: ~2 ulp fp32), SLEEF's exp in fp64 against libm (1 ulp)
+NATIVE_EXP_F32 = 3e-7
+NATIVE_EXP_F64 = 1e-15
+#: the power negatives' value 2((c+1)/2)^t - 1 (+ 0.2) with |value| <= 1.2 (~4 ulp fp32 through pow), and their
+#: derivative relative to itself (pow's relative error times t, up to ~16 ulp)
+NATIVE_POWER_VALUE = 5e-7
+NATIVE_POWER_DERIVATIVE = 2e-6
+#: the native (C++) epilogue against the torch epilogue on the same tile: fp32 1e-5, fp64 1e-12 relative (the
+#: same formulas, exp/log from different libraries); raw tiles with |c| up to 3.3 reach logits of ~800 in the
+#: power kinds, where exp(z - lse) carries |z| u ~ 5e-5 of relative error in fp32
+NATIVE_VS_TORCH = {torch.float32: 1e-5, torch.float64: 1e-12}
+NATIVE_VS_TORCH_LARGE_LOGITS_F32 = 2e-4
+#: 1/||w|| computed by the native epilogue in fp32 against torch's (a norm of d terms and a reciprocal)
+NATIVE_INV_NORM_F32 = 1e-6
+
+#: torch's fused optimizer kernel against the op-by-op transcription, one step, per element: 4 eps of the
+#: element's magnitude (clamped below at 1e-3: for elements near 0 the error is relative to the step's size)
+FUSED_KERNEL_EPS = 4
+#: merging two (max, sum) log-sum-exp partials in the native code against torch.logaddexp: a log, an exp and
+#: an addition (fp32 1e-6 ~ 8 u; fp64 1e-14 leaves room for libm's log near 1, where the result cancels)
+NATIVE_LSE_MERGE = {torch.float32: 1e-6, torch.float64: 1e-14}
+
+#: fp32 steps (the distributed head in fp32 or under autocast, a parameter kept in fp32) against the float64
+#: reference on the tests' small problems: the conformance suite's torch/cpu fp32 bound on dx (1e-5), for
+#: loss and gradients alike
+FP32_END_TO_END = TOLERANCES[("torch", torch.float32)].float64.dx
+#: a smoke test in a fresh process or an installed wheel (the cpu backend, a JIT build): one fp32 loss
+#: against float64, 1e-4 relative: catches a wrong build or a wrong fallback, not rounding (FP32_GRAD)
+FP32_SMOKE = 1e-4
+#: random extremes in float64 (tests/test_torch_backend.py's hypothesis case: unnormalised Softmax with
+#: |x| ~ 100, losses ~ 0): the reference's softmax - onehot cancels (1 - p_target), so the gradients are
+#: measured against an absolute floor of 1e-2 and bounded at 1e-9 (u / (1 - p) with 1 - p down to ~1e-7);
+#: the loss to 1e-12
+FP64_RANDOM_EXTREMES = Bounds(1e-12, 1e-9, 1e-9, None, "1 - p_target cancelling in float64")
+#: an integration adapter against the library code it replaces, float64, the same inputs (pytorch-metric-
+#: learning's losses): summation order through chunked vs full logits; gradients to 1e-9 where 1 - p cancels
+INTEGRATION_LOSS = 1e-10
+INTEGRATION_GRAD = 1e-9
+#: CurricularFace's t after one step from 0 is 0.01 * the mean target cosine (|t| <= 0.01): a mean of B fp32
+#: cosines, 1e-7 absolute (~1e-5 relative of t; (d + B) u ~ 3e-6 relative at worst)
+CURRICULAR_T_FIRST_STEP = 1e-7
