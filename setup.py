@@ -9,9 +9,18 @@ Both are optional: if one fails to compile the install goes on with a warning an
 back to the pure-torch backend (a run-time JIT build of csrc/ is opt-in: ``MARGIN_KERNELS_JIT=1``).
 ``MARGIN_KERNELS_REQUIRE_NATIVE=1`` makes a failed build fatal (CI), ``MARGIN_KERNELS_NO_NATIVE=1`` skips the
 extensions, ``MARGIN_KERNELS_NO_CUDA=1`` the CUDA one.
+
+A built extension is kept in ``build/native-cache/<key>/`` (``native_build.build_key``: every file of csrc/,
+the flags, the compiler, torch and the Python ABI), and a later build with the same key copies it instead of
+compiling: the second ``pip install -e .`` (another extra, a Python-only change) compiles nothing.
+``MARGIN_KERNELS_BUILD_CACHE=DIR`` keeps the cache elsewhere, ``=0`` turns it off.
 """
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -52,6 +61,57 @@ def _describe(ext) -> str:
             + ("" if getattr(ext, "optional", False) else ", a failure is fatal (MARGIN_KERNELS_REQUIRE_NATIVE)"))
 
 
+#: cached builds kept (each is one .so of ~20 MB; the oldest go first)
+CACHE_ENTRIES = 4
+
+
+def _cache_root():
+    """The build cache folder, or None when MARGIN_KERNELS_BUILD_CACHE=0."""
+    setting = os.environ.get("MARGIN_KERNELS_BUILD_CACHE", "")
+    if setting.lower() in ("0", "false", "no", "off"):
+        return None
+    return Path(setting) if setting else ROOT / _native_build().BUILD_CACHE
+
+
+def _tool_version(command: str) -> str:
+    """First line of ``command --version``: a compiler upgrade is another cache key."""
+    try:
+        out = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60)
+        return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else f"rc {out.returncode}"
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
+def _toolchain(ext, torch, cpp_extension) -> dict:
+    """Everything besides csrc/ that the built extension depends on (the cache key's second half). Called in
+    build_extension, after torch's BuildExtension added its own flags to ext."""
+    cxx = cpp_extension.get_cxx_compiler() if hasattr(cpp_extension, "get_cxx_compiler") \
+        else os.environ.get("CXX", "c++")
+    is_cuda = any(str(source).endswith(".cu") for source in ext.sources)
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if is_cuda and cpp_extension.CUDA_HOME else None
+    return {
+        "extension": ext.name, "sources": list(ext.sources), "include_dirs": list(ext.include_dirs),
+        "define_macros": [list(m) for m in ext.define_macros], "extra_compile_args": ext.extra_compile_args,
+        "extra_link_args": ext.extra_link_args, "libraries": ext.libraries, "library_dirs": ext.library_dirs,
+        "compiler": [cxx, _tool_version(cxx)], "nvcc": nvcc and [nvcc, _tool_version(nvcc)],
+        "environment": {name: os.environ.get(name) for name in
+                        ("CC", "CXX", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "TORCH_CUDA_ARCH_LIST")},
+        "torch": [torch.__version__, torch.version.git_version, torch.version.cuda],
+        "python": [sysconfig.get_config_var("EXT_SUFFIX"), sys.implementation.cache_tag, sysconfig.get_platform()],
+    }
+
+
+def _store(built: Path, entry: Path) -> None:
+    """Copy a fresh build into the cache (atomically: a half-copied file is never found), prune old entries."""
+    entry.mkdir(parents=True, exist_ok=True)
+    partial = entry / (built.name + ".partial")
+    shutil.copy2(built, partial)
+    os.replace(partial, entry / built.name)
+    entries = sorted((p for p in entry.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in entries[:-CACHE_ENTRIES]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _extensions():
     if _flag("MARGIN_KERNELS_NO_NATIVE"):
         return [], {}
@@ -90,6 +150,17 @@ def _extensions():
             super().run()
 
         def build_extension(self, ext):
+            target = Path(self.get_ext_fullpath(ext.name))
+            cache = _cache_root()
+            entry = None if cache is None else \
+                cache / build.build_key(build.csrc_dir(), _toolchain(ext, torch, cpp_extension))
+            if entry is not None and (entry / target.name).is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(entry / target.name, target)
+                os.utime(entry)  # recently used: pruned last
+                print(f"margin_kernels: reused the build of {ext.name} from {entry} (the same csrc/, flags, "
+                      "compiler, torch and Python): nothing compiled", flush=True)
+                return
             print(_describe(ext), flush=True)
             try:
                 super().build_extension(ext)
@@ -98,6 +169,14 @@ def _extensions():
                     raise
                 self.warn(f"margin_kernels: building {ext.name} failed ({type(exc).__name__}: {exc}); the package "
                           "still works (backend='torch')")
+                return
+            if entry is not None:
+                try:
+                    _store(target, entry)
+                    print(f"margin_kernels: kept the build of {ext.name} in {entry} for the next install",
+                          flush=True)
+                except OSError as exc:  # a read-only checkout still installs; it only compiles again next time
+                    self.warn(f"margin_kernels: could not keep the build in {entry} ({exc})")
 
     return extensions, {"build_ext": BuildExt}
 

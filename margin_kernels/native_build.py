@@ -6,6 +6,8 @@ No -march flag: the hot CPU loops are compiled in AVX-512 / AVX2 / baseline clon
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +19,10 @@ CUDA_MODULE = "_C_cuda"
 CPU_SOURCES = ("bindings.cpp", "margin_cpu.cpp")
 CUDA_SOURCES = CPU_SOURCES + ("margin_cuda.cu",)
 
+#: where setup.py keeps each built extension, in a folder named by ``build_key`` (relative to the checkout;
+#: ``MARGIN_KERNELS_BUILD_CACHE=DIR`` moves it, ``=0`` turns it off)
+BUILD_CACHE = Path("build") / "native-cache"
+
 
 def csrc_dir() -> Path:
     """csrc/ of a source checkout (this file is margin_kernels/native_build.py)."""
@@ -25,6 +31,21 @@ def csrc_dir() -> Path:
 
 def sources(with_cuda: bool) -> list[Path]:
     return [csrc_dir() / name for name in (CUDA_SOURCES if with_cuda else CPU_SOURCES)]
+
+
+def build_key(csrc: Path, toolchain: dict) -> str:
+    """The name of a built extension in the build cache: a hash of every file under ``csrc`` (name and bytes,
+    so a header counts too) and of ``toolchain`` (JSON values: the extension's sources, flags, include dirs,
+    the compiler, the torch version and the Python ABI, as setup.py gathers them). Any change of one of them
+    is another key, so a cached build is only ever reused for the same inputs. Paths are hashed relative to
+    ``csrc``: two copies of the checkout share their builds."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(csrc).rglob("*") if p.is_file()):
+        name = path.relative_to(csrc).as_posix().encode()
+        data = path.read_bytes()
+        digest.update(b"%d:%s%d:" % (len(name), name, len(data)) + data)  # lengths: no two inputs hash alike
+    digest.update(json.dumps(toolchain, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
 
 
 def cxx_flags(with_cuda: bool = False) -> list[str]:

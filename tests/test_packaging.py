@@ -5,12 +5,15 @@ the checkout's files (what a fresh clone holds): ``python -m build --no-isolatio
 built from that sdist, so a file missing from the sdist fails the wheel), and ``pip install --no-deps
 --no-build-isolation --target DIR .`` (non-editable); each install is imported from outside the checkout.
 Nothing installs into the running environment and nothing can pull torch: ``--no-deps``, no isolation.
+The build cache: a second ``pip install -e .`` of a scratch copy, into a scratch venv, compiles nothing.
 """
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -85,7 +88,8 @@ def test_build_makes_an_sdist_with_csrc_and_a_wheel_with_the_extension(tmp_path)
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert {f"csrc/{name}" for name in CSRC} <= names, sorted(names)
-    assert {"setup.py", "pyproject.toml", "margin_kernels/native_build.py", "examples/train_arcface.py"} <= names
+    assert {"setup.py", "pyproject.toml", "margin_kernels/native_build.py", "examples/train_arcface.py",
+            "LICENSE"} <= names
 
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as whl:
@@ -99,6 +103,9 @@ def test_build_makes_an_sdist_with_csrc_and_a_wheel_with_the_extension(tmp_path)
     assert not [n for n in names if n.rsplit("/", 1)[-1] in {f"{t}.py" for t in tools}], sorted(names)
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: triton")]
     assert requires and all('extra == "triton"' in line for line in requires), requires
+    # the licence: named by its SPDX expression and carried in the wheel (PEP 639)
+    assert "License-Expression: Apache-2.0" in metadata.splitlines(), metadata[:2000]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
 
     target = tmp_path / "from_wheel"
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
@@ -115,3 +122,40 @@ def test_non_editable_pip_install(tmp_path):
                           "--target", str(target), str(src)], capture_output=True, text=True, env=BUILD_ENV)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     _check_installed(target, tmp_path)
+
+
+@pytest.mark.slow
+def test_second_editable_install_reuses_the_build(tmp_path):
+    """The README's two install commands (and any reinstall without a C++ change) compile margin_kernels._C
+    once: setup.py keeps the build in build/native-cache/<key> and the second install copies it."""
+    src = _checkout_copy(tmp_path / "src")
+    cache = ROOT / "build" / "native-cache"
+    if cache.is_dir():  # the checkout's own install already built it (CI's first step): the first install here
+        shutil.copytree(cache, src / "build" / "native-cache")  # reuses it too, as a second clone would not
+    # a scratch venv that sees this interpreter's packages (torch, setuptools, pip), so the editable install
+    # goes into the venv and never re-points the running environment's margin_kernels
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    # when this interpreter is itself a venv, --system-site-packages reaches only the base interpreter's
+    (Path(venv_site) / "parent_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    install = [str(python), "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--no-index",
+               "-e", str(src)]
+    first = subprocess.run(install, capture_output=True, text=True, env=BUILD_ENV, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    started = time.perf_counter()
+    second = subprocess.run(install, capture_output=True, text=True, env=BUILD_ENV, cwd=tmp_path)
+    seconds = time.perf_counter() - started
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    log = second.stdout + second.stderr  # pip -v relays the build's output on stderr
+    assert "margin_kernels: reused the build of margin_kernels._C from" in log, log[-4000:]
+    assert "margin_kernels: compiling margin_kernels._C from" not in log, log[-4000:]
+    # a compile takes minutes (2.5 min on 2 cores); the copy and pip's own work take ~15 s on a loaded machine
+    assert seconds < 60, seconds
+    check = subprocess.run([str(python), "-c", "import margin_kernels as mk; print(mk.__file__); "
+                            "print(mk.available_backends()['cpu'])"], capture_output=True, text=True, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr[-3000:]
+    path, cpu = check.stdout.split("\n")[:2]
+    assert path.startswith(str(src)) and cpu == "None", check.stdout  # the scratch copy, its extension loads

@@ -3,6 +3,8 @@
 A block that is not meant to run is marked on the line before its fence with
 ``<!-- readme-test: skip <reason> -->``; the test skips it and prints the reason (today no block is marked).
 Blocks that start a process group also run under torchrun with 2 gloo ranks (slow).
+A block writes nothing into its working directory (a reader runs it from the repository root, where a file
+left behind shows up in ``git status``): output goes to a temporary folder.
 """
 import os
 import re
@@ -51,6 +53,8 @@ def test_readme_block_runs(line, code, skip, tmp_path):
     script.write_text(code)
     out = _run([sys.executable, str(script)], tmp_path)
     assert out.returncode == 0, f"README.md block at line {line} failed:\n{out.stderr[-3000:]}"
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p != script)
+    assert not left, f"README.md block at line {line} wrote into its working directory: {left}"
 
 
 DISTRIBUTED = [(line, code) for line, code, skip in BLOCKS if "init_process_group" in code and not skip]
@@ -64,3 +68,5 @@ def test_readme_distributed_block_runs_on_two_ranks(line, code, tmp_path):
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                tmp_path)
     assert out.returncode == 0, f"README.md block at line {line} failed on 2 ranks:\n{out.stderr[-3000:]}"
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p != script)
+    assert not left, f"README.md block at line {line} wrote into its working directory: {left}"
