@@ -18,12 +18,11 @@ tiling and the backward's tiling with filtering, bf16 only; the full matrix is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
+from . import write_json
 from . import archs
 from . import kernel_facts as kf
 
@@ -106,11 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  f"{r['product']}"), file=stream)
     for p in problems:
         print("VIOLATION " + p, file=stream)
-    payload = {"records": records, "violations": problems}
-    if args.json == "-":
-        json.dump(payload, sys.stdout, indent=1)
-    elif args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+    write_json({"records": records, "violations": problems}, args.json)
     return 1 if problems else 0
 
 

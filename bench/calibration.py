@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
-from pathlib import Path
 from typing import Optional
 
+from . import write_json
 from . import gpu_model as gm
 from . import kernel_facts as kf
 
@@ -314,10 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [r for r in rep["points"] if r["role"] == "calibration" and abs(r["error"]) > TOLERANCE]
     print(f"largest calibration error {rep['max_abs_error']:.0%} (tolerance {TOLERANCE:.0%})"
           + (": OFF " + ", ".join(r["id"] for r in bad) if bad else ""), file=stream)
-    if args.json == "-":
-        json.dump(rep, sys.stdout, indent=1)
-    elif args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1))
+    write_json(rep, args.json)
     return 1 if bad else 0
 
 
