@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..functional import (check_weight_values, column_labels, finish_loss, initial_target_pairs, logit_shift,
-                          negative_lse, negative_statistics, prepare_rows, start_call)
+                          negative_lse, negative_statistics, prepare_rows, safe_columns, start_call)
 from ..row_statistics import NEGATIVE_LSE
 from ..losses.base import MarginLoss, RowInputs
 from ..losses.reductions import ReductionKind
@@ -116,10 +116,10 @@ class DistributedMarginHead(HeadBase):
             acc = prepared.acc
             x_all = gather_rows(prepared.x_eff, layout, sum_grads=True)
             labels, feature_norm = self._gather_labels_and_norms(local_labels, prepared.feature_norm, layout)
-            # unchecked labels out of range (check_values=False) have no owner: a NaN row, never a wrong one
-            poisoned = (labels != -1) & ((labels < 0) | (labels >= self.num_classes))
-            labels = torch.where(poisoned, torch.full_like(labels, -1), labels)
-            valid = labels >= 0
+            # the global labels made safe once, as in one process: unchecked labels out of range
+            # (check_values=False) have no owner, so their rows are NaN (poisoned), never wrong
+            safe = safe_columns(labels, -1, self.num_classes, None, self.num_classes)
+            labels, valid, poisoned = safe.columns, safe.usable, safe.poisoned
             columns, class_index = self._local_columns(labels)
 
             targets = initial_target_pairs(x_all, weight, columns, class_index, margin, acc)
