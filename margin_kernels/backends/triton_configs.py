@@ -250,6 +250,10 @@ FORWARD_FALLBACK = ForwardTiles(32, 32, 32, num_warps=4, num_stages=1)
 POWER_KINDS_MAX_TILE, BINARY_MAX_TILE = 64 * 64, 128 * 128
 #: the largest forward tile that keeps its cosines (KEEP) without spilling in every case (``forward_candidate``)
 KEEP_MAX_TILE = 64 * 64
+#: kinds whose epilogue keeps one more value per element (CURRICULAR's and CIRCLE's branch terms): with KEEP
+#: they spill 64 bytes per thread in the 8-warp 128 x 128 tiling too (fp16, d = 128 and 512, since the
+#: forward's norm also sums the overflow-safe (2^-64 w)^2, ``triton_tiles.cosine_tile``), so they keep 64 x 64
+KEEP_NARROW_KINDS = (int(NegativeKind.CURRICULAR), int(NegativeKind.CIRCLE))
 
 
 def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
@@ -275,11 +279,13 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
     ``keeps`` (the kernel also stores its cosine tiles for a memory budget, KEEP): the store's int64 offsets
     sit beside the accumulator. In ``python -m bench kernels`` (bf16/fp16, d = 512) 128 x 256 spills 188-1904
     bytes, the 4-warp 64 x 128 / 128 x 64 tilings 64-464, and every tiling above 64 x 64 under the binary
-    reduction 376-1176; 64 x 64 and the 8-warp 128 x 128 tilings under the log-sum-exp stay at 0."""
+    reduction 376-1176; 64 x 64 and the 8-warp 128 x 128 tilings under the log-sum-exp stay at 0, but for
+    ``KEEP_NARROW_KINDS``."""
     if not forward_fits(tiles, elem_bytes):
         return False
     if keeps and tiles.block_b * tiles.block_c > KEEP_MAX_TILE and not (
-            reduction == 0 and tiles.num_warps == 8 and tiles.block_b * tiles.block_c <= 128 * 128):
+            reduction == 0 and tiles.num_warps == 8 and tiles.block_b * tiles.block_c <= 128 * 128
+            and kind not in KEEP_NARROW_KINDS):
         return False
     limit = max_forward_tile(kind, reduction)
     if limit is not None and tiles.block_b * tiles.block_c > limit:

@@ -99,15 +99,28 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PRODUCT: tl.constexpr = 0):
         return tl.dot(a, b, acc)
 
 
+#: 2^-64: W entries times it square without overflow up to fp32's largest norm (3.4e38 x 2^-64 ~ 1.8e19, whose
+#: square is 3.4e38); 2^64 undoes it on the inverse norm
+OVERFLOW_SCALE = tl.constexpr(2.0 ** -64)
+
+
 @triton.jit
 def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok, D, acc_dtype: tl.constexpr,
                 NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """(cos, 1/||w||) of a (BLOCK_B rows x BLOCK_C classes) tile: a K loop over d (masked tail, any d) that
     accumulates x . w on the tensor cores and ||w||^2 from the same loaded W tile (storage dtype, never a
-    normalised copy of W). The one GEMM of the forward kernel and of the backward's dcos kernel."""
+    normalised copy of W). The one GEMM of the forward kernel and of the backward's dcos kernel.
+
+    Norms that cannot overflow (norms.py's rule). fp32: beside ||w||^2 the loop sums (2^-64 w)^2, which no
+    finite fp32 row overflows, and a row whose plain sum overflowed (norm > ~1.8e19) takes 2^-64 / sqrt of that
+    instead; its small entries may underflow there, at under 2^-126 of the sum they join. Two multiplies per W
+    element and one BLOCK_C vector, without a branch or a second pass over W (a rescue pass under an ``if``
+    kept more registers live and made the wide 16-bit tiles spill). fp64 (no 2^-512 constant in Triton's fp32
+    literals): a tile holding an overflowed row sums it again divided by its largest entry."""
     dots = tl.zeros((BLOCK_B, BLOCK_C), acc_dtype)
     sumsq = tl.zeros((BLOCK_C,), acc_dtype)
+    scaled = tl.zeros((BLOCK_C,), acc_dtype)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
@@ -116,10 +129,15 @@ def cosine_tile(x_ptr, x_off, stride_xd, row_ok, w_ptr, w_off, stride_wd, col_ok
         dots = mma(x, tl.trans(w), dots, UPCAST, PRODUCT)
         w_acc = w.to(acc_dtype)
         sumsq += tl.sum(w_acc * w_acc, 1)
+        if NORMALIZE and acc_dtype == tl.float32:
+            w_small = w_acc * OVERFLOW_SCALE
+            scaled += tl.sum(w_small * w_small, 1)
     inv_norm = inverse_norms(sumsq, NORMALIZE)
     if NORMALIZE:
         overflowed = sumsq == float("inf")
-        if tl.max(overflowed.to(tl.int32), 0) > 0:  # rare: a row of norm > ~1.8e19 (fp32) in this tile
+        if acc_dtype == tl.float32:
+            inv_norm = tl.where(overflowed, OVERFLOW_SCALE / tl.sqrt(scaled), inv_norm)
+        elif tl.max(overflowed.to(tl.int32), 0) > 0:  # fp64 (norm > ~1.3e154): rare, and no spill rule there
             inv_norm = rescued_inverse_norms(w_ptr, w_off, stride_wd, col_ok, D, overflowed, inv_norm, acc_dtype,
                                              BLOCK_C, BLOCK_K)
     return dots * inv_norm[None, :], inv_norm
@@ -214,10 +232,13 @@ def binary_logits(cos, cols, col_ok, labels, T, U, scale, a, b, shift, KIND: tl.
 
 @triton.jit
 def softplus_tile(cos, cols, col_ok, labels, T, U, scale, a, b, clamp, shift, KIND: tl.constexpr):
-    """softplus(clamp(z + beta, L)) of the tile's negatives, 0 at the target and padded columns."""
+    """softplus(clamp(z + beta, L)) of the tile's negatives, 0 at the target and padded columns. A non-finite
+    cosine (a NaN/Inf weight row) gives a NaN term, as in every backend: min/max and the power kinds' floored
+    base may turn a NaN into a number (PTX min/max return the other operand), so the rule is applied last."""
     z, negative, _ = binary_logits(cos, cols, col_ok, labels, T, U, scale, a, b, shift, KIND)
     z = tl.minimum(tl.maximum(z, -clamp), clamp)
     terms = tl.maximum(z, 0.0) + log1p_exp_neg(tl.abs(z))
+    terms = tl.where((cos == cos) & (tl.abs(cos) < float("inf")), terms, float("nan"))
     return tl.where(negative, terms, 0.0)
 
 
