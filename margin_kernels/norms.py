@@ -21,7 +21,7 @@ NORM_EPS = 1e-12  # as F.normalize: x / max(||x||, eps); a zero row normalises t
 #: the largest row length the overflow threshold covers (2^32 entries; d is far smaller in practice)
 _MAX_LOG2_LENGTH = 32
 #: inverse_norms works on blocks of at most this many elements, so its scaled copy is never W-sized
-_BLOCK_ELEMENTS = 1 << 22
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def floored(norm: torch.Tensor) -> torch.Tensor:
@@ -63,15 +63,15 @@ def normalized(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def inverse_norms(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """1 / max(||r||, eps) for each row of a 2-D ``rows`` (computed in ``dtype``), in row blocks so the scaled
-    copy stays small. Formed as (1 / scaled norm) / scale: right (down to fp32's subnormals) even for rows whose
-    norm itself exceeds the dtype's range."""
+    """1 / max(||r||, eps) for each row of a 2-D ``rows`` (computed in ``dtype``), in row blocks written into
+    the one output vector, so the scaled copy stays at ``_BLOCK_ELEMENTS`` (4 MiB in fp32) and nothing W-sized
+    or C-sized is allocated twice. Formed as (1 / scaled norm) / scale: right (down to fp32's subnormals) even
+    for rows whose norm itself exceeds the dtype's range."""
+    out = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
     step = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
-    blocks = []
     for first in range(0, rows.shape[0], step):
         r = rows[first:first + step].to(dtype)
         scale = row_scales(r)
-        blocks.append(1.0 / floored(torch.linalg.vector_norm(r / scale, dim=1)) / scale.squeeze(1))
-    if len(blocks) == 1:
-        return blocks[0]
-    return torch.cat(blocks) if blocks else rows.new_empty(0, dtype=dtype)
+        torch.div(1.0 / floored(torch.linalg.vector_norm(r / scale, dim=1)), scale.squeeze(1),
+                  out=out[first:first + step])
+    return out
