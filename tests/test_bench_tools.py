@@ -233,7 +233,8 @@ def test_committed_kernel_facts_match_a_fresh_compile(tmp_path):
 @pytest.mark.slow
 def test_kernel_report_compiles_every_16_bit_variant_on_wgmma_without_spills(tmp_path):
     """What CI enforces: every Triton kernel x config x bf16/fp16 x negative kind x d compiled for sm_90
-    (no GPU needed): no spill and every product on wgmma at d <= 512, and the estimate within 1.3x."""
+    (no GPU needed): no spill and every product on wgmma at d <= 512, and the estimate within the guard."""
+    from bench import kernels
     pytest.importorskip("triton", reason="the report compiles Triton kernels")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "kernels.json"
@@ -245,7 +246,7 @@ def test_kernel_report_compiles_every_16_bit_variant_on_wgmma_without_spills(tmp
     kernels_seen = {v["kernel"] for v in report["variants"]}
     assert kernels_seen == {"lse_forward", "dcos", "dweight", "dx"}
     assert all(v["error"] is None and os.path.isfile(v["ptx"]) for v in report["variants"])
-    assert report["roofline"]["triton_x_floor"] <= 3.0 and report["violations"] == []
+    assert report["roofline"]["triton_x_floor"] <= kernels.TRITON_ESTIMATE_LIMIT and report["violations"] == []
     # fp64 compiles too (its dots name an fp64 accumulator); not held to the no-spill rule
     proc = subprocess.run([sys.executable, "-m", "bench", "kernels", "--dtypes", "fp64", "--dims",
                            "512", "--json", str(out)], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
