@@ -104,12 +104,17 @@ PML = [pml.ArcFaceLoss, pml.CosFaceLoss, pml.LargeMarginSoftmaxLoss, pml.SphereF
 PML_CASES = [(cls, name) for cls in PML for name in _ctor_params(cls)]
 
 
-def _pml_run(module):
-    x, _, y = random_problem(8, 6, 12, seed=5)
+def _run(module, weight, classes: int, seed: int):
+    """(loss, d features, d ``weight``) of ``module`` on a fixed problem with ``classes`` classes."""
+    x, _, y = random_problem(8, classes, 12, seed=seed)
     x = x.float().detach().requires_grad_(True)
     loss = module(x, y)
-    dx, dw = torch.autograd.grad(loss, [x, module.W])
+    dx, dw = torch.autograd.grad(loss, [x, weight])
     return loss.detach(), dx, dw
+
+
+def _pml_run(module):
+    return _run(module, module.W, 6, 5)
 
 
 @pytest.mark.parametrize("cls,name", PML_CASES, ids=[f"{c.__name__}.{n}" for c, n in PML_CASES])
@@ -131,11 +136,7 @@ IF_CASES = [(cls, args, name) for cls, args in MARGINS for name in _ctor_params(
 
 
 def _head_run(head):
-    x, _, y = random_problem(8, 10, 12, seed=6)
-    x = x.float().detach().requires_grad_(True)
-    loss = head(x, y)
-    dx, dw = torch.autograd.grad(loss, [x, head.weight])
-    return loss.detach(), dx, dw
+    return _run(head, head.weight, 10, 6)
 
 
 @pytest.mark.parametrize("cls,args,name", IF_CASES, ids=[f"{c.__name__}.{n}" for c, _, n in IF_CASES])
