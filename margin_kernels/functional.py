@@ -19,6 +19,7 @@ import torch
 
 from . import ops, reference, row_statistics
 from .backends import keeps_tiles, resolve_backend
+from .backends.chunk_loop import num_columns
 from .backends.contract import OpConfig, OpInputs
 from .backends.kept_tiles import keep_columns
 from .memory_budget import budget_bytes
@@ -210,7 +211,7 @@ def checked_margin_cross_entropy(features, weight, labels, margin: MarginLoss, *
 
 def num_label_columns(weight: torch.Tensor, class_index: Optional[torch.Tensor], margin: MarginLoss) -> int:
     """How many values a label may take: the classes of ``weight`` (rows / K), or the entries of ``class_index``."""
-    return weight.shape[0] // margin.sub_centers if class_index is None else class_index.shape[0]
+    return num_columns(weight, class_index, margin.sub_centers)
 
 
 def columns_cross_entropy(features, weight, safe: SafeColumns, margin: MarginLoss, *, backend: str, reduction: str,

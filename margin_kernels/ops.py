@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import subcenters
 from .backends import get_backend, stores_norms
+from .backends.chunk_loop import num_columns
 from .backends.contract import CallState, OpConfig, OpInputs, RowGrads
 from .backends.kept_tiles import KeptTiles, saved_numel
 from .backends.sinks import AccumulateSink, ChunkSink
@@ -57,13 +58,9 @@ def clamped_index(class_index: Optional[Tensor], num_classes: int) -> Optional[T
     return None if class_index is None else class_index.clamp(0, num_classes - 1)
 
 
-def _num_columns(weight: Tensor, class_index: Optional[Tensor], sub_centers: int) -> int:
-    return weight.shape[0] // sub_centers if class_index is None else class_index.shape[0]
-
-
 def weight_rows(weight: Tensor, class_index: Optional[Tensor], sub_centers: int) -> int:
     """The weight rows a call multiplies (K per column with sub-centers): what a kept-tile store counts."""
-    return _num_columns(weight, class_index, sub_centers) * sub_centers
+    return num_columns(weight, class_index, sub_centers) * sub_centers
 
 
 def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optional[Tensor], normalize_weight: bool,
@@ -72,7 +69,7 @@ def target_pairs(x: Tensor, weight: Tensor, labels: Tensor, class_index: Optiona
     can address memory outside W: the driver (functional.safe_columns) hands over ids in range, and gives bad
     ones a NaN loss."""
     valid = labels >= 0
-    classes = labels.clamp(0, max(_num_columns(weight, class_index, sub_centers) - 1, 0))
+    classes = labels.clamp(0, max(num_columns(weight, class_index, sub_centers) - 1, 0))
     if class_index is not None:
         classes = class_index[classes].clamp(0, weight.shape[0] // sub_centers - 1)
     if sub_centers > 1:
@@ -127,7 +124,7 @@ def backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, g_norm: Tensor
     sink = None
     if sink_factory is not None:
         # the target rows' places in the loop's row order: column * K + the winning sub-center
-        columns = _num_columns(weight, class_index, k)
+        columns = num_columns(weight, class_index, k)
         positions = labels.clamp(0, max(columns - 1, 0)) * k + targets.rows % k
         sink = sink_factory(class_index, positions, values, k)
     store = KeptTiles(saved, *kept_tile_layout(inputs, config))
