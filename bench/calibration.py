@@ -222,24 +222,27 @@ def our_step(records, gpu: gm.GPU, batch: int, classes: int, dim: int, forward_c
     launches = [gm.Launch("lse_forward", flop=gemm, hbm_bytes=w, l2_bytes=gemm / 2 * BF16 * (1 / bb + 1 / bc),
                           tiles=row_blocks * math.ceil(classes / bc), ctas=row_blocks * splits, facts=fwd),
                 gm.Launch("forward_merge", hbm_bytes=splits * batch * 4 * 2)]
-    t = configs.default_backward(BF16, "sm_90")
+    t = configs.default_backward(BF16, "sm_90")  # ArcFace: IDENTITY negatives, the log-sum-exp
     chunk = configs.backward_chunk(t, batch, classes, BF16, interpret=False)
     chunks = math.ceil(classes / chunk)
     bwd = {name: gm.Facts.from_record(kf.find(records, name, arch, filter=use_filter)[0])
            for name in ("dcos", "dweight", "dx")}
-    rb, ct, dt = math.ceil(batch / t.block_b), math.ceil(classes / t.block_c), math.ceil(dim / t.block_d)
+    # dcos tiles BLOCK_B x BLOCK_C; the gradient GEMMs' output tiles out_d wide, dW's BLOCK_C x GROUP tall
+    dw_c = t.block_c * t.dw_group
+    rb, ct, dt = math.ceil(batch / t.block_b), math.ceil(classes / t.block_c), math.ceil(dim / t.out_d)
     dc_bytes = batch * classes * BF16
     dx_splits = min(math.ceil(2 * gpu.sms / (rb * dt)), math.ceil(chunk / t.block_c))
     launches += [
         gm.Launch("dcos", flop=gemm, hbm_bytes=w + dc_bytes, l2_bytes=gemm / 2 * BF16 * (1 / t.block_b + 1 / t.block_c),
                   tiles=rb * ct, ctas=rb * math.ceil(chunk / t.block_c), count=chunks, facts=bwd["dcos"]),
-        # dW tile BLOCK_C x BLOCK_D, K = B: reads the dC column panel and x per row block
+        # dW tile (BLOCK_C GROUP) x out_d, K = B: reads the dC column panel and x per row block
         gm.Launch("dweight", flop=kept * gemm, hbm_bytes=dc_bytes + 2 * w,
-                  l2_bytes=kept * gemm / 2 * BF16 * (1 / t.block_d + 1 / t.block_c) + rb * ct * dt * 0,
-                  tiles=ct * dt, ctas=math.ceil(chunk / t.block_c) * dt, count=chunks, facts=bwd["dweight"]),
-        # dx tile BLOCK_B x BLOCK_D, K = the chunk's classes, split; fp32 partials read and written per chunk
+                  l2_bytes=kept * gemm / 2 * BF16 * (1 / t.out_d + 1 / dw_c),
+                  tiles=math.ceil(classes / dw_c) * dt, ctas=math.ceil(chunk / dw_c) * dt, count=chunks,
+                  facts=bwd["dweight"]),
+        # dx tile BLOCK_B x out_d, K = the chunk's classes, split; fp32 partials read and written per chunk
         gm.Launch("dx", flop=kept * gemm, hbm_bytes=dc_bytes + w + chunks * dx_splits * batch * dim * 4 * 2,
-                  l2_bytes=kept * gemm / 2 * BF16 * (1 / t.block_b + 1 / t.block_d),
+                  l2_bytes=kept * gemm / 2 * BF16 * (1 / t.block_b + 1 / t.out_d),
                   tiles=rb * dt * dx_splits * chunks, ctas=rb * dt * dx_splits, count=chunks, facts=bwd["dx"]),
         gm.Launch("dx_merge", hbm_bytes=dx_splits * batch * dim * 4 + batch * dim * BF16)]
     return gm.Step(launches, chunks=chunks, host_ops=4 + (3 if use_filter else 0))

@@ -120,18 +120,18 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
                    tile=[t.block_b, t.block_c, t.block_k], num_warps=t.num_warps, num_stages=t.num_stages,
                    filter=False, types=types, divisible=sorted(divisible),
                    constexprs=dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
-                                   SAVE_NORMS=False, KEEP=False))
-    t = configs.default_backward(elem, "sm_90" if cc >= 90 else "sm_80")
+                                   SAVE_NORMS=False, KEEP=False, FAST=True))
+    t = configs.default_backward(elem, "sm_90" if cc >= 90 else "sm_80", epilogue["KIND"], epilogue["REDUCTION"])
     label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
     for use_filter in ((True,) if representative else (False, True)):
         common = dict(arch=arch, cc=cc, dtype=dtype, config=label, tile=[t.block_b, t.block_c, t.block_d],
-                      num_warps=t.num_warps, num_stages=t.num_stages, filter=use_filter, types=types,
-                      divisible=sorted(divisible))
-        yield dict(common, getter=module + "triton_backward:dcos_kernel", kernel="dcos", kind=kind,
-                   constexprs=dict(base, **epilogue, FILTER=use_filter, BLOCK_B=t.block_b, BLOCK_C=t.block_c,
-                                   BLOCK_K=t.block_d, LOADED=False))
+                      out_d=t.out_d, dw_group=t.dw_group, num_warps=t.num_warps, num_stages=t.num_stages,
+                      filter=use_filter, types=types, divisible=sorted(divisible))
+        yield dict(common, getter=module + "triton_backward:dcos_kernel", kind=kind, kernel="dcos",
+                   constexprs=dict(base, **epilogue, FILTER=use_filter, LOADED=False, FAST=True,
+                                   **configs.backward_kernel_tiles(t, "dcos")))
         for name in ("dweight", "dx"):
-            constexprs = dict(base, FILTER=use_filter, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_D=t.block_d)
+            constexprs = dict(base, FILTER=use_filter, **configs.backward_kernel_tiles(t, name))
             if name == "dweight":
                 constexprs["LOCAL_OUT"] = False
             yield dict(common, getter=module + f"triton_backward:{name}_kernel", kernel=name, kind="-",
@@ -218,7 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench kernel-facts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(FACTS_PATH), help="the JSON to write (default bench/data/...)")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--no-peers", action="store_true", help="only this project's kernels")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="recompile only this project's kernels; the peers' records of --out are kept")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
@@ -231,6 +232,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"the peers are not importable ({exc}); see this module's docstring, or --no-peers")
         cases += list(peer_cases())
     records = compile_cases(cases, args.jobs)
+    if args.no_peers and Path(args.out).is_file():
+        ours = {c["kernel"] for c in cases}
+        records += [r for r in load(Path(args.out)) if r["kernel"] not in ours]
     failed = [r for r in records if r["error"]]
     for r in records:
         sass = r.get("sass") or {}

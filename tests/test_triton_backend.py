@@ -127,20 +127,69 @@ def test_offsets_beyond_int32(use_index):
     _assert_close((loss.detach(), dx, dw), ref, torch.float32)
 
 
-def test_grad_filter_skips_far_classes():
+#: the gradient GEMMs' own tiling: output tiles twice as wide over d as the dcos kernel's K step, and dW tiles
+#: two dcos class tiles tall (a dW K step is skipped only when both of its tiles were)
+GROUPED = configs.BackwardTiles(16, 16, 16, grad_block_d=32, dw_group=2)
+
+
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "sphereface2"])
+def test_grouped_gradient_tiles_match_the_reference(name):
+    """dW tiles of grouped class tiles and wider d tiles (the sm_90 layout: 128-row dW output tiles over 64-class
+    dcos tiles) give the reference's loss and gradients, masked tails included (C = 70: a partial last group)."""
+    x, w, labels = random_problem(20, 70, 40, dtype=torch.float32, device=DEVICE)
+    ref = _run("reference", make_loss(name), x, w, labels)
+    with configs.fixed_configs(forward=TILES["forward"], backward=GROUPED, splits=2):
+        out = _run("triton", make_loss(name), x, w, labels)
+    _assert_close(out, ref, torch.float32, name)
+
+
+def test_grouped_gradient_tiles_skip_what_the_dcos_tiles_skipped():
+    """With gradient filtering the grouped tiling skips the same dcos tiles (the flags are the dcos kernel's)
+    and a group's dW step only when all its tiles were skipped, whose dL/dcos are zeros anyway: in float64
+    the gradients equal the ungrouped tiling's up to summation order (1e-12 relative, ~2^-52 per add)."""
+    x, w, labels = _far_classes_problem(20, 70, range(16, 48), seed=3)  # tiles 1, 2 far: both groups mixed
+    runs = []
+    for backward in (TILES["backward"], GROUPED):
+        mk.reset_grad_filter_stats()
+        with configs.fixed_configs(forward=TILES["forward"], backward=backward, splits=2):
+            runs.append((_run("triton", make_loss("arcface"), x, w, labels, grad_filter=2e-3),
+                         mk.grad_filter_stats()))
+    (plain, plain_stats), (grouped, grouped_stats) = runs
+    assert plain_stats == grouped_stats and 0 < plain_stats["skipped_tiles"] < plain_stats["total_tiles"]
+    assert torch.equal(plain[0], grouped[0])
+    for a, b in zip(plain[1:], grouped[1:]):
+        assert rel_err(b, a) <= 1e-12
+
+
+@pytest.mark.parametrize("backward", [TILES["backward"], GROUPED], ids=["tiles", "grouped"])
+def test_grad_filter_skips_far_classes(backward):
     """Every feature leans along one direction u and classes 32..63 point along -u (cos ~ -0.9, p ~ e^-50):
     their two class tiles have |dL/dcos| far below tau and are skipped; the tiles holding the targets are not.
     The loss is unchanged and the gradients are within the bound of triton_backend's docstring: per row
     ||ddx_eff_i|| <= tau * (skipped columns) <= tau * C for unit weight rows, and d features / d x_eff has norm
     <= 1/||x_i||; per class ||ddW_j|| <= 2 tau sum_i ||x_eff_i|| / ||w_j|| = 2 tau B / ||w_j||."""
     tau = 1e-4
-    x, w, labels = random_problem(16, 64, 24, dtype=torch.float64, seed=5)
-    u = torch.randn(24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x, w, labels = _far_classes_problem(16, 64, range(32, 64), seed=5)
+    x, w = x.float(), w.float()
+    margin = make_loss("normface")
+    with configs.fixed_configs(forward=TILES["forward"], backward=backward, splits=2):
+        _check_filter(margin, x, w, labels, tau)
+
+
+def _far_classes_problem(batch, classes, far, seed):
+    """float64 features leaning along one direction u, the ``far`` classes pointing along -u (cos ~ -0.9,
+    p ~ e^-50: their dL/dcos is far below any threshold used here), labels among the other classes."""
+    far = torch.tensor(list(far))
+    x, w, labels = random_problem(batch, classes, 24, dtype=torch.float64, seed=seed)
+    u = torch.randn(24, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     u = u / u.norm()
     x = x + 3.0 * x.norm(dim=1, keepdim=True) * u
-    w[32:] = -u * w[:32].norm(dim=1).mean() + 1e-3 * w[32:]
-    x, w, labels = x.float().to(DEVICE), w.float().to(DEVICE), (labels % 32).to(DEVICE)
-    margin = make_loss("normface")
+    near = torch.tensor([c for c in range(classes) if c not in set(far.tolist())])
+    w[far] = -u * w[near].norm(dim=1).mean() + 1e-3 * w[far]
+    return x.to(DEVICE), w.to(DEVICE), near[labels % len(near)].to(DEVICE)
+
+
+def _check_filter(margin, x, w, labels, tau):
     exact = _run("triton", twin(margin), x, w, labels)
     mk.reset_grad_filter_stats()
     filtered = _run("triton", twin(margin), x, w, labels, grad_filter=tau)

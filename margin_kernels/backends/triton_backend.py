@@ -126,10 +126,11 @@ def _common_meta(x, class_index, spec, normalize_weight, interpret: bool, produc
                 PRODUCT=PRODUCTS.index(product))
 
 
-def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool, sub_centers: int = 1):
+def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool, spec, sub_centers: int = 1):
     """(tiles, dL/dcos buffer dtype, classes per chunk) of the backward; the forward needs the chunk too, to
     lay out the tiles it keeps (``kept_tiles``) as the backward will read them."""
-    tiles = configs.backward_tiles(interpret, x.element_size(), x.device)
+    tiles = configs.backward_tiles(interpret, x.element_size(), x.device, int(spec.kind), int(spec.reduction),
+                                   sub_centers)
     # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
     # (tensor cores); else the accumulation dtype
     buffer_dtype = x.dtype if x.element_size() == 2 else CAST_DTYPES.get(product, acc)
@@ -168,7 +169,7 @@ def lse_forward(inputs, config, state):
     num_cols = num_columns(weight, class_index, sub_centers)
     splits = configs.class_splits(x.device, interpret, batch, num_cols, acc.itemsize)
     partial = torch.empty((splits, batch), dtype=acc, device=x.device)
-    chunk = _backward_layout(x, num_cols, acc, product, interpret, sub_centers)[2]
+    chunk = _backward_layout(x, num_cols, acc, product, interpret, spec, sub_centers)[2]
     norms, kept_tiles, kept = _store_args(state.store, chunk, partial, sub_centers)
     args = _common_args(x, weight, labels, row_params, class_index, spec) + (
         partial, norms, kept_tiles, batch, num_cols, dim, x.stride(0), x.stride(1), weight.stride(0),
@@ -177,7 +178,7 @@ def lse_forward(inputs, config, state):
     meta["SUB_CENTERS"] = sub_centers
     # the norms only for a backward that reads kept tiles (recomputed chunks form them in the dcos kernel):
     # without a budget the forward is the very kernel variant `python -m bench kernels --check` compiles
-    meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0)
+    meta.update(SAVE_NORMS=kept > 0 and normalize_weight, KEEP=kept > 0, FAST=not interpret)
     tiles = configs.forward_tiles(interpret, x.element_size(), product in ("bf16", "fp16"), sub_centers,
                                   meta["KIND"], meta["REDUCTION"], kept > 0, x.device)
     if tiles is None:
@@ -226,15 +227,16 @@ def lse_backward(inputs, config, grads, state):
     g_lse, g_cos_target = g_lse.to(acc).contiguous(), g_cos_target.to(acc).contiguous()
     meta = _common_meta(x, class_index, spec, normalize_weight, interpret, product)
     use_filter = grad_filter > 0 and k == 1  # triton_backward: no filtering with sub-centers
-    tiles, buffer_dtype, chunk = _backward_layout(x, num_cols, acc, product, interpret, k)
+    tiles, buffer_dtype, chunk = _backward_layout(x, num_cols, acc, product, interpret, spec, k)
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     row_blocks = triton.cdiv(batch, tiles.block_b)
     col_tiles = triton.cdiv(chunk * k, tiles.block_c)  # the gradient GEMMs' K steps: tiles of weight rows
-    d_tiles = triton.cdiv(dim, tiles.block_d)
+    d_tiles = triton.cdiv(dim, tiles.out_d)  # the gradient GEMMs' output tiles over d
     splits = configs.dx_splits(x.device, interpret, row_blocks * d_tiles, col_tiles, batch, dim)
 
     factor = _dc_factor(buffer_dtype, spec, row_params, g_lse, g_cos_target)
-    dc = torch.empty((batch, chunk * k), dtype=buffer_dtype, device=x.device)
+    # whole row blocks: the dcos kernel stores its tiles unmasked (the padded rows' dc is 0)
+    dc = torch.empty((row_blocks * tiles.block_b, chunk * k), dtype=buffer_dtype, device=x.device)
     col_dot = torch.empty((row_blocks, chunk * k), dtype=acc, device=x.device)
     inv_norm = torch.empty(chunk * k, dtype=acc, device=x.device)
     norms, kept_tiles, kept = _store_args(store, chunk, inv_norm, k)
@@ -246,8 +248,7 @@ def lse_backward(inputs, config, grads, state):
         dweight = torch.empty((chunk * k, dim), dtype=acc, device=x.device)
     partial = torch.zeros((splits, batch, dim), dtype=acc, device=x.device)
     gemm_meta = dict(NORMALIZE=meta["NORMALIZE"], HAS_INDEX=meta["HAS_INDEX"], UPCAST=meta["UPCAST"],
-                     PRODUCT=meta["PRODUCT"], FILTER=use_filter, BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c,
-                     BLOCK_D=tiles.block_d, SUB_CENTERS=k)
+                     PRODUCT=meta["PRODUCT"], FILTER=use_filter, SUB_CENTERS=k)
     skipped, visited = [], 0
     shift = zero_shift(state.shift, row_params)
     binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
@@ -264,16 +265,19 @@ def lse_backward(inputs, config, grads, state):
         backward.dcos_kernel[(row_blocks, tiles_here)](
             *common, lse, g_lse, g_cos_target, factor, dc, col_dot, inv_norm, flags, norms, kept_tiles, batch,
             num_cols, dim, col0, chunk, kept, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            float(grad_filter), shift, shift_partial, **meta, FILTER=use_filter, BLOCK_B=tiles.block_b,
-            BLOCK_C=tiles.block_c, BLOCK_K=tiles.block_d, SUB_CENTERS=k, LOADED=col0 + width <= kept, **launch)
+            float(grad_filter), shift, shift_partial, **meta, FILTER=use_filter,
+            **configs.backward_kernel_tiles(tiles, "dcos"), SUB_CENTERS=k, LOADED=col0 + width <= kept,
+            FAST=not interpret, **launch)
         # the gradient GEMMs count weight rows: K per class
-        backward.dweight_kernel[(row_tiles, d_tiles)](
+        backward.dweight_kernel[(triton.cdiv(row_tiles, tiles.dw_group), d_tiles)](
             x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols * k, dim, col0 * k,
             chunk * k, row_blocks, row_tiles, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            dweight.stride(0), dweight.stride(1), **gemm_meta, LOCAL_OUT=sink is not None, **launch)
+            dweight.stride(0), dweight.stride(1), **gemm_meta, **configs.backward_kernel_tiles(tiles, "dweight"),
+            LOCAL_OUT=sink is not None, **launch)
         backward.dx_kernel[(row_blocks, d_tiles, splits)](
             weight, index, dc, inv_norm, flags, factor, partial, batch, num_cols * k, dim, col0 * k, chunk * k,
-            row_tiles, weight.stride(0), weight.stride(1), splits, **gemm_meta, **launch)
+            row_tiles, weight.stride(0), weight.stride(1), splits, **gemm_meta,
+            **configs.backward_kernel_tiles(tiles, "dx"), **launch)
         if sink is not None:  # after the dx kernel has read the chunk's weight rows
             sink.store(col0, col0 + width, dweight[:width * k])
         if use_filter:

@@ -46,15 +46,15 @@ written as zeros, flagged inactive, and both GEMMs skip its products; the kernel
 import triton
 import triton.language as tl
 
-from .triton_tiles import (SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, kept_offsets,
+from .triton_tiles import (LOG2E, SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, kept_offsets,
                            load_binary_constants, load_constants, load_row_inputs, load_tile, max_cosine_tile, mma,
                            tile_is_active)
 
 
 @triton.jit
 def load_row_grads(lse_ptr, g_lse_ptr, g_target_ptr, rows, row_ok):
-    """Per-row finite LSE and incoming gradients; padded rows get g = 0, so their dc is 0."""
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    """Per-row finite LSE and incoming gradients; padded rows get g = 0 and lse = +inf, so their dc is 0."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
     g_lse = tl.load(g_lse_ptr + rows, mask=row_ok, other=0.0)
     g_target = tl.load(g_target_ptr + rows, mask=row_ok, other=0.0)
     return lse, g_lse, g_target
@@ -69,10 +69,16 @@ def chunk_columns(col0, CH, N, pid, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tile_flag(flags_ptr, row_block, col_tile, n_col_tiles, FILTER: tl.constexpr):
-    """Whether the dcos kernel kept this (row block, class tile) of dC (always, without filtering)."""
+def tile_flag(flags_ptr, row_block, col_tile, n_col_tiles, FILTER: tl.constexpr, GROUP: tl.constexpr = 1):
+    """Whether the dcos kernel kept this (row block, class tile) of dC (always, without filtering); with GROUP
+    > 1, whether it kept any of the GROUP class tiles from col_tile on (the dW kernel's taller K steps)."""
     if FILTER:
-        return tl.load(flags_ptr + row_block * n_col_tiles + col_tile) != 0
+        if GROUP == 1:
+            return tl.load(flags_ptr + row_block * n_col_tiles + col_tile) != 0
+        else:
+            tiles = col_tile + tl.arange(0, GROUP)
+            kept = tl.load(flags_ptr + row_block * n_col_tiles + tiles, mask=tiles < n_col_tiles, other=0)
+            return tl.max(kept.to(tl.int32), 0) != 0
     else:
         return True
 
@@ -85,7 +91,7 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
                 KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
                 PRODUCT: tl.constexpr, FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0,
-                LOADED: tl.constexpr = False):
+                LOADED: tl.constexpr = False, FAST: tl.constexpr = False):
     # columns are classes here (CH per chunk); the buffer, the partials and the norms are per weight row:
     # CH * SUB_CENTERS of them, a class's K rows adjacent
     pid_b = tl.program_id(0)
@@ -110,20 +116,23 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
                                       (local < CH) & (local * 0 + pid_b == 0), True)
     labels, T, U = load_row_inputs(labels_ptr, rp_ptr, rows, row_ok)
     lse, g_lse, g_target = load_row_grads(lse_ptr, g_lse_ptr, g_target_ptr, rows, row_ok)
+    # dc below is already times the buffer's factor (1 but for fp16): folded into per-row constants, so the
+    # B x C elements take no multiply for it; the filter threshold and the column sums scale instead
+    factor = tl.load(factor_ptr)
     if REDUCTION == SOFTPLUS_SUM:
         clamp, beta = load_binary_constants(consts_ptr, shift_ptr)
         dc, dz = binary_dcos_tile(cos, cols, col_ok, labels, T, U, g_lse, g_target, scale, a, b, clamp, beta, KIND)
         # this tile's share of the shift's gradient (padded rows have g_lse = 0), one slot per program
         dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
         tl.store(shift_partial_ptr + pid_b * tl.num_programs(1) + pid_c, tl.sum(tl.sum(dz, 1), 0))
+        dc = tl.where(row_ok[:, None] & col_ok[None, :], dc, 0.0) * factor
     else:
-        dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND)
-    dc = tl.where(row_ok[:, None] & col_ok[None, :], dc, 0.0)
+        dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse * LOG2E, g_lse * (scale * factor), g_target * factor,
+                       scale, a, b, KIND, FAST)
     if FILTER:
-        active = tile_is_active(dc, filter_threshold, FILTER)
+        active = tile_is_active(dc, filter_threshold * factor, FILTER)
         tl.store(flags_ptr + pid_b * tl.num_programs(1) + pid_c, active.to(tl.int8))
         dc = tl.where(active, dc, 0.0)
-    factor = tl.load(factor_ptr)
     row_cols = CH * SUB_CENTERS
     for k in tl.static_range(SUB_CENTERS):  # each class's dc goes to its winning row, 0 to the others
         if SUB_CENTERS == 1:
@@ -131,10 +140,12 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
         else:
             dk = tl.where(winner == k, dc, 0.0)
         col = local * SUB_CENTERS + k
-        tl.store(col_dot_ptr + pid_b.to(tl.int64) * row_cols + col, tl.sum(dk * cos, 0), mask=local < CH)
+        tl.store(col_dot_ptr + pid_b.to(tl.int64) * row_cols + col, tl.sum(dk * cos, 0) * (1.0 / factor),
+                 mask=local < CH)
+        # no mask: the buffer has whole row blocks of rows and CH is whole class tiles (triton_configs.
+        # backward_chunk), and padded rows and columns hold dc = 0: a mask would cost a predicate per element
         offs = rows.to(tl.int64)[:, None] * row_cols + col[None, :]
-        tl.store(dc_ptr + offs, (dk * factor).to(dc_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (local < CH)[None, :])
+        tl.store(dc_ptr + offs, dk.to(dc_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -143,18 +154,19 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
                    stride_dwc, stride_dwd,
                    NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
                    FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SUB_CENTERS: tl.constexpr = 1, LOCAL_OUT: tl.constexpr = False):
+                   SUB_CENTERS: tl.constexpr = 1, LOCAL_OUT: tl.constexpr = False, GROUP: tl.constexpr = 1):
     # columns are weight rows: N, col0 and CH count rows (classes x SUB_CENTERS). LOCAL_OUT: dW row j of the
-    # chunk goes to row j of dw_ptr (a chunk buffer for a fused optimizer's sink) instead of to its weight row
+    # chunk goes to row j of dw_ptr (a chunk buffer for a fused optimizer's sink) instead of to its weight row.
+    # The output tile is GROUP dcos class tiles tall (BLOCK_C x GROUP rows of dW): K = B in steps of BLOCK_B
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_dtype = col_dot_ptr.dtype.element_ty
-    local, cols, col_ok = chunk_columns(col0, CH, N, pid_c, BLOCK_C)
+    local, cols, col_ok = chunk_columns(col0, CH, N, pid_c, BLOCK_C * GROUP)
     ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k_ok = ks < D
-    acc = tl.zeros((BLOCK_C, BLOCK_D), acc_dtype)
+    acc = tl.zeros((BLOCK_C * GROUP, BLOCK_D), acc_dtype)
     for row_block in range(0, tl.cdiv(B, BLOCK_B)):
-        if tile_flag(flags_ptr, row_block, pid_c, n_col_tiles, FILTER):
+        if tile_flag(flags_ptr, row_block, pid_c * GROUP, n_col_tiles, FILTER, GROUP):
             rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
             row_ok = rows < B
             dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
@@ -164,7 +176,7 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
     dw = acc * (1.0 / tl.load(factor_ptr))
     cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX, SUB_CENTERS)
     if NORMALIZE:
-        col_dot = tl.zeros((BLOCK_C,), acc_dtype)
+        col_dot = tl.zeros((BLOCK_C * GROUP,), acc_dtype)
         for row_block in range(0, n_row_blocks):  # the dcos kernel's partials, summed in a fixed order
             col_dot += tl.load(col_dot_ptr + row_block * CH + local, mask=col_ok, other=0.0)
         inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)

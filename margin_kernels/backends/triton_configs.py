@@ -42,11 +42,20 @@ class ForwardTiles:
 
 @dataclass(frozen=True)
 class BackwardTiles:
+    """block_b x block_c: the dcos kernel's dL/dcos tile (and the gradient filter's unit), block_d its K step;
+    the two gradient GEMMs' output tiles are ``out_d`` columns of d wide (grad_block_d, 0: block_d), the dW
+    kernel's ``dw_group`` dcos class tiles tall (a skipped dW K step is one whose group of tiles all were)."""
     block_b: int
     block_c: int
     block_d: int = 16
     num_warps: int = 4
     num_stages: int = 1
+    grad_block_d: int = 0
+    dw_group: int = 1
+
+    @property
+    def out_d(self) -> int:
+        return self.grad_block_d or self.block_d
 
 
 #: tried by the autotuner on CUDA (bf16 GEMM shapes that suit an H100's wgmma and 228 KB of shared memory)
@@ -60,16 +69,30 @@ H100_FORWARD = [
 ]
 #: the backward's tiling per storage element size, per architecture (one pick each: the three kernels must
 #: agree on BLOCK_B x BLOCK_C for gradient filtering, and none is re-tuned per step). Chosen by the compiled
-#: sm_90 code (``python -m bench kernels``, bf16, d = 512): 128 x 64 dC tiles with 8 warps keep the dcos
-#: kernel at 170-196 registers without spills for every negative kind and the two GEMMs at 99-125, all on
-#: wgmma; 128 x 128 tiles reach 255 registers and spill 16-24 bytes (CURRICULAR, CIRCLE) in the dcos
-#: epilogue. fp32/fp64: smaller tiles (their operand tiles are 2x/4x the bytes).
+#: sm_90 code (``python -m bench kernels``, bf16, d = 512) under the GPU model (bench/gpu_model.py), whose
+#: largest backward term is the operands' L2 -> shared memory traffic, M N K (1/BM + 1/BN) elements per GEMM:
+#: 128 x 128 tiles for every GEMM (the dcos kernel's dL/dcos tile, and the dW and dx kernels' output tiles,
+#: 128 wide over d) where the dcos epilogue fits the registers (204-254 of them, 0 spills, every LSE kind but
+#: the power ones); 128 x 256 output tiles spill (255 registers, 16-368 bytes) in both gradient GEMMs.
+#: ``NARROW_BACKWARD``: the dcos tile at 128 x 64 for the epilogues that spill at 128 x 128 (the power kinds
+#: 304-392 bytes, sub-centers 5032, the binary reduction at 255 registers with no room left), the dW kernel
+#: still 128 rows tall (two dcos class tiles per K step). fp32/fp64: smaller tiles (2x/4x the bytes). sm_80
+#: (also sm_86/89: 99 KiB of shared memory per block) keeps narrow 32-wide tiles that fit there.
 BACKWARD_TILES = {
-    "sm_90": {2: BackwardTiles(128, 64, 64, 8, 3), 4: BackwardTiles(64, 64, 32, 4, 3),
+    "sm_90": {2: BackwardTiles(128, 128, 64, 8, 3, grad_block_d=128), 4: BackwardTiles(64, 64, 32, 4, 3),
               8: BackwardTiles(32, 32, 32, 4, 2)},
     "sm_80": {2: BackwardTiles(128, 64, 32, 8, 3), 4: BackwardTiles(64, 64, 32, 4, 2),
               8: BackwardTiles(32, 32, 32, 4, 2)},
 }
+NARROW_BACKWARD = {"sm_90": BackwardTiles(128, 64, 64, 8, 3, grad_block_d=128, dw_group=2)}
+
+
+def narrow_backward(kind: int = 0, reduction: int = 0, sub_centers: int = 1) -> bool:
+    """Whether the dcos epilogue of this loss needs ``NARROW_BACKWARD`` (it spills at 128 x 128)."""
+    return (kind in (int(NegativeKind.POWER), int(NegativeKind.POWER_ST)) or sub_centers > 1
+            or reduction == int(ReductionKind.SOFTPLUS_SUM))
+
+
 #: bytes of the backward's B x chunk dL/dcos buffer: large enough that a chunk's three launches cost far
 #: more than their launch overhead (at B = 512 in bf16: 65,536 classes, ~35 GFLOP per kernel), small enough to
 #: stay near the L2 cache (50 MB on H100) between the kernel that writes it and the two that read it
@@ -94,24 +117,43 @@ def architecture(device=None) -> str:
 
 
 def backward_smem_bytes(tiles: BackwardTiles, elem_bytes: int) -> int:
-    """Pipelined operand tiles of the larger of the backward kernels: the dcos kernel's cosine GEMM
-    ((BLOCK_B + BLOCK_C) x BLOCK_D per stage) or a gradient GEMM (a BLOCK_B x BLOCK_C dC tile plus a
-    max(BLOCK_B, BLOCK_C) x BLOCK_D operand per stage)."""
+    """Pipelined operand tiles of the largest of the backward kernels' K steps: the dcos kernel's cosine GEMM
+    ((BLOCK_B + BLOCK_C) x BLOCK_D), the dW GEMM (a BLOCK_B x BLOCK_C GROUP dC tile and a BLOCK_B x out_d x
+    tile) or the dx GEMM (a BLOCK_B x BLOCK_C dC tile and a BLOCK_C x out_d W tile), per stage."""
     cosine = (tiles.block_b + tiles.block_c) * tiles.block_d
-    gradient = tiles.block_b * tiles.block_c + max(tiles.block_b, tiles.block_c) * tiles.block_d
-    return max(cosine, gradient) * elem_bytes * max(tiles.num_stages, 1)
+    dweight = tiles.block_b * (tiles.block_c * tiles.dw_group + tiles.out_d)
+    dx = tiles.block_c * (tiles.block_b + tiles.out_d)
+    return max(cosine, dweight, dx) * elem_bytes * max(tiles.num_stages, 1)
 
 
 def backward_fits(tiles: BackwardTiles, elem_bytes: int) -> bool:
-    """Operand tiles in shared memory; the largest accumulator (the BLOCK_B x BLOCK_C cosine tile, in the
-    accumulation dtype) within the register budget."""
+    """Operand tiles in shared memory; the largest accumulator (the dcos kernel's BLOCK_B x BLOCK_C tile, the
+    dW kernel's BLOCK_C GROUP x out_d, the dx kernel's BLOCK_B x out_d, in the accumulation dtype) within the
+    register budget."""
     acc_bytes = max(elem_bytes, 4)
-    registers = tiles.block_b * tiles.block_c * acc_bytes // 4 // (32 * tiles.num_warps)
+    elements = max(tiles.block_b * tiles.block_c, tiles.block_c * tiles.dw_group * tiles.out_d,
+                   tiles.block_b * tiles.out_d)
+    registers = elements * acc_bytes // 4 // (32 * tiles.num_warps)
     return registers <= _ACCUMULATOR_REGISTERS and backward_smem_bytes(tiles, elem_bytes) <= _SHARED_MEMORY_BUDGET
 
 
-def default_backward(elem_bytes: int, arch: str = "sm_90") -> BackwardTiles:
-    """The backward's tiling on a GPU of ``arch`` for storage elements of ``elem_bytes``."""
+def backward_kernel_tiles(tiles: BackwardTiles, kernel: str) -> dict:
+    """The tile constexprs of one backward kernel ("dcos", "dweight" or "dx") under ``tiles``: what the host
+    launches and what the kernel report compiles."""
+    common = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c)
+    if kernel == "dcos":
+        return dict(common, BLOCK_K=tiles.block_d)
+    if kernel == "dweight":
+        return dict(common, BLOCK_D=tiles.out_d, GROUP=tiles.dw_group)
+    return dict(common, BLOCK_D=tiles.out_d)
+
+
+def default_backward(elem_bytes: int, arch: str = "sm_90", kind: int = 0, reduction: int = 0,
+                     sub_centers: int = 1) -> BackwardTiles:
+    """The backward's tiling on a GPU of ``arch`` for storage elements of ``elem_bytes`` and this loss's
+    negative kind, reduction and sub-centers (``narrow_backward``)."""
+    if arch in NARROW_BACKWARD and elem_bytes == 2 and narrow_backward(kind, reduction, sub_centers):
+        return NARROW_BACKWARD[arch]
     return BACKWARD_TILES[arch][elem_bytes]
 
 
@@ -191,12 +233,13 @@ def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False
                                                                     reduction, keeps, architecture(device))
 
 
-def backward_tiles(interpret: bool, elem_bytes: int, device=None) -> BackwardTiles:
+def backward_tiles(interpret: bool, elem_bytes: int, device=None, kind: int = 0, reduction: int = 0,
+                   sub_centers: int = 1) -> BackwardTiles:
     if _override.backward is not None:
         return _override.backward
     if interpret:
         return INTERPRETER_BACKWARD
-    return default_backward(elem_bytes, architecture(device))
+    return default_backward(elem_bytes, architecture(device), kind, reduction, sub_centers)
 
 
 def class_splits(device: torch.device, interpret: bool, batch: int, num_cols: int, partial_row_bytes: int) -> int:

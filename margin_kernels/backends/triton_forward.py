@@ -17,8 +17,8 @@ backward chunks of KEEP_CH columns. Both are constexpr: without a budget the com
 import triton
 import triton.language as tl
 
-from .triton_tiles import (SOFTPLUS_SUM, class_rows, keep_tile, load_binary_constants, load_constants,
-                           load_row_inputs, max_cosine_tile, negative_logits, softplus_tile)
+from .triton_tiles import (LN2, SOFTPLUS_SUM, class_rows, exp2_tile, keep_tile, load_binary_constants,
+                           load_constants, load_row_inputs, max_cosine_tile, negative_logits, softplus_tile)
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
                        KIND: tl.constexpr, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr,
                        UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_K: tl.constexpr, SUB_CENTERS: tl.constexpr = 1, REDUCTION: tl.constexpr = 0,
-                       SAVE_NORMS: tl.constexpr = False, KEEP: tl.constexpr = False):
+                       SAVE_NORMS: tl.constexpr = False, KEEP: tl.constexpr = False, FAST: tl.constexpr = False):
     # B_BUCKET (the batch rounded up to a power of two) is only the autotuner's key
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -78,10 +78,11 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
                                              stride_wd, norms_ptr, keep_ptr, tile, pid_b, B, N, D, KEEP_COLS,
                                              KEEP_CH, acc_dtype, NORMALIZE, HAS_INDEX, UPCAST, PRODUCT, BLOCK_B,
                                              BLOCK_C, BLOCK_K, SUB_CENTERS, SAVE_NORMS, KEEP)
-            z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
-            new_max = tl.maximum(run_max, tl.max(z, 1))
-            # rows with nothing merged yet keep max -inf: shift by 0 there so exp() never sees inf - inf
+            # base 2 throughout (z2 = z log2 e): per element one multiply, a max, a subtract, ex2 and an add
+            z2, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
+            new_max = tl.maximum(run_max, tl.max(z2, 1))
+            # rows with nothing merged yet keep max -inf: shift by 0 there so ex2 never sees inf - inf
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+            run_sum = run_sum * exp2_tile(run_max - shift, FAST) + tl.sum(exp2_tile(z2 - shift[:, None], FAST), 1)
             run_max = new_max
-        tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log(run_sum), mask=row_ok)
+        tl.store(partial_ptr + pid_s * B + rows, (run_max + tl.log2(run_sum)) * LN2, mask=row_ok)

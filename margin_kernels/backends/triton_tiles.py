@@ -11,9 +11,11 @@ import triton.language as tl
 from .. import norms
 from ..losses.reductions import ReductionKind
 from ..precision import PRODUCTS
-from .triton_negatives import negative_derivative, negative_value
+from .triton_negatives import IDENTITY, POWER_ST, negative_derivative, negative_value
 
 NORM_EPS = tl.constexpr(norms.NORM_EPS)  # w / max(||w||, eps), the one value every backend uses
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -202,12 +204,13 @@ def inverse_norms(sumsq, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND: tl.constexpr):
-    """z = scale * g(cos) with the target column and padded columns set to -inf; also the target mask. A
-    non-finite cosine (a NaN/Inf weight row) gives z = NaN, as in every backend (losses/negatives.py)."""
+    """z log2(e) = scale g(cos) log2(e) (the log-sum-exp's logits in base 2: one multiply, and the exp that
+    follows is a bare ex2) with the target column and padded columns set to -inf; also the target mask. A
+    non-finite cosine (a NaN/Inf weight row) gives NaN, as in every backend (losses/negatives.py): c - c is 0,
+    or NaN for an infinite or NaN c, one add where a compare and a select would take two instructions."""
     is_target = cols[None, :] == labels[:, None]
-    z = scale * negative_value(cos, T, U, a, b, KIND)
-    z = tl.where((cos == cos) & (tl.abs(cos) < float("inf")), z, float("nan"))
-    return tl.where(col_ok[None, :] & (~is_target), z, float("-inf")), is_target
+    z2 = negative_value(cos, T, U, a, b, KIND) * (scale * LOG2E) + (cos - cos)
+    return tl.where(col_ok[None, :] & (~is_target), z2, float("-inf")), is_target
 
 
 SOFTPLUS_SUM = tl.constexpr(int(ReductionKind.SOFTPLUS_SUM))
@@ -255,14 +258,40 @@ def binary_dcos_tile(cos, cols, col_ok, labels, T, U, g_lse, g_target, scale, a,
 
 
 @triton.jit
-def dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse, g_target, scale, a, b, KIND: tl.constexpr):
-    """dL/dcos of a tile: scale * g'(c) * exp(z - lse) * g_lse, and g_target at the target column.
+def exp2_tile(t, FAST: tl.constexpr):
+    """2^t elementwise. FAST (fp32 on a GPU): one MUFU.EX2 through ``ex2.approx.ftz.f32``; Triton's tl.exp2
+    lowers to the non-ftz instruction, which ptxas wraps in a range fix-up for results below 2^-126 (a compare,
+    two multiplies and a select around the MUFU: 5-6 instructions per element). Flushing those results to 0
+    changes a sum of at most C of them by C x 2^-126, far below fp32's rounding of anything it is added to.
+    The interpreter (no inline PTX) and fp64 take tl.exp2."""
+    if FAST and t.dtype == tl.float32:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [t], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(t)
 
-    ``lse`` must be finite (rows without negatives pass 0: all their z are -inf, so p = 0)."""
-    z, is_target = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
-    p = tl.exp(z - lse[:, None]) * g_lse[:, None]
-    dc = p * (scale * negative_derivative(cos, T, U, a, b, KIND))
-    return tl.where(is_target, g_target[:, None], dc)
+
+@triton.jit
+def dcos_tile(cos, cols, col_ok, labels, T, U, lse2, gs, g_target, scale, a, b, KIND: tl.constexpr,
+              FAST: tl.constexpr):
+    """dL/dcos of a tile, times the rows' factors: gs_i g'(c) 2^(scale log2(e) g(c) - lse2_i) with
+    lse2 = lse log2(e) and gs = g_lse scale (x the fp16 buffer's factor), ``g_target`` at the target column,
+    0 at padded columns. Rows need no mask: a padded row's x is 0 and its gs is 0, and its lse2 is +inf.
+
+    The epilogue runs once per B x C element, so every instruction counts (``python -m bench kernels``):
+    scale and log2(e) fold into one multiply-add before the ex2, g' is skipped for the kinds whose g' is 1, the
+    target column is only overwritten (its exp need not be masked to 0 first), and a non-finite cosine (a
+    NaN/Inf weight row) still gives NaN with one add: c - c is 0, or NaN for an infinite or NaN c.
+
+    ``lse2`` must be finite for real rows (rows without negatives pass 0: p does not matter there)."""
+    is_target = cols[None, :] == labels[:, None]
+    p = exp2_tile(negative_value(cos, T, U, a, b, KIND) * (scale * LOG2E) - lse2[:, None], FAST)
+    dc = p * gs[:, None]
+    if KIND != IDENTITY and KIND != POWER_ST:  # g' = 1 there (POWER_ST: opensphere's detached adjustment)
+        dc = dc * negative_derivative(cos, T, U, a, b, KIND)
+    dc = dc + (cos - cos)  # 0, or NaN where the cosine is not finite: one add instead of a compare and select
+    dc = tl.where(is_target, g_target[:, None], dc)
+    return tl.where(col_ok[None, :], dc, 0.0)
 
 
 @triton.jit
