@@ -301,6 +301,9 @@ struct Sm90MarginNode {
 // per element) runs under the other's mainloop; persistent over the tiles; 64 x 256 x 64 tiles with the
 // HGMMA 64x256x16 instruction; cluster 1 x 1 (no multicast: W's tile is re-read from L2 by each row tile)
 using TileShape = Shape<_64, _256, _64>;
+// the backward's tile is 64 x 128: its column reduction keeps one (dot, dz) pair per column of the thread's
+// share of the tile in registers beside the accumulators (at 256 columns: 128 + 128 registers, which spills)
+using BackwardTileShape = Shape<_64, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
@@ -312,9 +315,12 @@ constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 using RowVector = Stride<_1, _0, int64_t>;   // one value per row (M), broadcast along N
 using ColVector = Stride<_0, _1, int64_t>;   // one value per column (N), broadcast along M
 
-using InvNorm = fusion::Sm90RowBroadcast<0, TileShape, float, float, ColVector>;
-using RowFloat = fusion::Sm90ColBroadcast<0, TileShape, float, float, RowVector>;
-using RowLabel = fusion::Sm90ColBroadcast<0, TileShape, int64_t, int64_t, RowVector>;
+template <class Tile>
+using InvNorm = fusion::Sm90RowBroadcast<0, Tile, float, float, ColVector>;
+template <class Tile>
+using RowFloat = fusion::Sm90ColBroadcast<0, Tile, float, float, RowVector>;
+template <class Tile>
+using RowLabel = fusion::Sm90ColBroadcast<0, Tile, int64_t, int64_t, RowVector>;
 
 // forward: (max, sum) per row over each tile's columns, not reduced across tiles here (FinalReduction false:
 // the (round(M, 64), ceil(N / 256)) buffer of pairs, merged after in tile order). The tree has no D output; the
@@ -332,17 +338,20 @@ template <class Element>
 using ForwardTree = fusion::Sm90EVT<
     ForwardRoot<Element>,
     fusion::Sm90EVT<RowLseReduction,
-                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, InvNorm, RowFloat, RowFloat,
-                                    RowLabel>>>;
+                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, InvNorm<TileShape>, RowFloat<TileShape>,
+                                    RowFloat<TileShape>, RowLabel<TileShape>>>>;
 
-// backward: D = dL/dcos in the operand dtype; per column and 64-row tile the ColPart sums
+// backward: D = dL/dcos in the operand dtype; per column and 64-row tile the ColPart sums (the
+// (ceil(M / 64), round(N, 128)) buffer, summed after in row-tile order)
 template <class Element>
 using BackwardTree = fusion::Sm90EVT<
     fusion::Sm90Compute<TakeGrad, float, GradElem, kRound>,  // fp32 out: the collective rounds it into D
-    fusion::Sm90EVT<fusion::Sm90RowReduction<ColSum, ColSum, ColSum, 0, TileShape, ColPart, ColPart, kRound,
+    fusion::Sm90EVT<fusion::Sm90RowReduction<ColSum, ColSum, ColSum, 0, BackwardTileShape, ColPart, ColPart, kRound,
                                              ColVector, 128 / 64, true, /*FinalReduction=*/false>,
-                    fusion::Sm90EVT<Sm90MarginNode<true>, fusion::Sm90AccFetch, InvNorm, RowFloat, RowFloat,
-                                    RowLabel, RowFloat, RowFloat, RowFloat>>>;
+                    fusion::Sm90EVT<Sm90MarginNode<true>, fusion::Sm90AccFetch, InvNorm<BackwardTileShape>,
+                                    RowFloat<BackwardTileShape>, RowFloat<BackwardTileShape>,
+                                    RowLabel<BackwardTileShape>, RowFloat<BackwardTileShape>,
+                                    RowFloat<BackwardTileShape>, RowFloat<BackwardTileShape>>>>;
 
 template <class Element, bool BACKWARD>
 struct Gemm {
@@ -353,15 +362,15 @@ struct Gemm {
   // a tree with no D output still declares an element type for the builder's shared-memory and copy choices
   using ElementD = cute::conditional_t<BACKWARD, Element, void>;
   using Tree = cute::conditional_t<BACKWARD, BackwardTree<Element>, ForwardTree<Element>>;
+  using Tile = cute::conditional_t<BACKWARD, BackwardTileShape, TileShape>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
       kAlign, EpilogueSchedule, Tree>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutX, kAlign, Element, LayoutW, kAlign,
-      float, TileShape, ClusterShape,
+      float, Tile, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       MainloopSchedule>::CollectiveOp;
@@ -500,7 +509,7 @@ int backward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, const float*
                  const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
                  float* col_shift, cudaStream_t stream) {
   using G = Gemm<Element, true>;
-  const int64_t tile_m = size<0>(TileShape{}), tile_n = size<1>(TileShape{});
+  const int64_t tile_m = size<0>(BackwardTileShape{}), tile_n = size<1>(BackwardTileShape{});
   const int64_t padded_cols = round_up(g.cols, tile_n), row_tiles = (g.rows + tile_m - 1) / tile_m;
   Scratch parts(stream);
   cudaError_t status = parts.get(sizeof(ColPart) * padded_cols * row_tiles);
@@ -569,10 +578,10 @@ int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const
   return MK_SM90_ERR_BAD_DTYPE;
 }
 
-void mk_sm90_tile_shape(int* m, int* n, int* k) {
-  *m = cute::size<0>(mk_sm90::TileShape{});
-  *n = cute::size<1>(mk_sm90::TileShape{});
-  *k = cute::size<2>(mk_sm90::TileShape{});
+void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
+  *m = backward ? cute::size<0>(mk_sm90::BackwardTileShape{}) : cute::size<0>(mk_sm90::TileShape{});
+  *n = backward ? cute::size<1>(mk_sm90::BackwardTileShape{}) : cute::size<1>(mk_sm90::TileShape{});
+  *k = backward ? cute::size<2>(mk_sm90::BackwardTileShape{}) : cute::size<2>(mk_sm90::TileShape{});
 }
 
 }  // extern "C"

@@ -59,8 +59,8 @@ int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const
                      const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
                      float* col_shift, void* stream);
 
-/* the tile shape (M, N, K) of the kernels, for the host's scratch sizes and the reports */
-void mk_sm90_tile_shape(int* m, int* n, int* k);
+/* the tile shapes (M, N, K) of the forward and the backward kernels, for the reports */
+void mk_sm90_tile_shape(int backward, int* m, int* n, int* k);
 
 #ifdef __cplusplus
 }
