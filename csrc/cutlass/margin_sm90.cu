@@ -36,6 +36,13 @@
 #include "../margin_math.h"
 #include "margin_sm90.h"
 
+// Which GEMMs this compile instantiates: bit 0 forward bf16, bit 1 forward fp16, bit 2 backward bf16, bit 3
+// backward fp16. The extension builds all four; bench/cutlass_check.py compiles one at a time (each one's
+// compile time and ptxas report), and MK_SM90_REPORT_MAIN adds a host main() printing their shared memory.
+#ifndef MK_SM90_KERNELS
+#define MK_SM90_KERNELS 0xF
+#endif
+
 namespace mk_sm90 {
 
 using namespace cute;
@@ -557,8 +564,13 @@ int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float*
   if (gemm->rows <= 0 || gemm->cols <= 0) return 0;
   if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (gemm->dtype == MK_DTYPE_BF16) return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, run_max, run_sum, s);
-  if (gemm->dtype == MK_DTYPE_F16) return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, run_max, run_sum, s);
+  if constexpr ((MK_SM90_KERNELS & 1) != 0) {
+    if (gemm->dtype == MK_DTYPE_BF16)
+      return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, run_max, run_sum, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 2) != 0) {
+    if (gemm->dtype == MK_DTYPE_F16) return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, run_max, run_sum, s);
+  }
   return MK_SM90_ERR_BAD_DTYPE;
 }
 
@@ -569,12 +581,16 @@ int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const
   if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
   if (ep->reduction == mk::kSoftplusSum && col_shift == nullptr) return MK_CUDA_ERR_MISSING_OUTPUT;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (gemm->dtype == MK_DTYPE_BF16)
-    return mk_sm90::backward_for<cutlass::bfloat16_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad, ld_grad,
-                                                      col_dot, col_shift, s);
-  if (gemm->dtype == MK_DTYPE_F16)
-    return mk_sm90::backward_for<cutlass::half_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad, ld_grad,
-                                                  col_dot, col_shift, s);
+  if constexpr ((MK_SM90_KERNELS & 4) != 0) {
+    if (gemm->dtype == MK_DTYPE_BF16)
+      return mk_sm90::backward_for<cutlass::bfloat16_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad,
+                                                        ld_grad, col_dot, col_shift, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 8) != 0) {
+    if (gemm->dtype == MK_DTYPE_F16)
+      return mk_sm90::backward_for<cutlass::half_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad, ld_grad,
+                                                    col_dot, col_shift, s);
+  }
   return MK_SM90_ERR_BAD_DTYPE;
 }
 
@@ -585,3 +601,15 @@ void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
 }
 
 }  // extern "C"
+
+#ifdef MK_SM90_REPORT_MAIN
+#include <cstdio>
+// the dynamic shared memory of each GEMM (what a launch requests), for bench/cutlass_check.py
+int main() {
+  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize));
+  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize));
+  std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
+  std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
+  return 0;
+}
+#endif
