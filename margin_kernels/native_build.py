@@ -112,6 +112,10 @@ def cutlass_nvcc_flags(include_dirs: list[Path]) -> list[str]:
     flags = []
     for path in include_dirs:
         flags += ["-isystem", str(path)]
+    # torch's CUDAExtension defines __CUDA_NO_HALF_OPERATORS__ and the like; CUTLASS's half/bf16 types use those
+    # operators (as flash-attention's build, undefined again after torch's flags)
+    flags += ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-U__CUDA_NO_HALF2_OPERATORS__"]
     return flags + ["-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-DMK_WITH_CUTLASS"]
 
 
