@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _native
+from . import cuda_variant
 from .native_epilogue import NativeBackend
 
 _BACKEND = NativeBackend("cuda", "cuda")
@@ -20,8 +22,6 @@ def variant(x, weight, config) -> str:
     "cublas" (cuda_variant.select says why). The fused kernels are compiled (csrc/cutlass/) but bindings.cpp does
     not expose them yet: the extension reports ``has_cutlass_sm90`` only together with the calls that run them,
     so until then every call runs, and this says, "cublas"."""
-    from .. import _native
-    from . import cuda_variant
     ext, _ = _native.load(with_cuda=True)
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
     chosen, _why = cuda_variant.select(capability, cuda_variant.operand_dtype(x, weight, config.product),

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .chunk_loop import product_operand_dtype
+
 CUTLASS = "cutlass-sm90"
 CUBLAS = "cublas"
 #: the 16-bit operand dtypes the fused GEMMs are instantiated for
@@ -52,5 +54,4 @@ def operand_dtype(x: torch.Tensor, weight: torch.Tensor, product: str) -> Option
     """The dtype the call's GEMMs multiply in on CUDA: 16-bit storage itself, or fp32's cast product."""
     if weight.dtype in FUSED_DTYPES:
         return weight.dtype
-    from .chunk_loop import product_operand_dtype
     return product_operand_dtype(product, x)
