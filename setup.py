@@ -3,7 +3,11 @@
 * margin_kernels._C (CPU epilogues, OpenMP) whenever torch is importable at build time, which is why the
   install command is ``pip install --no-build-isolation -e .`` (pyproject deliberately lists no torch: an
   isolated build would download a multi-GB CUDA torch);
-* margin_kernels._C_cuda (the same plus the CUDA kernels) when torch is a CUDA build and nvcc is found.
+* margin_kernels._C_cuda (the same plus the CUDA kernels) when torch is a CUDA build and nvcc is found; with
+  the epilogue-fused CUTLASS GEMMs of csrc/cutlass/ (sm_90a) when CUTLASS's headers are found (the installed
+  ``nvidia-cutlass`` of the ``cuda`` extra, or MARGIN_KERNELS_CUTLASS_DIR) and sm_90a is among the targets
+  (TORCH_CUDA_ARCH_LIST names 9.0a, or it is unset and an sm_90 GPU is visible); otherwise the cuBLAS path
+  alone, with the reason printed.
 
 Both are optional: if one fails to compile the install goes on with a warning and ``backend="auto"`` falls
 back to the pure-torch backend (a run-time JIT build of csrc/ is opt-in: ``MARGIN_KERNELS_JIT=1``).
@@ -52,6 +56,25 @@ def _cuda_skip_reason(torch, cpp_extension):
     return None
 
 
+def _cutlass_plan(build, torch):
+    """(include dirs, extra nvcc flags, None) when the CUTLASS translation unit is compiled, else
+    (None, None, why not)."""
+    dirs, where = build.cutlass_include_dirs()
+    if dirs is None:
+        return None, None, where
+    capabilities = []
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        try:
+            capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        except Exception:  # noqa: BLE001 - no driver on a build machine: no visible GPU
+            capabilities = []
+    gencode, why_not = build.sm90a_targets(os.environ.get("TORCH_CUDA_ARCH_LIST"), capabilities)
+    if why_not is not None:
+        return None, None, why_not
+    print(f"margin_kernels: CUTLASS headers from {where}", flush=True)
+    return dirs, gencode + build.cutlass_nvcc_flags(dirs), None
+
+
 def _describe(ext) -> str:
     """One line of what an extension is compiled from and with: the build log (pip -v, python -m build) then
     says which native paths a wheel carries."""
@@ -97,6 +120,8 @@ def _toolchain(ext, torch, cpp_extension) -> dict:
         "environment": {name: os.environ.get(name) for name in
                         ("CC", "CXX", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "TORCH_CUDA_ARCH_LIST")},
         "torch": [torch.__version__, torch.version.git_version, torch.version.cuda],
+        # the CUTLASS headers are compiled in too (their folder is in the flags; an upgrade in place is not)
+        "cutlass": _native_build().cutlass_include_dirs()[1] if is_cuda else None,
         "python": [sysconfig.get_config_var("EXT_SUFFIX"), sys.implementation.cache_tag, sysconfig.get_platform()],
     }
 
@@ -133,10 +158,14 @@ def _extensions():
         f"margin_kernels.{build.CPU_MODULE}", rel(build.sources(False)), include_dirs=include,
         extra_compile_args=build.cxx_flags(), extra_link_args=build.ld_flags(), optional=optional)]
     cuda_skipped = _cuda_skip_reason(torch, cpp_extension)
+    cutlass_skipped = None
     if cuda_skipped is None:
+        cutlass_dirs, cutlass_flags, cutlass_skipped = _cutlass_plan(build, torch)
+        with_cutlass = cutlass_dirs is not None
         extensions.append(cpp_extension.CUDAExtension(
-            f"margin_kernels.{build.CUDA_MODULE}", rel(build.sources(True)), include_dirs=include,
-            extra_compile_args={"cxx": build.cxx_flags(True), "nvcc": build.nvcc_flags()},
+            f"margin_kernels.{build.CUDA_MODULE}", rel(build.sources(True, with_cutlass)), include_dirs=include,
+            extra_compile_args={"cxx": build.cxx_flags(True) + (["-DMK_WITH_CUTLASS"] if with_cutlass else []),
+                                "nvcc": build.nvcc_flags() + (cutlass_flags or [])},
             extra_link_args=build.ld_flags(), optional=optional))
 
     class BuildExt(cpp_extension.BuildExtension):
@@ -146,7 +175,9 @@ def _extensions():
         def run(self):
             print(f"margin_kernels: building against torch {torch.__version__}"
                   + ("" if cuda_skipped is None else f"; not compiling margin_kernels.{build.CUDA_MODULE}: "
-                     f"{cuda_skipped}"), flush=True)
+                     f"{cuda_skipped}")
+                  + ("" if cutlass_skipped is None else "; the cuda backend's CUTLASS sm_90a path is not compiled "
+                     f"(the cuBLAS path alone): {cutlass_skipped}"), flush=True)
             super().run()
 
         def build_extension(self, ext):

@@ -17,6 +17,8 @@ JOBS = {
     "calibrate": ("calibration", "the GPU model against the peers' published times, and its estimate of ours"),
     "archs": ("arch_check", "every Triton config compiled for sm_80/86/89/90/100: shared memory, spills, "
                             "tensor-core instruction"),
+    "cutlass": ("cutlass_check", "the cuda backend's CUTLASS sm_90a GEMMs compiled without a GPU (registers, spills, "
+                                 "HGMMA, C7510, shared memory) and the model's estimate (bench/data/cutlass_facts.json)"),
     "gpu-probe": ("gpu_probe", "what a first GPU session measures to falsify the GPU model (skips without CUDA)"),
     "ceilings": ("ceilings", "the roofline's GEMM rate and copy bandwidths measured on this device"),
     "throughput": ("throughput", "achieved TFLOP/s beside x floor, from margin-bench JSON files (markdown)"),

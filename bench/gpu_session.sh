@@ -2,6 +2,8 @@
 # One call on a lent GPU machine (H100/H200, torch + triton preinstalled, no internet), at most ~8 minutes,
 # everything it writes under $OUT (10 files):
 #   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
+#   05_cuda_first.log  the cuda backend first: its GEMM path (variant), its conformance tests against the
+#                      reference, the CUTLASS kernels' compile report (06_cutlass_facts.json)
 #   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
 #   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (python -m bench kernels)
 #   21_loaded.txt      the kernel report's table, then the same kernels as the driver loaded them (registers,
@@ -26,7 +28,9 @@ set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"; cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu_session_out}"; mkdir -p "$OUT"
 BUDGET="${GPU_SESSION_BUDGET_S:-470}"; START=$(date +%s); SUMMARY="$OUT/99_summary.txt"; : > "$SUMMARY"
-export PYTHONUNBUFFERED=1 MARGIN_KERNELS_JIT=0 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+# 9.0a: the arch-specific target the cuda backend's CUTLASS kernels need (its cubin runs on H100 and H200); their
+# headers come from the nvidia-cutlass wheel carried in .whl/ (pip download --no-deps nvidia-cutlass==4.2.0.0)
+export PYTHONUNBUFFERED=1 MARGIN_KERNELS_JIT=0 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 unset TRITON_INTERPRET                                    # compiled kernels, never the interpreter
 [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
@@ -55,6 +59,17 @@ ENV_LOG="$OUT/00_env_build.log"
 if ls .whl/*.whl >/dev/null 2>&1; then step "peer wheels" 60 "$ENV_LOG" "$PY" -m pip install --no-deps --no-index .whl/*.whl; fi
 step "build" 200 "$ENV_LOG" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.available_backends())"
+
+# the cuda backend first: its conformance against the float64 reference on this GPU, which GEMM path it runs
+# (cuda_backend.variant: "cutlass-sm90" once the bindings call the fused kernels, else "cublas"), and the CUTLASS
+# kernels' compile report (compile-checked only until this step passes)
+CUDA_LOG="$OUT/05_cuda_first.log"
+step "cuda variant" 20 "$CUDA_LOG" "$PY" -c "import torch; from margin_kernels.backends import cuda_backend as c
+from margin_kernels.backends.contract import OpConfig
+x = torch.zeros(8, 512, device='cuda', dtype=torch.bfloat16); print('variant:', c.variant(x, x, OpConfig()))"
+step "cuda conformance" 120 "$CUDA_LOG" "$PY" -m pytest -p no:cacheprovider -q -rs -x tests/test_conformance.py \
+  tests/test_native_epilogues.py -k cuda
+step "cutlass report" 120 "$CUDA_LOG" "$PY" -m bench cutlass --out "$OUT/06_cutlass_facts.json"
 
 # Order: the measurements first (the GEMM floor's ceilings, the two sweeps, whose --check-up-to compares each
 # method with the reference at the smallest C, and their tables), then the test suite, the compiled-kernel

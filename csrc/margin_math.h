@@ -274,6 +274,52 @@ MK_HD T negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
   return p * negative_derivative<KIND>(c, thr, aux, k.a, k.b) * k.scale;
 }
 
+// ---- the negative function by a run-time kind -----------------------------------------------------------------
+// One switch over the same per-kind functions: the CUTLASS epilogue (csrc/cutlass/margin_sm90.cu) takes the kind
+// as a kernel argument, so one compiled GEMM serves every loss (the kind is uniform across a launch, so every
+// thread takes the same branch). An unknown kind gives NaN (the host checks kinds before any launch).
+template <typename T>
+MK_HD T negative_logit_rt(int kind, T c, T thr, T aux, NegativeConsts<T> k) {
+  switch (kind) {
+    case kIdentity: return negative_logit<kIdentity>(c, thr, aux, k);
+    case kClamp: return negative_logit<kClamp>(c, thr, aux, k);
+    case kCurricular: return negative_logit<kCurricular>(c, thr, aux, k);
+    case kMV: return negative_logit<kMV>(c, thr, aux, k);
+    case kCircle: return negative_logit<kCircle>(c, thr, aux, k);
+    case kFilter: return negative_logit<kFilter>(c, thr, aux, k);
+    case kRowScale: return negative_logit<kRowScale>(c, thr, aux, k);
+    case kAffine: return negative_logit<kAffine>(c, thr, aux, k);
+    case kPower: return negative_logit<kPower>(c, thr, aux, k);
+    case kPowerSt: return negative_logit<kPowerSt>(c, thr, aux, k);
+    default: return static_cast<T>(NAN);
+  }
+}
+
+template <typename T>
+MK_HD T negative_derivative_rt(int kind, T c, T thr, T aux, T a, T b) {
+  switch (kind) {
+    case kIdentity: return negative_derivative<kIdentity>(c, thr, aux, a, b);
+    case kClamp: return negative_derivative<kClamp>(c, thr, aux, a, b);
+    case kCurricular: return negative_derivative<kCurricular>(c, thr, aux, a, b);
+    case kMV: return negative_derivative<kMV>(c, thr, aux, a, b);
+    case kCircle: return negative_derivative<kCircle>(c, thr, aux, a, b);
+    case kFilter: return negative_derivative<kFilter>(c, thr, aux, a, b);
+    case kRowScale: return negative_derivative<kRowScale>(c, thr, aux, a, b);
+    case kAffine: return negative_derivative<kAffine>(c, thr, aux, a, b);
+    case kPower: return negative_derivative<kPower>(c, thr, aux, a, b);
+    case kPowerSt: return negative_derivative<kPowerSt>(c, thr, aux, a, b);
+    default: return static_cast<T>(NAN);
+  }
+}
+
+// negative_grad with a run-time kind (the same arithmetic in the same order)
+template <typename T>
+MK_HD T negative_grad_rt(int kind, T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
+  T z = negative_logit_rt(kind, c, thr, aux, k);
+  T p = mk_exp(z - lse) * g_lse;
+  return p * negative_derivative_rt(kind, c, thr, aux, k.a, k.b) * k.scale;
+}
+
 // ---- the binary reduction (reductions.py) ------------------------------------------------------------------
 // softplus(clamp(z, -L, L)), stable for any z (L = inf: no clamp)
 template <typename T>
@@ -300,6 +346,13 @@ template <int KIND, typename T>
 MK_HD T binary_negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T shift, T clamp, T g, T& dz) {
   dz = softplus_term_grad(negative_logit<KIND>(c, thr, aux, k) + shift, clamp) * g;
   return dz * negative_derivative<KIND>(c, thr, aux, k.a, k.b) * k.scale;
+}
+
+// binary_negative_grad with a run-time kind
+template <typename T>
+MK_HD T binary_negative_grad_rt(int kind, T c, T thr, T aux, NegativeConsts<T> k, T shift, T clamp, T g, T& dz) {
+  dz = softplus_term_grad(negative_logit_rt(kind, c, thr, aux, k) + shift, clamp) * g;
+  return dz * negative_derivative_rt(kind, c, thr, aux, k.a, k.b) * k.scale;
 }
 
 // ---- online log-sum-exp -------------------------------------------------------------------------------------

@@ -7,9 +7,13 @@ No -march flag: the hot CPU loops are compiled in AVX-512 / AVX2 / baseline clon
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 #: margin_kernels._C: the CPU epilogues (always built)
 CPU_MODULE = "_C"
@@ -18,6 +22,16 @@ CUDA_MODULE = "_C_cuda"
 
 CPU_SOURCES = ("bindings.cpp", "margin_cpu.cpp")
 CUDA_SOURCES = CPU_SOURCES + ("margin_cuda.cu",)
+#: the epilogue-fused sm_90a GEMMs (CUTLASS 3.x, csrc/cutlass/), compiled into _C_cuda only when
+#: ``cutlass_include_dirs`` finds the headers and ``sm90a_targets`` says sm_90a is built (setup.py)
+CUTLASS_SOURCES = ("cutlass/margin_sm90.cu",)
+#: the headers' package (pure headers and Python, BSD-3-Clause): the `cuda` extra of pyproject.toml, never a
+#: dependency of a CPU install. Its major version is pinned: CUTLASS 3.x's collective/EVT API (which 4.x
+#: ships unchanged for sm90) is what csrc/cutlass/ is written against
+CUTLASS_REQUIREMENT = "nvidia-cutlass>=4,<5"
+CUTLASS_MAJOR = 4
+#: a CUTLASS source tree (or the wheel's cutlass_library/source) to use instead of the installed package
+CUTLASS_DIR_ENV = "MARGIN_KERNELS_CUTLASS_DIR"
 
 #: where setup.py keeps each built extension, in a folder named by ``build_key`` (relative to the checkout;
 #: ``MARGIN_KERNELS_BUILD_CACHE=DIR`` moves it, ``=0`` turns it off)
@@ -29,8 +43,80 @@ def csrc_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"
 
 
-def sources(with_cuda: bool) -> list[Path]:
-    return [csrc_dir() / name for name in (CUDA_SOURCES if with_cuda else CPU_SOURCES)]
+def sources(with_cuda: bool, with_cutlass: bool = False) -> list[Path]:
+    names = (CUDA_SOURCES + (CUTLASS_SOURCES if with_cutlass else ())) if with_cuda else CPU_SOURCES
+    return [csrc_dir() / name for name in names]
+
+
+def _cutlass_tree(root: Path) -> Optional[list[Path]]:
+    """The include dirs of a CUTLASS tree laid out as the repository (include/, tools/util/include/), which is
+    also the layout of the wheel's cutlass_library/source; None when cutlass/cutlass.h is not there."""
+    include, util = root / "include", root / "tools" / "util" / "include"
+    if not (include / "cutlass" / "cutlass.h").is_file() or not (include / "cute" / "tensor.hpp").is_file():
+        return None
+    return [include] + ([util] if (util / "cutlass" / "util" / "packed_stride.hpp").is_file() else [])
+
+
+def cutlass_include_dirs() -> tuple[Optional[list[Path]], str]:
+    """(include dirs, where they come from) of CUTLASS's C++ headers, or (None, why not).
+
+    ``MARGIN_KERNELS_CUTLASS_DIR`` (a CUTLASS checkout, or a cutlass_library/source folder) wins; else the
+    installed ``nvidia-cutlass`` package, found without importing it (importlib finds cutlass_library's folder;
+    importing it would run its Python), of major version ``CUTLASS_MAJOR``."""
+    override = os.environ.get(CUTLASS_DIR_ENV)
+    if override:
+        root = Path(override)
+        dirs = _cutlass_tree(root) or _cutlass_tree(root / "source")
+        if dirs is None:
+            return None, f"{CUTLASS_DIR_ENV}={override} holds no include/cutlass/cutlass.h (a CUTLASS tree)"
+        return dirs, f"{CUTLASS_DIR_ENV}={override}"
+    try:
+        version = importlib.metadata.version("nvidia-cutlass")
+    except importlib.metadata.PackageNotFoundError:
+        return None, (f"nvidia-cutlass is not installed (pip install '{CUTLASS_REQUIREMENT}', the `cuda` extra, or "
+                      f"set {CUTLASS_DIR_ENV})")
+    if version.split(".")[0] != str(CUTLASS_MAJOR):
+        return None, f"nvidia-cutlass {version} is installed; csrc/cutlass/ needs {CUTLASS_REQUIREMENT}"
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None, f"nvidia-cutlass {version} is installed but its cutlass_library package is not found"
+    root = Path(list(spec.submodule_search_locations)[0]) / "source"
+    dirs = _cutlass_tree(root)
+    if dirs is None:
+        return None, f"nvidia-cutlass {version} has no C++ headers under {root}"
+    return dirs, f"nvidia-cutlass {version} ({root})"
+
+
+def sm90a_targets(arch_list: Optional[str], device_capabilities=()) -> tuple[list[str], Optional[str]]:
+    """Whether the CUDA extension is built for sm_90a, which the CUTLASS kernels need (wgmma and
+    setmaxnreg exist only on the arch-specific target; for any other target their bodies are empty):
+    ([extra nvcc flags], None) when it is, else ([], why not).
+
+    ``arch_list`` is TORCH_CUDA_ARCH_LIST: sm_90a is built when it names 9.0a. Unset, torch builds for the
+    visible GPUs' own capabilities (9.0 on an H100, never 9.0a): then a visible compute capability 9.0 adds the
+    sm_90a target itself (``device_capabilities``: (major, minor) pairs)."""
+    if arch_list:
+        entries = [entry.split("+")[0].strip() for entry in arch_list.replace(";", " ").split()]
+        if "9.0a" in entries:
+            return [], None
+        return [], f"TORCH_CUDA_ARCH_LIST={arch_list!r} does not name 9.0a (the CUTLASS kernels are sm_90a only)"
+    if (9, 0) in [tuple(cap) for cap in device_capabilities]:
+        return ["-gencode=arch=compute_90a,code=sm_90a"], None
+    return [], "no sm_90 GPU is visible and TORCH_CUDA_ARCH_LIST is unset (set it to include 9.0a to build them)"
+
+
+def cutlass_nvcc_flags(include_dirs: list[Path]) -> list[str]:
+    """nvcc flags added for the CUTLASS translation unit: its headers as system includes (their warnings are
+    not ours), C++17 with relaxed constexpr (cute), and -DNDEBUG: a device assert in the mainloop makes ptxas
+    serialize the wgmma pipeline across the call (warning C7510); MK_WITH_CUTLASS tells bindings.cpp."""
+    flags = []
+    for path in include_dirs:
+        flags += ["-isystem", str(path)]
+    # torch's CUDAExtension defines __CUDA_NO_HALF_OPERATORS__ and the like; CUTLASS's half/bf16 types use those
+    # operators (as flash-attention's build, undefined again after torch's flags)
+    flags += ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-U__CUDA_NO_HALF2_OPERATORS__"]
+    return flags + ["-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-DMK_WITH_CUTLASS"]
 
 
 def build_key(csrc: Path, toolchain: dict) -> str:

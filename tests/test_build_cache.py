@@ -71,8 +71,8 @@ def test_flags_compiler_torch_and_python_change_the_key(csrc, field, value):
 
 def test_the_key_is_not_fooled_by_moving_bytes_between_files(csrc):
     # lengths are hashed with the bytes: "ab" + "c" and "a" + "bc" are different csrc/ trees
-    for name in list(p.name for p in csrc.iterdir()):
-        (csrc / name).unlink()
+    for path in list(csrc.iterdir()):  # csrc/cutlass/ is a folder
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     (csrc / "a.h").write_bytes(b"ab")
     (csrc / "b.h").write_bytes(b"c")
     key = native_build.build_key(csrc, TOOLCHAIN)

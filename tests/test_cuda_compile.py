@@ -69,6 +69,30 @@ def test_bindings_compile_with_cuda_enabled():
           "-Wno-unused-parameter", "-Werror", *includes, CSRC / "bindings.cpp"])
 
 
+CUTLASS_SOURCES = [CSRC / name for name in native_build.CUTLASS_SOURCES]
+
+
+def test_cutlass_sources_are_outside_the_plain_glob():
+    # csrc/cutlass/*.cu need CUTLASS's headers: compiled by the case below, not by the sm_80/sm_90 one above
+    assert all(path.is_file() and path not in CU_SOURCES for path in CUTLASS_SOURCES)
+
+
+@pytest.mark.slow  # one full CUTLASS compile for sm_80 (empty bodies) and sm_90a with -Werror on our code: ~3 min
+@pytest.mark.parametrize("source", CUTLASS_SOURCES, ids=[path.name for path in CUTLASS_SOURCES])
+def test_cutlass_source_compiles_for_sm80_and_sm90a(source, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (not on PATH, no CUDA_HOME/bin/nvcc): the CUDA sources cannot be compiled here")
+    dirs, why = native_build.cutlass_include_dirs()
+    if dirs is None:
+        pytest.skip(f"CUTLASS's headers not found: {why}")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    gencodes = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+    # the CUTLASS headers are system includes (their own warnings are not checked); ours are
+    _run([nvcc, *gencodes, *COMMON_NVCC_FLAGS, *native_build.nvcc_flags(), *native_build.cutlass_nvcc_flags(dirs),
+          "-I", CSRC, "-Xcompiler", "-Wall,-Wextra", "-c", source, "-o", tmp_path / "out.o"])
+
+
 def test_shared_header_is_plain_cpp(tmp_path):
     cxx = _cxx()
     if cxx is None:

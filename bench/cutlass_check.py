@@ -1,0 +1,317 @@
+"""``python -m bench cutlass``: the cuda backend's CUTLASS sm_90a GEMMs (csrc/cutlass/margin_sm90.cu) compiled
+without a GPU, one instantiation at a time, and the calibrated model's estimate of the backend's step.
+
+Per instantiation (forward/backward x bf16/fp16, ``MK_SM90_KERNELS``): ``nvcc -arch=sm_90a -cubin -DNDEBUG
+-Xptxas -v`` (the extension's flags), its wall and CPU time, the GEMM kernel's registers, spill bytes, any
+ptxas C7510 warning (wgmma serialized), whether its SASS (Triton's cuobjdump) holds HGMMA; the dynamic shared
+memory each launch requests comes from one host-only compile that prints ``Kernel::SharedStorageSize``. Written
+to bench/data/cutlass_facts.json. ``--check`` exits 1 on a spill, a C7510, no HGMMA, shared memory above
+227 KiB, or an estimate above ``LIMIT`` x the floor; ``--facts-only`` checks the committed file's content
+against the same limits without compiling (what the default test run does).
+
+The estimate (B = 512, C = 1e6, d = 512, bf16, H100 of bench/gpu_model.py), with these assumptions:
+
+* the forward is one fused launch over all C (no chunk loop: nothing B x C is written, so nothing bounds it)
+  plus the fixed-order merge of the (B x C/256) partial pairs; the backward a chunk loop of ``BACKWARD_CHUNK``
+  classes: the fused recompute GEMM (dL/dcos in bf16 into the chunk buffer), the column-partial sum, the dx
+  and dW GEMMs (cuBLAS, bf16 operands, fp32 output), finish_dw (unscale, tangent projection, bf16 dW) and the
+  dx accumulation: ``HOST_OPS_PER_CHUNK`` host launches per chunk, against the model's ``host_op_us``;
+* ping-pong warp specialisation: one consumer warpgroup's epilogue runs under the other's mainloop, so a fused
+  GEMM's body is max(mainloop, epilogue) (the model's two-CTAs rule; the kernel is one CTA of two consumer
+  warpgroups per SM), and its epilogue issue time counts one warpgroup (4 warps) per tile;
+* the epilogue's instructions per element are those of a probe loop compiled here for sm_90a (the per-element
+  step of ``margin_math.h`` for ``PROBE_KIND``, ArcFace/CosFace's identity negatives, plus the visitor's load
+  and compare), times the tile's elements per thread, plus ``EPILOGUE_FIXED`` per tile for the reduction trees
+  and the stores; the run-time kind switch adds ``SWITCH_INSTRUCTIONS`` per element;
+* no cluster (1 x 1): W's tile is read from L2 by each of the B/64 row tiles (no TMA multicast saving);
+* a fused GEMM reads W from HBM once per launch and writes nothing B x C to HBM (the backward's 16 MiB chunk
+  buffer stays in the 50 MB L2 between the GEMM that writes it and the two that read it).
+No GPU has run these kernels: the estimate is the model's, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import gpu_model
+from .archs import _cuobjdump
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SOURCE = CSRC / "cutlass" / "margin_sm90.cu"
+FACTS_PATH = ROOT / "bench" / "data" / "cutlass_facts.json"
+
+#: name -> MK_SM90_KERNELS bit
+INSTANTIATIONS = {"forward_bf16": 1, "forward_f16": 2, "backward_bf16": 4, "backward_f16": 8}
+#: tiles (M, N) of the forward and backward GEMMs (margin_sm90.cu TileShape / BackwardTileShape)
+TILES = {"forward": (64, 256), "backward": (64, 128)}
+SMEM_LIMIT = 227 * 1024
+LIMIT = 1.3
+SHAPE = dict(batch=512, classes=1_000_000, dim=512)
+BACKWARD_CHUNK = 32768
+HOST_OPS_PER_CHUNK = 6
+PROBE_KIND = "kIdentity"
+SWITCH_INSTRUCTIONS = 4
+EPILOGUE_FIXED = 400
+
+
+def nvcc() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    from shutil import which
+    return which("nvcc")
+
+
+def cutlass_flags() -> tuple[Optional[list[str]], str]:
+    """The extension's nvcc flags for the CUTLASS translation unit, or (None, why not)."""
+    sys.path.insert(0, str(ROOT))
+    from margin_kernels import native_build
+    dirs, where = native_build.cutlass_include_dirs()
+    if dirs is None:
+        return None, where
+    return native_build.cutlass_nvcc_flags(dirs) + ["-I", str(CSRC)], where
+
+
+def _functions(sass: str) -> dict:
+    """SASS text per function (cuobjdump -sass prints a 'Function : name' header before each)."""
+    parts = re.split(r"\n\s*Function : (\S+)", sass)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def _opcodes(text: str) -> list:
+    return [m.group(3) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);",
+                                            text) if m.group(3) != "NOP"]
+
+
+def compile_instantiation(name: str, flags: list[str], compiler: str, workdir: Path) -> dict:
+    cubin = workdir / f"{name}.cubin"
+    cmd = [compiler, "-arch=sm_90a", "-cubin", "-Xptxas", "-v", *flags, f"-DMK_SM90_KERNELS={INSTANTIATIONS[name]}",
+           str(SOURCE), "-o", str(cubin)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {name}:\n{log[-4000:]}")
+    record = {"compile_wall_s": round(wall, 1),
+              "compile_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+              "c7510": "C7510" in log}
+    for block in re.split(r"ptxas info\s+: Compiling entry function '", log)[1:]:
+        fname = block.split("'")[0]
+        if "GemmUniversal" not in fname:
+            continue
+        record["kernel"] = fname
+        record["registers"] = int(re.search(r"Used (\d+) registers", block).group(1))
+        record["spill_bytes"] = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", block))
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ops = _opcodes(_functions(sass).get(record.get("kernel", ""), ""))
+    record["hgmma"] = sum(op.startswith("HGMMA") for op in ops)
+    record["hgmma_shapes"] = sorted({op for op in ops if op.startswith("HGMMA")})
+    record["sass_instructions"] = len(ops)
+    return record
+
+
+def shared_bytes(flags: list[str], compiler: str, workdir: Path) -> dict:
+    exe = workdir / "report"
+    subprocess.run([compiler, "-arch=sm_90a", *flags, "-DMK_SM90_KERNELS=0", "-DMK_SM90_REPORT_MAIN", str(SOURCE),
+                    "-o", str(exe)], capture_output=True, text=True, check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+PROBE = r"""
+#include "margin_math.h"
+__global__ void probe_forward(const float* acc, const float* inv, const long long* label, int n, float scale,
+                              float thr, float aux, float* out) {
+  float m = -INFINITY, s = 0.0f;
+  const mk::NegativeConsts<float> k{scale, 0.0f, 0.0f};
+#pragma unroll 1
+  for (int i = threadIdx.x; i < n; i += 32) {
+    const float c = acc[i] * inv[i];
+    if (i == label[0]) continue;
+    mk::lse_push(m, s, mk::negative_logit<mk::KIND>(c, thr, aux, k));
+  }
+  out[threadIdx.x] = m + s;
+}
+__global__ void probe_backward(const float* acc, const float* inv, const long long* label, int n, float scale,
+                               float thr, float aux, float lse, float g, float gt, float factor, float* d,
+                               float* dot) {
+  float sum = 0.0f;
+  const mk::NegativeConsts<float> k{scale, 0.0f, 0.0f};
+#pragma unroll 1
+  for (int i = threadIdx.x; i < n; i += 32) {
+    const float c = acc[i] * inv[i];
+    const float dc = i == label[0] ? gt : mk::negative_grad<mk::KIND>(c, thr, aux, k, lse, g);
+    d[i] = dc * (inv[i] * factor);
+    sum += dc * c;
+  }
+  dot[threadIdx.x] = sum;
+}
+"""
+
+
+def per_element_instructions(compiler: str, workdir: Path) -> dict:
+    """SASS instructions of one iteration of the probe loops (the per-element step), forward and backward."""
+    probe = workdir / "probe.cu"
+    probe.write_text(PROBE.replace("mk::KIND", f"mk::{PROBE_KIND}"))
+    cubin = workdir / "probe.cubin"
+    subprocess.run([compiler, "-arch=sm_90a", "-cubin", "-DNDEBUG", "-I", str(CSRC), str(probe), "-o", str(cubin)],
+                   capture_output=True, text=True, check=True)
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    counts = {}
+    for fname, text in _functions(sass).items():
+        lines = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in re.finditer(
+            r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", text) if m.group(3) != "NOP"]
+        index = {addr: i for i, (addr, _, _) in enumerate(lines)}
+        loops = []
+        for i, (addr, op, args) in enumerate(lines):
+            target = re.search(r"0x([0-9a-f]+)", args) if op.startswith("BRA") else None
+            if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+                loops.append(i - index[int(target.group(1), 16)] + 1)
+        counts["forward" if "forward" in fname else "backward"] = max(loops) if loops else len(lines)
+    return counts
+
+
+def epilogue_instructions(kind: str, per_element: dict) -> int:
+    """Instructions one consumer warp issues per output tile outside the MMA loop."""
+    tm, tn = TILES[kind]
+    elements_per_thread = tm * tn // 128  # one warpgroup of 128 threads per tile (ping-pong)
+    return elements_per_thread * (per_element[kind] + SWITCH_INSTRUCTIONS) + EPILOGUE_FIXED
+
+
+def estimate(facts: dict, gpu_name: str = "H100", chunk: int = BACKWARD_CHUNK) -> dict:
+    """The model's step (seconds) and its launches' terms; see the module docstring for the assumptions."""
+    gpu = gpu_model.GPUS[gpu_name]
+    b, c, d = SHAPE["batch"], SHAPE["classes"], SHAPE["dim"]
+    two = 2  # bytes of a bf16 element
+    chunks = -(-c // chunk)
+    per_element = facts["per_element_instructions"]
+
+    def fused(kind: str, name: str, cols: int, count: int, extra_hbm: float = 0.0):
+        tm, tn = TILES[kind]
+        rec = facts["instantiations"][f"{kind}_bf16"]
+        f = gpu_model.Facts(product="wgmma" if rec["hgmma"] else "mma", registers=128, spill_bytes=rec["spill_bytes"],
+                            shared_bytes=facts["shared_bytes"][f"{kind}_bf16"], num_warps=4, pipelined=True,
+                            epilogue_instructions=epilogue_instructions(kind, per_element))
+        return gpu_model.Launch(name, flop=2.0 * b * cols * d * count,
+                                hbm_bytes=(cols * d * two) * count + extra_hbm,
+                                l2_bytes=b * cols * d * (1 / tm + 1 / tn) * two * count,
+                                tiles=-(-b // tm) * -(-cols // tn) * count, ctas=gpu.sms, facts=f)
+
+    tiles_n = -(-c // TILES["forward"][1])
+    launches = [
+        fused("forward", "fused forward GEMM (EVT log-sum-exp partials)", c, 1),
+        gpu_model.Launch("merge of the row partials", hbm_bytes=b * tiles_n * 8 * 2),
+        fused("backward", "fused recompute GEMM (EVT dL/dcos, bf16 chunk)", chunk, chunks),
+        gpu_model.Launch("column partial sums", hbm_bytes=-(-b // 64) * c * 8, count=chunks),
+        gpu_model.Launch("dx GEMM (cuBLAS)", flop=2.0 * b * c * d, hbm_bytes=c * d * two, count=chunks),
+        gpu_model.Launch("dW GEMM (cuBLAS)", flop=2.0 * b * c * d, count=chunks),
+        gpu_model.Launch("finish_dw (tangent projection, bf16 dW)", hbm_bytes=c * d * two, count=chunks),
+        gpu_model.Launch("dx accumulate", hbm_bytes=b * d * 4 * 3 * chunks, count=chunks),
+    ]
+    step = gpu_model.Step(launches=launches, chunks=chunks, host_ops=HOST_OPS_PER_CHUNK)
+    result = gpu_model.step_time(step, gpu)
+    # ping-pong: the fused GEMMs' epilogue overlaps the other warpgroup's mainloop (module docstring)
+    gpu_s = 0.0
+    for launch in launches:
+        terms = result["launches"][launch.name]
+        if launch.facts is not None:
+            mainloop = max(terms["mma"], terms["l2"])
+            terms["total"] = terms["launch"] + terms["serial"] + max(terms["hbm"], max(mainloop, terms["epilogue"]))
+        gpu_s += terms["total"]
+    host_chunk = step.host_ops * gpu.host_op_us * 1e-6
+    total = chunks * max(gpu_s / chunks, host_chunk)
+    floor = gpu_model.floor_s(b, d, c, gpu.peak_tflops)
+    return {"gpu": gpu_name, "shape": SHAPE, "backward_chunk": chunk, "total_s": total, "floor_s": floor,
+            "ratio": total / floor, "host_s": chunks * host_chunk, "gpu_s": gpu_s,
+            "launches": {name: {k: v for k, v in t.items()} for name, t in result["launches"].items()}}
+
+
+def problems(facts: dict) -> list[str]:
+    found = []
+    for name, rec in facts["instantiations"].items():
+        if rec["spill_bytes"]:
+            found.append(f"{name}: {rec['spill_bytes']} spill bytes")
+        if rec["c7510"]:
+            found.append(f"{name}: ptxas C7510 (wgmma serialized)")
+        if not rec["hgmma"]:
+            found.append(f"{name}: no HGMMA in its SASS")
+    for name, value in facts["shared_bytes"].items():
+        if value > SMEM_LIMIT:
+            found.append(f"{name}: {value} B of shared memory > {SMEM_LIMIT}")
+    ratio = facts["estimate"]["ratio"]
+    if ratio > LIMIT:
+        found.append(f"estimate {ratio:.2f}x the floor > {LIMIT}x")
+    return found
+
+
+def report(facts: dict) -> str:
+    lines = ["instantiation    regs  spill  smem(B)   HGMMA  C7510  compile wall/CPU (s)"]
+    for name, rec in facts["instantiations"].items():
+        lines.append(f"{name:15s} {rec['registers']:5d} {rec['spill_bytes']:6d} {facts['shared_bytes'][name]:9d} "
+                     f"{rec['hgmma']:6d}  {str(rec['c7510']):5s}  {rec['compile_wall_s']:.0f} / "
+                     f"{rec['compile_cpu_s']:.0f}")
+    e = facts["estimate"]
+    lines.append(f"per-element SASS instructions ({PROBE_KIND}): {facts['per_element_instructions']}")
+    lines.append(f"estimate ({e['gpu']}, B={e['shape']['batch']} C={e['shape']['classes']} d={e['shape']['dim']} "
+                 f"bf16, backward chunk {e['backward_chunk']}): {e['total_s'] * 1e3:.2f} ms = {e['ratio']:.2f}x "
+                 f"the floor {e['floor_s'] * 1e3:.2f} ms (GPU {e['gpu_s'] * 1e3:.2f} ms, host {e['host_s'] * 1e3:.2f} "
+                 "ms; model only, no GPU measured it)")
+    for name, t in e["launches"].items():
+        top = {k: round(v * 1e3, 3) for k, v in t.items() if k in ("mma", "l2", "hbm", "epilogue", "launch", "total")}
+        lines.append(f"  {name}: {top} ms")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench cutlass", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 on a spill, C7510, no HGMMA, smem or estimate")
+    parser.add_argument("--facts-only", action="store_true",
+                        help="no compile: re-estimate and check the committed bench/data/cutlass_facts.json")
+    parser.add_argument("--out", default=str(FACTS_PATH))
+    args = parser.parse_args(argv)
+    if args.facts_only:
+        facts = json.loads(Path(args.out).read_text())
+        facts["estimate"] = estimate(facts)
+    else:
+        compiler = nvcc()
+        if compiler is None:
+            print("python -m bench cutlass: nvcc not found", file=sys.stderr)
+            return 2
+        flags, where = cutlass_flags()
+        if flags is None:
+            print(f"python -m bench cutlass: {where}", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            facts = {"cutlass": where, "nvcc": subprocess.run([compiler, "--version"], capture_output=True,
+                                                              text=True).stdout.strip().splitlines()[-1],
+                     "flags": "-arch=sm_90a -cubin -Xptxas -v " + " ".join(
+                         f for f in flags if not f.startswith("/")),
+                     "instantiations": {name: compile_instantiation(name, flags, compiler, work)
+                                        for name in INSTANTIATIONS},
+                     "shared_bytes": shared_bytes(flags, compiler, work),
+                     "per_element_instructions": per_element_instructions(compiler, work)}
+        facts["estimate"] = estimate(facts)
+        Path(args.out).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    print(report(facts))
+    found = problems(facts)
+    for problem in found:
+        print(f"FAIL: {problem}")
+    return 1 if (args.check and found) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

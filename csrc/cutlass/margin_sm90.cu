@@ -1,0 +1,615 @@
+// The cuda backend's epilogue-fused GEMMs for sm_90a (API: margin_sm90.h): CUTLASS 3.x TMA warp-specialized
+// ping-pong persistent GEMMs of x (rows x dim) by w^T whose epilogue visitor tree (EVT) applies the margin math
+// of margin_math.h to the fp32 accumulators in registers, so the rows x cols block of dot products is never
+// written:
+//   forward:  per row and 256-column tile, the (max, sum) log-sum-exp pair of the negatives (the binary family:
+//             the sum of its softplus terms), one 8-byte pair per (row, tile) into a scratch buffer, merged in
+//             tile order by merge_row_parts_kernel (a fixed-order tree within a tile: deterministic);
+//   backward: the recompute GEMM whose EVT writes dL/dcos (times 1/|w_j| and the fp16 factor) in the operand
+//             dtype (the D output, through TMA), and per column and 64-row tile (sum_i dc c, sum_i dz) into a
+//             scratch buffer, summed in row-tile order by sum_col_parts_kernel. The dx and dW GEMMs stay cuBLAS
+//             on that 16-bit chunk (tensor cores, fp32 output) with margin_cuda.cu's finish_dw.
+// Two kernels per operand dtype (fp16, bf16): four in all. The negative kind and its constants are run-time
+// arguments (margin_math.h's *_rt switch), not template parameters.
+//
+// Compiled for sm_90a only in effect: for any other target CUTLASS's sm90 kernels compile to an empty body, and
+// the host (margin_kernels/backends/cuda_backend.py) calls these only on a compute capability 9.0 device.
+// Build with -DNDEBUG (a device assert in the mainloop makes ptxas serialize wgmma: warning C7510).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdint.h>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/numeric_conversion.h"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "../margin_cuda.h"
+#include "../margin_math.h"
+#include "margin_sm90.h"
+
+// Which GEMMs this compile instantiates: bit 0 forward bf16, bit 1 forward fp16, bit 2 backward bf16, bit 3
+// backward fp16. The extension builds all four; bench/cutlass_check.py compiles one at a time (each one's
+// compile time and ptxas report), and MK_SM90_REPORT_MAIN adds a host main() printing their shared memory.
+#ifndef MK_SM90_KERNELS
+#define MK_SM90_KERNELS 0xF
+#endif
+
+namespace mk_sm90 {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+// ---- the values the visitors reduce ----------------------------------------------------------------------------
+
+// a partial log-sum-exp (max, sum of exp(z - max)); (-inf, 0) is the empty set. 8 bytes: CUTLASS's column
+// reduction moves it through one 64-bit shuffle and stores it as one 64-bit word
+struct alignas(8) LsePart {
+  float m, s;
+  CUTLASS_HOST_DEVICE LsePart() : m(-INFINITY), s(0.0f) {}
+  CUTLASS_HOST_DEVICE LsePart(float m_, float s_) : m(m_), s(s_) {}
+  // CUTLASS's reductions default-initialise their identity as ElementCompute(0): the empty set
+  CUTLASS_HOST_DEVICE explicit LsePart(int) : m(-INFINITY), s(0.0f) {}
+};
+
+// one backward element: the value D gets, and its shares of the column sums
+struct GradElem {
+  float d, dot, dz;
+};
+
+// a class's backward partial: (sum_i dc_ij c_ij, sum_i dz_ij)
+struct alignas(8) ColPart {
+  float dot, dz;
+  // the row reduction converts each visited element to its compute type: keep the column shares
+  CUTLASS_HOST_DEVICE ColPart(GradElem const& e) : dot(e.dot), dz(e.dz) {}
+  CUTLASS_HOST_DEVICE ColPart() : dot(0.0f), dz(0.0f) {}
+  CUTLASS_HOST_DEVICE ColPart(float dot_, float dz_) : dot(dot_), dz(dz_) {}
+  CUTLASS_HOST_DEVICE explicit ColPart(int) : dot(0.0f), dz(0.0f) {}
+};
+
+// element into a running pair. A visited element is (z, 1) (or the empty set for the target and out-of-range
+// columns), so the register step is margin_math's lse_push: one exp per element, as margin_cuda.cu's kernel.
+// The binary reduction's elements are (0, term): merged exactly (exp(0) = 1), as a sum.
+template <class T>
+struct LsePush;
+template <>
+struct LsePush<LsePart> {
+  CUTLASS_HOST_DEVICE LsePart operator()(LsePart run, LsePart e) const {
+    if (e.s == 1.0f) {
+      mk::lse_push(run.m, run.s, e.m);
+    } else {
+      mk::lse_merge(run.m, run.s, e.m, e.s);
+    }
+    return run;
+  }
+};
+
+// pair into pair (the shuffle and shared-memory trees)
+template <class T>
+struct LseMerge;
+template <>
+struct LseMerge<LsePart> {
+  CUTLASS_HOST_DEVICE LsePart operator()(LsePart run, LsePart e) const {
+    mk::lse_merge(run.m, run.s, e.m, e.s);
+    return run;
+  }
+};
+template <int N>
+struct LseMerge<cutlass::Array<LsePart, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<LsePart, N> operator()(cutlass::Array<LsePart, N> run,
+                                                            cutlass::Array<LsePart, N> const& e) const {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) run[i] = LseMerge<LsePart>{}(run[i], e[i]);
+    return run;
+  }
+};
+
+template <class T>
+struct ColSum;
+template <>
+struct ColSum<ColPart> {
+  CUTLASS_HOST_DEVICE ColPart operator()(ColPart run, ColPart e) const {
+    return ColPart(run.dot + e.dot, run.dz + e.dz);
+  }
+};
+template <int N>
+struct ColSum<cutlass::Array<ColPart, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<ColPart, N> operator()(cutlass::Array<ColPart, N> run,
+                                                            cutlass::Array<ColPart, N> const& e) const {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) run[i] = ColSum<ColPart>{}(run[i], e[i]);
+    return run;
+  }
+};
+
+// the forward's root: the tree stores nothing, the collective still expects one fp32 value per element
+template <class T>
+struct Discard;
+template <int N>
+struct Discard<cutlass::Array<LsePart, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<LsePart, N> const&) const {
+    cutlass::Array<float, N> out;
+    out.fill(0.0f);
+    return out;
+  }
+};
+
+// the backward's D value: the element's d
+template <class T>
+struct TakeGrad;
+template <int N>
+struct TakeGrad<cutlass::Array<GradElem, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<GradElem, N> const& e) const {
+    cutlass::Array<float, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = e[i].d;
+    return out;
+  }
+};
+
+}  // namespace mk_sm90
+
+
+namespace mk_sm90 {
+
+// ---- the margin node: per element, from the accumulator and the broadcast row/column values ------------------
+
+struct NegativeParams {
+  int kind = 0;
+  float scale = 1.0f, a = 0.0f, b = 0.0f;
+  int binary = 0;
+  float clamp = INFINITY;
+  const float* shift = nullptr;
+  int64_t col0 = 0;
+  const float* factor = nullptr;  // backward: the fp16 operand factor (device scalar, NULL: 1)
+};
+
+// A compute node of the tree (its first input the accumulator, from Sm90AccFetch) that also knows each element's
+// global column (the target column of a row is
+// dropped, as margin_cuda.cu drops it): the collective hands every callback the thread's coordinate tensor
+// (relative to the thread's first element) and the residue (the problem's (M, N) minus that first element).
+// BACKWARD false: visit(acc, inv_norm_j, thr_i, aux_i, label_i) -> LsePart per element.
+// BACKWARD true:  visit(acc, inv_norm_j, thr_i, aux_i, label_i, lse_i, g_lse_i, g_cos_target_i) -> GradElem.
+template <bool BACKWARD>
+struct Sm90MarginNode {
+  struct SharedStorage {};
+  using Arguments = NegativeParams;
+  using Params = NegativeParams;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  CUTLASS_HOST_DEVICE Sm90MarginNode() {}
+  CUTLASS_HOST_DEVICE Sm90MarginNode(Params const& params, SharedStorage const&) : params(params) {}
+
+  Params params;
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return fusion::detail::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CTensor, class ThrResidue>
+  struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD_, ThrResidue residue_, int64_t first_col_, Params const& p)
+        : tCcD(tCcD_), residue(residue_), first_col(first_col_), params(p) {}
+
+    CTensor tCcD;        // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) coordinates relative to the thread's first element
+    ThrResidue residue;  // (M, N) - the thread's first element
+    int64_t first_col;   // the global column of the thread's first element, plus col0
+    Params const& params;
+    float shift = 0.0f, factor = 1.0f;
+
+    CUTLASS_DEVICE void begin() {
+      shift = params.shift != nullptr ? *params.shift : 0.0f;
+      factor = params.factor != nullptr ? *params.factor : 1.0f;
+    }
+
+    template <typename ElementAccumulator, int FragmentSize, class... Inputs>
+    CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m,
+                              int epi_n, cutlass::Array<float, FragmentSize> const& frg_acc,
+                              cutlass::Array<float, FragmentSize> const& inv,
+                              cutlass::Array<float, FragmentSize> const& thr,
+                              cutlass::Array<float, FragmentSize> const& aux,
+                              cutlass::Array<int64_t, FragmentSize> const& label, Inputs const&... rest) {
+      Tensor coords = tCcD(_, _, _, epi_m, epi_n);
+      const mk::NegativeConsts<float> k{params.scale, params.a, params.b};
+      if constexpr (!BACKWARD) {
+        cutlass::Array<LsePart, FragmentSize> out;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < FragmentSize; ++i) {
+          const auto crd = coords(epi_v * FragmentSize + i);
+          const bool inside = elem_less(crd, residue);
+          const int64_t col = first_col + get<1>(crd);
+          const float c = static_cast<float>(frg_acc[i]) * inv[i];
+          if (!inside || col == label[i]) {
+            out[i] = LsePart();
+          } else if (params.binary) {
+            const float z = mk::negative_logit_rt(params.kind, c, thr[i], aux[i], k);
+            out[i] = LsePart(0.0f, mk::softplus_term(z + shift, params.clamp));
+          } else {
+            out[i] = LsePart(mk::negative_logit_rt(params.kind, c, thr[i], aux[i], k), 1.0f);
+          }
+        }
+        return out;
+      } else {
+        static_assert(sizeof...(Inputs) == 3, "backward: lse, g_lse, g_cos_target");
+        return backward(frg_acc, epi_v, coords, k, inv, thr, aux, label, rest...);
+      }
+    }
+
+    template <int FragmentSize, class Coords>
+    CUTLASS_DEVICE cutlass::Array<GradElem, FragmentSize> backward(
+        cutlass::Array<float, FragmentSize> const& frg_acc, int epi_v, Coords const& coords,
+        mk::NegativeConsts<float> k, cutlass::Array<float, FragmentSize> const& inv,
+        cutlass::Array<float, FragmentSize> const& thr, cutlass::Array<float, FragmentSize> const& aux,
+        cutlass::Array<int64_t, FragmentSize> const& label, cutlass::Array<float, FragmentSize> const& lse,
+        cutlass::Array<float, FragmentSize> const& g_lse, cutlass::Array<float, FragmentSize> const& g_target) {
+      cutlass::Array<GradElem, FragmentSize> out;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) {
+        const auto crd = coords(epi_v * FragmentSize + i);
+        const bool inside = elem_less(crd, residue);
+        const int64_t col = first_col + get<1>(crd);
+        const float c = static_cast<float>(frg_acc[i]) * inv[i];
+        float dc, dz = 0.0f;
+        if (col == label[i]) {
+          dc = g_target[i];
+        } else if (params.binary) {
+          dc = mk::binary_negative_grad_rt(params.kind, c, thr[i], aux[i], k, shift, params.clamp, g_lse[i], dz);
+        } else {
+          dc = mk::negative_grad_rt(params.kind, c, thr[i], aux[i], k, lse[i], g_lse[i]);
+        }
+        // as margin_cuda.cu: 1/|w_j| folded into dL/d(x.w), then the fp16 factor, rounded once at the store
+        out[i] = inside ? GradElem{dc * (inv[i] * factor), dc * c, dz} : GradElem{0.0f, 0.0f, 0.0f};
+      }
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    const int64_t N = get<1>(args.problem_shape_mnkl);
+    const int64_t first_col = N - static_cast<int64_t>(get<1>(args.residue_tCcD)) + params.col0;
+    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(args.tCcD, args.residue_tCcD,
+                                                                                      first_col, params);
+  }
+};
+
+// ---- the GEMMs -------------------------------------------------------------------------------------------------
+
+// Ping-pong: two consumer warpgroups on alternate 64 x 256 tiles, so one's epilogue (the margin math, ~1 exp
+// per element) runs under the other's mainloop; persistent over the tiles; 64 x 256 x 64 tiles with the
+// HGMMA 64x256x16 instruction; cluster 1 x 1 (no multicast: W's tile is re-read from L2 by each row tile)
+using TileShape = Shape<_64, _256, _64>;
+// the backward's tile is 64 x 128: its column reduction keeps one (dot, dz) pair per column of the thread's
+// share of the tile in registers beside the accumulators (at 256 columns: 128 + 128 registers, which spills)
+using BackwardTileShape = Shape<_64, _128, _64>;
+using ClusterShape = Shape<_1, _1, _1>;
+using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+// 64 x 64 epilogue subtiles: the backward's column reduction merges its 4 warps' partials in the D staging
+// buffer of one subtile (4 x 256 ColParts, 8 KiB = 64 x 64 16-bit values)
+using EpilogueTile = Shape<_64, _64>;
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+using RowVector = Stride<_1, _0, int64_t>;   // one value per row (M), broadcast along N
+using ColVector = Stride<_0, _1, int64_t>;   // one value per column (N), broadcast along M
+
+template <class Tile>
+using InvNorm = fusion::Sm90RowBroadcast<0, Tile, float, float, ColVector>;
+template <class Tile>
+using RowFloat = fusion::Sm90ColBroadcast<0, Tile, float, float, RowVector>;
+template <class Tile>
+using RowLabel = fusion::Sm90ColBroadcast<0, Tile, int64_t, int64_t, RowVector>;
+
+// forward: (max, sum) per row over each tile's columns, not reduced across tiles here (FinalReduction false:
+// the (round(M, 64), ceil(N / 256)) buffer of pairs, merged after in tile order). The tree has no D output; the
+// builder still sizes its (unused) D staging by an element type, which a void D takes from the root's
+// ElementAux: declared here as the operand dtype
+using RowLseReduction = fusion::Sm90ColReduction<LsePush, LseMerge, LseMerge, 0, TileShape, LsePart, LsePart,
+                                                 kRound, RowVector, 128 / 64, true, /*FinalReduction=*/false>;
+template <class Element>
+struct ForwardRoot : fusion::Sm90Compute<Discard, float, LsePart, kRound> {
+  using fusion::Sm90Compute<Discard, float, LsePart, kRound>::Sm90Compute;
+  using ElementAux = Element;
+};
+
+template <class Element>
+using ForwardTree = fusion::Sm90EVT<
+    ForwardRoot<Element>,
+    fusion::Sm90EVT<RowLseReduction,
+                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, InvNorm<TileShape>, RowFloat<TileShape>,
+                                    RowFloat<TileShape>, RowLabel<TileShape>>>>;
+
+// backward: D = dL/dcos in the operand dtype; per column and 64-row tile the ColPart sums (the
+// (ceil(M / 64), round(N, 128)) buffer, summed after in row-tile order)
+template <class Element>
+using BackwardTree = fusion::Sm90EVT<
+    fusion::Sm90Compute<TakeGrad, float, GradElem, kRound>,  // fp32 out: the collective rounds it into D
+    fusion::Sm90EVT<fusion::Sm90RowReduction<ColSum, ColSum, ColSum, 0, BackwardTileShape, ColPart, ColPart, kRound,
+                                             ColVector, 128 / 64, true, /*FinalReduction=*/false>,
+                    fusion::Sm90EVT<Sm90MarginNode<true>, fusion::Sm90AccFetch, InvNorm<BackwardTileShape>,
+                                    RowFloat<BackwardTileShape>, RowFloat<BackwardTileShape>,
+                                    RowLabel<BackwardTileShape>, RowFloat<BackwardTileShape>,
+                                    RowFloat<BackwardTileShape>, RowFloat<BackwardTileShape>>>>;
+
+template <class Element, bool BACKWARD>
+struct Gemm {
+  using LayoutX = cutlass::layout::RowMajor;     // A: rows x dim, K contiguous
+  using LayoutW = cutlass::layout::ColumnMajor;  // B: dim x cols with K contiguous = w (cols x dim) row-major
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 16 / sizeof(Element);
+  // a tree with no D output still declares an element type for the builder's shared-memory and copy choices
+  using ElementD = cute::conditional_t<BACKWARD, Element, void>;
+  using Tree = cute::conditional_t<BACKWARD, BackwardTree<Element>, ForwardTree<Element>>;
+  using Tile = cute::conditional_t<BACKWARD, BackwardTileShape, TileShape>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
+      kAlign, EpilogueSchedule, Tree>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutX, kAlign, Element, LayoutW, kAlign,
+      float, Tile, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// ---- the merges after the GEMM (fixed order: deterministic) -----------------------------------------------------
+
+// one warp per row: lane t merges tiles t, t + 32, ... in order, then a fixed shuffle tree, then into the run
+__global__ void merge_row_parts_kernel(const LsePart* __restrict__ parts, int64_t rows, int64_t padded_rows,
+                                       int64_t tiles, float* run_max, float* run_sum) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps
+  LsePart acc;
+  for (int64_t t = lane; t < tiles; t += 32) {
+    const LsePart p = parts[t * padded_rows + row];
+    mk::lse_merge(acc.m, acc.s, p.m, p.s);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float m = __shfl_xor_sync(0xffffffffu, acc.m, offset);
+    const float s = __shfl_xor_sync(0xffffffffu, acc.s, offset);
+    // both lanes of a pair merge the same two values in the same order (lower lane first): all lanes agree
+    if ((lane & offset) == 0) {
+      mk::lse_merge(acc.m, acc.s, m, s);
+    } else {
+      LsePart low(m, s);
+      mk::lse_merge(low.m, low.s, acc.m, acc.s);
+      acc = low;
+    }
+  }
+  if (lane == 0) mk::lse_merge(run_max[row], run_sum[row], acc.m, acc.s);
+}
+
+// one thread per column, summing its row tiles in order
+__global__ void sum_col_parts_kernel(const ColPart* __restrict__ parts, int64_t cols, int64_t padded_cols,
+                                     int64_t row_tiles, float* col_dot, float* col_shift) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  float dot = 0.0f, dz = 0.0f;
+  for (int64_t t = 0; t < row_tiles; ++t) {
+    const ColPart p = parts[t * padded_cols + j];
+    dot += p.dot;
+    dz += p.dz;
+  }
+  if (col_dot != nullptr) col_dot[j] = dot;
+  if (col_shift != nullptr) col_shift[j] = dz;
+}
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// stream-ordered scratch, freed on the same stream after its last use
+struct Scratch {
+  void* ptr = nullptr;
+  cudaStream_t stream;
+  explicit Scratch(cudaStream_t s) : stream(s) {}
+  cudaError_t get(size_t bytes) { return bytes == 0 ? cudaSuccess : cudaMallocAsync(&ptr, bytes, stream); }
+  ~Scratch() {
+    if (ptr != nullptr) cudaFreeAsync(ptr, stream);
+  }
+};
+
+template <class G>
+int run(typename G::Device::Arguments const& arguments, cudaStream_t stream) {
+  typename G::Device gemm;
+  if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return MK_SM90_ERR_CANNOT_IMPLEMENT;
+  Scratch workspace(stream);
+  cudaError_t status = workspace.get(G::Device::get_workspace_size(arguments));
+  if (status != cudaSuccess) return static_cast<int>(status);
+  if (gemm.initialize(arguments, workspace.ptr, stream) != cutlass::Status::kSuccess) return MK_SM90_ERR_INTERNAL;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return MK_SM90_ERR_INTERNAL;
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <class G>
+typename G::Device::Arguments gemm_arguments(mk_sm90_gemm const& g) {
+  using Element = typename G::CollectiveMainloop::ElementA;
+  typename G::Device::Arguments arguments{};
+  arguments.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  const int M = static_cast<int>(g.rows), N = static_cast<int>(g.cols), K = static_cast<int>(g.dim);
+  arguments.problem_shape = {M, N, K, 1};
+  auto stride_x = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
+  auto stride_w = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
+  get<0>(stride_x) = g.ld_x;  // row strides as given (TMA: a multiple of 16 bytes)
+  get<0>(stride_w) = g.ld_w;
+  arguments.mainloop = {static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
+  return arguments;
+}
+
+NegativeParams negative_params(mk_sm90_epilogue const& ep, const float* factor) {
+  NegativeParams p;
+  p.kind = ep.kind;
+  p.scale = ep.scale;
+  p.a = ep.a;
+  p.b = ep.b;
+  p.binary = ep.reduction == mk::kSoftplusSum;
+  p.clamp = ep.clamp;
+  p.shift = ep.shift;
+  p.col0 = ep.col0;
+  p.factor = factor;
+  return p;
+}
+
+template <class Element>
+int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* run_max, float* run_sum,
+                cudaStream_t stream) {
+  using G = Gemm<Element, false>;
+  const int64_t tile_m = size<0>(TileShape{}), tile_n = size<1>(TileShape{});
+  const int64_t padded_rows = round_up(g.rows, tile_m), tiles = (g.cols + tile_n - 1) / tile_n;
+  Scratch parts(stream);
+  cudaError_t status = parts.get(sizeof(LsePart) * padded_rows * tiles);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  auto arguments = gemm_arguments<G>(g);
+  // {children..., node}: {{{acc, inv_norm, thr, aux, label, margin}, row reduction}, root}
+  arguments.epilogue.thread = {{{{},
+                                 {ep.inv_norm, 1.0f, {}},
+                                 {ep.thr, 0.0f, {}},
+                                 {ep.aux, 0.0f, {}},
+                                 {ep.labels, int64_t(-1), {}},
+                                 negative_params(ep, nullptr)},
+                                {parts.ptr, LsePart(), {}}},
+                               {}};
+  int result = run<G>(arguments, stream);
+  if (result != 0) return result;
+  constexpr int kWarps = 8;
+  merge_row_parts_kernel<<<static_cast<unsigned int>((g.rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(
+      static_cast<const LsePart*>(parts.ptr), g.rows, padded_rows, tiles, run_max, run_sum);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <class Element>
+int backward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, const float* lse, const float* g_lse,
+                 const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
+                 float* col_shift, cudaStream_t stream) {
+  using G = Gemm<Element, true>;
+  const int64_t tile_m = size<0>(BackwardTileShape{}), tile_n = size<1>(BackwardTileShape{});
+  const int64_t padded_cols = round_up(g.cols, tile_n), row_tiles = (g.rows + tile_m - 1) / tile_m;
+  Scratch parts(stream);
+  cudaError_t status = parts.get(sizeof(ColPart) * padded_cols * row_tiles);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  auto arguments = gemm_arguments<G>(g);
+  const int M = static_cast<int>(g.rows), N = static_cast<int>(g.cols);
+  auto stride_d = cutlass::make_cute_packed_stride(typename G::Kernel::StrideD{}, make_shape(M, N, 1));
+  get<0>(stride_d) = ld_grad;
+  arguments.epilogue.ptr_C = nullptr;
+  arguments.epilogue.ptr_D = static_cast<Element*>(grad);
+  arguments.epilogue.dD = stride_d;
+  arguments.epilogue.thread = {
+      {{{},
+        {ep.inv_norm, 1.0f, {}},
+        {ep.thr, 0.0f, {}},
+        {ep.aux, 0.0f, {}},
+        {ep.labels, int64_t(-1), {}},
+        {lse, 0.0f, {}},
+        {g_lse, 0.0f, {}},
+        {g_cos_target, 0.0f, {}},
+        negative_params(ep, factor)},
+       {parts.ptr, ColPart(), {}}},
+      {}};
+  int result = run<G>(arguments, stream);
+  if (result != 0) return result;
+  constexpr int kThreads = 256;
+  sum_col_parts_kernel<<<static_cast<unsigned int>((g.cols + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      static_cast<const ColPart*>(parts.ptr), g.cols, padded_cols, row_tiles, col_dot, col_shift);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int check(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep) {
+  if (ep.kind < 0 || ep.kind >= mk::kNumNegativeKinds) return MK_CUDA_ERR_UNKNOWN_KIND;
+  if (g.rows > 0x7fffffff || g.cols > 0x7fffffff || g.dim > 0x7fffffff) return MK_CUDA_ERR_TOO_MANY_ROWS;
+  if (ep.labels == nullptr || ep.thr == nullptr || ep.aux == nullptr) return MK_CUDA_ERR_BAD_ARGUMENT;
+  return 0;
+}
+
+}  // namespace mk_sm90
+
+extern "C" {
+
+int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* run_max, float* run_sum,
+                    void* stream) {
+  if (gemm->rows <= 0 || gemm->cols <= 0) return 0;
+  if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if constexpr ((MK_SM90_KERNELS & 1) != 0) {
+    if (gemm->dtype == MK_DTYPE_BF16)
+      return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, run_max, run_sum, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 2) != 0) {
+    if (gemm->dtype == MK_DTYPE_F16) return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, run_max, run_sum, s);
+  }
+  return MK_SM90_ERR_BAD_DTYPE;
+}
+
+int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse, const float* g_lse,
+                     const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
+                     float* col_shift, void* stream) {
+  if (gemm->rows <= 0 || gemm->cols <= 0) return 0;
+  if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
+  if (ep->reduction == mk::kSoftplusSum && col_shift == nullptr) return MK_CUDA_ERR_MISSING_OUTPUT;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if constexpr ((MK_SM90_KERNELS & 4) != 0) {
+    if (gemm->dtype == MK_DTYPE_BF16)
+      return mk_sm90::backward_for<cutlass::bfloat16_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad,
+                                                        ld_grad, col_dot, col_shift, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 8) != 0) {
+    if (gemm->dtype == MK_DTYPE_F16)
+      return mk_sm90::backward_for<cutlass::half_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad, ld_grad,
+                                                    col_dot, col_shift, s);
+  }
+  return MK_SM90_ERR_BAD_DTYPE;
+}
+
+void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
+  *m = backward ? cute::size<0>(mk_sm90::BackwardTileShape{}) : cute::size<0>(mk_sm90::TileShape{});
+  *n = backward ? cute::size<1>(mk_sm90::BackwardTileShape{}) : cute::size<1>(mk_sm90::TileShape{});
+  *k = backward ? cute::size<2>(mk_sm90::BackwardTileShape{}) : cute::size<2>(mk_sm90::TileShape{});
+}
+
+}  // extern "C"
+
+#ifdef MK_SM90_REPORT_MAIN
+#include <cstdio>
+// the dynamic shared memory of each GEMM (what a launch requests), for bench/cutlass_check.py
+int main() {
+  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize));
+  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize));
+  std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
+  std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
+  return 0;
+}
+#endif

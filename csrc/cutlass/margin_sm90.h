@@ -1,0 +1,67 @@
+/* The cuda backend's epilogue-fused GEMMs for sm_90a (CUTLASS 3.x, margin_sm90.cu): a C API over raw device
+ * pointers like margin_cuda.h (no torch, no CUTLASS in this header), so margin_sm90.cu compiles standalone
+ * with nvcc and bindings.cpp needs neither. Each call launches on ``stream`` on the current device and returns
+ * 0 or an error code (a cudaError_t, an MK_CUDA_ERR_* of margin_cuda.h, or MK_SM90_ERR_* below).
+ *
+ * Operands: x (rows x dim) and w (cols x dim), both row-major with unit column stride, of one 16-bit dtype
+ * (MK_DTYPE_F16 / MK_DTYPE_BF16 of margin_cuda.h), 16-byte aligned with leading dimensions a multiple of 8
+ * (TMA). Every float vector is fp32 and contiguous. The negative function's kind and constants are run-time
+ * arguments (one kernel serves every loss). Deterministic: per-tile partials in fixed-order trees, merged
+ * after in tile order; no float atomics. */
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+  MK_SM90_ERR_BAD_DTYPE = 100101,        /* gemm->dtype is neither MK_DTYPE_F16 nor MK_DTYPE_BF16 */
+  MK_SM90_ERR_CANNOT_IMPLEMENT = 100102, /* CUTLASS's can_implement refused the problem (alignment, sizes) */
+  MK_SM90_ERR_INTERNAL = 100103,         /* CUTLASS's initialize or run failed */
+};
+
+/* the per-row inputs and the negative function of one call (as margin_cuda.h's mk_tile_args) */
+typedef struct mk_sm90_epilogue {
+  const float* inv_norm;   /* cols entries 1/max(|w_j|, eps), or NULL for raw weights */
+  const int64_t* labels;   /* rows entries; row i's excluded (target) column is labels[i] - col0 if in range */
+  int64_t col0;
+  const float* thr;        /* rows entries: T_i = row_params[i, 0] */
+  const float* aux;        /* rows entries: U_i = row_params[i, 1] */
+  int kind;                /* NegativeKind */
+  float scale, a, b;
+  int reduction;           /* ReductionKind: 0 log-sum-exp, 1 the binary family's softplus sum */
+  float clamp;             /* the binary reduction's logit clamp (inf: none) */
+  const float* shift;      /* the binary reduction's logit shift (one fp32 on the device; NULL: 0) */
+} mk_sm90_epilogue;
+
+typedef struct mk_sm90_gemm {
+  const void* x;
+  const void* w;
+  int64_t rows, cols, dim, ld_x, ld_w;
+  int dtype; /* MK_DTYPE_F16 or MK_DTYPE_BF16 */
+} mk_sm90_gemm;
+
+/* forward: merges the negatives of the rows x cols block x.w^T into run_max/run_sum (rows entries, fp32, in
+ * place: the log-sum-exp pair, or the binary reduction's sum in run_sum), without writing the block. The GEMM's
+ * epilogue writes one (max, sum) pair per row and 256-column tile into a scratch buffer; a second kernel merges
+ * them in tile order. */
+int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* run_max, float* run_sum,
+                    void* stream);
+
+/* backward (the recompute GEMM): grad (rows x cols of the operand dtype, leading dimension ld_grad) =
+ * dL/d(x_i.w_j) of margin_cuda.h's backward epilogue times inv_norm[j] times *factor (NULL: 1); col_dot[j] =
+ * sum_i dL/dc_ij c_ij (cols entries, when inv_norm is given) and, for the binary reduction, col_shift[j] =
+ * sum_i dL/dz_ij (cols entries, required then), each summed over 64-row tiles in order. lse, g_lse and
+ * g_cos_target: rows entries (lse finite). */
+int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse, const float* g_lse,
+                     const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
+                     float* col_shift, void* stream);
+
+/* the tile shapes (M, N, K) of the forward and the backward kernels, for the reports */
+void mk_sm90_tile_shape(int backward, int* m, int* n, int* k);
+
+#ifdef __cplusplus
+}
+#endif
