@@ -37,10 +37,13 @@ KNOWN: list = []
 def cases(arch_names, dtypes=("bf16",), kinds=(kf.OUR_KIND,), representative: bool = False):
     for arch in arch_names:
         for dtype in dtypes:
-            for i, kind in enumerate(kinds):
+            seen = set()
+            for kind in kinds:
                 for case in kf.our_cases(arch, dtype, kind, representative):
-                    if i and case["kernel"] in ("dweight", "dx"):
-                        continue  # no negative epilogue: once per dtype
+                    key = (case["kernel"], case["config"], case.get("out_d"), case.get("dw_group"), case["filter"])
+                    if case["kernel"] in ("dweight", "dx") and key in seen:
+                        continue  # no negative epilogue: once per dtype and tiling (kinds may differ in tiling)
+                    seen.add(key)
                     yield case
 
 

@@ -245,7 +245,8 @@ def our_step(records, gpu: gm.GPU, batch: int, classes: int, dim: int, forward_c
                   l2_bytes=kept * gemm / 2 * BF16 * (1 / t.block_b + 1 / t.out_d),
                   tiles=rb * dt * dx_splits * chunks, ctas=rb * dt * dx_splits, count=chunks, facts=bwd["dx"]),
         gm.Launch("dx_merge", hbm_bytes=dx_splits * batch * dim * 4 + batch * dim * BF16)]
-    return gm.Step(launches, chunks=chunks, host_ops=4 + (3 if use_filter else 0))
+    # host: per chunk the three launches and a buffer; with filtering the K-step lists launch and a count
+    return gm.Step(launches, chunks=chunks, host_ops=4 + (2 if use_filter else 0))
 
 
 def our_estimate(records, gpu_name: str = "H100", batch: int = 512, classes: int = 10 ** 6, dim: int = 512,

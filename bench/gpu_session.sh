@@ -2,9 +2,9 @@
 # One call on a lent GPU machine (H100/H200, torch + triton preinstalled, no internet), at most ~8 minutes,
 # everything it writes under $OUT (10 files):
 #   00_env_build.log   GPU, versions, the no-isolation build (CPU + CUDA extensions), usable backends
-#   05_cuda_first.log  the cuda backend first: its GEMM path (variant), its conformance tests against the
-#                      reference, the CUTLASS kernels' compile report (06_cutlass_facts.json)
-#   10_tests.log       the Triton and CUDA tests compiled and run on the GPU (conformance suite included)
+#   10_tests.log       first the cuda backend: its GEMM path (variant), its conformance tests against the
+#                      reference, the CUTLASS kernels' compile report (its JSON appended); then the Triton and
+#                      CUDA tests compiled and run on the GPU (conformance suite included)
 #   20_kernels.json    the kernel report: every Triton kernel compiled for sm_90 (python -m bench kernels)
 #   21_loaded.txt      the kernel report's table, then the same kernels as the driver loaded them (registers,
 #                      spills) after a real step
@@ -63,13 +63,14 @@ step "backends" 30 "$ENV_LOG" "$PY" -c "import margin_kernels as mk; print(mk.av
 # the cuda backend first: its conformance against the float64 reference on this GPU, which GEMM path it runs
 # (cuda_backend.variant: "cutlass-sm90" once the bindings call the fused kernels, else "cublas"), and the CUTLASS
 # kernels' compile report (compile-checked only until this step passes)
-CUDA_LOG="$OUT/05_cuda_first.log"
+CUDA_LOG="$OUT/10_tests.log"
 step "cuda variant" 20 "$CUDA_LOG" "$PY" -c "import torch; from margin_kernels.backends import cuda_backend as c
 from margin_kernels.backends.contract import OpConfig
 x = torch.zeros(8, 512, device='cuda', dtype=torch.bfloat16); print('variant:', c.variant(x, x, OpConfig()))"
 step "cuda conformance" 120 "$CUDA_LOG" "$PY" -m pytest -p no:cacheprovider -q -rs -x tests/test_conformance.py \
   tests/test_native_epilogues.py -k cuda
-step "cutlass report" 120 "$CUDA_LOG" "$PY" -m bench cutlass --out "$OUT/06_cutlass_facts.json"
+step "cutlass report" 120 "$CUDA_LOG" sh -c "\"$PY\" -m bench cutlass --out build/cutlass_facts.json; \
+  cat build/cutlass_facts.json"
 
 # Order: the measurements first (the GEMM floor's ceilings, the two sweeps, whose --check-up-to compares each
 # method with the reference at the smallest C, and their tables), then the test suite, the compiled-kernel

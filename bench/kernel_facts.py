@@ -98,7 +98,8 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
     # the pointers of a launch on 16-bit storage (dL/dcos in the storage dtype) or fp32/fp64 (accumulation
     # dtype, IEEE product); every other pointer is in the accumulation dtype (as bench/kernels.py compiles them)
     types = {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "dw_ptr": "*" + dtype, "labels_ptr": "*i64",
-             "index_ptr": "*i64", "flags_ptr": "*i8", "filter_threshold": "fp32",
+             "index_ptr": "*i64", "flags_ptr": "*i8", "tiles_ptr": "*i32", "tiles_count_ptr": "*i32",
+             "blocks_ptr": "*i32", "blocks_count_ptr": "*i32", "filter_threshold": "fp32",
              "dc_ptr": "*" + dtype if elem == 2 else acc, "*": acc}
     divisible = {"x_ptr", "w_ptr", "dw_ptr", "labels_ptr", "index_ptr", "flags_ptr", "dc_ptr", "rp_ptr",
                  "consts_ptr", "partial_ptr", "norms_ptr", "keep_ptr", "lse_ptr", "g_lse_ptr", "g_target_ptr",
@@ -108,7 +109,7 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
                 stride_xd=1, stride_wd=1, stride_dwd=1)
     epilogue = dict(KIND=int(NegativeKind[kind]), REDUCTION=int(ReductionKind.LSE))
     if representative:
-        forward = [configs.default_forward(elem, arch="sm_90" if cc >= 90 else "sm_80")]
+        forward = [configs.default_forward(elem, kind=epilogue["KIND"], arch=configs.config_arch(cc // 10))]
     else:
         forward = [t for t in configs.forward_candidates_for(arch, elem)] if hasattr(
             configs, "forward_candidates_for") else [t for t in configs.H100_FORWARD
@@ -121,7 +122,7 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
                    filter=False, types=types, divisible=sorted(divisible),
                    constexprs=dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
                                    SAVE_NORMS=False, KEEP=False, FAST=True))
-    t = configs.default_backward(elem, "sm_90" if cc >= 90 else "sm_80", epilogue["KIND"], epilogue["REDUCTION"])
+    t = configs.default_backward(elem, configs.config_arch(cc // 10), epilogue["KIND"], epilogue["REDUCTION"])
     label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
     for use_filter in ((True,) if representative else (False, True)):
         common = dict(arch=arch, cc=cc, dtype=dtype, config=label, tile=[t.block_b, t.block_c, t.block_d],

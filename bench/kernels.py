@@ -103,7 +103,8 @@ def _pointer_types(dtype: str, product: str) -> dict:
     acc = "fp64" if dtype == "fp64" else "fp32"
     buffer = dtype if DTYPES[dtype] == 2 else (product if product in ("bf16", "fp16") else acc)
     return {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "dw_ptr": "*" + dtype, "labels_ptr": "*i64",
-            "index_ptr": "*i64", "flags_ptr": "*i8", "filter_threshold": "fp32",
+            "index_ptr": "*i64", "flags_ptr": "*i8", "tiles_ptr": "*i32", "tiles_count_ptr": "*i32",
+            "blocks_ptr": "*i32", "blocks_count_ptr": "*i32", "filter_threshold": "fp32",
             "dc_ptr": "*" + buffer, "acc": "*" + acc}
 
 

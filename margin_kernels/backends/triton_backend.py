@@ -240,7 +240,14 @@ def lse_backward(inputs, config, grads, state):
     col_dot = torch.empty((row_blocks, chunk * k), dtype=acc, device=x.device)
     inv_norm = torch.empty(chunk * k, dtype=acc, device=x.device)
     norms, kept_tiles, kept = _store_args(store, chunk, inv_norm, k)
-    flags = torch.ones((row_blocks, col_tiles) if use_filter else (1,), dtype=torch.int8, device=x.device)
+    # gradient filtering: the dcos kernel's flags per (row block, class tile) of a chunk, and the K-step lists
+    # active_lists_kernel makes of them for the dx kernel (per row block) and the dW kernel (per class group)
+    groups = triton.cdiv(col_tiles, tiles.dw_group)
+    flags = torch.ones(row_blocks * col_tiles if use_filter else 1, dtype=torch.int8, device=x.device)
+    tile_lists = torch.empty(row_blocks * col_tiles if use_filter else 1, dtype=torch.int32, device=x.device)
+    tile_counts = torch.empty(row_blocks if use_filter else 1, dtype=torch.int32, device=x.device)
+    block_lists = torch.empty(groups * row_blocks if use_filter else 1, dtype=torch.int32, device=x.device)
+    block_counts = torch.empty(groups if use_filter else 1, dtype=torch.int32, device=x.device)
     if sink is None:
         # with a class subset only the sampled rows of dW are written, the rest must read as zero
         dweight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
@@ -268,20 +275,25 @@ def lse_backward(inputs, config, grads, state):
             float(grad_filter), shift, shift_partial, **meta, FILTER=use_filter,
             **configs.backward_kernel_tiles(tiles, "dcos"), SUB_CENTERS=k, LOADED=col0 + width <= kept,
             FAST=not interpret, **launch)
+        groups_here = triton.cdiv(row_tiles, tiles.dw_group)
+        if use_filter:
+            backward.active_lists_kernel[(row_blocks + groups_here,)](
+                flags, tile_lists, tile_counts, block_lists, block_counts, row_blocks, row_tiles,
+                GROUP=tiles.dw_group, BLOCK_T=triton.next_power_of_2(col_tiles),
+                BLOCK_R=triton.next_power_of_2(row_blocks))
+            skipped.append(row_blocks * tiles_here - tile_counts.sum())
         # the gradient GEMMs count weight rows: K per class
-        backward.dweight_kernel[(triton.cdiv(row_tiles, tiles.dw_group), d_tiles)](
-            x, weight, index, dc, col_dot, inv_norm, flags, factor, dweight, batch, num_cols * k, dim, col0 * k,
-            chunk * k, row_blocks, row_tiles, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        backward.dweight_kernel[(groups_here, d_tiles)](
+            x, weight, index, dc, col_dot, inv_norm, block_lists, block_counts, factor, dweight, batch, num_cols * k,
+            dim, col0 * k, chunk * k, row_blocks, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             dweight.stride(0), dweight.stride(1), **gemm_meta, **configs.backward_kernel_tiles(tiles, "dweight"),
             LOCAL_OUT=sink is not None, **launch)
         backward.dx_kernel[(row_blocks, d_tiles, splits)](
-            weight, index, dc, inv_norm, flags, factor, partial, batch, num_cols * k, dim, col0 * k, chunk * k,
-            row_tiles, weight.stride(0), weight.stride(1), splits, **gemm_meta,
+            weight, index, dc, inv_norm, tile_lists, tile_counts, factor, partial, batch, num_cols * k, dim, col0 * k,
+            chunk * k, row_tiles, weight.stride(0), weight.stride(1), splits, **gemm_meta,
             **configs.backward_kernel_tiles(tiles, "dx"), **launch)
         if sink is not None:  # after the dx kernel has read the chunk's weight rows
             sink.store(col0, col0 + width, dweight[:width * k])
-        if use_filter:
-            skipped.append((flags[:, :tiles_here] == 0).sum())
     dx = partial[0] if splits == 1 else partial.sum(dim=0)  # the splits' partials in a fixed order
     if use_filter:
         filter_stats.record(torch.stack(skipped).sum(), visited)

@@ -69,18 +69,29 @@ def chunk_columns(col0, CH, N, pid, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tile_flag(flags_ptr, row_block, col_tile, n_col_tiles, FILTER: tl.constexpr, GROUP: tl.constexpr = 1):
-    """Whether the dcos kernel kept this (row block, class tile) of dC (always, without filtering); with GROUP
-    > 1, whether it kept any of the GROUP class tiles from col_tile on (the dW kernel's taller K steps)."""
-    if FILTER:
-        if GROUP == 1:
-            return tl.load(flags_ptr + row_block * n_col_tiles + col_tile) != 0
-        else:
-            tiles = col_tile + tl.arange(0, GROUP)
-            kept = tl.load(flags_ptr + row_block * n_col_tiles + tiles, mask=tiles < n_col_tiles, other=0)
-            return tl.max(kept.to(tl.int32), 0) != 0
+def active_lists_kernel(flags_ptr, tiles_ptr, tiles_count_ptr, blocks_ptr, blocks_count_ptr, n_row_blocks,
+                        n_col_tiles, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Gradient filtering's K steps as lists, so the two GEMMs loop over what the dcos kernel kept without an
+    ``if`` around their loads (an ``if`` there stops Triton from pipelining them: synchronous MMAs, 0 async
+    copies in the compiled code). Program r < n_row_blocks: the kept class tiles of row block r, ascending
+    (the dx kernel's K steps); program n_row_blocks + g: the row blocks that kept any of class group g's GROUP
+    tiles, ascending (the dW kernel's). Each list starts at a fixed offset, its length beside it; one launch
+    per chunk, no host sync."""
+    pid = tl.program_id(0)
+    if pid < n_row_blocks:
+        t = tl.arange(0, BLOCK_T)
+        kept = (tl.load(flags_ptr + pid * n_col_tiles + t, mask=t < n_col_tiles, other=0) != 0).to(tl.int32)
+        tl.store(tiles_ptr + pid * n_col_tiles + tl.cumsum(kept, 0) - 1, t, mask=kept != 0)
+        tl.store(tiles_count_ptr + pid, tl.sum(kept, 0))
     else:
-        return True
+        g = pid - n_row_blocks
+        r = tl.arange(0, BLOCK_R)
+        t = g * GROUP + tl.arange(0, GROUP)
+        flags = tl.load(flags_ptr + r[:, None] * n_col_tiles + t[None, :],
+                        mask=(r < n_row_blocks)[:, None] & (t < n_col_tiles)[None, :], other=0)
+        kept = tl.max((flags != 0).to(tl.int32), 1)
+        tl.store(blocks_ptr + g * n_row_blocks + tl.cumsum(kept, 0) - 1, r, mask=kept != 0)
+        tl.store(blocks_count_ptr + g, tl.sum(kept, 0))
 
 
 @triton.jit
@@ -149,15 +160,28 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
 
 
 @triton.jit
-def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, flags_ptr, factor_ptr, dw_ptr,
-                   B, N, D, col0, CH, n_row_blocks, n_col_tiles, stride_xb, stride_xd, stride_wc, stride_wd,
+def dweight_step(x_ptr, dc_ptr, row_block, local, col_ok, ks, k_ok, acc, B, CH, stride_xb, stride_xd,
+                 UPCAST: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """acc + dC[rows, cols]^T . X[rows, ks] for the rows of one row block (a K step of the dW GEMM)."""
+    rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
+                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = load_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, ks, row_ok, k_ok)
+    return mma(tl.trans(dc), x.to(dc.dtype), acc, UPCAST, PRODUCT)
+
+
+@triton.jit
+def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, blocks_ptr, blocks_count_ptr,
+                   factor_ptr, dw_ptr, B, N, D, col0, CH, n_row_blocks, stride_xb, stride_xd, stride_wc, stride_wd,
                    stride_dwc, stride_dwd,
                    NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
                    FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    SUB_CENTERS: tl.constexpr = 1, LOCAL_OUT: tl.constexpr = False, GROUP: tl.constexpr = 1):
     # columns are weight rows: N, col0 and CH count rows (classes x SUB_CENTERS). LOCAL_OUT: dW row j of the
     # chunk goes to row j of dw_ptr (a chunk buffer for a fused optimizer's sink) instead of to its weight row.
-    # The output tile is GROUP dcos class tiles tall (BLOCK_C x GROUP rows of dW): K = B in steps of BLOCK_B
+    # The output tile is GROUP dcos class tiles tall (BLOCK_C x GROUP rows of dW): K = B in steps of BLOCK_B,
+    # with FILTER only the row blocks active_lists_kernel listed for this group
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     acc_dtype = col_dot_ptr.dtype.element_ty
@@ -165,35 +189,57 @@ def dweight_kernel(x_ptr, w_ptr, index_ptr, dc_ptr, col_dot_ptr, inv_norm_ptr, f
     ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k_ok = ks < D
     acc = tl.zeros((BLOCK_C * GROUP, BLOCK_D), acc_dtype)
-    for row_block in range(0, tl.cdiv(B, BLOCK_B)):
-        if tile_flag(flags_ptr, row_block, pid_c * GROUP, n_col_tiles, FILTER, GROUP):
-            rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
-            row_ok = rows < B
-            dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            x = load_tile(x_ptr, rows.to(tl.int64) * stride_xb, stride_xd, ks, row_ok, k_ok)
-            acc = mma(tl.trans(dc), x.to(dc.dtype), acc, UPCAST, PRODUCT)
-    dw = acc * (1.0 / tl.load(factor_ptr))
+    if FILTER:
+        for i in range(0, tl.load(blocks_count_ptr + pid_c)):
+            row_block = tl.load(blocks_ptr + pid_c * n_row_blocks + i)
+            acc = dweight_step(x_ptr, dc_ptr, row_block, local, col_ok, ks, k_ok, acc, B, CH, stride_xb,
+                               stride_xd, UPCAST, PRODUCT, BLOCK_B)
+    else:
+        for row_block in range(0, n_row_blocks):
+            acc = dweight_step(x_ptr, dc_ptr, row_block, local, col_ok, ks, k_ok, acc, B, CH, stride_xb,
+                               stride_xd, UPCAST, PRODUCT, BLOCK_B)
+    inv_factor = 1.0 / tl.load(factor_ptr)
     cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX, SUB_CENTERS)
     if NORMALIZE:
         col_dot = tl.zeros((BLOCK_C * GROUP,), acc_dtype)
         for row_block in range(0, n_row_blocks):  # the dcos kernel's partials, summed in a fixed order
             col_dot += tl.load(col_dot_ptr + row_block * CH + local, mask=col_ok, other=0.0)
         inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)
-        w = load_tile(w_ptr, cls * stride_wc, stride_wd, ks, col_ok, k_ok).to(acc_dtype)
-        dw = (dw - (col_dot * inv_norm)[:, None] * w) * inv_norm[:, None]
+        # (G / factor - (col_dot / ||w||) w) / ||w||, in this order: a row factor 1/||w||^2 underflows for
+        # ||w|| > ~1e19 (tests/test_huge_norms.py), col_dot / ||w|| times w does not
+        w = load_tile(w_ptr, cls * stride_wc, stride_wd, ks, col_ok, k_ok)
+        dw = (acc * inv_factor - (col_dot * inv_norm)[:, None] * w.to(acc_dtype)) * inv_norm[:, None]
+    else:
+        dw = acc * inv_factor
     out_rows = local.to(tl.int64) if LOCAL_OUT else cls
     offs = (out_rows * stride_dwc)[:, None] + ks.to(tl.int64)[None, :] * stride_dwd
     tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, flags_ptr, factor_ptr, partial_ptr, B, N, D, col0, CH,
-              n_col_tiles, stride_wc, stride_wd, SPLITS,
+def dx_step(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, tile, rows, row_ok, ks, k_ok, acc, N, col0, CH, stride_wc,
+            stride_wd, NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
+            PRODUCT: tl.constexpr, BLOCK_C: tl.constexpr, SUB_CENTERS: tl.constexpr):
+    """acc + dC[rows, tile] . (W / ||W||)[tile, ks] (a K step of the dx GEMM: one class tile of the chunk)."""
+    local, cols, col_ok = chunk_columns(col0, CH, N, tile, BLOCK_C)
+    dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
+                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX, SUB_CENTERS)
+    w = load_tile(w_ptr, cls * stride_wc, stride_wd, ks, col_ok, k_ok)
+    if NORMALIZE:  # W / ||W|| in registers (rows of unit norm: no fp16 overflow), never a copy of W
+        inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)
+        w = (w.to(acc.dtype) * inv_norm[:, None]).to(dc.dtype)
+    return mma(dc, w.to(dc.dtype), acc, UPCAST, PRODUCT)
+
+
+@triton.jit
+def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, tiles_ptr, tiles_count_ptr, factor_ptr, partial_ptr, B, N,
+              D, col0, CH, n_col_tiles, stride_wc, stride_wd, SPLITS,
               NORMALIZE: tl.constexpr, HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, PRODUCT: tl.constexpr,
               FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
               SUB_CENTERS: tl.constexpr = 1):
-    # columns are weight rows, as in dweight_kernel
+    # columns are weight rows, as in dweight_kernel. K = the chunk's class tiles (with FILTER the ones
+    # active_lists_kernel listed for this row block), SPLITS programs each taking a contiguous share of them
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -202,20 +248,23 @@ def dx_kernel(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, flags_ptr, factor_ptr, par
     row_ok = rows < B
     ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k_ok = ks < D
-    per_split = tl.cdiv(n_col_tiles, SPLITS)
     acc = tl.zeros((BLOCK_B, BLOCK_D), acc_dtype)
-    for tile in range(pid_s * per_split, tl.minimum(pid_s * per_split + per_split, n_col_tiles)):
-        if tile_flag(flags_ptr, pid_b, tile, n_col_tiles, FILTER):
-            local, cols, col_ok = chunk_columns(col0, CH, N, tile, BLOCK_C)
-            dc = tl.load(dc_ptr + rows.to(tl.int64)[:, None] * CH + local[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            cls = class_rows(index_ptr, cols, col_ok, HAS_INDEX, SUB_CENTERS)
-            w = load_tile(w_ptr, cls * stride_wc, stride_wd, ks, col_ok, k_ok)
-            if NORMALIZE:  # W / ||W|| in registers (rows of unit norm: no fp16 overflow), never a copy of W
-                inv_norm = tl.load(inv_norm_ptr + local, mask=col_ok, other=0.0)
-                w = (w.to(acc_dtype) * inv_norm[:, None]).to(dc.dtype)
-            acc = mma(dc, w.to(dc.dtype), acc, UPCAST, PRODUCT)
+    if FILTER:
+        count = tl.load(tiles_count_ptr + pid_b)
+        per_split = tl.cdiv(count, SPLITS)
+        for i in range(pid_s * per_split, tl.minimum(pid_s * per_split + per_split, count)):
+            tile = tl.load(tiles_ptr + pid_b * n_col_tiles + i)
+            acc = dx_step(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, tile, rows, row_ok, ks, k_ok, acc, N, col0, CH,
+                          stride_wc, stride_wd, NORMALIZE, HAS_INDEX, UPCAST, PRODUCT, BLOCK_C, SUB_CENTERS)
+    else:
+        per_split = tl.cdiv(n_col_tiles, SPLITS)
+        for tile in range(pid_s * per_split, tl.minimum(pid_s * per_split + per_split, n_col_tiles)):
+            acc = dx_step(w_ptr, index_ptr, dc_ptr, inv_norm_ptr, tile, rows, row_ok, ks, k_ok, acc, N, col0, CH,
+                          stride_wc, stride_wd, NORMALIZE, HAS_INDEX, UPCAST, PRODUCT, BLOCK_C, SUB_CENTERS)
     offs = (pid_s * B + rows).to(tl.int64)[:, None] * D + ks[None, :]
     mask = row_ok[:, None] & k_ok[None, :]
-    previous = tl.load(partial_ptr + offs, mask=mask, other=0.0)
-    tl.store(partial_ptr + offs, previous + acc * (1.0 / tl.load(factor_ptr)), mask=mask)
+    # partial += acc as a reduction the memory system applies: no register copy of the previous partial beside
+    # the accumulator (a load + store held both: 255 registers and spills at 128 x 256). Deterministic: this
+    # program is the only writer of its slot during the launch and the chunks' launches run in stream order,
+    # so each element is the same fp32 sum, previous + acc, in the same order every run
+    tl.atomic_add(partial_ptr + offs, acc * (1.0 / tl.load(factor_ptr)), mask=mask, sem="relaxed")

@@ -71,26 +71,34 @@ H100_FORWARD = [
 #: agree on BLOCK_B x BLOCK_C for gradient filtering, and none is re-tuned per step). Chosen by the compiled
 #: sm_90 code (``python -m bench kernels``, bf16, d = 512) under the GPU model (bench/gpu_model.py), whose
 #: largest backward term is the operands' L2 -> shared memory traffic, M N K (1/BM + 1/BN) elements per GEMM:
-#: 128 x 128 tiles for every GEMM (the dcos kernel's dL/dcos tile, and the dW and dx kernels' output tiles,
-#: 128 wide over d) where the dcos epilogue fits the registers (204-254 of them, 0 spills, every LSE kind but
-#: the power ones); 128 x 256 output tiles spill (255 registers, 16-368 bytes) in both gradient GEMMs.
+#: a 128 x 128 dL/dcos tile in the dcos kernel where its epilogue fits the registers (204-254 of them, 0 spills,
+#: every LSE kind but the power ones), and 128 x 256 output tiles in the dW and dx kernels (245-255 registers, 0
+#: spills, once the dx partial is added by a reduction instead of a load beside the accumulator and the dW
+#: epilogue's row factors are formed first; 224-225 KiB of shared memory at 3 stages).
 #: ``NARROW_BACKWARD``: the dcos tile at 128 x 64 for the epilogues that spill at 128 x 128 (the power kinds
-#: 304-392 bytes, sub-centers 5032, the binary reduction at 255 registers with no room left), the dW kernel
+#: 304-392 bytes, CURRICULAR 24 with filtering, sub-centers 5032, the binary reduction at 255 registers with no
+#: room left), the dW kernel
 #: still 128 rows tall (two dcos class tiles per K step). fp32/fp64: smaller tiles (2x/4x the bytes). sm_80
 #: (also sm_86/89: 99 KiB of shared memory per block) keeps narrow 32-wide tiles that fit there.
 BACKWARD_TILES = {
-    "sm_90": {2: BackwardTiles(128, 128, 64, 8, 3, grad_block_d=128), 4: BackwardTiles(64, 64, 32, 4, 3),
+    "sm_90": {2: BackwardTiles(128, 128, 64, 8, 3, grad_block_d=256), 4: BackwardTiles(64, 64, 32, 4, 3),
               8: BackwardTiles(32, 32, 32, 4, 2)},
     "sm_80": {2: BackwardTiles(128, 64, 32, 8, 3), 4: BackwardTiles(64, 64, 32, 4, 2),
               8: BackwardTiles(32, 32, 32, 4, 2)},
+    # tcgen05 keeps the accumulator in tensor memory, but the dW epilogue reads it into registers beside the
+    # W tile: 128 x 256 spills 104 bytes there (python -m bench archs), 128 x 128 does not
+    "sm_100": {2: BackwardTiles(128, 128, 64, 8, 3, grad_block_d=128), 4: BackwardTiles(64, 64, 32, 4, 3),
+               8: BackwardTiles(32, 32, 32, 4, 2)},
 }
-NARROW_BACKWARD = {"sm_90": BackwardTiles(128, 64, 64, 8, 3, grad_block_d=128, dw_group=2)}
+NARROW_BACKWARD = {"sm_90": BackwardTiles(128, 64, 64, 8, 3, grad_block_d=256, dw_group=2),
+                   "sm_100": BackwardTiles(128, 64, 64, 8, 3, grad_block_d=128, dw_group=2)}
+#: LSE kinds whose dcos epilogue spills at 128 x 128 with gradient filtering (CURRICULAR: 24 bytes on sm_90)
+NARROW_BACKWARD_KINDS = (int(NegativeKind.POWER), int(NegativeKind.POWER_ST), int(NegativeKind.CURRICULAR))
 
 
 def narrow_backward(kind: int = 0, reduction: int = 0, sub_centers: int = 1) -> bool:
     """Whether the dcos epilogue of this loss needs ``NARROW_BACKWARD`` (it spills at 128 x 128)."""
-    return (kind in (int(NegativeKind.POWER), int(NegativeKind.POWER_ST)) or sub_centers > 1
-            or reduction == int(ReductionKind.SOFTPLUS_SUM))
+    return kind in NARROW_BACKWARD_KINDS or sub_centers > 1 or reduction == int(ReductionKind.SOFTPLUS_SUM)
 
 
 #: bytes of the backward's B x chunk dL/dcos buffer: large enough that a chunk's three launches cost far
@@ -109,11 +117,17 @@ _ACCUMULATOR_REGISTERS = 128         # fp32 accumulator registers per thread we 
 _PARTIAL_BUDGET = 64 * 2 ** 20       # bytes for the dx split partials
 
 
+def config_arch(major: int) -> str:
+    """The config list of a compute capability's major version: "sm_100" (Blackwell and newer), "sm_90"
+    (Hopper) or "sm_80" (Ampere / Ada)."""
+    return "sm_100" if major >= 10 else "sm_90" if major >= 9 else "sm_80"
+
+
 def architecture(device=None) -> str:
-    """"sm_90" on Hopper and newer, else "sm_80" (the two config lists; CPU/interpreter: "sm_90")."""
+    """The config list of the device's GPU (``config_arch``; CPU/interpreter: "sm_90")."""
     if device is None or getattr(device, "type", "cuda") != "cuda" or not torch.cuda.is_available():
         return "sm_90"
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
+    return config_arch(torch.cuda.get_device_capability(device)[0])
 
 
 def backward_smem_bytes(tiles: BackwardTiles, elem_bytes: int) -> int:
@@ -123,7 +137,9 @@ def backward_smem_bytes(tiles: BackwardTiles, elem_bytes: int) -> int:
     cosine = (tiles.block_b + tiles.block_c) * tiles.block_d
     dweight = tiles.block_b * (tiles.block_c * tiles.dw_group + tiles.out_d)
     dx = tiles.block_c * (tiles.block_b + tiles.out_d)
-    return max(cosine, dweight, dx) * elem_bytes * max(tiles.num_stages, 1)
+    # Triton's pipeliner keeps num_stages - 1 K steps in shared memory (the compiled sm_90 kernels: 2 x 96 KiB
+    # of operands + 32 KiB of epilogue scratch = 224 KiB for the 128 x 256 dW tiles at 3 stages)
+    return max(cosine, dweight, dx) * elem_bytes * max(tiles.num_stages - 1, 1)
 
 
 def backward_fits(tiles: BackwardTiles, elem_bytes: int) -> bool:
@@ -175,7 +191,8 @@ def forward_fits(tiles: ForwardTiles, elem_bytes: int) -> bool:
 #: the fixed forward tiling per architecture (as many stages as fit are taken): on sm_90 64 x 128 x 64 with 4
 #: warps (the accumulator lives in wgmma's registers); on sm_8x the same tile on mma.sync spills 48 (sm_80) to
 #: 140 (sm_86/89) bytes per thread (``python -m bench archs``), 128 x 128 x 32 with 8 warps spills on none
-PREFERRED_FORWARD = {"sm_90": ForwardTiles(64, 128, 64, 4, 4), "sm_80": ForwardTiles(128, 128, 32, 8, 4)}
+PREFERRED_FORWARD = {"sm_90": ForwardTiles(64, 128, 64, 4, 4), "sm_100": ForwardTiles(64, 128, 64, 4, 4),
+                     "sm_80": ForwardTiles(128, 128, 32, 8, 4)}
 
 
 def default_forward(elem_bytes: int, casts_operands: bool = False, sub_centers: int = 1, kind: int = 0,
