@@ -23,7 +23,10 @@ The estimate (B = 512, C = 1e6, d = 512, bf16, H100 of bench/gpu_model.py), with
   step of ``margin_math.h`` for ``PROBE_KIND``, ArcFace/CosFace's identity negatives, plus the visitor's load
   and compare), times the tile's elements per thread, plus ``EPILOGUE_FIXED`` per tile for the reduction trees
   and the stores; the run-time kind switch adds ``SWITCH_INSTRUCTIONS`` per element;
-* no cluster (1 x 1): W's tile is read from L2 by each of the B/64 row tiles (no TMA multicast saving);
+* clusters (``CLUSTERS``): TMA multicast delivers one L2 read of a W tile to the cluster's M CTAs (and of an x
+  tile to its N CTAs), so the L2 term is M N K (1 / (BM cm) + 1 / (BN cn)) elements;
+* the per-element exp is the SFU's (margin_math.h mk_exp_sfu: ex2.approx, two instructions), as the probe and
+  the visitor both call it;
 * a fused GEMM reads W from HBM once per launch and writes nothing B x C to HBM (the backward's 16 MiB chunk
   buffer stays in the 50 MB L2 between the GEMM that writes it and the two that read it).
 No GPU has run these kernels: the estimate is the model's, not a measurement.
@@ -54,6 +57,9 @@ FACTS_PATH = ROOT / "bench" / "data" / "cutlass_facts.json"
 INSTANTIATIONS = {"forward_bf16": 1, "forward_f16": 2, "backward_bf16": 4, "backward_f16": 8}
 #: tiles (M, N) of the forward and backward GEMMs (margin_sm90.cu TileShape / BackwardTileShape)
 TILES = {"forward": (64, 256), "backward": (64, 128)}
+#: cluster shapes (M, N) (margin_sm90.cu ClusterShape / BackwardClusterShape): TMA multicasts each W tile to the
+#: cluster's M CTAs and each x tile to its N CTAs, so a panel crosses L2 -> SM once per cluster
+CLUSTERS = {"forward": (4, 1), "backward": (4, 2)}
 SMEM_LIMIT = 227 * 1024
 LIMIT = 1.3
 SHAPE = dict(batch=512, classes=1_000_000, dim=512)
@@ -141,7 +147,7 @@ __global__ void probe_forward(const float* acc, const float* inv, const long lon
   for (int i = threadIdx.x; i < n; i += 32) {
     const float c = acc[i] * inv[i];
     if (i == label[0]) continue;
-    mk::lse_push(m, s, mk::negative_logit<mk::KIND>(c, thr, aux, k));
+    mk::lse_push<float, true>(m, s, mk::negative_logit<mk::KIND>(c, thr, aux, k));
   }
   out[threadIdx.x] = m + s;
 }
@@ -153,7 +159,7 @@ __global__ void probe_backward(const float* acc, const float* inv, const long lo
 #pragma unroll 1
   for (int i = threadIdx.x; i < n; i += 32) {
     const float c = acc[i] * inv[i];
-    const float dc = i == label[0] ? gt : mk::negative_grad<mk::KIND>(c, thr, aux, k, lse, g);
+    const float dc = i == label[0] ? gt : mk::negative_grad<mk::KIND, float, true>(c, thr, aux, k, lse, g);
     d[i] = dc * (inv[i] * factor);
     sum += dc * c;
   }
@@ -201,13 +207,14 @@ def estimate(facts: dict, gpu_name: str = "H100", chunk: int = BACKWARD_CHUNK) -
 
     def fused(kind: str, name: str, cols: int, count: int, extra_hbm: float = 0.0):
         tm, tn = TILES[kind]
+        cm, cn = CLUSTERS[kind]
         rec = facts["instantiations"][f"{kind}_bf16"]
         f = gpu_model.Facts(product="wgmma" if rec["hgmma"] else "mma", registers=128, spill_bytes=rec["spill_bytes"],
                             shared_bytes=facts["shared_bytes"][f"{kind}_bf16"], num_warps=4, pipelined=True,
                             epilogue_instructions=epilogue_instructions(kind, per_element))
         return gpu_model.Launch(name, flop=2.0 * b * cols * d * count,
                                 hbm_bytes=(cols * d * two) * count + extra_hbm,
-                                l2_bytes=b * cols * d * (1 / tm + 1 / tn) * two * count,
+                                l2_bytes=b * cols * d * (1 / (tm * cm) + 1 / (tn * cn)) * two * count,
                                 tiles=-(-b // tm) * -(-cols // tn) * count, ctas=gpu.sms, facts=f)
 
     tiles_n = -(-c // TILES["forward"][1])
@@ -296,7 +303,8 @@ def main(argv=None) -> int:
             return 2
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            facts = {"cutlass": where, "nvcc": subprocess.run([compiler, "--version"], capture_output=True,
+            # the package and version only: the install path is this machine's
+            facts = {"cutlass": where.split(" (")[0], "nvcc": subprocess.run([compiler, "--version"], capture_output=True,
                                                               text=True).stdout.strip().splitlines()[-1],
                      "flags": "-arch=sm_90a -cubin -Xptxas -v " + " ".join(
                          f for f in flags if not f.startswith("/")),

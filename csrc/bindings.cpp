@@ -12,6 +12,9 @@
 #ifdef MK_WITH_CUDA
 #include "margin_cuda.h"
 #endif
+#ifdef MK_WITH_CUTLASS
+#include "cutlass/margin_sm90.h"
+#endif
 
 namespace {
 
@@ -305,6 +308,162 @@ void finish_dw(const Tensor& g, const Tensor& w, const optional<Tensor>& col_dot
   });
 }
 
+// ---- the cuda backend's epilogue-fused CUTLASS GEMMs (csrc/cutlass/margin_sm90.h, sm_90a) --------------------
+// x (B x d) and w (n x d): one 16-bit dtype, CUDA, unit column stride, rows 16-byte aligned (TMA); the per-row
+// vectors fp32 and contiguous. The callers (native_epilogue.NativeEpilogue.fused_*) run these only where
+// backends/cuda_variant.select chose the fused path; these checks are the backstop.
+bool has_cutlass_sm90() {
+#ifdef MK_WITH_CUTLASS
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef MK_WITH_CUTLASS
+struct FusedCall {
+  mk_sm90_gemm gemm{};
+  mk_sm90_epilogue ep{};
+  Tensor thr, aux;  // row_params' two columns, contiguous (the kernel reads each as a vector)
+};
+
+void check_fused_vector(const char* fn, const char* name, const Tensor& t, const Tensor& x, int64_t numel) {
+  TORCH_CHECK(t.device() == x.device(), "margin_kernels.", fn, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "margin_kernels.", fn, ": ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == numel, "margin_kernels.", fn, ": ", name, " must be contiguous with ",
+              numel, " elements, got shape ", t.sizes());
+}
+
+FusedCall fused_call(const char* fn, const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm,
+                     const Tensor& labels, int64_t col0, const Tensor& row_params, int64_t kind, double scale,
+                     double a, double b, int64_t reduction, double clamp, const optional<Tensor>& shift) {
+  check_matrix(fn, "x", x);
+  check_matrix(fn, "w", w);
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device(), "margin_kernels.", fn,
+              ": x and w must be CUDA tensors on one device, got ", x.device(), " and ", w.device());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "margin_kernels.", fn, ": x and w must both be bfloat16 or both float16, got ", x.scalar_type(),
+              " and ", w.scalar_type());
+  TORCH_CHECK(x.size(1) == w.size(1), "margin_kernels.", fn, ": x ", x.sizes(), " and w ", w.sizes(),
+              " must have the same d");
+  const int64_t ld_x = leading_dim(x), ld_w = leading_dim(w);
+  TORCH_CHECK(x.size(1) % 8 == 0 && ld_x % 8 == 0 && ld_w % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "margin_kernels.", fn, ": x and w need 16-byte aligned rows (d and the row strides a multiple of 8), "
+              "got d = ", x.size(1), ", strides ", ld_x, " and ", ld_w);
+  TORCH_CHECK(kind >= 0 && kind < mk::kNumNegativeKinds, "margin_kernels.", fn, ": unknown negative kind ", kind);
+  TORCH_CHECK(reduction >= 0 && reduction < mk::kNumReductionKinds, "margin_kernels.", fn,
+              ": unknown reduction kind ", reduction);
+  const int64_t rows = x.size(0), cols = w.size(0);
+  if (inv_norm) check_fused_vector(fn, "inv_norm", *inv_norm, x, cols);
+  TORCH_CHECK(row_params.device() == x.device() && row_params.scalar_type() == at::kFloat && row_params.dim() == 2 &&
+                  row_params.size(0) == rows && row_params.size(1) == 2,
+              "margin_kernels.", fn, ": row_params must be (", rows, ", 2) float32 on x's device, got ",
+              row_params.sizes(), " ", row_params.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.device() == x.device() && labels.is_contiguous() &&
+                  labels.numel() == rows,
+              "margin_kernels.", fn, ": labels must be contiguous int64 on x's device with ", rows,
+              " entries, got ", labels.sizes(), " ", labels.scalar_type());
+  TORCH_CHECK(reduction != mk::kSoftplusSum || shift, "margin_kernels.", fn,
+              ": shift is required by the binary reduction");
+  if (shift) check_fused_vector(fn, "shift", *shift, x, 1);
+  FusedCall call;
+  call.thr = row_params.select(1, 0).contiguous();
+  call.aux = row_params.select(1, 1).contiguous();
+  call.gemm = mk_sm90_gemm{x.data_ptr(), w.data_ptr(), rows, cols, x.size(1), ld_x, ld_w, dtype_code(x)};
+  call.ep.inv_norm = inv_norm ? inv_norm->data_ptr<float>() : nullptr;
+  call.ep.labels = labels.data_ptr<int64_t>();
+  call.ep.col0 = col0;
+  call.ep.thr = call.thr.data_ptr<float>();
+  call.ep.aux = call.aux.data_ptr<float>();
+  call.ep.kind = static_cast<int>(kind);
+  call.ep.scale = static_cast<float>(scale);
+  call.ep.a = static_cast<float>(a);
+  call.ep.b = static_cast<float>(b);
+  call.ep.reduction = static_cast<int>(reduction);
+  call.ep.clamp = static_cast<float>(clamp);
+  call.ep.shift = shift ? shift->data_ptr<float>() : nullptr;
+  return call;
+}
+
+void check_sm90(int status, const char* fn) {
+  TORCH_CHECK(status == 0, "margin_kernels.", fn, " failed: ",
+              status == MK_SM90_ERR_BAD_DTYPE            ? std::string("operands neither bf16 nor fp16")
+              : status == MK_SM90_ERR_CANNOT_IMPLEMENT ? std::string("CUTLASS cannot implement this problem")
+              : status == MK_SM90_ERR_INTERNAL         ? std::string("CUTLASS initialize/run failed")
+                                                       : std::string(mk_cuda_error_string(status)));
+}
+#endif
+
+void no_cutlass(const char* fn) {
+  TORCH_CHECK(false, "margin_kernels.", fn, ": this extension was built without the CUTLASS sm_90a kernels "
+              "(has_cutlass_sm90() is False)");
+}
+
+// forward of one chunk: merges the rows' negatives of x.w^T into run_max/run_sum (fp32, in place); the B x n
+// block is never written
+void fused_forward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm, const Tensor& labels,
+                   int64_t col0, const Tensor& row_params, int64_t kind, double scale, double a, double b,
+                   const Tensor& run_max, const Tensor& run_sum, int64_t stream, int64_t reduction, double clamp,
+                   const optional<Tensor>& shift) {
+#ifdef MK_WITH_CUTLASS
+  const FusedCall call = fused_call("fused_forward", x, w, inv_norm, labels, col0, row_params, kind, scale, a, b,
+                                    reduction, clamp, shift);
+  check_fused_vector("fused_forward", "run_max", run_max, x, x.size(0));
+  check_fused_vector("fused_forward", "run_sum", run_sum, x, x.size(0));
+  check_sm90(mk_sm90_forward(&call.gemm, &call.ep, run_max.data_ptr<float>(), run_sum.data_ptr<float>(),
+                             reinterpret_cast<void*>(stream)),
+             "fused_forward");
+#else
+  no_cutlass("fused_forward");
+#endif
+}
+
+// backward of one chunk (the recompute GEMM): grad_out (B x n, x's dtype, unit column stride, row stride a
+// multiple of 8) = dL/d(x.w) times 1/|w_j| times *factor; col_dot (with inv_norm) and col_shift (the binary
+// reduction) per class
+void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm, const Tensor& labels,
+                    int64_t col0, const Tensor& row_params, int64_t kind, double scale, double a, double b,
+                    const Tensor& lse, const Tensor& g_lse, const Tensor& g_cos_target,
+                    const optional<Tensor>& col_dot, const Tensor& grad_out, const optional<Tensor>& factor,
+                    int64_t stream, int64_t reduction, double clamp, const optional<Tensor>& shift,
+                    const optional<Tensor>& col_shift) {
+#ifdef MK_WITH_CUTLASS
+  const char* fn = "fused_backward";
+  const FusedCall call = fused_call(fn, x, w, inv_norm, labels, col0, row_params, kind, scale, a, b, reduction,
+                                    clamp, shift);
+  const int64_t rows = x.size(0), cols = w.size(0);
+  check_fused_vector(fn, "lse", lse, x, rows);
+  check_fused_vector(fn, "g_lse", g_lse, x, rows);
+  check_fused_vector(fn, "g_cos_target", g_cos_target, x, rows);
+  TORCH_CHECK(!inv_norm || col_dot, "margin_kernels.fused_backward: col_dot is required with inv_norm");
+  if (col_dot) check_fused_vector(fn, "col_dot", *col_dot, x, cols);
+  TORCH_CHECK(reduction != mk::kSoftplusSum || col_shift,
+              "margin_kernels.fused_backward: col_shift is required by the binary reduction");
+  if (col_shift) check_fused_vector(fn, "col_shift", *col_shift, x, cols);
+  if (factor) check_fused_vector(fn, "factor", *factor, x, 1);
+  check_matrix(fn, "grad_out", grad_out);
+  TORCH_CHECK(grad_out.device() == x.device() && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.size(0) == rows && grad_out.size(1) == cols && leading_dim(grad_out) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(grad_out.data_ptr()) % 16 == 0,
+              "margin_kernels.fused_backward: grad_out must be (", rows, ", ", cols, ") ", x.scalar_type(),
+              " on x's device with 16-byte aligned rows, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
+              " strides ", grad_out.strides());
+  check_sm90(mk_sm90_backward(&call.gemm, &call.ep, lse.data_ptr<float>(), g_lse.data_ptr<float>(),
+                              g_cos_target.data_ptr<float>(), factor ? factor->data_ptr<float>() : nullptr,
+                              grad_out.data_ptr(), leading_dim(grad_out),
+                              col_dot ? col_dot->data_ptr<float>() : nullptr,
+                              col_shift ? col_shift->data_ptr<float>() : nullptr, reinterpret_cast<void*>(stream)),
+             fn);
+#else
+  no_cutlass("fused_backward");
+#endif
+}
+
 // ---- sub-centers: the tile of a chunk's n classes x K rows reduced to n, and a gradient spread back ----------
 void check_sub_centers(const char* fn, const Tensor& tile, int64_t K) {
   check_matrix(fn, "tile", tile);
@@ -472,6 +631,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col_shift") = py::none(), nogil);
   m.def("finish_dw", &finish_dw, py::arg("g"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
         py::arg("out") = py::none(), py::arg("inv_factor") = py::none(), py::arg("stream") = 0, nogil);
+  m.def("has_cutlass_sm90", &has_cutlass_sm90);
+  m.def("fused_forward", &fused_forward, py::arg("x"), py::arg("w"), py::arg("inv_norm"), py::arg("labels"),
+        py::arg("col0"), py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"),
+        py::arg("run_max"), py::arg("run_sum"), py::arg("stream") = 0, py::arg("reduction") = 0,
+        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), nogil);
+  m.def("fused_backward", &fused_backward, py::arg("x"), py::arg("w"), py::arg("inv_norm"), py::arg("labels"),
+        py::arg("col0"), py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"),
+        py::arg("lse"), py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("grad_out"),
+        py::arg("factor") = py::none(), py::arg("stream") = 0, py::arg("reduction") = 0,
+        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("col_shift") = py::none(), nogil);
   m.def("sub_center_max", &sub_center_max, py::arg("tile"), py::arg("inv_norm"), py::arg("sub_centers"),
         py::arg("stream") = 0, nogil);
   m.def("sub_center_scatter", &sub_center_scatter, py::arg("grad"), py::arg("values"), py::arg("winner"),

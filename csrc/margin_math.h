@@ -97,6 +97,33 @@ MK_HD float mk_exp(float x) {
 
 MK_HD double mk_exp(double x) { return exp(x); }
 
+// exp for the per-element steps of the GEMM epilogues of csrc/cutlass/ (every element of a B x C block, under
+// the tensor cores: mk_exp's ~20 SASS instructions there outweigh the MMA): on the GPU 2^(x log2 e) by the SFU's
+// ex2.approx.ftz.f32 (one FMUL and one MUFU.EX2; relative error ~2^-22 plus the product's rounding, |x| 2^-24:
+// below 1e-6 for the |x| < 20 where a softmax weight is not negligible), -inf and anything below 2^-126 give 0,
+// NaN gives NaN; on the host mk_exp (the CPU tests run the same step with the polynomial)
+MK_HD float mk_exp_sfu(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+#else
+  return mk_exp(x);
+#endif
+}
+MK_HD double mk_exp_sfu(double x) { return exp(x); }
+
+// mk_exp (SFU false: the CPU and margin_cuda.cu kernels, whose values the tests pin) or mk_exp_sfu (the CUTLASS
+// epilogues)
+template <bool SFU, typename T>
+MK_HD T exp_of(T x) {
+  if constexpr (SFU) {
+    return mk_exp_sfu(x);
+  } else {
+    return mk_exp(x);
+  }
+}
+
 // ---- log, log1p, pow ----------------------------------------------------------------------------------------
 
 // log in float for a normal x > 0 (Cephes' logf, ~1 ulp), arithmetic and bit casts only like mk_exp: the
@@ -267,10 +294,10 @@ MK_HD T negative_logit(T c, T thr, T aux, NegativeConsts<T> k) {
 
 // backward of one negative pair: p = exp(z - lse) * g_lse is the softmax weight times the incoming gradient of
 // the row's lse; dL/dc = scale * g'(c) * p. ``lse`` must be finite (rows without negatives pass 0).
-template <int KIND, typename T>
+template <int KIND, typename T, bool SFU = false>
 MK_HD T negative_grad(T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
   T z = negative_logit<KIND>(c, thr, aux, k);
-  T p = mk_exp(z - lse) * g_lse;
+  T p = exp_of<SFU>(z - lse) * g_lse;
   return p * negative_derivative<KIND>(c, thr, aux, k.a, k.b) * k.scale;
 }
 
@@ -313,10 +340,10 @@ MK_HD T negative_derivative_rt(int kind, T c, T thr, T aux, T a, T b) {
 }
 
 // negative_grad with a run-time kind (the same arithmetic in the same order)
-template <typename T>
+template <typename T, bool SFU = false>
 MK_HD T negative_grad_rt(int kind, T c, T thr, T aux, NegativeConsts<T> k, T lse, T g_lse) {
   T z = negative_logit_rt(kind, c, thr, aux, k);
-  T p = mk_exp(z - lse) * g_lse;
+  T p = exp_of<SFU>(z - lse) * g_lse;
   return p * negative_derivative_rt(kind, c, thr, aux, k.a, k.b) * k.scale;
 }
 
@@ -370,14 +397,15 @@ MK_HD void lse_merge(T& run_max, T& run_sum, T other_max, T other_sum) {
   run_max = m;
 }
 
-// one element into a running pair with a single exp (the per-thread step of the GPU reduction)
-template <typename T>
+// one element into a running pair with a single exp (the per-thread step of the GPU reduction; SFU: the
+// CUTLASS epilogue's exp, see mk_exp_sfu)
+template <typename T, bool SFU = false>
 MK_HD void lse_push(T& run_max, T& run_sum, T z) {
   if (z > run_max) {
-    run_sum = run_sum * mk_exp(run_max - z) + T(1);
+    run_sum = run_sum * exp_of<SFU>(run_max - z) + T(1);
     run_max = z;
   } else if (z != neg_infinity<T>()) {
-    run_sum += mk_exp(z - run_max);
+    run_sum += exp_of<SFU>(z - run_max);
   }
 }
 

@@ -65,8 +65,10 @@ def test_bindings_compile_with_cuda_enabled():
         pytest.skip("no C++ compiler (c++/g++/$CXX) found")
     from torch.utils import cpp_extension
     includes = [f"-I{path}" for path in cpp_extension.include_paths() + [sysconfig.get_paths()["include"], str(CSRC)]]
-    _run([cxx, "-std=c++20", "-fsyntax-only", "-DMK_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C_cuda", "-Wall", "-Wextra",
-          "-Wno-unused-parameter", "-Werror", *includes, CSRC / "bindings.cpp"])
+    # with and without the CUTLASS kernels' entry points (MK_WITH_CUTLASS: margin_sm90.h is plain C)
+    for cutlass in ([], ["-DMK_WITH_CUTLASS"]):
+        _run([cxx, "-std=c++20", "-fsyntax-only", "-DMK_WITH_CUDA", *cutlass, "-DTORCH_EXTENSION_NAME=_C_cuda",
+              "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror", *includes, CSRC / "bindings.cpp"])
 
 
 CUTLASS_SOURCES = [CSRC / name for name in native_build.CUTLASS_SOURCES]

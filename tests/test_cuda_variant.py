@@ -36,6 +36,18 @@ def test_options_outside_the_fused_epilogue_take_cublas(options):
     assert select(H100, torch.bfloat16, 512, has_fused=True, **options)[0] == CUBLAS
 
 
+def test_partial_fc_takes_cublas_and_says_why():
+    # the fused kernels do not read the class index: Partial FC stays on cuBLAS (issue 24 asks for the read)
+    chosen, why = select(H100, torch.bfloat16, 512, has_fused=True, partial_fc=True)
+    assert chosen == CUBLAS and "class index" in why
+
+
+def test_fp64_accumulation_or_a_torch_without_mixed_mm_takes_cublas():
+    assert select(H100, torch.bfloat16, 512, has_fused=True, acc_dtype=torch.float64)[0] == CUBLAS
+    chosen, why = select(H100, torch.bfloat16, 512, has_fused=True, mixed_mm=False)
+    assert chosen == CUBLAS and "out_dtype" in why
+
+
 def test_unaligned_feature_dim_takes_cublas():
     assert select(H100, torch.bfloat16, 500, has_fused=True)[0] == CUBLAS
     assert select(H100, torch.bfloat16, 504, has_fused=True)[0] == CUTLASS
@@ -71,3 +83,5 @@ def test_variant_of_a_call_without_an_sm90_device_is_cublas():
     from margin_kernels.backends.contract import OpConfig
     x = torch.zeros(4, 16, dtype=torch.bfloat16)
     assert cuda_backend.variant(x, torch.zeros(10, 16, dtype=torch.bfloat16), OpConfig()) == CUBLAS
+    chosen, why = cuda_backend.choose(x, torch.zeros(10, 16, dtype=torch.bfloat16), OpConfig())
+    assert chosen == CUBLAS and why

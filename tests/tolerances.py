@@ -441,6 +441,11 @@ GRADCHECK = dict(eps=1e-6, atol=1e-6, rtol=1e-5)
 #: points and over the cosine range: value and derivative of one elementwise formula (a few roundings, pow/exp
 #: to ~1 ulp): fp32 1e-6 ~ 8 u, fp64 1e-15 ~ 9 u
 NEGATIVE_FUNCTION = {torch.float32: 1e-6, torch.float64: 1e-15}
+#: margin_math.h's per-element backward (run-time kind, tests/test_margin_math_runtime_kind.py) against float64,
+#: relative, per unit of s + the tile's largest |logit| z: p = exp(z - lse) turns z's absolute error into that
+#: relative error (z = s g(c): NEGATIVE_FUNCTION's ~8 u on g, whose terms reach ~3 where they cancel, times s),
+#: plus exp's ~2 ulp and three products: under 8 u (s + |z|) in fp32 (1e-6) and fp64 (1e-15)
+RUNTIME_KIND_GRAD = {torch.float32: 1e-6, torch.float64: 1e-15}
 #: the native epilogues' own transcendental functions against torch's: exp_eval (a polynomial after range
 #: reduction: ~2 ulp fp32), SLEEF's exp in fp64 against libm (1 ulp)
 NATIVE_EXP_F32 = 3e-7

@@ -75,17 +75,18 @@ struct alignas(8) ColPart {
   CUTLASS_HOST_DEVICE explicit ColPart(int) : dot(0.0f), dz(0.0f) {}
 };
 
-// element into a running pair. A visited element is (z, 1) (or the empty set for the target and out-of-range
-// columns), so the register step is margin_math's lse_push: one exp per element, as margin_cuda.cu's kernel.
-// The binary reduction's elements are (0, term): merged exactly (exp(0) = 1), as a sum.
+// element into a running pair. A visited element is (z, 1) (or the empty set (-inf, 0) for the target and
+// out-of-range columns: skipped), so the register step is margin_math's lse_push with the SFU's exp
+// (mk_exp_sfu: one exp per element in two instructions). The binary reduction's elements are (0, term): merged
+// exactly (exp(0) = 1), as a sum; a NaN sum is merged, so it survives.
 template <class T>
 struct LsePush;
 template <>
 struct LsePush<LsePart> {
   CUTLASS_HOST_DEVICE LsePart operator()(LsePart run, LsePart e) const {
     if (e.s == 1.0f) {
-      mk::lse_push(run.m, run.s, e.m);
-    } else {
+      mk::lse_push<float, true>(run.m, run.s, e.m);
+    } else if (e.s != 0.0f) {
       mk::lse_merge(run.m, run.s, e.m, e.s);
     }
     return run;
@@ -284,7 +285,7 @@ struct Sm90MarginNode {
         } else if (params.binary) {
           dc = mk::binary_negative_grad_rt(params.kind, c, thr[i], aux[i], k, shift, params.clamp, g_lse[i], dz);
         } else {
-          dc = mk::negative_grad_rt(params.kind, c, thr[i], aux[i], k, lse[i], g_lse[i]);
+          dc = mk::negative_grad_rt<float, true>(params.kind, c, thr[i], aux[i], k, lse[i], g_lse[i]);
         }
         // as margin_cuda.cu: 1/|w_j| folded into dL/d(x.w), then the fp16 factor, rounded once at the store
         out[i] = inside ? GradElem{dc * (inv[i] * factor), dc * c, dz} : GradElem{0.0f, 0.0f, 0.0f};
@@ -306,12 +307,17 @@ struct Sm90MarginNode {
 
 // Ping-pong: two consumer warpgroups on alternate 64 x 256 tiles, so one's epilogue (the margin math, ~1 exp
 // per element) runs under the other's mainloop; persistent over the tiles; 64 x 256 x 64 tiles with the
-// HGMMA 64x256x16 instruction; cluster 1 x 1 (no multicast: W's tile is re-read from L2 by each row tile)
+// HGMMA 64x256x16 instruction. Clusters of 4 x 1 CTAs on 4 adjacent row tiles of the same columns: TMA
+// multicasts each W tile to the 4, so W crosses L2 -> SM once per 256 rows instead of once per 64 (a 128-row
+// ping-pong tile would need 256 accumulator registers per thread)
 using TileShape = Shape<_64, _256, _64>;
+using ClusterShape = Shape<_4, _1, _1>;
 // the backward's tile is 64 x 128: its column reduction keeps one (dot, dz) pair per column of the thread's
-// share of the tile in registers beside the accumulators (at 256 columns: 128 + 128 registers, which spills)
+// share of the tile in registers beside the accumulators (at 256 columns: 128 + 128 registers, which spills).
+// Clusters of 4 x 2: W's tile multicast to 4 row tiles, x's to 2 column tiles (at 64 x 128 each CTA would
+// otherwise read (1/64 + 1/128) of the product's K-panels per output element from L2)
 using BackwardTileShape = Shape<_64, _128, _64>;
-using ClusterShape = Shape<_1, _1, _1>;
+using BackwardClusterShape = Shape<_4, _2, _1>;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
 // 64 x 64 epilogue subtiles: the backward's column reduction merges its 4 warps' partials in the D staging
@@ -370,14 +376,15 @@ struct Gemm {
   using ElementD = cute::conditional_t<BACKWARD, Element, void>;
   using Tree = cute::conditional_t<BACKWARD, BackwardTree<Element>, ForwardTree<Element>>;
   using Tile = cute::conditional_t<BACKWARD, BackwardTileShape, TileShape>;
+  using Cluster = cute::conditional_t<BACKWARD, BackwardClusterShape, ClusterShape>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
       kAlign, EpilogueSchedule, Tree>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutX, kAlign, Element, LayoutW, kAlign,
-      float, Tile, ClusterShape,
+      float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       MainloopSchedule>::CollectiveOp;

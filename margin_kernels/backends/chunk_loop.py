@@ -204,11 +204,13 @@ def _unpacked(inputs: OpInputs, config: OpConfig, epilogue: Epilogue):
 
 @torch.no_grad()
 def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilogue: Epilogue,
-                    operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                    operand_dtype: Optional[torch.dtype] = None, fused: bool = False) -> torch.Tensor:
     """The rows' reduced negatives (log-sum-exp, or the binary family's softplus sum). ``operand_dtype``: see
     _gemm_operand. ``config.chunk_size`` counts columns (classes); with K sub-centers a chunk's tile is
     B x (chunk K). With a ``state.store`` (``kept_tiles``, counting weight rows) its inverse norms are written
-    once per call and the tiles of its kept rows are the GEMM's output buffers (the epilogue only reads them)."""
+    once per call and the tiles of its kept rows are the GEMM's output buffers (the epilogue only reads them).
+    ``fused``: the epilogue's ``fused_forward`` forms each chunk's product and epilogue in one kernel (the cuda
+    backend's CUTLASS path: 16-bit operands, no sub-centers, no store)."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
         _unpacked(inputs, config, epilogue)
     k, store = config.sub_centers, state.store
@@ -226,6 +228,10 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
+        if fused:  # no tile to keep; the inverse norms still go to a store (its backward reads them there)
+            inv_norm = _chunk_norms(w_stored, col0, col1, normalize_weight, acc, epilogue, store, known)
+            epilogue.fused_forward(x_mm, w, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
+            continue
         kept = None if store is None else store.tile(col0 * k, col1 * k)
         # the sub-center adapter normalises its tile in place: it gets a scratch copy of a kept tile
         out = kept if kept is not None and k == 1 else scratch.get("tile", batch, (col1 - col0) * k)
@@ -239,14 +245,16 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
 
 @torch.no_grad()
 def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state: CallState, epilogue: Epilogue,
-                     operand_dtype: Optional[torch.dtype] = None):
+                     operand_dtype: Optional[torch.dtype] = None, fused: bool = False):
     """(dx, dW, d shift). Per chunk: the forward's fp32 tile (kept in ``state.store``, else recomputed by a GEMM),
     the epilogue's dL/dcos, then the dx and dW GEMMs, either on the fp32 tile (CPU, fp32/fp64 storage,
     sub-centers) or on a 16-bit copy the epilogue writes instead (``gradient_operand_dtype``: tensor cores, half
     the bytes), whose fp32 outputs ``finish_dw`` unscales, normalises and stores in the gradient's dtype in one
     pass. d shift sums the tiles' shares in chunk order (deterministic; zero for LSE). With a ``state.sink``
     (``sinks.ChunkSink``: an in-place add into ``weight.grad``, a fused optimizer) each chunk's finished dW rows
-    go to ``sink.store`` from a chunk-sized buffer, and dW is None."""
+    go to ``sink.store`` from a chunk-sized buffer, and dW is None. ``fused``: the epilogue's ``fused_backward``
+    recomputes the product and writes the 16-bit dL/dcos in one kernel; the dx/dW GEMMs, finish_dw and the
+    sinks are the 16-bit path's."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
         _unpacked(inputs, config, epilogue)
     k, store, sink, grad_filter = config.sub_centers, state.store, state.sink, config.grad_filter
@@ -271,17 +279,23 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
-        tile_buffer = scratch.get("tile", batch, (col1 - col0) * k)
-        kept = None if store is None else store.tile(col0 * k, col1 * k)
-        if kept is None:
-            cos = _matmul_acc(x_mm, w.t(), acc, out=tile_buffer)
-        else:  # the epilogue overwrites its tile; the saved one stays intact (retain_graph, a second backward)
-            cos = tile_buffer.copy_(kept)
-        inv_norm = _chunk_norms(w_stored, col0 * k, col1 * k, normalize_weight, acc, epilogue, None, known)
-        # the sub-center adapter hands back the fp32 row gradient (its scatter has no 16-bit output)
-        grad_dtype = gradient_operand_dtype(w) if k == 1 else None
-        tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
-                                      g_cos_target, grad_filter > 0, grad_dtype=grad_dtype, shift=shift)
+        if fused:
+            inv_norm = _chunk_norms(w_stored, col0, col1, normalize_weight, acc, epilogue, None, known)
+            tile = epilogue.fused_backward(x_mm, w, inv_norm, labels, col0, row_params, spec, lse, g_lse,
+                                           g_cos_target, shift=shift)
+            grad_dtype = tile.grad.dtype  # the operand dtype: the 16-bit path below
+        else:
+            tile_buffer = scratch.get("tile", batch, (col1 - col0) * k)
+            kept = None if store is None else store.tile(col0 * k, col1 * k)
+            if kept is None:
+                cos = _matmul_acc(x_mm, w.t(), acc, out=tile_buffer)
+            else:  # the epilogue overwrites its tile; the saved one stays intact (retain_graph, a second backward)
+                cos = tile_buffer.copy_(kept)
+            inv_norm = _chunk_norms(w_stored, col0 * k, col1 * k, normalize_weight, acc, epilogue, None, known)
+            # the sub-center adapter hands back the fp32 row gradient (its scatter has no 16-bit output)
+            grad_dtype = gradient_operand_dtype(w) if k == 1 else None
+            tile = epilogue.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse,
+                                          g_cos_target, grad_filter > 0, grad_dtype=grad_dtype, shift=shift)
         if tile.shift_grad is not None:  # before any filtering: the forward never filters, nor does d shift
             dshift += tile.shift_grad
         if grad_filter > 0 and bool(tile.max_abs < grad_filter):

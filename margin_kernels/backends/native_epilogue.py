@@ -33,6 +33,12 @@ def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) else t.contiguous()
 
 
+def _tma_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 16-bit operand of the CUTLASS kernels: unit column stride and 16-byte aligned rows (TMA), else copied."""
+    aligned = t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) % 8 == 0) and t.data_ptr() % 16 == 0
+    return t if aligned else t.contiguous()
+
+
 class NativeEpilogue:
     """chunk_loop.Epilogue over the compiled extension ``ext`` (margin_kernels._C or _C_cuda)."""
 
@@ -65,6 +71,32 @@ class NativeEpilogue:
                                 grad_out=None if grad_dtype is None else grad, factor=factor, stream=_stream(cos),
                                 reduction=int(spec.reduction), clamp=spec.clamp, shift=shift, col_shift=col_shift)
         return TileGrad(grad, col_dot, max_abs, inv_factor, None if col_shift is None else col_shift.sum().reshape(1))
+
+    # the cuda backend's epilogue-fused CUTLASS GEMMs (cuda_variant.select chose them): the chunk's product x.w^T
+    # and its epilogue in one kernel, the B x chunk fp32 tile never written
+    def fused_forward(self, x, w, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum,
+                      shift=None):
+        self._ext.fused_forward(_tma_rows(x), _tma_rows(w), inv_norm, labels, col0, row_params, int(spec.kind),
+                                spec.scale, spec.a, spec.b, run_max, run_sum, _stream(x), int(spec.reduction),
+                                spec.clamp, shift)
+
+    def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse,
+                       g_cos_target, shift=None) -> TileGrad:
+        """The recompute GEMM with the backward epilogue: dL/dcos in the operand dtype (with 1/|w_j| and the fp16
+        factor, as backward_tile's 16-bit copy), per-class sum_i dc c and, for the binary reduction, dL/dz."""
+        rows, cols = x.shape[0], w.shape[0]
+        acc = row_params.dtype
+        col_dot = None if inv_norm is None else torch.empty(cols, dtype=acc, device=x.device)
+        binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
+        col_shift = torch.empty(cols, dtype=acc, device=x.device) if binary else None
+        # TMA stores rows of 16 bytes: the row stride rounded up to 8 elements, the view n wide
+        grad = torch.empty(rows, -(-cols // 8) * 8, dtype=w.dtype, device=x.device)[:, :cols]
+        factor, inv_factor = chunk_operand_scale(w.dtype, spec, row_params, g_lse, g_cos_target, inv_norm)
+        self._ext.fused_backward(_tma_rows(x), _tma_rows(w), inv_norm, labels, col0, row_params, int(spec.kind),
+                                 spec.scale, spec.a, spec.b, lse, g_lse, g_cos_target, col_dot, grad,
+                                 factor=factor, stream=_stream(x), reduction=int(spec.reduction), clamp=spec.clamp,
+                                 shift=shift, col_shift=col_shift)
+        return TileGrad(grad, col_dot, None, inv_factor, None if col_shift is None else col_shift.sum().reshape(1))
 
     def finish_dw(self, dw, w, col_dot, inv_norm, inv_factor=None, out=None):
         self._ext.finish_dw(dw, _unit_stride_rows(w), col_dot, inv_norm, out=out, inv_factor=inv_factor,
@@ -132,14 +164,15 @@ class NativeBackend:
         return OpInputs(x, weight, labels.long().contiguous(), row_params.contiguous(),
                         None if class_index is None else class_index.long())
 
-    def lse_forward(self, inputs, config, state):
+    def lse_forward(self, inputs, config, state, fused: bool = False):
+        """``fused``: the cuda backend's CUTLASS GEMMs (its caller decides, cuda_variant.select)."""
         inputs = self._inputs(inputs)
         return chunk_loop.chunked_forward(inputs, config, state, self._epilogue(),
-                                          product_operand_dtype(config.product, inputs.x))
+                                          product_operand_dtype(config.product, inputs.x), fused=fused)
 
-    def lse_backward(self, inputs, config, grads, state):
+    def lse_backward(self, inputs, config, grads, state, fused: bool = False):
         inputs = self._inputs(inputs)
         epilogue = self._epilogue()
         grads = RowGrads(*(self._row_vector(t, inputs.row_params.dtype) for t in grads))
         return chunk_loop.chunked_backward(inputs, config, grads, state, epilogue,
-                                           product_operand_dtype(config.product, inputs.x))
+                                           product_operand_dtype(config.product, inputs.x), fused=fused)

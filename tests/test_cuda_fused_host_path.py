@@ -1,0 +1,95 @@
+"""The chunk loop's fused branch (``fused=True``: the cuda backend's CUTLASS path, chosen by cuda_variant.select)
+on the CPU: every chunk goes through the epilogue's fused_forward / fused_backward instead of the GEMM and the
+tile epilogue, and the backward continues on the 16-bit dL/dcos path (dx/dW GEMMs, finish_dw, the sinks).
+
+No GPU here, so the fused calls are emulated with the kernels' contract (csrc/cutlass/margin_sm90.h): the
+product x.w^T in fp32, then the torch epilogue on it (forward: the rows' pairs merged in place; backward:
+dL/dcos with 1/|w_j| and the fp16 factor in the operand dtype, per-class sums). What this checks is the host
+side the GPU will run around the kernels: the per-chunk inverse norms and labels, the 16-bit path after the
+fused backward, weight.grad accumulation and the fused optimizer sink, against the float64 reference. The
+kernels themselves: bench/gpu_session.sh on the first lent sm_90 GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from margin_kernels.backends import chunk_loop, torch_backend
+from margin_kernels.backends.chunk_loop import _matmul_acc
+from tests.helpers import LOSS_NAMES, compare_with_references, make_loss
+from tests.tolerances import bounds
+
+DTYPES = (torch.bfloat16, torch.float16)
+SINGLE_ROW = [name for name in LOSS_NAMES if make_loss(name).sub_centers == 1]
+
+
+class _FusedOnCpu:
+    """The torch epilogue with fused_forward / fused_backward emulated by an fp32 product and its tile calls."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.calls = {"forward": 0, "backward": 0}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    # on CPU the loop hands fp32 copies of the 16-bit operands (_gemm_operand): their values are 16-bit ones
+    def _check(self, x, w):
+        assert self.storage in DTYPES, "the fused kernels take 16-bit operands"
+        assert torch.equal(x, x.to(self.storage).to(x.dtype)) and torch.equal(w, w.to(self.storage).to(w.dtype))
+
+    def fused_forward(self, x, w, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
+        self._check(x, w)
+        self.calls["forward"] += 1
+        cos = _matmul_acc(x, w.t(), row_params.dtype)
+        self._inner.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
+
+    def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target, shift=None):
+        self._check(x, w)
+        self.calls["backward"] += 1
+        cos = _matmul_acc(x, w.t(), row_params.dtype)
+        return self._inner.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
+                                         False, grad_dtype=self.storage, shift=shift)
+
+
+@pytest.fixture
+def fused_torch_backend(monkeypatch):
+    """backend="torch" with the chunk loop's fused branch taken (the cuda backend's, as on an sm_90 GPU)."""
+    epilogue = _FusedOnCpu(torch_backend._TORCH_EPILOGUE)
+
+    def forward(inputs, config, state):
+        epilogue.storage = inputs.weight.dtype
+        return chunk_loop.chunked_forward(inputs, config, state, epilogue, None, fused=True)
+
+    def backward(inputs, config, grads, state):
+        epilogue.storage = inputs.weight.dtype
+        return chunk_loop.chunked_backward(inputs, config, grads, state, epilogue, None, fused=True)
+
+    monkeypatch.setattr(torch_backend, "lse_forward", forward)
+    monkeypatch.setattr(torch_backend, "lse_backward", backward)
+    return epilogue
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", SINGLE_ROW)
+def test_fused_branch_matches_reference(fused_torch_backend, name, dtype):
+    kind = make_loss(name).negative_spec().kind
+    # 83 classes in chunks of 32: a short last chunk (its col0 and inverse norms), raw and normalised weights
+    errors = compare_with_references("torch", name, dtype, reference_dtypes=(torch.float64, dtype))
+    assert fused_torch_backend.calls["forward"] and fused_torch_backend.calls["backward"]
+    for ref_dtype, bound in bounds("cuda", dtype, kind).items():
+        assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_branch_accumulates_into_weight_grad(fused_torch_backend, dtype):
+    import margin_kernels as mk
+    torch.manual_seed(0)
+    head = mk.MarginHead(40, 16, make_loss("arcface"), backend="torch", chunk_size=16, dtype=dtype)
+    x = torch.randn(6, 16, dtype=dtype)
+    labels = torch.randint(0, 40, (6,))
+    head(x, labels).sum().backward()
+    first = head.weight.grad.clone()
+    head(x, labels).sum().backward()
+    assert fused_torch_backend.calls["backward"] == 2 * 3  # 40 classes in chunks of 16, two calls
+    # the second backward adds the same gradient: 2 g within the storage dtype's rounding of the sum
+    assert torch.allclose(head.weight.grad.float(), 2 * first.float(), rtol=2 ** -7, atol=0)
