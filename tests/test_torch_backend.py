@@ -1,6 +1,7 @@
 """What is specific to the portable chunked backend ("torch"): reductions, the straight-through margin, the
 class_index subset, gradient filtering, and random shapes (hypothesis) against the float64 reference. Every
 loss x dtype x shape variant against the reference, for every backend, is in test_conformance.py."""
+import pytest
 import torch
 
 import margin_kernels as mk
@@ -69,6 +70,35 @@ def test_grad_filter_keeps_loss_and_bounds_gradient_error():
     bound = threshold * 400
     assert (filtered[1] - exact[1]).norm(dim=1).max().item() <= bound
     assert rel_err(filtered[1], exact[1]) < 1e-2 and rel_err(filtered[2], exact[2]) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_grad_filter_without_a_host_decision_matches_the_skips(monkeypatch, backend, dtype):
+    """On a GPU the chunk loop zeroes a filtered chunk's dL/dcos on the device instead of branching on it (no
+    device-to-host sync per chunk); forced here on the CPU (``filter_skips_on_host``), it gives exactly what
+    skipping gives: the same loss, dx, dW and filter statistics, bit for bit (adding a product of zeros and
+    writing zero rows are what a skip leaves)."""
+    from margin_kernels.backends import chunk_loop
+    if backend == "cpu" and mk.backends.unavailable_reason("cpu") is not None:
+        pytest.skip(mk.backends.unavailable_reason("cpu"))
+    x, w, _ = random_problem(16, 400, 32, seed=5)
+    labels = torch.arange(16) % 12
+    noise = torch.cat([torch.full((12, 1), 0.3), torch.full((4, 1), 20.0)]).double()  # 4 rows far from theirs
+    x = w[labels] / w[labels].norm(dim=1, keepdim=True) * 30.0 + noise * torch.randn(
+        16, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x, w = x.to(dtype), w.to(dtype)
+    runs = []
+    for on_host in (True, False):
+        monkeypatch.setattr(chunk_loop, "filter_skips_on_host", lambda device, on_host=on_host: on_host)
+        mk.reset_grad_filter_stats()
+        out = loss_and_grads(lambda a, b: mk.margin_cross_entropy(
+            a, b, labels, mk.ArcFace(), backend=backend, chunk_size=16, grad_filter=1e-4), x, w)
+        runs.append((out, mk.grad_filter_stats()))
+    (skipping, skip_stats), (zeroing, zero_stats) = runs
+    assert skip_stats == zero_stats and 0 < skip_stats["skipped_tiles"] < skip_stats["total_tiles"]
+    for a, b in zip(skipping, zeroing):
+        assert torch.equal(a, b)
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

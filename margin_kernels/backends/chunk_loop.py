@@ -50,6 +50,12 @@ CPU_TILE_ELEMENTS = 1 << 19
 CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
 
 
+def filter_skips_on_host(device: torch.device) -> bool:
+    """Gradient filtering decides on the host (a skipped chunk runs no GEMM) where reading the decision is
+    free, on the CPU; elsewhere the chunk's dL/dcos is zeroed on the device instead, with no sync."""
+    return device.type == "cpu"
+
+
 def _power_of_two_within(target: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(target, 1).bit_length() - 1))
 
@@ -298,10 +304,22 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
                                           g_cos_target, grad_filter > 0, grad_dtype=grad_dtype, shift=shift)
         if tile.shift_grad is not None:  # before any filtering: the forward never filters, nor does d shift
             dshift += tile.shift_grad
-        if grad_filter > 0 and bool(tile.max_abs < grad_filter):
-            skipped += 1
-            dw_sink.skip(col0, col1, scratch, dim)
-            continue
+        if grad_filter > 0:
+            below = tile.max_abs < grad_filter
+            if filter_skips_on_host(below.device):  # reading it costs nothing: skip the chunk's two GEMMs
+                if bool(below):
+                    skipped += 1
+                    dw_sink.skip(col0, col1, scratch, dim)
+                    continue
+            else:  # on a GPU a branch would be a device-to-host sync per chunk: zero the tile instead. Its
+                # entries are finite when below (|dc| < tau), so its GEMMs add exactly 0 to dx and write zero
+                # dW rows, as a skip does; the filter then saves memory traffic only where the other backends'
+                # kernels skip (triton: its K-step lists)
+                keep = (~below).to(tile.grad.dtype)
+                tile.grad.mul_(keep)
+                if tile.col_dot is not None:
+                    tile.col_dot.mul_(keep.to(tile.col_dot.dtype))
+                skipped = skipped + below.to(torch.int64)
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
             dx_part = mixed_mm(tile.grad, w, acc)
             dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
