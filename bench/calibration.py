@@ -231,7 +231,7 @@ def our_step(records, gpu: gm.GPU, batch: int, classes: int, dim: int, forward_c
     dw_c = t.block_c * t.dw_group
     rb, ct, dt = math.ceil(batch / t.block_b), math.ceil(classes / t.block_c), math.ceil(dim / t.out_d)
     dc_bytes = batch * classes * BF16
-    dx_splits = min(math.ceil(2 * gpu.sms / (rb * dt)), math.ceil(chunk / t.block_c))
+    dx_splits = configs.dx_split_count(gpu.sms, rb * dt, math.ceil(chunk / t.block_c), batch, dim)
     launches += [
         gm.Launch("dcos", flop=gemm, hbm_bytes=w + dc_bytes, l2_bytes=gemm / 2 * BF16 * (1 / t.block_b + 1 / t.block_c),
                   tiles=rb * ct, ctas=rb * math.ceil(chunk / t.block_c), count=chunks, facts=bwd["dcos"]),

@@ -56,7 +56,9 @@ def test_grad_filter_keeps_loss_and_bounds_gradient_error():
     x, w, _ = random_problem(16, 400, 32, seed=5)
     labels = torch.arange(16) % 12
     noise = torch.cat([torch.full((12, 1), 0.3), torch.full((4, 1), 20.0)]).double()
-    x = w[labels] / w[labels].norm(dim=1, keepdim=True) * 30.0 + noise * torch.randn(16, 32, dtype=torch.float64)
+    # a seeded draw: the global RNG's state depends on which tests ran before (with some, no tile was skipped)
+    x = w[labels] / w[labels].norm(dim=1, keepdim=True) * 30.0 + noise * torch.randn(
+        16, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     exact = loss_and_grads(lambda a, b: mk.margin_cross_entropy(a, b, labels, mk.ArcFace(), backend="torch",
                                                                 chunk_size=16), x, w)
     mk.reset_grad_filter_stats()

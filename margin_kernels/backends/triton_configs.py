@@ -2,10 +2,10 @@
 
 * On a GPU the forward is autotuned over a short config list written for H100 (autotuning times each config
   once per (batch bucket, d, dtypes) and keeps the fastest; C is not in the key); the backward uses one
-  tiling per (architecture, element size), ``BACKWARD_TILES``. ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` gives
+  tiling per (architecture, element size, and for the heavier epilogues the loss), ``BACKWARD_TILES``. ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` gives
   the forward one fixed tiling per dtype (``default_forward``) instead, so separate processes always run the
-  same tiling (bitwise-reproducible runs; a given config is deterministic anyway: no atomics, fixed merge
-  orders).
+  same tiling (bitwise-reproducible runs; a given config is deterministic anyway: fixed merge orders, and
+  the one atomic reduction, the dx partials', has a single writer per element and launch).
 * Under TRITON_INTERPRET (CPU) there is no autotuning: a small fixed config (tiles of 16, two class
   splits) that still exercises several tiles, masked tails and the split merge on tiny test shapes.
 * ``fixed_configs(...)`` overrides the choice (tests use it to force other tilings).
@@ -275,19 +275,26 @@ def class_splits(device: torch.device, interpret: bool, batch: int, num_cols: in
     return max(1, splits)
 
 
+def dx_split_count(sms: int, programs_without_split: int, col_tiles: int, batch: int, dim: int) -> int:
+    """Class splits of the backward's dx GEMM (its K dimension) on a GPU of ``sms`` SMs: (row blocks x d tiles x
+    splits) reaches one program per SM (the 128 x 256 dx tiles hold one CTA per SM at 251 registers; a second
+    wave would only double the fp32 partials' read-modify-write per chunk); never more splits than class tiles
+    per chunk, and the partials (splits x B x d fp32) within a fixed memory budget. The GPU model
+    (bench/calibration.py) counts the same splits."""
+    splits = min(math.ceil(sms / max(1, programs_without_split)), col_tiles,
+                 max(1, _PARTIAL_BUDGET // max(1, batch * dim * 4)))
+    return max(1, splits)
+
+
 def dx_splits(device: torch.device, interpret: bool, programs_without_split: int, col_tiles: int, batch: int,
               dim: int) -> int:
-    """Class splits of the backward's dx GEMM (its K dimension), so (row blocks x d tiles x splits) reaches
-    two programs per SM; never more splits than class tiles per chunk, and the fp32 partials (splits x B x d)
-    within a fixed memory budget."""
+    """``dx_split_count`` for the device (the interpreter and a forced ``fixed_configs``: theirs)."""
     if _override.splits is not None:
         return _override.splits
     if interpret or device.type != "cuda":
         return INTERPRETER_SPLITS
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = min(math.ceil(programs / max(1, programs_without_split)), col_tiles,
-                 max(1, _PARTIAL_BUDGET // max(1, batch * dim * 4)))
-    return max(1, splits)
+    return dx_split_count(torch.cuda.get_device_properties(device).multi_processor_count, programs_without_split,
+                          col_tiles, batch, dim)
 
 
 def batch_bucket(batch: int) -> int:
