@@ -26,9 +26,9 @@ bf16, H100): each product is 2 B C d = 5.2e11 FLOP, 0.66 ms at 790 TFLOP/s (0.78
 a BM x BN output tile reads M N K (1/BM + 1/BN) operand elements from L2, 1.2 ms at 7 TB/s for 128 x 128
 tiles and 0.88 ms for 128 x 256, against 2.3 ms for the 64 x 64 dW tiles of the first design. So: 128 x 128
 dC tiles (the largest whose epilogue fits the registers: 204-254 per thread), 128 x 256 dW and dx output tiles
-(245-255 registers, 0 spills). The dcos epilogue runs once per B x C element and issues ~27 instructions per
-element (1709 per warp per tile: ex2 without range fix-up, constants folded per row, no masks on the stores;
-the column sums' shuffles are a quarter of it): 0.44 ms at one CTA per SM, the largest term after L2. Memory
+(245-255 registers, 0 spills). The dcos epilogue runs once per B x C element and issues ~28 instructions per
+element (1769 per warp per tile: ex2 without range fix-up, constants folded per row, no masks on the stores;
+the column sums' shuffles are a quarter of it): 0.46 ms at one CTA per SM, the largest term after L2. Memory
 besides dW: the buffer (at most ``triton_configs.BACKWARD_BUFFER_BYTES``), the partials ((B/BLOCK_B) x chunk
 fp32) and the dx partials (SPLITS x B x d fp32).
 
@@ -54,7 +54,7 @@ their loads, so Triton still pipelines them, and no host sync.
 import triton
 import triton.language as tl
 
-from .triton_tiles import (LOG2E, SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, kept_offsets,
+from .triton_tiles import (SOFTPLUS_SUM, binary_dcos_tile, class_rows, dcos_tile, kept_offsets,
                            load_binary_constants, load_constants, load_row_inputs, load_tile, max_cosine_tile, mma,
                            tile_is_active)
 
@@ -146,7 +146,7 @@ def dcos_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, lse_ptr
         tl.store(shift_partial_ptr + pid_b * tl.num_programs(1) + pid_c, tl.sum(tl.sum(dz, 1), 0))
         dc = tl.where(row_ok[:, None] & col_ok[None, :], dc, 0.0) * factor
     else:
-        dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse * LOG2E, g_lse * (scale * factor), g_target * factor,
+        dc = dcos_tile(cos, cols, col_ok, labels, T, U, lse, g_lse * (scale * factor), g_target * factor,
                        scale, a, b, KIND, FAST)
     if FILTER:
         active = tile_is_active(dc, filter_threshold * factor, FILTER)

@@ -17,7 +17,7 @@ backward chunks of KEEP_CH columns. Both are constexpr: without a budget the com
 import triton
 import triton.language as tl
 
-from .triton_tiles import (LN2, SOFTPLUS_SUM, class_rows, exp2_tile, keep_tile, load_binary_constants,
+from .triton_tiles import (LN2, LOG2E, SOFTPLUS_SUM, class_rows, exp2_tile, keep_tile, load_binary_constants,
                            load_constants, load_row_inputs, max_cosine_tile, negative_logits, softplus_tile)
 
 
@@ -78,11 +78,13 @@ def lse_forward_kernel(x_ptr, w_ptr, labels_ptr, rp_ptr, consts_ptr, index_ptr, 
                                              stride_wd, norms_ptr, keep_ptr, tile, pid_b, B, N, D, KEEP_COLS,
                                              KEEP_CH, acc_dtype, NORMALIZE, HAS_INDEX, UPCAST, PRODUCT, BLOCK_B,
                                              BLOCK_C, BLOCK_K, SUB_CENTERS, SAVE_NORMS, KEEP)
-            # base 2 throughout (z2 = z log2 e): per element one multiply, a max, a subtract, ex2 and an add
-            z2, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
-            new_max = tl.maximum(run_max, tl.max(z2, 1))
+            z, _ = negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND)
+            new_max = tl.maximum(run_max, tl.max(z, 1))
             # rows with nothing merged yet keep max -inf: shift by 0 there so ex2 never sees inf - inf
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * exp2_tile(run_max - shift, FAST) + tl.sum(exp2_tile(z2 - shift[:, None], FAST), 1)
+            # exp(z - shift) as ex2((z - shift) log2 e): the difference first, where the large terms cancel (an
+            # FMA z log2 e - shift log2 e leaves shift log2 e's rounding, up to 1e23 at a scale of 1e30)
+            run_sum = (run_sum * exp2_tile((run_max - shift) * LOG2E, FAST)
+                       + tl.sum(exp2_tile((z - shift[:, None]) * LOG2E, FAST), 1))
             run_max = new_max
-        tl.store(partial_ptr + pid_s * B + rows, (run_max + tl.log2(run_sum)) * LN2, mask=row_ok)
+        tl.store(partial_ptr + pid_s * B + rows, run_max + tl.log2(run_sum) * LN2, mask=row_ok)

@@ -204,13 +204,13 @@ def inverse_norms(sumsq, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def negative_logits(cos, cols, col_ok, labels, T, U, scale, a, b, KIND: tl.constexpr):
-    """z log2(e) = scale g(cos) log2(e) (the log-sum-exp's logits in base 2: one multiply, and the exp that
-    follows is a bare ex2) with the target column and padded columns set to -inf; also the target mask. A
-    non-finite cosine (a NaN/Inf weight row) gives NaN, as in every backend (losses/negatives.py): c - c is 0,
-    or NaN for an infinite or NaN c, one add where a compare and a select would take two instructions."""
+    """z = scale g(cos) (rounded as every backend rounds it: the forward and the backward must exponentiate the
+    same z) with the target column and padded columns set to -inf; also the target mask. A non-finite cosine
+    (a NaN/Inf weight row) gives z = NaN, as in every backend (losses/negatives.py): c - c is 0, or NaN for an
+    infinite or NaN c, one add where a compare and a select would take two instructions."""
     is_target = cols[None, :] == labels[:, None]
-    z2 = negative_value(cos, T, U, a, b, KIND) * (scale * LOG2E) + (cos - cos)
-    return tl.where(col_ok[None, :] & (~is_target), z2, float("-inf")), is_target
+    z = scale * negative_value(cos, T, U, a, b, KIND) + (cos - cos)
+    return tl.where(col_ok[None, :] & (~is_target), z, float("-inf")), is_target
 
 
 SOFTPLUS_SUM = tl.constexpr(int(ReductionKind.SOFTPLUS_SUM))
@@ -272,20 +272,23 @@ def exp2_tile(t, FAST: tl.constexpr):
 
 
 @triton.jit
-def dcos_tile(cos, cols, col_ok, labels, T, U, lse2, gs, g_target, scale, a, b, KIND: tl.constexpr,
+def dcos_tile(cos, cols, col_ok, labels, T, U, lse, gs, g_target, scale, a, b, KIND: tl.constexpr,
               FAST: tl.constexpr):
-    """dL/dcos of a tile, times the rows' factors: gs_i g'(c) 2^(scale log2(e) g(c) - lse2_i) with
-    lse2 = lse log2(e) and gs = g_lse scale (x the fp16 buffer's factor), ``g_target`` at the target column,
-    0 at padded columns. Rows need no mask: a padded row's x is 0 and its gs is 0, and its lse2 is +inf.
+    """dL/dcos of a tile, times the rows' factors: gs_i g'(c) exp(scale g(c) - lse_i) with gs = g_lse scale
+    (x the fp16 buffer's factor), ``g_target`` at the target column, 0 at padded columns. Rows need no mask: a
+    padded row's x is 0 and its gs is 0, and its lse is +inf.
 
     The epilogue runs once per B x C element, so every instruction counts (``python -m bench kernels``):
-    scale and log2(e) fold into one multiply-add before the ex2, g' is skipped for the kinds whose g' is 1, the
+    the exp is a bare ex2 (FAST), g' is skipped for the kinds whose g' is 1, the
     target column is only overwritten (its exp need not be masked to 0 first), and a non-finite cosine (a
     NaN/Inf weight row) still gives NaN with one add: c - c is 0, or NaN for an infinite or NaN c.
 
-    ``lse2`` must be finite for real rows (rows without negatives pass 0: p does not matter there)."""
+    ``lse`` must be finite for real rows (rows without negatives pass 0: p does not matter there)."""
     is_target = cols[None, :] == labels[:, None]
-    p = exp2_tile(negative_value(cos, T, U, a, b, KIND) * (scale * LOG2E) - lse2[:, None], FAST)
+    # exp(z - lse) as ex2((z - lse) log2 e), z rounded as the forward rounded it and the difference taken before
+    # any product with log2 e: folding scale log2 e into one FMA (and lse log2 e per row) rounded both large
+    # terms separately, 2-4x the gradient error at s = 1e4 (tests/test_bad_values.py)
+    p = exp2_tile((scale * negative_value(cos, T, U, a, b, KIND) - lse[:, None]) * LOG2E, FAST)
     dc = p * gs[:, None]
     if KIND != IDENTITY and KIND != POWER_ST:  # g' = 1 there (POWER_ST: opensphere's detached adjustment)
         dc = dc * negative_derivative(cos, T, U, a, b, KIND)
