@@ -464,6 +464,64 @@ void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& in
 #endif
 }
 
+// the dW GEMM of one chunk with finish_dw in its epilogue (csrc/cutlass/margin_sm90.h mk_sm90_dw): out (n x d,
+// x's dtype or float32) = finish_dw(grad^T x, w, col_dot, inv_norm, inv_factor); grad (B x n) the recompute
+// GEMM's output, w the chunk's stored rows in x's dtype; col_dot and inv_norm together or neither (raw weights)
+void fused_dw(const Tensor& grad, const Tensor& x, const Tensor& w, const optional<Tensor>& col_dot,
+              const optional<Tensor>& inv_norm, const optional<Tensor>& inv_factor, const Tensor& out,
+              int64_t stream) {
+#ifdef MK_WITH_CUTLASS
+  const char* fn = "fused_dw";
+  const auto check_operand = [&](const char* name, const Tensor& t) {
+    check_matrix(fn, name, t);
+    TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "margin_kernels.fused_dw: ", name, " must be on x's ",
+                "CUDA device, got ", t.device());
+    TORCH_CHECK(leading_dim(t) * t.element_size() % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                "margin_kernels.fused_dw: ", name, " needs 16-byte aligned rows (TMA), got strides ", t.strides());
+  };
+  check_operand("grad", grad);
+  check_operand("x", x);
+  check_operand("w", w);
+  check_operand("out", out);
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+                  grad.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(),
+              "margin_kernels.fused_dw: grad, x and w must all be bfloat16 or all float16, got ", grad.scalar_type(),
+              ", ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat,
+              "margin_kernels.fused_dw: out must be ", x.scalar_type(), " or float32, got ", out.scalar_type());
+  const int64_t rows = x.size(0), cols = w.size(0), dim = x.size(1);
+  TORCH_CHECK(grad.size(0) == rows && grad.size(1) == cols && w.size(1) == dim && out.size(0) == cols &&
+                  out.size(1) == dim,
+              "margin_kernels.fused_dw: grad ", grad.sizes(), ", x ", x.sizes(), ", w ", w.sizes(), " and out ",
+              out.sizes(), " must be (B, n), (B, d), (n, d) and (n, d)");
+  TORCH_CHECK(col_dot.has_value() == inv_norm.has_value(),
+              "margin_kernels.fused_dw: col_dot and inv_norm must be given together");
+  if (col_dot) check_fused_vector(fn, "col_dot", *col_dot, x, cols);
+  if (inv_norm) check_fused_vector(fn, "inv_norm", *inv_norm, x, cols);
+  if (inv_factor) check_fused_vector(fn, "inv_factor", *inv_factor, x, 1);
+  mk_sm90_dw_args args{};
+  args.grad = grad.data_ptr();
+  args.x = x.data_ptr();
+  args.w = w.data_ptr();
+  args.out = out.data_ptr();
+  args.rows = rows;
+  args.cols = cols;
+  args.dim = dim;
+  args.ld_grad = leading_dim(grad);
+  args.ld_x = leading_dim(x);
+  args.ld_w = leading_dim(w);
+  args.ld_out = leading_dim(out);
+  args.dtype = dtype_code(x);
+  args.out_dtype = dtype_code(out);
+  args.col_dot = col_dot ? col_dot->data_ptr<float>() : nullptr;
+  args.inv_norm = inv_norm ? inv_norm->data_ptr<float>() : nullptr;
+  args.inv_factor = inv_factor ? inv_factor->data_ptr<float>() : nullptr;
+  check_sm90(mk_sm90_dw(&args, reinterpret_cast<void*>(stream)), fn);
+#else
+  no_cutlass("fused_dw");
+#endif
+}
+
 // ---- sub-centers: the tile of a chunk's n classes x K rows reduced to n, and a gradient spread back ----------
 void check_sub_centers(const char* fn, const Tensor& tile, int64_t K) {
   check_matrix(fn, "tile", tile);
@@ -641,6 +699,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("grad_out"),
         py::arg("factor") = py::none(), py::arg("stream") = 0, py::arg("reduction") = 0,
         py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("col_shift") = py::none(), nogil);
+  m.def("fused_dw", &fused_dw, py::arg("grad"), py::arg("x"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
+        py::arg("inv_factor"), py::arg("out"), py::arg("stream") = 0, nogil);
   m.def("sub_center_max", &sub_center_max, py::arg("tile"), py::arg("inv_norm"), py::arg("sub_centers"),
         py::arg("stream") = 0, nogil);
   m.def("sub_center_scatter", &sub_center_scatter, py::arg("grad"), py::arg("values"), py::arg("winner"),

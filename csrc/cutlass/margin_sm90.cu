@@ -37,10 +37,11 @@
 #include "margin_sm90.h"
 
 // Which GEMMs this compile instantiates: bit 0 forward bf16, bit 1 forward fp16, bit 2 backward bf16, bit 3
-// backward fp16. The extension builds all four; bench/cutlass_check.py compiles one at a time (each one's
+// backward fp16, bits 4-7 the dW GEMM (bf16 -> bf16, bf16 -> fp32, fp16 -> fp16, fp16 -> fp32). The extension
+// builds all eight; bench/cutlass_check.py compiles one at a time (each one's
 // compile time and ptxas report), and MK_SM90_REPORT_MAIN adds a host main() printing their shared memory.
 #ifndef MK_SM90_KERNELS
-#define MK_SM90_KERNELS 0xF
+#define MK_SM90_KERNELS 0xFF
 #endif
 
 namespace mk_sm90 {
@@ -394,6 +395,116 @@ struct Gemm {
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
+// ---- the dW GEMM: G = grad^T x with finish_dw's work in its epilogue --------------------------------------------
+
+// The root of the dW tree: per element of the chunk's dW rows (row j, column n) from the accumulator G_jn, the
+// chunk's stored weight w_jn (the C operand), the row's 1/|w_j| and sum_i dc_ij c_ij, and the fp16 unscale:
+// margin_math.h's dw_normalize(G_jn * unscale, w_jn, dw_norm_coef(col_dot_j, inv_j), inv_j), as finish_dw_kernel
+// of margin_cuda.cu computes it (one 1/|w_j| on each side, never 1/|w_j|^2); raw weights (normalize 0): the
+// unscaled G. The grad operand carries 1/|w_j| already (the recompute GEMM folded it in for the dx GEMM).
+struct FinishDwParams {
+  int normalize = 1;
+};
+
+struct Sm90FinishDwNode {
+  struct SharedStorage {};
+  using Arguments = FinishDwParams;
+  using Params = FinishDwParams;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  CUTLASS_HOST_DEVICE Sm90FinishDwNode() {}
+  CUTLASS_HOST_DEVICE Sm90FinishDwNode(Params const& params, SharedStorage const&) : params(params) {}
+
+  Params params;
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return fusion::detail::EmptyProducerLoadCallbacks{};
+  }
+
+  struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE explicit ConsumerStoreCallbacks(int normalize_) : normalize(normalize_) {}
+    int normalize;
+
+    template <typename ElementAccumulator, int FragmentSize, class ElementC>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int, int, int,
+        cutlass::Array<float, FragmentSize> const& frg_acc, cutlass::Array<ElementC, FragmentSize> const& w,
+        cutlass::Array<float, FragmentSize> const& inv, cutlass::Array<float, FragmentSize> const& col_dot,
+        cutlass::Array<float, FragmentSize> const& unscale) {
+      cutlass::Array<float, FragmentSize> out;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) {
+        const float g = frg_acc[i] * unscale[i];
+        out[i] = normalize ? mk::dw_normalize(g, static_cast<float>(w[i]), mk::dw_norm_coef(col_dot[i], inv[i]),
+                                              inv[i])
+                           : g;
+      }
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const&) {
+    return ConsumerStoreCallbacks(params.normalize);
+  }
+};
+
+// Cooperative (two consumer warpgroups on one 128 x 256 tile): the epilogue is a load of w and a store, no
+// transcendental, so nothing to hide under a second tile's mainloop, and a 128-row tile halves the L2 reads of
+// the x panel. M = the chunk's classes, N = d, K = the batch: grad (rows x cols, row-major) is A^T with M
+// contiguous (MN-major, fine for 16-bit wgmma), x (rows x dim, row-major) is B with N contiguous. Clusters of
+// 2 x 1: each x tile multicast to the 2 CTAs of adjacent class tiles.
+using DwTileShape = Shape<_128, _256, _64>;
+using DwClusterShape = Shape<_2, _1, _1>;
+
+template <class Element, class ElementOut>
+struct DwGemm {
+  using LayoutGrad = cutlass::layout::ColumnMajor;  // A = grad^T: (cols x rows), cols contiguous
+  using LayoutX = cutlass::layout::RowMajor;        // B = x as (rows x dim) K x N, dim contiguous
+  using LayoutW = cutlass::layout::RowMajor;        // C = the chunk's weight rows, D = their dW rows
+  static constexpr int kAlign = 16 / sizeof(Element);
+  static constexpr int kAlignOut = 16 / sizeof(ElementOut);
+  using Tree = fusion::Sm90EVT<Sm90FinishDwNode, fusion::Sm90AccFetch, fusion::Sm90SrcFetch<Element>,
+                               RowFloat<DwTileShape>, RowFloat<DwTileShape>, fusion::Sm90ScalarBroadcast<float>>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, DwTileShape, DwClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutW, kAlign, ElementOut, LayoutW,
+      kAlignOut, cutlass::epilogue::TmaWarpSpecializedCooperative, Tree>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutGrad, kAlign, Element, LayoutX, kAlign,
+      float, DwTileShape, DwClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
 // ---- the merges after the GEMM (fixed order: deterministic) -----------------------------------------------------
 
 // one warp per row: lane t merges tiles t, t + 32, ... in order, then a fixed shuffle tree, then into the run
@@ -555,6 +666,37 @@ int backward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, const float*
   return static_cast<int>(cudaGetLastError());
 }
 
+template <class Element, class ElementOut>
+int dw_for(mk_sm90_dw_args const& a, cudaStream_t stream) {
+  using G = DwGemm<Element, ElementOut>;
+  const int M = static_cast<int>(a.cols), N = static_cast<int>(a.dim), K = static_cast<int>(a.rows);
+  typename G::Device::Arguments arguments{};
+  arguments.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  arguments.problem_shape = {M, N, K, 1};
+  auto stride_grad = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
+  auto stride_x = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
+  get<1>(stride_grad) = a.ld_grad;  // the K (batch row) strides as given (TMA: a multiple of 16 bytes)
+  get<1>(stride_x) = a.ld_x;
+  arguments.mainloop = {static_cast<Element const*>(a.grad), stride_grad, static_cast<Element const*>(a.x),
+                        stride_x};
+  auto stride_w = cutlass::make_cute_packed_stride(typename G::Kernel::StrideC{}, make_shape(M, N, 1));
+  auto stride_out = cutlass::make_cute_packed_stride(typename G::Kernel::StrideD{}, make_shape(M, N, 1));
+  get<0>(stride_w) = a.ld_w;
+  get<0>(stride_out) = a.ld_out;
+  arguments.epilogue.ptr_C = static_cast<Element const*>(a.w);
+  arguments.epilogue.dC = stride_w;
+  arguments.epilogue.ptr_D = static_cast<ElementOut*>(a.out);
+  arguments.epilogue.dD = stride_out;
+  // {children..., node}: {acc, w, inv_norm, col_dot, unscale, finish}
+  typename fusion::Sm90ScalarBroadcast<float>::Arguments unscale{};
+  unscale.scalars[0] = 1.0f;
+  unscale.scalar_ptrs[0] = a.inv_factor;
+  FinishDwParams finish;
+  finish.normalize = a.inv_norm != nullptr;
+  arguments.epilogue.thread = {{}, {}, {a.inv_norm, 0.0f, {}}, {a.col_dot, 0.0f, {}}, unscale, finish};
+  return run<G>(arguments, stream);
+}
+
 int check(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep) {
   if (ep.kind < 0 || ep.kind >= mk::kNumNegativeKinds) return MK_CUDA_ERR_UNKNOWN_KIND;
   if (g.rows > 0x7fffffff || g.cols > 0x7fffffff || g.dim > 0x7fffffff) return MK_CUDA_ERR_TOO_MANY_ROWS;
@@ -601,6 +743,30 @@ int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const
   return MK_SM90_ERR_BAD_DTYPE;
 }
 
+int mk_sm90_dw(const mk_sm90_dw_args* args, void* stream) {
+  const mk_sm90_dw_args& a = *args;
+  if (a.cols <= 0 || a.dim <= 0) return 0;
+  if (a.rows > 0x7fffffff || a.cols > 0x7fffffff || a.dim > 0x7fffffff) return MK_CUDA_ERR_TOO_MANY_ROWS;
+  if (a.grad == nullptr || a.x == nullptr || a.w == nullptr || a.out == nullptr) return MK_CUDA_ERR_BAD_ARGUMENT;
+  if ((a.inv_norm == nullptr) != (a.col_dot == nullptr)) return MK_CUDA_ERR_BAD_ARGUMENT;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool f32_out = a.out_dtype == MK_DTYPE_F32;
+  if (!f32_out && a.out_dtype != a.dtype) return MK_SM90_ERR_BAD_DTYPE;
+  if constexpr ((MK_SM90_KERNELS & 16) != 0) {
+    if (a.dtype == MK_DTYPE_BF16 && !f32_out) return mk_sm90::dw_for<cutlass::bfloat16_t, cutlass::bfloat16_t>(a, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 32) != 0) {
+    if (a.dtype == MK_DTYPE_BF16 && f32_out) return mk_sm90::dw_for<cutlass::bfloat16_t, float>(a, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 64) != 0) {
+    if (a.dtype == MK_DTYPE_F16 && !f32_out) return mk_sm90::dw_for<cutlass::half_t, cutlass::half_t>(a, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 128) != 0) {
+    if (a.dtype == MK_DTYPE_F16 && f32_out) return mk_sm90::dw_for<cutlass::half_t, float>(a, s);
+  }
+  return MK_SM90_ERR_BAD_DTYPE;
+}
+
 void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
   *m = backward ? cute::size<0>(mk_sm90::BackwardTileShape{}) : cute::size<0>(mk_sm90::TileShape{});
   *n = backward ? cute::size<1>(mk_sm90::BackwardTileShape{}) : cute::size<1>(mk_sm90::TileShape{});
@@ -617,6 +783,10 @@ int main() {
   std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize));
   std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
   std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
+  std::printf("dw_bf16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, cutlass::bfloat16_t>::Kernel::SharedStorageSize));
+  std::printf("dw_bf16_f32 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, float>::Kernel::SharedStorageSize));
+  std::printf("dw_f16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::half_t, cutlass::half_t>::Kernel::SharedStorageSize));
+  std::printf("dw_f16_f32 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::half_t, float>::Kernel::SharedStorageSize));
   return 0;
 }
 #endif
