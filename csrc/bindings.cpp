@@ -425,13 +425,15 @@ void fused_forward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv
 
 // backward of one chunk (the recompute GEMM): grad_out (B x n, x's dtype, unit column stride, row stride a
 // multiple of 8) = dL/d(x.w) times 1/|w_j| times *factor; col_dot (with inv_norm) and col_shift (the binary
-// reduction) per class
-void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm, const Tensor& labels,
-                    int64_t col0, const Tensor& row_params, int64_t kind, double scale, double a, double b,
-                    const Tensor& lse, const Tensor& g_lse, const Tensor& g_cos_target,
-                    const optional<Tensor>& col_dot, const Tensor& grad_out, const optional<Tensor>& factor,
-                    int64_t stream, int64_t reduction, double clamp, const optional<Tensor>& shift,
-                    const optional<Tensor>& col_shift) {
+// reduction) per class; or, with col_parts, neither: the per-(64-row tile, class) (dot, dz) partials returned as
+// a (tiles, padded n, 2) float32 tensor for fused_dw to sum in its epilogue
+optional<Tensor> fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm,
+                                const Tensor& labels, int64_t col0, const Tensor& row_params, int64_t kind,
+                                double scale, double a, double b, const Tensor& lse, const Tensor& g_lse,
+                                const Tensor& g_cos_target, const optional<Tensor>& col_dot, const Tensor& grad_out,
+                                const optional<Tensor>& factor, int64_t stream, int64_t reduction, double clamp,
+                                const optional<Tensor>& shift, const optional<Tensor>& col_shift,
+                                bool col_parts) {
 #ifdef MK_WITH_CUTLASS
   const char* fn = "fused_backward";
   const FusedCall call = fused_call(fn, x, w, inv_norm, labels, col0, row_params, kind, scale, a, b, reduction,
@@ -440,9 +442,11 @@ void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& in
   check_fused_vector(fn, "lse", lse, x, rows);
   check_fused_vector(fn, "g_lse", g_lse, x, rows);
   check_fused_vector(fn, "g_cos_target", g_cos_target, x, rows);
-  TORCH_CHECK(!inv_norm || col_dot, "margin_kernels.fused_backward: col_dot is required with inv_norm");
+  TORCH_CHECK(!col_parts || (!col_dot && !col_shift),
+              "margin_kernels.fused_backward: col_parts replaces col_dot and col_shift (pass neither)");
+  TORCH_CHECK(col_parts || !inv_norm || col_dot, "margin_kernels.fused_backward: col_dot is required with inv_norm");
   if (col_dot) check_fused_vector(fn, "col_dot", *col_dot, x, cols);
-  TORCH_CHECK(reduction != mk::kSoftplusSum || col_shift,
+  TORCH_CHECK(col_parts || reduction != mk::kSoftplusSum || col_shift,
               "margin_kernels.fused_backward: col_shift is required by the binary reduction");
   if (col_shift) check_fused_vector(fn, "col_shift", *col_shift, x, cols);
   if (factor) check_fused_vector(fn, "factor", *factor, x, 1);
@@ -453,14 +457,27 @@ void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& in
               "margin_kernels.fused_backward: grad_out must be (", rows, ", ", cols, ") ", x.scalar_type(),
               " on x's device with 16-byte aligned rows, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
               " strides ", grad_out.strides());
+  if (col_parts) {
+    int64_t tiles = 0, padded = 0;
+    mk_sm90_col_parts_shape(rows, cols, &tiles, &padded);
+    Tensor parts = at::empty({tiles, padded, 2}, x.options().dtype(at::kFloat));
+    check_sm90(mk_sm90_backward_parts(&call.gemm, &call.ep, lse.data_ptr<float>(), g_lse.data_ptr<float>(),
+                                      g_cos_target.data_ptr<float>(), factor ? factor->data_ptr<float>() : nullptr,
+                                      grad_out.data_ptr(), leading_dim(grad_out), parts.data_ptr<float>(),
+                                      reinterpret_cast<void*>(stream)),
+               fn);
+    return parts;
+  }
   check_sm90(mk_sm90_backward(&call.gemm, &call.ep, lse.data_ptr<float>(), g_lse.data_ptr<float>(),
                               g_cos_target.data_ptr<float>(), factor ? factor->data_ptr<float>() : nullptr,
                               grad_out.data_ptr(), leading_dim(grad_out),
                               col_dot ? col_dot->data_ptr<float>() : nullptr,
                               col_shift ? col_shift->data_ptr<float>() : nullptr, reinterpret_cast<void*>(stream)),
              fn);
+  return std::nullopt;
 #else
   no_cutlass("fused_backward");
+  return std::nullopt;
 #endif
 }
 
@@ -496,10 +513,23 @@ void fused_dw(const Tensor& grad, const Tensor& x, const Tensor& w, const option
               out.sizes(), " must be (B, n), (B, d), (n, d) and (n, d)");
   TORCH_CHECK(col_dot.has_value() == inv_norm.has_value(),
               "margin_kernels.fused_dw: col_dot and inv_norm must be given together");
-  if (col_dot) check_fused_vector(fn, "col_dot", *col_dot, x, cols);
+  // col_dot: the finished vector, or fused_backward's (tiles, padded n, 2) partials (summed in the epilogue)
+  const bool parts = col_dot && col_dot->dim() == 3;
+  if (parts) {
+    TORCH_CHECK(col_dot->device() == x.device() && col_dot->scalar_type() == at::kFloat &&
+                    col_dot->is_contiguous() && col_dot->size(0) >= 1 && col_dot->size(1) >= cols &&
+                    col_dot->size(2) == 2,
+                "margin_kernels.fused_dw: col_dot partials must be a contiguous (tiles, >= ", cols,
+                ", 2) float32 tensor on x's device, got ", col_dot->sizes(), " ", col_dot->scalar_type());
+  } else if (col_dot) {
+    check_fused_vector(fn, "col_dot", *col_dot, x, cols);
+  }
   if (inv_norm) check_fused_vector(fn, "inv_norm", *inv_norm, x, cols);
   if (inv_factor) check_fused_vector(fn, "inv_factor", *inv_factor, x, 1);
   mk_sm90_dw_args args{};
+  args.col_dot_step = parts ? 2 : 1;
+  args.col_dot_tile_stride = parts ? 2 * col_dot->size(1) : 0;
+  args.col_dot_tiles = parts ? col_dot->size(0) : 1;
   args.grad = grad.data_ptr();
   args.x = x.data_ptr();
   args.w = w.data_ptr();
@@ -698,7 +728,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col0"), py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"),
         py::arg("lse"), py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("grad_out"),
         py::arg("factor") = py::none(), py::arg("stream") = 0, py::arg("reduction") = 0,
-        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("col_shift") = py::none(), nogil);
+        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("col_shift") = py::none(),
+        py::arg("col_parts") = false, nogil);
   m.def("fused_dw", &fused_dw, py::arg("grad"), py::arg("x"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
         py::arg("inv_factor"), py::arg("out"), py::arg("stream") = 0, nogil);
   m.def("sub_center_max", &sub_center_max, py::arg("tile"), py::arg("inv_norm"), py::arg("sub_centers"),
