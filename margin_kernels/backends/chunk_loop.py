@@ -259,8 +259,9 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     pass. d shift sums the tiles' shares in chunk order (deterministic; zero for LSE). With a ``state.sink``
     (``sinks.ChunkSink``: an in-place add into ``weight.grad``, a fused optimizer) each chunk's finished dW rows
     go to ``sink.store`` from a chunk-sized buffer, and dW is None. ``fused``: the epilogue's ``fused_backward``
-    recomputes the product and writes the 16-bit dL/dcos in one kernel; the dx/dW GEMMs, finish_dw and the
-    sinks are the 16-bit path's."""
+    recomputes the product and writes the 16-bit dL/dcos in one kernel; with 16-bit storage ``fused_dw`` then
+    runs the dW GEMM with finish_dw in its epilogue straight into the sink's rows (the column sums read from
+    the recompute GEMM's per-row-tile partials); the dx GEMM and the sinks are the 16-bit path's."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
         _unpacked(inputs, config, epilogue)
     k, store, sink, grad_filter = config.sub_centers, state.store, state.sink, config.grad_filter
@@ -285,10 +286,13 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
+        # the fused dW GEMM reads the stored rows as its C operand: 16-bit storage (the operand dtype itself);
+        # fp32 storage under a 16-bit product takes the cuBLAS dW GEMM and finish_dw
+        dw_fused = fused and w_stored.dtype in (torch.float16, torch.bfloat16)
         if fused:
             inv_norm = _chunk_norms(w_stored, col0, col1, normalize_weight, acc, epilogue, None, known)
             tile = epilogue.fused_backward(x_mm, w, inv_norm, labels, col0, row_params, spec, lse, g_lse,
-                                           g_cos_target, shift=shift)
+                                           g_cos_target, shift=shift, col_parts=dw_fused)
             grad_dtype = tile.grad.dtype  # the operand dtype: the 16-bit path below
         else:
             tile_buffer = scratch.get("tile", batch, (col1 - col0) * k)
@@ -323,9 +327,12 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
             dx_part = mixed_mm(tile.grad, w, acc)
             dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
-            dw = mixed_mm(tile.grad.t(), x_mm, acc)
             rows = dw_sink.rows_buffer(col0, col1, w_stored, scratch)
-            epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
+            if dw_fused:  # the dW GEMM with finish_dw (and the column sums) in its epilogue, into the rows
+                epilogue.fused_dw(tile.grad, x_mm, w_stored, tile.col_dot, inv_norm, tile.inv_factor, rows)
+            else:
+                dw = mixed_mm(tile.grad.t(), x_mm, acc)
+                epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
             dw_sink.store(col0, col1, rows)
             continue
         if x_acc is None:
