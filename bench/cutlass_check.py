@@ -231,9 +231,12 @@ def estimate(facts: dict, gpu_name: str = "H100", chunk: int = BACKWARD_CHUNK) -
         return gpu_model.Launch(name, flop=2.0 * b * cols * d * count,
                                 hbm_bytes=(cols * d * two) * count + extra_hbm,
                                 l2_bytes=b * cols * d * (1 / (tm * cm) + 1 / (tn * cn)) * two * count,
-                                tiles=-(-rows_m // tm) * -(-cols_n // tn) * count, ctas=gpu.sms, facts=f)
+                                tiles=-(-rows_m // tm) * -(-cols_n // tn) * count, ctas=gpu.sms, count=count,
+                                facts=f)
 
     tiles_n = -(-c // TILES["forward"][1])
+    from margin_kernels.backends.chunk_loop import DX_GROUP  # the loop's own constant, not a restatement
+    groups = -(-chunks // DX_GROUP)
     launches = [
         fused("forward", "fused forward GEMM (EVT log-sum-exp partials)", c, 1),
         gpu_model.Launch("merge of the row partials", hbm_bytes=b * tiles_n * 8 * 2),
@@ -243,7 +246,8 @@ def estimate(facts: dict, gpu_name: str = "H100", chunk: int = BACKWARD_CHUNK) -
         # 32 MiB dL/dcos chunk) and writes bf16 dW; the column partials (8 B per row tile and class) too
         fused("dw", "fused dW GEMM (EVT finish_dw + column sums, bf16 dW)", chunk, chunks,
               extra_hbm=c * d * two + -(-b // 64) * c * 8),
-        gpu_model.Launch("dx accumulate", hbm_bytes=b * d * 4 * 3 * chunks, count=chunks),
+        # the chunks' fp32 dx products DX_GROUP at a time in a buffer, summed into dx once per group
+        gpu_model.Launch("dx accumulate", hbm_bytes=b * d * 4 * (chunks + 2 * groups), count=2 * groups),
     ]
     step = gpu_model.Step(launches=launches, chunks=chunks, host_ops=HOST_OPS_PER_CHUNK)
     result = gpu_model.step_time(step, gpu)

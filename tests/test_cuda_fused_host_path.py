@@ -120,3 +120,15 @@ def test_fused_branch_accumulates_into_weight_grad(fused_torch_backend, dtype):
     assert fused_torch_backend.calls["dw"] == 2 * 3  # the fused dW GEMM into the sink's fp32 rows
     # the second backward adds the same gradient: 2 g within the storage dtype's rounding of the sum
     assert torch.allclose(head.weight.grad.float(), 2 * first.float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["arcface", "sphereface2"])  # an LSE and a binary-family loss
+def test_fused_branch_sums_dx_over_several_groups(fused_torch_backend, name, dtype):
+    from margin_kernels.backends.chunk_loop import DX_GROUP
+    # 83 classes in chunks of 2: 42 chunks, so the grouped dx sum flushes two full groups and a partial one
+    errors = compare_with_references("torch", name, dtype, chunk_size=2, reference_dtypes=(torch.float64, dtype))
+    assert fused_torch_backend.calls["backward"] == 42 > 2 * DX_GROUP
+    kind = make_loss(name).negative_spec().kind
+    for ref_dtype, bound in bounds("cuda", dtype, kind).items():
+        assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])

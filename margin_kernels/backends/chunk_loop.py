@@ -48,6 +48,9 @@ CUDA_MIN_CHUNK, CUDA_MAX_CHUNK = 1024, 16384  # below: the GEMMs get thin; above
 #: 1024, 1.06x at 2048, 1.08x at 4096, 1.17x at 8192, 1.56x at 32768.
 CPU_TILE_ELEMENTS = 1 << 19
 CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
+#: the fused (CUTLASS) backward keeps this many chunks' fp32 dx products in a buffer and adds their sum into dx
+#: once per group (two launches per group instead of one add per chunk; DX_GROUP x B x d fp32 of memory)
+DX_GROUP = 16
 
 
 def filter_skips_on_host(device: torch.device) -> bool:
@@ -116,12 +119,38 @@ def gradient_operand_dtype(w_mm: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def mixed_mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+def mixed_mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a @ b of 16-bit operands, accumulated and returned in acc_dtype (on CPU, where this runs only in tests,
-    by widening first: the products of 16-bit values are exact in fp32, so it is the same computation)."""
+    by widening first: the products of 16-bit values are exact in fp32, so it is the same computation), into
+    ``out`` when given."""
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=acc_dtype)
-    return a.to(acc_dtype) @ b.to(acc_dtype)
+        return torch.mm(a, b, out_dtype=acc_dtype) if out is None else torch.mm(a, b, out_dtype=acc_dtype, out=out)
+    return torch.mm(a.to(acc_dtype), b.to(acc_dtype), out=out) if out is not None else a.to(acc_dtype) @ b.to(acc_dtype)
+
+
+class _GroupedDx:
+    """dx += sum of the chunks' dx products, DX_GROUP chunks at a time: each product goes into a slot of a
+    (DX_GROUP, B, d) buffer and a full buffer is summed (fixed order: deterministic) into dx."""
+
+    def __init__(self, dx: torch.Tensor, scratch: Scratch):
+        self._dx, self._scratch, self._used = dx, scratch, 0
+
+    def slot(self) -> torch.Tensor:
+        batch, dim = self._dx.shape
+        return self._scratch.get("dx_parts", DX_GROUP * batch, dim)[self._used * batch:(self._used + 1) * batch]
+
+    def added(self) -> None:
+        self._used += 1
+        if self._used == DX_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._used:
+            batch, dim = self._dx.shape
+            parts = self._scratch.get("dx_parts", DX_GROUP * batch, dim)[:self._used * batch]
+            self._dx.add_(parts.view(self._used, batch, dim).sum(0))
+            self._used = 0
 
 
 class Scratch:
@@ -283,6 +312,7 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     if store is not None:
         store.use_chunk(chunk_size * k)
     skipped = 0
+    grouped_dx = _GroupedDx(dx, scratch)
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
@@ -325,8 +355,14 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
                     tile.col_dot.mul_(keep.to(tile.col_dot.dtype))
                 skipped = skipped + below.to(torch.int64)
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
-            dx_part = mixed_mm(tile.grad, w, acc)
-            dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
+            if dw_fused:  # the dx product into the group buffer, summed into dx once per DX_GROUP chunks
+                dx_part = mixed_mm(tile.grad, w, acc, out=grouped_dx.slot())
+                if tile.inv_factor is not None:
+                    dx_part.mul_(tile.inv_factor)
+                grouped_dx.added()
+            else:
+                dx_part = mixed_mm(tile.grad, w, acc)
+                dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
             rows = dw_sink.rows_buffer(col0, col1, w_stored, scratch)
             if dw_fused:  # the dW GEMM with finish_dw (and the column sums) in its epilogue, into the rows
                 epilogue.fused_dw(tile.grad, x_mm, w_stored, tile.col_dot, inv_norm, tile.inv_factor, rows)
@@ -343,6 +379,7 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
         if normalize_weight:
             epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
         dw_sink.store(col0, col1, dw)
+    grouped_dx.flush()
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), (dw_sink.dweight if sink is None else None), dshift
