@@ -91,7 +91,8 @@ def _jit(with_cuda: bool, prebuilt_problem: Optional[str]):
         return None, f"{why}compiling the CUDA extension needs a CUDA build of torch and nvcc (CUDA_HOME)"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     args = jit_build_args(with_cuda, arch_list, () if arch_list or not with_cuda else _visible_capabilities(torch))
-    skipped = "" if args["cutlass"] is None or not with_cuda else f"; without the CUTLASS sm_90a kernels: {args['cutlass']}"
+    skipped = ("" if args["cutlass"] is None or not with_cuda
+               else f"; without the CUTLASS sm_90a kernels: {args['cutlass']}")
     warnings.warn(f"margin_kernels: compiling the native {'CUDA' if with_cuda else 'CPU'} extension from csrc/ "
                   f"(first use only; the build is cached){skipped}", RuntimeWarning, stacklevel=4)
     try:
