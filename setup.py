@@ -59,20 +59,17 @@ def _cuda_skip_reason(torch, cpp_extension):
 def _cutlass_plan(build, torch):
     """(include dirs, extra nvcc flags, None) when the CUTLASS translation unit is compiled, else
     (None, None, why not)."""
-    dirs, where = build.cutlass_include_dirs()
-    if dirs is None:
-        return None, None, where
     capabilities = []
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         try:
             capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
         except Exception:  # noqa: BLE001 - no driver on a build machine: no visible GPU
             capabilities = []
-    gencode, why_not = build.sm90a_targets(os.environ.get("TORCH_CUDA_ARCH_LIST"), capabilities)
-    if why_not is not None:
-        return None, None, why_not
+    dirs, flags, where = build.cutlass_plan(os.environ.get("TORCH_CUDA_ARCH_LIST"), capabilities)
+    if dirs is None:
+        return None, None, where
     print(f"margin_kernels: CUTLASS headers from {where}", flush=True)
-    return dirs, gencode + build.cutlass_nvcc_flags(dirs), None
+    return dirs, flags, None
 
 
 def _describe(ext) -> str:

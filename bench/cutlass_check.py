@@ -1,7 +1,8 @@
 """``python -m bench cutlass``: the cuda backend's CUTLASS sm_90a GEMMs (csrc/cutlass/margin_sm90.cu) compiled
 without a GPU, one instantiation at a time, and the calibrated model's estimate of the backend's step.
 
-Per instantiation (forward/backward x bf16/fp16, ``MK_SM90_KERNELS``): ``nvcc -arch=sm_90a -cubin -DNDEBUG
+Per instantiation (forward/backward x bf16/fp16, the dW GEMM x bf16/fp16 x 16-bit/fp32 output,
+``MK_SM90_KERNELS``): ``nvcc -arch=sm_90a -cubin -DNDEBUG
 -Xptxas -v`` (the extension's flags), its wall and CPU time, the GEMM kernel's registers, spill bytes, any
 ptxas C7510 warning (wgmma serialized), whether its SASS (Triton's cuobjdump) holds HGMMA; the dynamic shared
 memory each launch requests comes from one host-only compile that prints ``Kernel::SharedStorageSize``. Written
@@ -13,9 +14,10 @@ The estimate (B = 512, C = 1e6, d = 512, bf16, H100 of bench/gpu_model.py), with
 
 * the forward is one fused launch over all C (no chunk loop: nothing B x C is written, so nothing bounds it)
   plus the fixed-order merge of the (B x C/256) partial pairs; the backward a chunk loop of ``BACKWARD_CHUNK``
-  classes: the fused recompute GEMM (dL/dcos in bf16 into the chunk buffer), the column-partial sum, the dx
-  and dW GEMMs (cuBLAS, bf16 operands, fp32 output), finish_dw (unscale, tangent projection, bf16 dW) and the
-  dx accumulation: ``HOST_OPS_PER_CHUNK`` host launches per chunk, against the model's ``host_op_us``;
+  classes: the fused recompute GEMM (dL/dcos in bf16 into the chunk buffer, per-64-row-tile column partials),
+  the dx GEMM (cuBLAS, bf16 operands, fp32 output) and its accumulation, the fused dW GEMM (finish_dw's
+  unscale and tangent projection and the column partials' sum in its epilogue, bf16 dW):
+  ``HOST_OPS_PER_CHUNK`` host launches per chunk, against the model's ``host_op_us``;
 * ping-pong warp specialisation: one consumer warpgroup's epilogue runs under the other's mainloop, so a fused
   GEMM's body is max(mainloop, epilogue) (the model's two-CTAs rule; the kernel is one CTA of two consumer
   warpgroups per SM), and its epilogue issue time counts one warpgroup (4 warps) per tile;
@@ -54,17 +56,27 @@ SOURCE = CSRC / "cutlass" / "margin_sm90.cu"
 FACTS_PATH = ROOT / "bench" / "data" / "cutlass_facts.json"
 
 #: name -> MK_SM90_KERNELS bit
-INSTANTIATIONS = {"forward_bf16": 1, "forward_f16": 2, "backward_bf16": 4, "backward_f16": 8}
-#: tiles (M, N) of the forward and backward GEMMs (margin_sm90.cu TileShape / BackwardTileShape)
-TILES = {"forward": (64, 256), "backward": (64, 128)}
-#: cluster shapes (M, N) (margin_sm90.cu ClusterShape / BackwardClusterShape): TMA multicasts each W tile to the
-#: cluster's M CTAs and each x tile to its N CTAs, so a panel crosses L2 -> SM once per cluster
-CLUSTERS = {"forward": (4, 1), "backward": (4, 2)}
+INSTANTIATIONS = {"forward_bf16": 1, "forward_f16": 2, "backward_bf16": 4, "backward_f16": 8, "dw_bf16": 16,
+                  "dw_bf16_f32": 32, "dw_f16": 64, "dw_f16_f32": 128}
+#: tiles (M, N) of the forward, backward and dW GEMMs (margin_sm90.cu TileShape / BackwardTileShape /
+#: DwTileShape; the dW GEMM's M is the chunk's classes, its N is d)
+TILES = {"forward": (64, 256), "backward": (64, 128), "dw": (64, 256)}
+#: cluster shapes (M, N) (margin_sm90.cu ClusterShape / BackwardClusterShape / DwClusterShape): TMA multicasts
+#: each B-operand tile to the cluster's M CTAs and each A-operand tile to its N CTAs, so a panel crosses
+#: L2 -> SM once per cluster
+CLUSTERS = {"forward": (4, 1), "backward": (4, 2), "dw": (4, 1)}
+#: SASS instructions per element of the dW GEMM's epilogue outside the probe (not measured by a probe loop: a
+#: load of w, the unscale, dw_normalize's two multiplies and a subtract, the conversion and the shared-memory
+#: store, counted generously) and per tile for the column sums (2 rows per thread x up to 8 row-tile partials)
+DW_PER_ELEMENT = 12
 SMEM_LIMIT = 227 * 1024
 LIMIT = 1.3
 SHAPE = dict(batch=512, classes=1_000_000, dim=512)
 BACKWARD_CHUNK = 32768
-HOST_OPS_PER_CHUNK = 6
+#: per chunk: the fused recompute GEMM, the dx GEMM, the dx accumulation, the fused dW GEMM (its sink: the dense
+#: dW's rows in place), one for the loop's own Python (the chunk's slices; round 2 counted six with the column
+#: sums and finish_dw and without the fused dW)
+HOST_OPS_PER_CHUNK = 5
 PROBE_KIND = "kIdentity"
 SWITCH_INSTRUCTIONS = 4
 EPILOGUE_FIXED = 400
@@ -194,6 +206,8 @@ def epilogue_instructions(kind: str, per_element: dict) -> int:
     """Instructions one consumer warp issues per output tile outside the MMA loop."""
     tm, tn = TILES[kind]
     elements_per_thread = tm * tn // 128  # one warpgroup of 128 threads per tile (ping-pong)
+    if kind == "dw":  # no negative function, no kind switch
+        return elements_per_thread * DW_PER_ELEMENT + EPILOGUE_FIXED
     return elements_per_thread * (per_element[kind] + SWITCH_INSTRUCTIONS) + EPILOGUE_FIXED
 
 
@@ -212,21 +226,28 @@ def estimate(facts: dict, gpu_name: str = "H100", chunk: int = BACKWARD_CHUNK) -
         f = gpu_model.Facts(product="wgmma" if rec["hgmma"] else "mma", registers=128, spill_bytes=rec["spill_bytes"],
                             shared_bytes=facts["shared_bytes"][f"{kind}_bf16"], num_warps=4, pipelined=True,
                             epilogue_instructions=epilogue_instructions(kind, per_element))
+        # output tiles: (B x cols) for the forward/recompute GEMMs, (cols x d) for the dW GEMM
+        rows_m, cols_n = (cols, d) if kind == "dw" else (b, cols)
         return gpu_model.Launch(name, flop=2.0 * b * cols * d * count,
                                 hbm_bytes=(cols * d * two) * count + extra_hbm,
                                 l2_bytes=b * cols * d * (1 / (tm * cm) + 1 / (tn * cn)) * two * count,
-                                tiles=-(-b // tm) * -(-cols // tn) * count, ctas=gpu.sms, facts=f)
+                                tiles=-(-rows_m // tm) * -(-cols_n // tn) * count, ctas=gpu.sms, count=count,
+                                facts=f)
 
     tiles_n = -(-c // TILES["forward"][1])
+    from margin_kernels.backends.chunk_loop import DX_GROUP  # the loop's own constant, not a restatement
+    groups = -(-chunks // DX_GROUP)
     launches = [
         fused("forward", "fused forward GEMM (EVT log-sum-exp partials)", c, 1),
         gpu_model.Launch("merge of the row partials", hbm_bytes=b * tiles_n * 8 * 2),
         fused("backward", "fused recompute GEMM (EVT dL/dcos, bf16 chunk)", chunk, chunks),
-        gpu_model.Launch("column partial sums", hbm_bytes=-(-b // 64) * c * 8, count=chunks),
         gpu_model.Launch("dx GEMM (cuBLAS)", flop=2.0 * b * c * d, hbm_bytes=c * d * two, count=chunks),
-        gpu_model.Launch("dW GEMM (cuBLAS)", flop=2.0 * b * c * d, count=chunks),
-        gpu_model.Launch("finish_dw (tangent projection, bf16 dW)", hbm_bytes=c * d * two, count=chunks),
-        gpu_model.Launch("dx accumulate", hbm_bytes=b * d * 4 * 3 * chunks, count=chunks),
+        # reads W again as its C operand (the dx GEMM's read of the 32 MiB chunk does not stay in L2 beside the
+        # 32 MiB dL/dcos chunk) and writes bf16 dW; the column partials (8 B per row tile and class) too
+        fused("dw", "fused dW GEMM (EVT finish_dw + column sums, bf16 dW)", chunk, chunks,
+              extra_hbm=c * d * two + -(-b // 64) * c * 8),
+        # the chunks' fp32 dx products DX_GROUP at a time in a buffer, summed into dx once per group
+        gpu_model.Launch("dx accumulate", hbm_bytes=b * d * 4 * (chunks + 2 * groups), count=2 * groups),
     ]
     step = gpu_model.Step(launches=launches, chunks=chunks, host_ops=HOST_OPS_PER_CHUNK)
     result = gpu_model.step_time(step, gpu)

@@ -425,13 +425,15 @@ void fused_forward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv
 
 // backward of one chunk (the recompute GEMM): grad_out (B x n, x's dtype, unit column stride, row stride a
 // multiple of 8) = dL/d(x.w) times 1/|w_j| times *factor; col_dot (with inv_norm) and col_shift (the binary
-// reduction) per class
-void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm, const Tensor& labels,
-                    int64_t col0, const Tensor& row_params, int64_t kind, double scale, double a, double b,
-                    const Tensor& lse, const Tensor& g_lse, const Tensor& g_cos_target,
-                    const optional<Tensor>& col_dot, const Tensor& grad_out, const optional<Tensor>& factor,
-                    int64_t stream, int64_t reduction, double clamp, const optional<Tensor>& shift,
-                    const optional<Tensor>& col_shift) {
+// reduction) per class; or, with col_parts, neither: the per-(64-row tile, class) (dot, dz) partials returned as
+// a (tiles, padded n, 2) float32 tensor for fused_dw to sum in its epilogue
+optional<Tensor> fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm,
+                                const Tensor& labels, int64_t col0, const Tensor& row_params, int64_t kind,
+                                double scale, double a, double b, const Tensor& lse, const Tensor& g_lse,
+                                const Tensor& g_cos_target, const optional<Tensor>& col_dot, const Tensor& grad_out,
+                                const optional<Tensor>& factor, int64_t stream, int64_t reduction, double clamp,
+                                const optional<Tensor>& shift, const optional<Tensor>& col_shift,
+                                bool col_parts) {
 #ifdef MK_WITH_CUTLASS
   const char* fn = "fused_backward";
   const FusedCall call = fused_call(fn, x, w, inv_norm, labels, col0, row_params, kind, scale, a, b, reduction,
@@ -440,9 +442,11 @@ void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& in
   check_fused_vector(fn, "lse", lse, x, rows);
   check_fused_vector(fn, "g_lse", g_lse, x, rows);
   check_fused_vector(fn, "g_cos_target", g_cos_target, x, rows);
-  TORCH_CHECK(!inv_norm || col_dot, "margin_kernels.fused_backward: col_dot is required with inv_norm");
+  TORCH_CHECK(!col_parts || (!col_dot && !col_shift),
+              "margin_kernels.fused_backward: col_parts replaces col_dot and col_shift (pass neither)");
+  TORCH_CHECK(col_parts || !inv_norm || col_dot, "margin_kernels.fused_backward: col_dot is required with inv_norm");
   if (col_dot) check_fused_vector(fn, "col_dot", *col_dot, x, cols);
-  TORCH_CHECK(reduction != mk::kSoftplusSum || col_shift,
+  TORCH_CHECK(col_parts || reduction != mk::kSoftplusSum || col_shift,
               "margin_kernels.fused_backward: col_shift is required by the binary reduction");
   if (col_shift) check_fused_vector(fn, "col_shift", *col_shift, x, cols);
   if (factor) check_fused_vector(fn, "factor", *factor, x, 1);
@@ -453,14 +457,98 @@ void fused_backward(const Tensor& x, const Tensor& w, const optional<Tensor>& in
               "margin_kernels.fused_backward: grad_out must be (", rows, ", ", cols, ") ", x.scalar_type(),
               " on x's device with 16-byte aligned rows, got ", grad_out.sizes(), " ", grad_out.scalar_type(),
               " strides ", grad_out.strides());
+  if (col_parts) {
+    int64_t tiles = 0, padded = 0;
+    mk_sm90_col_parts_shape(rows, cols, &tiles, &padded);
+    Tensor parts = at::empty({tiles, padded, 2}, x.options().dtype(at::kFloat));
+    check_sm90(mk_sm90_backward_parts(&call.gemm, &call.ep, lse.data_ptr<float>(), g_lse.data_ptr<float>(),
+                                      g_cos_target.data_ptr<float>(), factor ? factor->data_ptr<float>() : nullptr,
+                                      grad_out.data_ptr(), leading_dim(grad_out), parts.data_ptr<float>(),
+                                      reinterpret_cast<void*>(stream)),
+               fn);
+    return parts;
+  }
   check_sm90(mk_sm90_backward(&call.gemm, &call.ep, lse.data_ptr<float>(), g_lse.data_ptr<float>(),
                               g_cos_target.data_ptr<float>(), factor ? factor->data_ptr<float>() : nullptr,
                               grad_out.data_ptr(), leading_dim(grad_out),
                               col_dot ? col_dot->data_ptr<float>() : nullptr,
                               col_shift ? col_shift->data_ptr<float>() : nullptr, reinterpret_cast<void*>(stream)),
              fn);
+  return std::nullopt;
 #else
   no_cutlass("fused_backward");
+  return std::nullopt;
+#endif
+}
+
+// the dW GEMM of one chunk with finish_dw in its epilogue (csrc/cutlass/margin_sm90.h mk_sm90_dw): out (n x d,
+// x's dtype or float32) = finish_dw(grad^T x, w, col_dot, inv_norm, inv_factor); grad (B x n) the recompute
+// GEMM's output, w the chunk's stored rows in x's dtype; col_dot and inv_norm together or neither (raw weights)
+void fused_dw(const Tensor& grad, const Tensor& x, const Tensor& w, const optional<Tensor>& col_dot,
+              const optional<Tensor>& inv_norm, const optional<Tensor>& inv_factor, const Tensor& out,
+              int64_t stream) {
+#ifdef MK_WITH_CUTLASS
+  const char* fn = "fused_dw";
+  const auto check_operand = [&](const char* name, const Tensor& t) {
+    check_matrix(fn, name, t);
+    TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "margin_kernels.fused_dw: ", name, " must be on x's ",
+                "CUDA device, got ", t.device());
+    TORCH_CHECK(leading_dim(t) * t.element_size() % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                "margin_kernels.fused_dw: ", name, " needs 16-byte aligned rows (TMA), got strides ", t.strides());
+  };
+  check_operand("grad", grad);
+  check_operand("x", x);
+  check_operand("w", w);
+  check_operand("out", out);
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+                  grad.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(),
+              "margin_kernels.fused_dw: grad, x and w must all be bfloat16 or all float16, got ", grad.scalar_type(),
+              ", ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() || out.scalar_type() == at::kFloat,
+              "margin_kernels.fused_dw: out must be ", x.scalar_type(), " or float32, got ", out.scalar_type());
+  const int64_t rows = x.size(0), cols = w.size(0), dim = x.size(1);
+  TORCH_CHECK(grad.size(0) == rows && grad.size(1) == cols && w.size(1) == dim && out.size(0) == cols &&
+                  out.size(1) == dim,
+              "margin_kernels.fused_dw: grad ", grad.sizes(), ", x ", x.sizes(), ", w ", w.sizes(), " and out ",
+              out.sizes(), " must be (B, n), (B, d), (n, d) and (n, d)");
+  TORCH_CHECK(col_dot.has_value() == inv_norm.has_value(),
+              "margin_kernels.fused_dw: col_dot and inv_norm must be given together");
+  // col_dot: the finished vector, or fused_backward's (tiles, padded n, 2) partials (summed in the epilogue)
+  const bool parts = col_dot && col_dot->dim() == 3;
+  if (parts) {
+    TORCH_CHECK(col_dot->device() == x.device() && col_dot->scalar_type() == at::kFloat &&
+                    col_dot->is_contiguous() && col_dot->size(0) >= 1 && col_dot->size(1) >= cols &&
+                    col_dot->size(2) == 2,
+                "margin_kernels.fused_dw: col_dot partials must be a contiguous (tiles, >= ", cols,
+                ", 2) float32 tensor on x's device, got ", col_dot->sizes(), " ", col_dot->scalar_type());
+  } else if (col_dot) {
+    check_fused_vector(fn, "col_dot", *col_dot, x, cols);
+  }
+  if (inv_norm) check_fused_vector(fn, "inv_norm", *inv_norm, x, cols);
+  if (inv_factor) check_fused_vector(fn, "inv_factor", *inv_factor, x, 1);
+  mk_sm90_dw_args args{};
+  args.col_dot_step = parts ? 2 : 1;
+  args.col_dot_tile_stride = parts ? 2 * col_dot->size(1) : 0;
+  args.col_dot_tiles = parts ? col_dot->size(0) : 1;
+  args.grad = grad.data_ptr();
+  args.x = x.data_ptr();
+  args.w = w.data_ptr();
+  args.out = out.data_ptr();
+  args.rows = rows;
+  args.cols = cols;
+  args.dim = dim;
+  args.ld_grad = leading_dim(grad);
+  args.ld_x = leading_dim(x);
+  args.ld_w = leading_dim(w);
+  args.ld_out = leading_dim(out);
+  args.dtype = dtype_code(x);
+  args.out_dtype = dtype_code(out);
+  args.col_dot = col_dot ? col_dot->data_ptr<float>() : nullptr;
+  args.inv_norm = inv_norm ? inv_norm->data_ptr<float>() : nullptr;
+  args.inv_factor = inv_factor ? inv_factor->data_ptr<float>() : nullptr;
+  check_sm90(mk_sm90_dw(&args, reinterpret_cast<void*>(stream)), fn);
+#else
+  no_cutlass("fused_dw");
 #endif
 }
 
@@ -640,7 +728,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col0"), py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"),
         py::arg("lse"), py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("grad_out"),
         py::arg("factor") = py::none(), py::arg("stream") = 0, py::arg("reduction") = 0,
-        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("col_shift") = py::none(), nogil);
+        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("col_shift") = py::none(),
+        py::arg("col_parts") = false, nogil);
+  m.def("fused_dw", &fused_dw, py::arg("grad"), py::arg("x"), py::arg("w"), py::arg("col_dot"), py::arg("inv_norm"),
+        py::arg("inv_factor"), py::arg("out"), py::arg("stream") = 0, nogil);
   m.def("sub_center_max", &sub_center_max, py::arg("tile"), py::arg("inv_norm"), py::arg("sub_centers"),
         py::arg("stream") = 0, nogil);
   m.def("sub_center_scatter", &sub_center_scatter, py::arg("grad"), py::arg("values"), py::arg("winner"),

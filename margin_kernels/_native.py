@@ -56,6 +56,26 @@ def _load(with_cuda: bool):
     return _jit(with_cuda, prebuilt_problem)
 
 
+def jit_build_args(with_cuda: bool, arch_list: Optional[str], device_capabilities=()) -> dict:
+    """The JIT build's sources and flags: the CUDA extension includes the CUTLASS sm_90a kernels under
+    setup.py's conditions (native_build.cutlass_plan: headers found, sm_90a targeted), with ``cutlass``
+    saying why not when it does not."""
+    plan_dirs, plan_flags, where = (native_build.cutlass_plan(arch_list, device_capabilities) if with_cuda
+                                    else (None, [], "the CPU extension has no CUDA code"))
+    with_cutlass = plan_dirs is not None
+    return {"sources": native_build.sources(with_cuda, with_cutlass),
+            "extra_cflags": native_build.cxx_flags(with_cuda) + (["-DMK_WITH_CUTLASS"] if with_cutlass else []),
+            "extra_cuda_cflags": native_build.nvcc_flags() + plan_flags,
+            "cutlass": None if with_cutlass else where}
+
+
+def _visible_capabilities(torch) -> list:
+    try:
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no driver: no visible GPU
+        return []
+
+
 def _jit(with_cuda: bool, prebuilt_problem: Optional[str]):
     why = f"{prebuilt_problem}; " if prebuilt_problem else ""
     sources = native_build.sources(with_cuda)
@@ -69,15 +89,19 @@ def _jit(with_cuda: bool, prebuilt_problem: Optional[str]):
         return None, f"{why}torch.utils.cpp_extension is unavailable ({exc})"
     if with_cuda and (torch.version.cuda is None or cpp_extension.CUDA_HOME is None):
         return None, f"{why}compiling the CUDA extension needs a CUDA build of torch and nvcc (CUDA_HOME)"
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    args = jit_build_args(with_cuda, arch_list, () if arch_list or not with_cuda else _visible_capabilities(torch))
+    skipped = ("" if args["cutlass"] is None or not with_cuda
+               else f"; without the CUTLASS sm_90a kernels: {args['cutlass']}")
     warnings.warn(f"margin_kernels: compiling the native {'CUDA' if with_cuda else 'CPU'} extension from csrc/ "
-                  "(first use only; the build is cached)", RuntimeWarning, stacklevel=4)
+                  f"(first use only; the build is cached){skipped}", RuntimeWarning, stacklevel=4)
     try:
         module = cpp_extension.load(
             name=f"margin_kernels{native_build.CUDA_MODULE if with_cuda else native_build.CPU_MODULE}",
-            sources=[str(path) for path in sources],
+            sources=[str(path) for path in args["sources"]],
             extra_include_paths=[str(native_build.csrc_dir())],
-            extra_cflags=native_build.cxx_flags(with_cuda),
-            extra_cuda_cflags=native_build.nvcc_flags(),
+            extra_cflags=args["extra_cflags"],
+            extra_cuda_cflags=args["extra_cuda_cflags"],
             extra_ldflags=native_build.ld_flags(),
             with_cuda=with_cuda,
             verbose=False,

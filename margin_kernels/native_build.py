@@ -105,6 +105,19 @@ def sm90a_targets(arch_list: Optional[str], device_capabilities=()) -> tuple[lis
     return [], "no sm_90 GPU is visible and TORCH_CUDA_ARCH_LIST is unset (set it to include 9.0a to build them)"
 
 
+def cutlass_plan(arch_list: Optional[str], device_capabilities=()) -> tuple[Optional[list[Path]], list[str], str]:
+    """Whether the CUDA extension compiles the CUTLASS translation unit, for setup.py and the JIT build alike:
+    (include dirs, extra nvcc flags, where the headers come from) when CUTLASS's headers are found
+    (``cutlass_include_dirs``) and sm_90a is targeted (``sm90a_targets``), else (None, [], why not)."""
+    dirs, where = cutlass_include_dirs()
+    if dirs is None:
+        return None, [], where
+    gencode, why_not = sm90a_targets(arch_list, device_capabilities)
+    if why_not is not None:
+        return None, [], why_not
+    return dirs, gencode + cutlass_nvcc_flags(dirs), where
+
+
 def cutlass_nvcc_flags(include_dirs: list[Path]) -> list[str]:
     """nvcc flags added for the CUTLASS translation unit: its headers as system includes (their warnings are
     not ours), C++17 with relaxed constexpr (cute), and -DNDEBUG: a device assert in the mainloop makes ptxas

@@ -1,10 +1,12 @@
 """The chunk loop's fused branch (``fused=True``: the cuda backend's CUTLASS path, chosen by cuda_variant.select)
 on the CPU: every chunk goes through the epilogue's fused_forward / fused_backward instead of the GEMM and the
-tile epilogue, and the backward continues on the 16-bit dL/dcos path (dx/dW GEMMs, finish_dw, the sinks).
+tile epilogue, and the backward continues on the 16-bit dL/dcos path (the dx GEMM, the fused dW GEMM with
+finish_dw and the column sums in its epilogue, the sinks).
 
 No GPU here, so the fused calls are emulated with the kernels' contract (csrc/cutlass/margin_sm90.h): the
 product x.w^T in fp32, then the torch epilogue on it (forward: the rows' pairs merged in place; backward:
-dL/dcos with 1/|w_j| and the fp16 factor in the operand dtype, per-class sums). What this checks is the host
+dL/dcos with 1/|w_j| and the fp16 factor in the operand dtype, per-class sums as per-row-tile partials; dW:
+grad^T x in fp32, the partials summed in tile order, finish_dw into the sink's rows). What this checks is the host
 side the GPU will run around the kernels: the per-chunk inverse norms and labels, the 16-bit path after the
 fused backward, weight.grad accumulation and the fused optimizer sink, against the float64 reference. The
 kernels themselves: bench/gpu_session.sh on the first lent sm_90 GPU."""
@@ -14,12 +16,14 @@ import pytest
 import torch
 
 from margin_kernels.backends import chunk_loop, torch_backend
-from margin_kernels.backends.chunk_loop import _matmul_acc
+from margin_kernels.backends.chunk_loop import _matmul_acc, mixed_mm
 from tests.helpers import LOSS_NAMES, compare_with_references, make_loss
 from tests.tolerances import bounds
 
 DTYPES = (torch.bfloat16, torch.float16)
 SINGLE_ROW = [name for name in LOSS_NAMES if make_loss(name).sub_centers == 1]
+#: the recompute GEMM's partials: one per 64-row tile and class, the classes padded to its 128-column tile
+PART_ROWS, PART_COLS = 64, 128
 
 
 class _FusedOnCpu:
@@ -27,7 +31,7 @@ class _FusedOnCpu:
 
     def __init__(self, inner):
         self._inner = inner
-        self.calls = {"forward": 0, "backward": 0}
+        self.calls = {"forward": 0, "backward": 0, "dw": 0}
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -43,12 +47,33 @@ class _FusedOnCpu:
         cos = _matmul_acc(x, w.t(), row_params.dtype)
         self._inner.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
 
-    def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target, shift=None):
+    def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target, shift=None,
+                       col_parts=False):
         self._check(x, w)
         self.calls["backward"] += 1
         cos = _matmul_acc(x, w.t(), row_params.dtype)
-        return self._inner.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
+        tile = self._inner.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
                                          False, grad_dtype=self.storage, shift=shift)
+        if not col_parts or tile.col_dot is None:
+            return tile
+        # the kernel's partials: (ceil(B / 64) row tiles, n rounded up to 128, (sum dc c, sum dz)); any split
+        # over the row tiles is the contract (fused_dw sums them in tile order), here all in tile 0
+        rows, cols = cos.shape
+        parts = torch.zeros(-(-rows // PART_ROWS), -(-cols // PART_COLS) * PART_COLS, 2, dtype=cos.dtype)
+        parts[0, :cols, 0] = tile.col_dot
+        return tile._replace(col_dot=parts)
+
+    def fused_dw(self, grad, x, w, col_dot, inv_norm, inv_factor, out):
+        # the kernel's contract (margin_sm90.h mk_sm90_dw): w the stored 16-bit rows, out the operand dtype or fp32
+        assert w.dtype == self.storage and grad.dtype == self.storage and out.dtype in (self.storage, torch.float32)
+        self.calls["dw"] += 1
+        if col_dot is not None and col_dot.dim() == 3:  # the partials, summed in row-tile order
+            tiles = col_dot[:, :w.shape[0], 0]
+            col_dot = tiles[0].clone()
+            for t in range(1, tiles.shape[0]):
+                col_dot += tiles[t]
+        dw = mixed_mm(grad.t(), x, torch.float32)
+        self._inner.finish_dw(dw, w, col_dot, inv_norm, inv_factor, out=out)
 
 
 @pytest.fixture
@@ -76,6 +101,7 @@ def test_fused_branch_matches_reference(fused_torch_backend, name, dtype):
     # 83 classes in chunks of 32: a short last chunk (its col0 and inverse norms), raw and normalised weights
     errors = compare_with_references("torch", name, dtype, reference_dtypes=(torch.float64, dtype))
     assert fused_torch_backend.calls["forward"] and fused_torch_backend.calls["backward"]
+    assert fused_torch_backend.calls["dw"] == fused_torch_backend.calls["backward"]  # 16-bit storage: fused dW
     for ref_dtype, bound in bounds("cuda", dtype, kind).items():
         assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])
 
@@ -91,5 +117,18 @@ def test_fused_branch_accumulates_into_weight_grad(fused_torch_backend, dtype):
     first = head.weight.grad.clone()
     head(x, labels).sum().backward()
     assert fused_torch_backend.calls["backward"] == 2 * 3  # 40 classes in chunks of 16, two calls
+    assert fused_torch_backend.calls["dw"] == 2 * 3  # the fused dW GEMM into the sink's fp32 rows
     # the second backward adds the same gradient: 2 g within the storage dtype's rounding of the sum
     assert torch.allclose(head.weight.grad.float(), 2 * first.float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["arcface", "sphereface2"])  # an LSE and a binary-family loss
+def test_fused_branch_sums_dx_over_several_groups(fused_torch_backend, name, dtype):
+    from margin_kernels.backends.chunk_loop import DX_GROUP
+    # 83 classes in chunks of 2: 42 chunks, so the grouped dx sum flushes two full groups and a partial one
+    errors = compare_with_references("torch", name, dtype, chunk_size=2, reference_dtypes=(torch.float64, dtype))
+    assert fused_torch_backend.calls["backward"] == 42 > 2 * DX_GROUP
+    kind = make_loss(name).negative_spec().kind
+    for ref_dtype, bound in bounds("cuda", dtype, kind).items():
+        assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])

@@ -37,10 +37,11 @@
 #include "margin_sm90.h"
 
 // Which GEMMs this compile instantiates: bit 0 forward bf16, bit 1 forward fp16, bit 2 backward bf16, bit 3
-// backward fp16. The extension builds all four; bench/cutlass_check.py compiles one at a time (each one's
+// backward fp16, bits 4-7 the dW GEMM (bf16 -> bf16, bf16 -> fp32, fp16 -> fp16, fp16 -> fp32). The extension
+// builds all eight; bench/cutlass_check.py compiles one at a time (each one's
 // compile time and ptxas report), and MK_SM90_REPORT_MAIN adds a host main() printing their shared memory.
 #ifndef MK_SM90_KERNELS
-#define MK_SM90_KERNELS 0xF
+#define MK_SM90_KERNELS 0xFF
 #endif
 
 namespace mk_sm90 {
@@ -394,6 +395,219 @@ struct Gemm {
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
+// ---- the dW GEMM: G = grad^T x with finish_dw's work in its epilogue --------------------------------------------
+
+// The root of the dW tree: per element of the chunk's dW rows (row j, column n) from the accumulator G_jn, the
+// chunk's stored weight w_jn (the C operand), the row's 1/|w_j| and sum_i dc_ij c_ij, and the fp16 unscale:
+// margin_math.h's dw_normalize(G_jn * unscale, w_jn, dw_norm_coef(col_dot_j, inv_j), inv_j), as finish_dw_kernel
+// of margin_cuda.cu computes it (one 1/|w_j| on each side, never 1/|w_j|^2); raw weights (normalize 0): the
+// unscaled G. The grad operand carries 1/|w_j| already (the recompute GEMM folded it in for the dx GEMM).
+struct FinishDwParams {
+  int normalize = 1;
+};
+
+struct Sm90FinishDwNode {
+  struct SharedStorage {};
+  using Arguments = FinishDwParams;
+  using Params = FinishDwParams;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  CUTLASS_HOST_DEVICE Sm90FinishDwNode() {}
+  CUTLASS_HOST_DEVICE Sm90FinishDwNode(Params const& params, SharedStorage const&) : params(params) {}
+
+  Params params;
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return fusion::detail::EmptyProducerLoadCallbacks{};
+  }
+
+  struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE explicit ConsumerStoreCallbacks(int normalize_) : normalize(normalize_) {}
+    int normalize;
+
+    template <typename ElementAccumulator, int FragmentSize, class ElementC>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int, int, int,
+        cutlass::Array<float, FragmentSize> const& frg_acc, cutlass::Array<ElementC, FragmentSize> const& w,
+        cutlass::Array<float, FragmentSize> const& inv, cutlass::Array<float, FragmentSize> const& col_dot,
+        cutlass::Array<float, FragmentSize> const& unscale) {
+      cutlass::Array<float, FragmentSize> out;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) {
+        const float g = frg_acc[i] * unscale[i];
+        out[i] = normalize ? mk::dw_normalize(g, static_cast<float>(w[i]), mk::dw_norm_coef(col_dot[i], inv[i]),
+                                              inv[i])
+                           : g;
+      }
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const&) {
+    return ConsumerStoreCallbacks(params.normalize);
+  }
+};
+
+// A per-row (M) value of the dW GEMM summed from partials: row j's value is sum_t ptr[t * tile_stride + j * step]
+// for t = 0 .. tiles - 1 in that order (sum_col_parts_kernel's order: the same bits). The recompute GEMM's
+// per-64-row-tile (dot, dz) partials are read in place (step 2, tile_stride 2 x the padded columns, tiles the
+// row tiles), so no kernel sums them in between; a finished col_dot is tiles 1, step 1. Loaded once per tile
+// and thread like Sm90ColBroadcast (its partition: one register per distinct row of the thread's elements).
+template <class CtaTileShapeMNK>
+struct Sm90RowPartsSum {
+  struct SharedStorage {};
+  struct Arguments {
+    float const* ptr = nullptr;  // NULL: every row's value is 0
+    int64_t step = 1, tile_stride = 0, tiles = 1;
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_zero() const { return params.ptr == nullptr; }
+
+  CUTLASS_HOST_DEVICE Sm90RowPartsSum() {}
+  CUTLASS_HOST_DEVICE Sm90RowPartsSum(Params const& params, SharedStorage const&) : params(params) {}
+
+  Params params;
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return fusion::detail::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class GTensor, class RTensor, class CTensor, class ThrResidue>
+  struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor tCgRow_, RTensor tCrRow_, CTensor tCcRow_, ThrResidue residue_,
+                                          Params const& params_)
+        : tCgRow(tCgRow_), tCrRow(tCrRow_), tCcRow(tCcRow_), residue(residue_), params(params_) {}
+
+    GTensor tCgRow;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) each element's row's first partial (N stride 0)
+    RTensor tCrRow;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) the sums, one register per distinct row
+    CTensor tCcRow;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) coordinates relative to the thread's first element
+    ThrResidue residue;
+    Params const& params;
+
+    CUTLASS_DEVICE void begin() {
+      Tensor g = filter_zeros(tCgRow);
+      Tensor r = filter_zeros(tCrRow);
+      Tensor c = filter_zeros(tCcRow, tCgRow.stride());
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(r); ++i) {
+        float sum = 0.0f;
+        if (params.ptr != nullptr && elem_less(c(i), residue)) {
+          float const* first = &g(i);
+          for (int64_t t = 0; t < params.tiles; ++t) sum += first[t * params.tile_stride];
+        }
+        r(i) = sum;
+      }
+    }
+
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
+                                                             int epi_v, int epi_m, int epi_n) {
+      cutlass::Array<float, FragmentSize> out;
+      Tensor r = tCrRow(_, _, _, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    // a null pointer still needs a layout to partition: every access is guarded by params.ptr
+    Tensor mRow = make_tensor(make_gmem_ptr(params.ptr), make_layout(make_shape(M, N, L),
+                                                                     make_stride(params.step, _0{}, int64_t(0))));
+    Tensor tCgRow = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
+        mRow, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor mRow_static = make_tensor(make_gmem_ptr(params.ptr), make_layout(make_shape(M, N, L),
+                                                                            make_stride(_1{}, _0{}, _0{})));
+    Tensor tCgRow_static = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
+        mRow_static, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor tCrRow = make_tensor_like<float>(tCgRow_static);
+    return ConsumerStoreCallbacks<decltype(tCgRow), decltype(tCrRow), decltype(args.tCcD),
+                                  decltype(args.residue_tCcD)>(tCgRow, tCrRow, args.tCcD, args.residue_tCcD, params);
+  }
+};
+
+// Ping-pong (two consumer warpgroups on alternate 64 x 256 tiles), as the forward: one warpgroup's epilogue
+// (the load of w, the column sums, the store) runs under the other's mainloop. M = the chunk's classes, N = d,
+// K = the batch: grad (rows x cols, row-major) is A^T with M contiguous (MN-major, fine for 16-bit wgmma), x
+// (rows x dim, row-major) is B with N contiguous. Clusters of 4 x 1: each x tile multicast to the 4 CTAs of
+// adjacent class tiles (x's L2 reads once per 256 classes).
+using DwTileShape = Shape<_64, _256, _64>;
+using DwClusterShape = Shape<_4, _1, _1>;
+
+template <class Element, class ElementOut>
+struct DwGemm {
+  using LayoutGrad = cutlass::layout::ColumnMajor;  // A = grad^T: (cols x rows), cols contiguous
+  using LayoutX = cutlass::layout::RowMajor;        // B = x as (rows x dim) K x N, dim contiguous
+  using LayoutW = cutlass::layout::RowMajor;        // C = the chunk's weight rows, D = their dW rows
+  static constexpr int kAlign = 16 / sizeof(Element);
+  static constexpr int kAlignOut = 16 / sizeof(ElementOut);
+  using Tree = fusion::Sm90EVT<Sm90FinishDwNode, fusion::Sm90AccFetch, fusion::Sm90SrcFetch<Element>,
+                               RowFloat<DwTileShape>, Sm90RowPartsSum<DwTileShape>,
+                               fusion::Sm90ScalarBroadcast<float>>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, DwTileShape, DwClusterShape,
+      EpilogueTile, float, float, Element, LayoutW, kAlign, ElementOut, LayoutW, kAlignOut, EpilogueSchedule,
+      Tree>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutGrad, kAlign, Element, LayoutX, kAlign,
+      float, DwTileShape, DwClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
 // ---- the merges after the GEMM (fixed order: deterministic) -----------------------------------------------------
 
 // one warp per row: lane t merges tiles t, t + 32, ... in order, then a fixed shuffle tree, then into the run
@@ -521,13 +735,15 @@ int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* run_ma
 template <class Element>
 int backward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, const float* lse, const float* g_lse,
                  const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
-                 float* col_shift, cudaStream_t stream) {
+                 float* col_shift, float* col_parts, cudaStream_t stream) {
   using G = Gemm<Element, true>;
   const int64_t tile_m = size<0>(BackwardTileShape{}), tile_n = size<1>(BackwardTileShape{});
   const int64_t padded_cols = round_up(g.cols, tile_n), row_tiles = (g.rows + tile_m - 1) / tile_m;
   Scratch parts(stream);
-  cudaError_t status = parts.get(sizeof(ColPart) * padded_cols * row_tiles);
+  cudaError_t status = col_parts != nullptr ? cudaSuccess : parts.get(sizeof(ColPart) * padded_cols * row_tiles);
   if (status != cudaSuccess) return static_cast<int>(status);
+  if (col_parts != nullptr) parts.ptr = nullptr;  // the caller's buffer: not freed here
+  void* parts_ptr = col_parts != nullptr ? static_cast<void*>(col_parts) : parts.ptr;
   auto arguments = gemm_arguments<G>(g);
   const int M = static_cast<int>(g.rows), N = static_cast<int>(g.cols);
   auto stride_d = cutlass::make_cute_packed_stride(typename G::Kernel::StrideD{}, make_shape(M, N, 1));
@@ -545,14 +761,47 @@ int backward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, const float*
         {g_lse, 0.0f, {}},
         {g_cos_target, 0.0f, {}},
         negative_params(ep, factor)},
-       {parts.ptr, ColPart(), {}}},
+       {parts_ptr, ColPart(), {}}},
       {}};
   int result = run<G>(arguments, stream);
-  if (result != 0) return result;
+  if (result != 0 || col_parts != nullptr) return result;
   constexpr int kThreads = 256;
   sum_col_parts_kernel<<<static_cast<unsigned int>((g.cols + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      static_cast<const ColPart*>(parts.ptr), g.cols, padded_cols, row_tiles, col_dot, col_shift);
+      static_cast<const ColPart*>(parts_ptr), g.cols, padded_cols, row_tiles, col_dot, col_shift);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <class Element, class ElementOut>
+int dw_for(mk_sm90_dw_args const& a, cudaStream_t stream) {
+  using G = DwGemm<Element, ElementOut>;
+  const int M = static_cast<int>(a.cols), N = static_cast<int>(a.dim), K = static_cast<int>(a.rows);
+  typename G::Device::Arguments arguments{};
+  arguments.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  arguments.problem_shape = {M, N, K, 1};
+  auto stride_grad = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
+  auto stride_x = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
+  get<1>(stride_grad) = a.ld_grad;  // the K (batch row) strides as given (TMA: a multiple of 16 bytes)
+  get<1>(stride_x) = a.ld_x;
+  arguments.mainloop = {static_cast<Element const*>(a.grad), stride_grad, static_cast<Element const*>(a.x),
+                        stride_x};
+  auto stride_w = cutlass::make_cute_packed_stride(typename G::Kernel::StrideC{}, make_shape(M, N, 1));
+  auto stride_out = cutlass::make_cute_packed_stride(typename G::Kernel::StrideD{}, make_shape(M, N, 1));
+  get<0>(stride_w) = a.ld_w;
+  get<0>(stride_out) = a.ld_out;
+  arguments.epilogue.ptr_C = static_cast<Element const*>(a.w);
+  arguments.epilogue.dC = stride_w;
+  arguments.epilogue.ptr_D = static_cast<ElementOut*>(a.out);
+  arguments.epilogue.dD = stride_out;
+  // {children..., node}: {acc, w, inv_norm, col_dot, unscale, finish}
+  typename fusion::Sm90ScalarBroadcast<float>::Arguments unscale{};
+  unscale.scalars[0] = 1.0f;
+  unscale.scalar_ptrs[0] = a.inv_factor;
+  FinishDwParams finish;
+  finish.normalize = a.inv_norm != nullptr;
+  typename Sm90RowPartsSum<DwTileShape>::Arguments col_dot{a.col_dot, a.col_dot_step, a.col_dot_tile_stride,
+                                                          a.col_dot_tiles};
+  arguments.epilogue.thread = {{}, {}, {a.inv_norm, 0.0f, {}}, col_dot, unscale, finish};
+  return run<G>(arguments, stream);
 }
 
 int check(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep) {
@@ -581,22 +830,69 @@ int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float*
   return MK_SM90_ERR_BAD_DTYPE;
 }
 
-int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse, const float* g_lse,
-                     const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
-                     float* col_shift, void* stream) {
+static int backward_any(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse, const float* g_lse,
+                 const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
+                 float* col_shift, float* col_parts, void* stream) {
   if (gemm->rows <= 0 || gemm->cols <= 0) return 0;
   if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
-  if (ep->reduction == mk::kSoftplusSum && col_shift == nullptr) return MK_CUDA_ERR_MISSING_OUTPUT;
+  if (col_parts == nullptr && ep->reduction == mk::kSoftplusSum && col_shift == nullptr)
+    return MK_CUDA_ERR_MISSING_OUTPUT;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if constexpr ((MK_SM90_KERNELS & 4) != 0) {
     if (gemm->dtype == MK_DTYPE_BF16)
       return mk_sm90::backward_for<cutlass::bfloat16_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad,
-                                                        ld_grad, col_dot, col_shift, s);
+                                                        ld_grad, col_dot, col_shift, col_parts, s);
   }
   if constexpr ((MK_SM90_KERNELS & 8) != 0) {
     if (gemm->dtype == MK_DTYPE_F16)
       return mk_sm90::backward_for<cutlass::half_t>(*gemm, *ep, lse, g_lse, g_cos_target, factor, grad, ld_grad,
-                                                    col_dot, col_shift, s);
+                                                    col_dot, col_shift, col_parts, s);
+  }
+  return MK_SM90_ERR_BAD_DTYPE;
+}
+
+int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse, const float* g_lse,
+                     const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
+                     float* col_shift, void* stream) {
+  return backward_any(gemm, ep, lse, g_lse, g_cos_target, factor, grad, ld_grad, col_dot, col_shift, nullptr,
+                      stream);
+}
+
+int mk_sm90_backward_parts(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse,
+                           const float* g_lse, const float* g_cos_target, const float* factor, void* grad,
+                           int64_t ld_grad, float* col_parts, void* stream) {
+  if (col_parts == nullptr) return MK_CUDA_ERR_MISSING_OUTPUT;
+  return backward_any(gemm, ep, lse, g_lse, g_cos_target, factor, grad, ld_grad, nullptr, nullptr, col_parts,
+                      stream);
+}
+
+void mk_sm90_col_parts_shape(int64_t rows, int64_t cols, int64_t* tiles, int64_t* padded_cols) {
+  const int64_t tile_m = cute::size<0>(mk_sm90::BackwardTileShape{});
+  *tiles = (rows + tile_m - 1) / tile_m;
+  *padded_cols = mk_sm90::round_up(cols, cute::size<1>(mk_sm90::BackwardTileShape{}));
+}
+
+int mk_sm90_dw(const mk_sm90_dw_args* args, void* stream) {
+  const mk_sm90_dw_args& a = *args;
+  if (a.cols <= 0 || a.dim <= 0) return 0;
+  if (a.rows > 0x7fffffff || a.cols > 0x7fffffff || a.dim > 0x7fffffff) return MK_CUDA_ERR_TOO_MANY_ROWS;
+  if (a.grad == nullptr || a.x == nullptr || a.w == nullptr || a.out == nullptr) return MK_CUDA_ERR_BAD_ARGUMENT;
+  if ((a.inv_norm == nullptr) != (a.col_dot == nullptr)) return MK_CUDA_ERR_BAD_ARGUMENT;
+  if (a.col_dot != nullptr && (a.col_dot_tiles < 1 || a.col_dot_step < 1)) return MK_CUDA_ERR_BAD_ARGUMENT;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool f32_out = a.out_dtype == MK_DTYPE_F32;
+  if (!f32_out && a.out_dtype != a.dtype) return MK_SM90_ERR_BAD_DTYPE;
+  if constexpr ((MK_SM90_KERNELS & 16) != 0) {
+    if (a.dtype == MK_DTYPE_BF16 && !f32_out) return mk_sm90::dw_for<cutlass::bfloat16_t, cutlass::bfloat16_t>(a, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 32) != 0) {
+    if (a.dtype == MK_DTYPE_BF16 && f32_out) return mk_sm90::dw_for<cutlass::bfloat16_t, float>(a, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 64) != 0) {
+    if (a.dtype == MK_DTYPE_F16 && !f32_out) return mk_sm90::dw_for<cutlass::half_t, cutlass::half_t>(a, s);
+  }
+  if constexpr ((MK_SM90_KERNELS & 128) != 0) {
+    if (a.dtype == MK_DTYPE_F16 && f32_out) return mk_sm90::dw_for<cutlass::half_t, float>(a, s);
   }
   return MK_SM90_ERR_BAD_DTYPE;
 }
@@ -617,6 +913,10 @@ int main() {
   std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize));
   std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
   std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
+  std::printf("dw_bf16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, cutlass::bfloat16_t>::Kernel::SharedStorageSize));
+  std::printf("dw_bf16_f32 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, float>::Kernel::SharedStorageSize));
+  std::printf("dw_f16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::half_t, cutlass::half_t>::Kernel::SharedStorageSize));
+  std::printf("dw_f16_f32 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::half_t, float>::Kernel::SharedStorageSize));
   return 0;
 }
 #endif

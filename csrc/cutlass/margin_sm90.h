@@ -59,6 +59,39 @@ int mk_sm90_backward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const
                      const float* g_cos_target, const float* factor, void* grad, int64_t ld_grad, float* col_dot,
                      float* col_shift, void* stream);
 
+/* the same, leaving the per-(64-row tile, class) partials (sum_i dc c, sum_i dz) in col_parts (fp32 pairs,
+ * tiles x padded_cols of mk_sm90_col_parts_shape) instead of summing them into col_dot/col_shift: the dW
+ * GEMM's epilogue sums them in place (mk_sm90_dw_args.col_dot), with no kernel in between */
+int mk_sm90_backward_parts(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, const float* lse,
+                           const float* g_lse, const float* g_cos_target, const float* factor, void* grad,
+                           int64_t ld_grad, float* col_parts, void* stream);
+void mk_sm90_col_parts_shape(int64_t rows, int64_t cols, int64_t* tiles, int64_t* padded_cols);
+
+/* the dW GEMM of one chunk with finish_dw in its epilogue: out (cols x dim, leading dimension ld_out, out_dtype:
+ * the operand dtype or MK_DTYPE_F32) row j = dw_normalize(G_j * *inv_factor, w_j, col_dot_j * inv_norm_j,
+ * inv_norm_j) of margin_math.h, G = grad^T x (fp32 accumulation), grad the recompute GEMM's rows x cols output
+ * (1/|w_j| and the fp16 factor already in it), w the chunk's stored weight rows (the GEMM's C operand, the
+ * operand dtype), inv_factor NULL: 1. Raw weights: inv_norm and col_dot both NULL, out = G * *inv_factor. grad,
+ * x, w and out: unit column stride, 16-byte aligned rows (TMA). */
+typedef struct mk_sm90_dw_args {
+  const void* grad;
+  const void* x;
+  const void* w;
+  void* out;
+  int64_t rows, cols, dim, ld_grad, ld_x, ld_w, ld_out;
+  int dtype;     /* grad, x, w: MK_DTYPE_F16 or MK_DTYPE_BF16 */
+  int out_dtype; /* dtype or MK_DTYPE_F32 */
+  /* col_dot_j = sum_t col_dot[t * col_dot_tile_stride + j * col_dot_step], t = 0 .. col_dot_tiles - 1 in order:
+   * a finished vector (tiles 1, step 1), or mk_sm90_backward's col_parts read in place (step 2, tile stride
+   * 2 x padded_cols, tiles its row tiles: the same sum as its col_dot, bit for bit) */
+  const float* col_dot;
+  int64_t col_dot_step, col_dot_tile_stride, col_dot_tiles;
+  const float* inv_norm;
+  const float* inv_factor;
+} mk_sm90_dw_args;
+
+int mk_sm90_dw(const mk_sm90_dw_args* args, void* stream);
+
 /* the tile shapes (M, N, K) of the forward and the backward kernels, for the reports */
 void mk_sm90_tile_shape(int backward, int* m, int* n, int* k);
 

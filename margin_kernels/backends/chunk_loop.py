@@ -48,6 +48,9 @@ CUDA_MIN_CHUNK, CUDA_MAX_CHUNK = 1024, 16384  # below: the GEMMs get thin; above
 #: 1024, 1.06x at 2048, 1.08x at 4096, 1.17x at 8192, 1.56x at 32768.
 CPU_TILE_ELEMENTS = 1 << 19
 CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; above: W chunks leave the cache
+#: the fused (CUTLASS) backward keeps this many chunks' fp32 dx products in a buffer and adds their sum into dx
+#: once per group (two launches per group instead of one add per chunk; DX_GROUP x B x d fp32 of memory)
+DX_GROUP = 16
 
 
 def filter_skips_on_host(device: torch.device) -> bool:
@@ -116,12 +119,38 @@ def gradient_operand_dtype(w_mm: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def mixed_mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+def mixed_mm(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a @ b of 16-bit operands, accumulated and returned in acc_dtype (on CPU, where this runs only in tests,
-    by widening first: the products of 16-bit values are exact in fp32, so it is the same computation)."""
+    by widening first: the products of 16-bit values are exact in fp32, so it is the same computation), into
+    ``out`` when given."""
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=acc_dtype)
-    return a.to(acc_dtype) @ b.to(acc_dtype)
+        return torch.mm(a, b, out_dtype=acc_dtype) if out is None else torch.mm(a, b, out_dtype=acc_dtype, out=out)
+    return torch.mm(a.to(acc_dtype), b.to(acc_dtype), out=out) if out is not None else a.to(acc_dtype) @ b.to(acc_dtype)
+
+
+class _GroupedDx:
+    """dx += sum of the chunks' dx products, DX_GROUP chunks at a time: each product goes into a slot of a
+    (DX_GROUP, B, d) buffer and a full buffer is summed (fixed order: deterministic) into dx."""
+
+    def __init__(self, dx: torch.Tensor, scratch: Scratch):
+        self._dx, self._scratch, self._used = dx, scratch, 0
+
+    def slot(self) -> torch.Tensor:
+        batch, dim = self._dx.shape
+        return self._scratch.get("dx_parts", DX_GROUP * batch, dim)[self._used * batch:(self._used + 1) * batch]
+
+    def added(self) -> None:
+        self._used += 1
+        if self._used == DX_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._used:
+            batch, dim = self._dx.shape
+            parts = self._scratch.get("dx_parts", DX_GROUP * batch, dim)[:self._used * batch]
+            self._dx.add_(parts.view(self._used, batch, dim).sum(0))
+            self._used = 0
 
 
 class Scratch:
@@ -259,8 +288,9 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     pass. d shift sums the tiles' shares in chunk order (deterministic; zero for LSE). With a ``state.sink``
     (``sinks.ChunkSink``: an in-place add into ``weight.grad``, a fused optimizer) each chunk's finished dW rows
     go to ``sink.store`` from a chunk-sized buffer, and dW is None. ``fused``: the epilogue's ``fused_backward``
-    recomputes the product and writes the 16-bit dL/dcos in one kernel; the dx/dW GEMMs, finish_dw and the
-    sinks are the 16-bit path's."""
+    recomputes the product and writes the 16-bit dL/dcos in one kernel; with 16-bit storage ``fused_dw`` then
+    runs the dW GEMM with finish_dw in its epilogue straight into the sink's rows (the column sums read from
+    the recompute GEMM's per-row-tile partials); the dx GEMM and the sinks are the 16-bit path's."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
         _unpacked(inputs, config, epilogue)
     k, store, sink, grad_filter = config.sub_centers, state.store, state.sink, config.grad_filter
@@ -282,13 +312,17 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     if store is not None:
         store.use_chunk(chunk_size * k)
     skipped = 0
+    grouped_dx = _GroupedDx(dx, scratch)
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
+        # the fused dW GEMM reads the stored rows as its C operand: 16-bit storage (the operand dtype itself);
+        # fp32 storage under a 16-bit product takes the cuBLAS dW GEMM and finish_dw
+        dw_fused = fused and w_stored.dtype in (torch.float16, torch.bfloat16)
         if fused:
             inv_norm = _chunk_norms(w_stored, col0, col1, normalize_weight, acc, epilogue, None, known)
             tile = epilogue.fused_backward(x_mm, w, inv_norm, labels, col0, row_params, spec, lse, g_lse,
-                                           g_cos_target, shift=shift)
+                                           g_cos_target, shift=shift, col_parts=dw_fused)
             grad_dtype = tile.grad.dtype  # the operand dtype: the 16-bit path below
         else:
             tile_buffer = scratch.get("tile", batch, (col1 - col0) * k)
@@ -321,11 +355,20 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
                     tile.col_dot.mul_(keep.to(tile.col_dot.dtype))
                 skipped = skipped + below.to(torch.int64)
         if grad_dtype is not None:  # 16-bit dL/dcos: both GEMMs on tensor cores, fp32 outputs
-            dx_part = mixed_mm(tile.grad, w, acc)
-            dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
-            dw = mixed_mm(tile.grad.t(), x_mm, acc)
+            if dw_fused:  # the dx product into the group buffer, summed into dx once per DX_GROUP chunks
+                dx_part = mixed_mm(tile.grad, w, acc, out=grouped_dx.slot())
+                if tile.inv_factor is not None:
+                    dx_part.mul_(tile.inv_factor)
+                grouped_dx.added()
+            else:
+                dx_part = mixed_mm(tile.grad, w, acc)
+                dx.add_(dx_part if tile.inv_factor is None else dx_part.mul_(tile.inv_factor))
             rows = dw_sink.rows_buffer(col0, col1, w_stored, scratch)
-            epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
+            if dw_fused:  # the dW GEMM with finish_dw (and the column sums) in its epilogue, into the rows
+                epilogue.fused_dw(tile.grad, x_mm, w_stored, tile.col_dot, inv_norm, tile.inv_factor, rows)
+            else:
+                dw = mixed_mm(tile.grad.t(), x_mm, acc)
+                epilogue.finish_dw(dw, w_stored, tile.col_dot, inv_norm, tile.inv_factor, out=rows)
             dw_sink.store(col0, col1, rows)
             continue
         if x_acc is None:
@@ -336,6 +379,7 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
         if normalize_weight:
             epilogue.finish_dw(dw, w_acc, tile.col_dot, inv_norm)
         dw_sink.store(col0, col1, dw)
+    grouped_dx.flush()
     if grad_filter > 0:
         filter_stats.record(skipped, -(-num_cols // chunk_size))
     return dx.to(x.dtype), (dw_sink.dweight if sink is None else None), dshift

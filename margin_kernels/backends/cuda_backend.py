@@ -5,9 +5,9 @@ dx/dW GEMMs (chunk_loop.gradient_operand_dtype). Robust on any CUDA GPU and torc
 the fully fused one (the epilogues inside its GEMMs: the cuda backend's remaining gap, see bench/kernels.py).
 
 On an sm_90 device with an extension built with the CUTLASS kernels (csrc/cutlass/margin_sm90.cu), calls that
-cuda_variant.select admits run the forward and the backward's recompute GEMM with the epilogue fused in
-(``variant`` says which path a call runs); the dx/dW GEMMs, finish_dw and the gradient sinks are the cuBLAS
-path's. Compile-checked only: no GPU has validated the fused path yet."""
+cuda_variant.select admits run the forward, the backward's recompute GEMM and (16-bit storage) the dW GEMM
+with finish_dw with the epilogues fused in (``variant`` says which path a call runs); the dx GEMM and the
+gradient sinks are the cuBLAS path's. Compile-checked only: no GPU has validated the fused path yet."""
 from __future__ import annotations
 
 import torch

@@ -15,7 +15,9 @@ class TileGrad(NamedTuple):
     """What the backward epilogue hands back to the loop for one tile."""
 
     grad: torch.Tensor  #: dL/d(x_i . w_j), the operand of the dx and dW GEMMs (includes 1/|w_j| when normalised)
-    col_dot: Optional[torch.Tensor]  #: sum_i dL/dc_ij * c_ij per class (normalised weights only)
+    #: sum_i dL/dc_ij * c_ij per class (normalised weights only); from a fused_backward(col_parts=True), its
+    #: (row tiles, padded n, 2) partials instead, which only the epilogue's fused_dw reads
+    col_dot: Optional[torch.Tensor]
     max_abs: Optional[torch.Tensor]  #: max |dL/dc_ij| over the tile (only when asked: gradient filtering)
     #: 1/factor when ``grad`` was multiplied by a power of two before rounding to fp16 (gradient_scale), else None
     inv_factor: Optional[torch.Tensor] = None

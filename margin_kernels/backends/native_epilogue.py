@@ -81,22 +81,34 @@ class NativeEpilogue:
                                 spec.clamp, shift)
 
     def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse,
-                       g_cos_target, shift=None) -> TileGrad:
+                       g_cos_target, shift=None, col_parts: bool = False) -> TileGrad:
         """The recompute GEMM with the backward epilogue: dL/dcos in the operand dtype (with 1/|w_j| and the fp16
-        factor, as backward_tile's 16-bit copy), per-class sum_i dc c and, for the binary reduction, dL/dz."""
+        factor, as backward_tile's 16-bit copy), per-class sum_i dc c and, for the binary reduction, dL/dz.
+        ``col_parts`` (the next dW GEMM is ``fused_dw``): ``col_dot`` is the (row tiles, padded n, 2) partials
+        of (sum dc c, sum dz) per 64-row tile, which fused_dw sums in its epilogue (no kernel in between)."""
         rows, cols = x.shape[0], w.shape[0]
         acc = row_params.dtype
-        col_dot = None if inv_norm is None else torch.empty(cols, dtype=acc, device=x.device)
         binary = spec.reduction == ReductionKind.SOFTPLUS_SUM
-        col_shift = torch.empty(cols, dtype=acc, device=x.device) if binary else None
+        col_dot = None if inv_norm is None or col_parts else torch.empty(cols, dtype=acc, device=x.device)
+        col_shift = torch.empty(cols, dtype=acc, device=x.device) if binary and not col_parts else None
         # TMA stores rows of 16 bytes: the row stride rounded up to 8 elements, the view n wide
         grad = torch.empty(rows, -(-cols // 8) * 8, dtype=w.dtype, device=x.device)[:, :cols]
         factor, inv_factor = chunk_operand_scale(w.dtype, spec, row_params, g_lse, g_cos_target, inv_norm)
-        self._ext.fused_backward(_tma_rows(x), _tma_rows(w), inv_norm, labels, col0, row_params, int(spec.kind),
-                                 spec.scale, spec.a, spec.b, lse, g_lse, g_cos_target, col_dot, grad,
-                                 factor=factor, stream=_stream(x), reduction=int(spec.reduction), clamp=spec.clamp,
-                                 shift=shift, col_shift=col_shift)
+        parts = self._ext.fused_backward(_tma_rows(x), _tma_rows(w), inv_norm, labels, col0, row_params,
+                                         int(spec.kind), spec.scale, spec.a, spec.b, lse, g_lse, g_cos_target,
+                                         col_dot, grad, factor=factor, stream=_stream(x),
+                                         reduction=int(spec.reduction), clamp=spec.clamp, shift=shift,
+                                         col_shift=col_shift, col_parts=col_parts)
+        if col_parts:
+            shift_grad = parts[:, :cols, 1].sum().reshape(1) if binary else None
+            return TileGrad(grad, None if inv_norm is None else parts, None, inv_factor, shift_grad)
         return TileGrad(grad, col_dot, None, inv_factor, None if col_shift is None else col_shift.sum().reshape(1))
+
+    def fused_dw(self, grad, x, w, col_dot, inv_norm, inv_factor, out):
+        """The chunk's dW GEMM grad^T x with finish_dw in its epilogue, into ``out`` (the sink's rows: the
+        operand dtype or fp32); ``w`` the chunk's stored rows (the operand dtype); ``col_dot`` a vector or
+        fused_backward's partials."""
+        self._ext.fused_dw(grad, _tma_rows(x), _tma_rows(w), col_dot, inv_norm, inv_factor, out, _stream(out))
 
     def finish_dw(self, dw, w, col_dot, inv_norm, inv_factor=None, out=None):
         self._ext.finish_dw(dw, _unit_stride_rows(w), col_dot, inv_norm, out=out, inv_factor=inv_factor,
