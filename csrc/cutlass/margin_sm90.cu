@@ -174,17 +174,13 @@ struct NegativeParams {
   const float* factor = nullptr;  // backward: the fp16 operand factor (device scalar, NULL: 1)
 };
 
-// A compute node of the tree (its first input the accumulator, from Sm90AccFetch) that also knows each element's
-// global column (the target column of a row is
-// dropped, as margin_cuda.cu drops it): the collective hands every callback the thread's coordinate tensor
-// (relative to the thread's first element) and the residue (the problem's (M, N) minus that first element).
-// BACKWARD false: visit(acc, inv_norm_j, thr_i, aux_i, label_i) -> LsePart per element.
-// BACKWARD true:  visit(acc, inv_norm_j, thr_i, aux_i, label_i, lse_i, g_lse_i, g_cos_target_i) -> GradElem.
-template <bool BACKWARD>
-struct Sm90MarginNode {
+// What every custom node of these trees shares: runtime parameters copied in as they are, no workspace, no
+// shared memory, no producer (TMA) loads and no C operand of its own.
+template <class P>
+struct Sm90ParamsNode {
   struct SharedStorage {};
-  using Arguments = NegativeParams;
-  using Params = NegativeParams;
+  using Arguments = P;
+  using Params = P;
 
   template <class ProblemShape>
   static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
@@ -207,8 +203,8 @@ struct Sm90MarginNode {
   CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
   CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
 
-  CUTLASS_HOST_DEVICE Sm90MarginNode() {}
-  CUTLASS_HOST_DEVICE Sm90MarginNode(Params const& params, SharedStorage const&) : params(params) {}
+  CUTLASS_HOST_DEVICE Sm90ParamsNode() {}
+  CUTLASS_HOST_DEVICE Sm90ParamsNode(Params const& params, SharedStorage const&) : params(params) {}
 
   Params params;
 
@@ -216,6 +212,18 @@ struct Sm90MarginNode {
   CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
     return fusion::detail::EmptyProducerLoadCallbacks{};
   }
+};
+
+// A compute node of the tree (its first input the accumulator, from Sm90AccFetch) that also knows each element's
+// global column (the target column of a row is
+// dropped, as margin_cuda.cu drops it): the collective hands every callback the thread's coordinate tensor
+// (relative to the thread's first element) and the residue (the problem's (M, N) minus that first element).
+// BACKWARD false: visit(acc, inv_norm_j, thr_i, aux_i, label_i) -> LsePart per element.
+// BACKWARD true:  visit(acc, inv_norm_j, thr_i, aux_i, label_i, lse_i, g_lse_i, g_cos_target_i) -> GradElem.
+template <bool BACKWARD>
+struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
+  using Base = Sm90ParamsNode<NegativeParams>;
+  using Base::Base;
 
   template <class CTensor, class ThrResidue>
   struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
@@ -406,41 +414,9 @@ struct FinishDwParams {
   int normalize = 1;
 };
 
-struct Sm90FinishDwNode {
-  struct SharedStorage {};
-  using Arguments = FinishDwParams;
-  using Params = FinishDwParams;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const&) {
-    return true;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
-
-  CUTLASS_HOST_DEVICE Sm90FinishDwNode() {}
-  CUTLASS_HOST_DEVICE Sm90FinishDwNode(Params const& params, SharedStorage const&) : params(params) {}
-
-  Params params;
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
-    return fusion::detail::EmptyProducerLoadCallbacks{};
-  }
+struct Sm90FinishDwNode : Sm90ParamsNode<FinishDwParams> {
+  using Base = Sm90ParamsNode<FinishDwParams>;
+  using Base::Base;
 
   struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
     CUTLASS_DEVICE explicit ConsumerStoreCallbacks(int normalize_) : normalize(normalize_) {}

@@ -9,6 +9,13 @@ SOFTPLUS_SUM: sums the softplus terms instead; its splits are merged by a fixed-
 writes its partial LSE; the host merges the splits with a fixed order ``logsumexp`` over a (splits, B)
 tensor, so the result is deterministic for a given config.
 
+The arithmetic (bench/gpu_model.py, B = 512, C = 1e6, d = 512, bf16, H100): the product is 5.2e11 FLOP,
+0.78 ms on wgmma at Triton's 0.85 of cuBLAS; a BLOCK_B x BLOCK_C tile reads B C d (1/BLOCK_B + 1/BLOCK_C)
+operand elements from L2, 0.88 ms at 128 x 256 (the autotuner's likely pick there: 237 registers, one CTA per
+SM) and 1.2 ms at 128 x 128; the epilogue issues ~17 instructions per element (a multiply for z, the max, the
+difference times log2 e, a bare ex2 (``exp2_tile``), the sum, the target and padding masks), 0.30 ms at one CTA
+per SM, where it does not overlap the MMAs. W crosses HBM once (0.34 ms), hidden under the rest.
+
 With a memory budget (``backends/kept_tiles.py``; K = 1 only, the host never keeps sub-center tiles) the
 kernel also writes what the backward would recompute: SAVE_NORMS, 1/||w_j|| of every column (the programs of
 row block 0); KEEP, the cosine tile of the columns below KEEP_COLS, in the store's chunk-major layout for
