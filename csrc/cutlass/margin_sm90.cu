@@ -104,13 +104,17 @@ struct LseMerge<LsePart> {
     return run;
   }
 };
+// an element merge lifted to the fragments the reduction trees also pass (arrays of N), element by element
+template <template <class> class Merge, class Fragment>
+CUTLASS_HOST_DEVICE Fragment merge_each(Fragment run, Fragment const& e) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < int(Fragment::kElements); ++i) run[i] = Merge<typename Fragment::Element>{}(run[i], e[i]);
+  return run;
+}
 template <int N>
 struct LseMerge<cutlass::Array<LsePart, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<LsePart, N> operator()(cutlass::Array<LsePart, N> run,
-                                                            cutlass::Array<LsePart, N> const& e) const {
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) run[i] = LseMerge<LsePart>{}(run[i], e[i]);
-    return run;
+  CUTLASS_HOST_DEVICE auto operator()(cutlass::Array<LsePart, N> run, cutlass::Array<LsePart, N> const& e) const {
+    return merge_each<::mk_sm90::LseMerge>(run, e);
   }
 };
 
@@ -124,11 +128,8 @@ struct ColSum<ColPart> {
 };
 template <int N>
 struct ColSum<cutlass::Array<ColPart, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<ColPart, N> operator()(cutlass::Array<ColPart, N> run,
-                                                            cutlass::Array<ColPart, N> const& e) const {
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) run[i] = ColSum<ColPart>{}(run[i], e[i]);
-    return run;
+  CUTLASS_HOST_DEVICE auto operator()(cutlass::Array<ColPart, N> run, cutlass::Array<ColPart, N> const& e) const {
+    return merge_each<::mk_sm90::ColSum>(run, e);
   }
 };
 
@@ -329,6 +330,23 @@ using BackwardTileShape = Shape<_64, _128, _64>;
 using BackwardClusterShape = Shape<_4, _2, _1>;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+
+// The persistent ping-pong GEMM around a collective epilogue: the mainloop's stages are what shared memory the
+// epilogue leaves (StageCountAutoCarveout), A and B in 16-byte aligned rows of the same element type.
+template <class CollectiveEpilogue, class Element, class LayoutA, class LayoutB, class Tile, class Cluster>
+struct PersistentGemm {
+  static constexpr int kAlign = 16 / sizeof(Element);
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
+      float, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
 // 64 x 64 epilogue subtiles: the backward's column reduction merges its 4 warps' partials in the D staging
 // buffer of one subtile (4 x 256 ColParts, 8 KiB = 64 x 64 16-bit values)
 using EpilogueTile = Shape<_64, _64>;
@@ -391,16 +409,10 @@ struct Gemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
       kAlign, EpilogueSchedule, Tree>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutX, kAlign, Element, LayoutW, kAlign,
-      float, Tile, Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
-  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutX, LayoutW, Tile, Cluster>;
+  using CollectiveMainloop = typename Persistent::CollectiveMainloop;
+  using Kernel = typename Persistent::Kernel;
+  using Device = typename Persistent::Device;
 };
 
 // ---- the dW GEMM: G = grad^T x with finish_dw's work in its epilogue --------------------------------------------
@@ -451,46 +463,17 @@ struct Sm90FinishDwNode : Sm90ParamsNode<FinishDwParams> {
 // per-64-row-tile (dot, dz) partials are read in place (step 2, tile_stride 2 x the padded columns, tiles the
 // row tiles), so no kernel sums them in between; a finished col_dot is tiles 1, step 1. Loaded once per tile
 // and thread like Sm90ColBroadcast (its partition: one register per distinct row of the thread's elements).
+struct RowPartsArgs {
+  float const* ptr = nullptr;  // NULL: every row's value is 0
+  int64_t step = 1, tile_stride = 0, tiles = 1;
+};
+
 template <class CtaTileShapeMNK>
-struct Sm90RowPartsSum {
-  struct SharedStorage {};
-  struct Arguments {
-    float const* ptr = nullptr;  // NULL: every row's value is 0
-    int64_t step = 1, tile_stride = 0, tiles = 1;
-  };
-  using Params = Arguments;
+struct Sm90RowPartsSum : Sm90ParamsNode<RowPartsArgs> {
+  using Base = Sm90ParamsNode<RowPartsArgs>;
+  using Base::Base;
 
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const&) {
-    return true;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
   CUTLASS_DEVICE bool is_zero() const { return params.ptr == nullptr; }
-
-  CUTLASS_HOST_DEVICE Sm90RowPartsSum() {}
-  CUTLASS_HOST_DEVICE Sm90RowPartsSum(Params const& params, SharedStorage const&) : params(params) {}
-
-  Params params;
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(fusion::detail::ProducerLoadArgs<Args...> const&) {
-    return fusion::detail::EmptyProducerLoadCallbacks{};
-  }
 
   template <class GTensor, class RTensor, class CTensor, class ThrResidue>
   struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
@@ -572,16 +555,10 @@ struct DwGemm {
       EpilogueTile, float, float, Element, LayoutW, kAlign, ElementOut, LayoutW, kAlignOut, EpilogueSchedule,
       Tree>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutGrad, kAlign, Element, LayoutX, kAlign,
-      float, DwTileShape, DwClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
-  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutGrad, LayoutX, DwTileShape, DwClusterShape>;
+  using CollectiveMainloop = typename Persistent::CollectiveMainloop;
+  using Kernel = typename Persistent::Kernel;
+  using Device = typename Persistent::Device;
 };
 
 // ---- the merges after the GEMM (fixed order: deterministic) -----------------------------------------------------
