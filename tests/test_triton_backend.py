@@ -248,13 +248,15 @@ def test_cpu_only_process_without_interpreter_explains():
     assert "needs a CUDA device" in result.stderr  # the RuntimeError of an explicit backend='triton'
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_100"])
 @pytest.mark.parametrize("elem_bytes", [2, 4, 8])
 def test_gpu_tilings_fit(arch, elem_bytes):
-    """The fixed GPU tilings fit shared memory and the register budget for every element size: the backward
-    holds GEMM tiles, never whole embedding rows, so no d is too wide (fp64 d = 1024 included)."""
-    assert configs.forward_fits(configs.default_forward(elem_bytes), elem_bytes)
-    assert configs.backward_fits(configs.default_backward(elem_bytes, arch), elem_bytes)
+    """The fixed GPU tilings fit shared memory and the register budget for every element size and loss shape
+    (the narrow tiling of the heavier epilogues too): the backward holds GEMM tiles, never whole embedding rows,
+    so no d is too wide (fp64 d = 1024 included)."""
+    assert configs.forward_fits(configs.default_forward(elem_bytes, arch=arch), elem_bytes)
+    for kind in (NegativeKind.IDENTITY, NegativeKind.POWER):
+        assert configs.backward_fits(configs.default_backward(elem_bytes, arch, int(kind)), elem_bytes)
 
 
 def test_backward_chunks_respect_the_buffer_budget():

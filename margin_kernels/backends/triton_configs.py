@@ -2,10 +2,11 @@
 
 * On a GPU the forward is autotuned over a short config list written for H100 (autotuning times each config
   once per (batch bucket, d, dtypes) and keeps the fastest; C is not in the key); the backward uses one
-  tiling per (architecture, element size, and for the heavier epilogues the loss), ``BACKWARD_TILES``. ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` gives
-  the forward one fixed tiling per dtype (``default_forward``) instead, so separate processes always run the
-  same tiling (bitwise-reproducible runs; a given config is deterministic anyway: fixed merge orders, and
-  the one atomic reduction, the dx partials', has a single writer per element and launch).
+  tiling per (architecture, element size, and for the heavier epilogues the loss), ``BACKWARD_TILES``.
+  ``MARGIN_KERNELS_TRITON_AUTOTUNE=0`` gives the forward one fixed tiling per dtype (``default_forward``)
+  instead, so separate processes always run the same tiling (bitwise-reproducible runs; a given config is
+  deterministic anyway: fixed merge orders, and the one atomic reduction, the dx partials', has a single
+  writer per element and launch).
 * Under TRITON_INTERPRET (CPU) there is no autotuning: a small fixed config (tiles of 16, two class
   splits) that still exercises several tiles, masked tails and the split merge on tiny test shapes.
 * ``fixed_configs(...)`` overrides the choice (tests use it to force other tilings).
@@ -77,9 +78,8 @@ H100_FORWARD = [
 #: epilogue's row factors are formed first; 224-225 KiB of shared memory at 3 stages).
 #: ``NARROW_BACKWARD``: the dcos tile at 128 x 64 for the epilogues that spill at 128 x 128 (the power kinds
 #: 304-392 bytes, CURRICULAR 24 with filtering, sub-centers 5032, the binary reduction at 255 registers with no
-#: room left), the dW kernel
-#: still 128 rows tall (two dcos class tiles per K step). fp32/fp64: smaller tiles (2x/4x the bytes). sm_80
-#: (also sm_86/89: 99 KiB of shared memory per block) keeps narrow 32-wide tiles that fit there.
+#: room left), the dW kernel still 128 rows tall (two dcos class tiles per K step). fp32/fp64: smaller tiles
+#: (2x/4x the bytes). sm_80 (also sm_86/89: 99 KiB of shared memory per block) keeps narrow 32-wide tiles.
 BACKWARD_TILES = {
     "sm_90": {2: BackwardTiles(128, 128, 64, 8, 3, grad_block_d=256), 4: BackwardTiles(64, 64, 32, 4, 3),
               8: BackwardTiles(32, 32, 32, 4, 2)},
