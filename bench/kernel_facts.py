@@ -122,7 +122,8 @@ def our_cases(arch: str = "sm_90", dtype: str = "bf16", kind: str = OUR_KIND, re
                    filter=False, types=types, divisible=sorted(divisible),
                    constexprs=dict(base, **epilogue, BLOCK_B=t.block_b, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
                                    SAVE_NORMS=False, KEEP=False, FAST=True))
-    t = configs.default_backward(elem, configs.config_arch(cc // 10), epilogue["KIND"], epilogue["REDUCTION"])
+    t = configs.default_backward(elem, configs.config_arch(cc // 10), epilogue["KIND"], epilogue["REDUCTION"],
+                                 fp16=dtype == "fp16")
     label = f"{t.block_b}x{t.block_c}x{t.block_d} w{t.num_warps} s{t.num_stages}"
     for use_filter in ((True,) if representative else (False, True)):
         common = dict(arch=arch, cc=cc, dtype=dtype, config=label, tile=[t.block_b, t.block_c, t.block_d],

@@ -198,7 +198,8 @@ def _cases(dims, dtypes, kinds=None):
             for (kind_label, epilogue), loaded in itertools.product(epilogues, (False, True)):
                 if loaded and dim > 512:
                     continue
-                t = configs.default_backward(elem, "sm_90", epilogue["KIND"], epilogue["REDUCTION"])
+                t = configs.default_backward(elem, "sm_90", epilogue["KIND"], epilogue["REDUCTION"],
+                                             fp16=dtype == "fp16")
                 tilings.add(t)
                 yield ("dcos", backward_label(t), dtype, kind_label + (KEEP_SUFFIX if loaded else ""), dim, product,
                        dict(base, **epilogue, FILTER=True, LOADED=loaded, FAST=True,
@@ -231,7 +232,7 @@ def _sub_center_cases(dtype, elem, dim, product, base):
                    kind.name, dim, product, dict(base, **k, KIND=int(kind), BLOCK_B=t.block_b, BLOCK_C=t.block_c,
                                                  BLOCK_K=t.block_k, FAST=True), t.num_warps,
                    t.num_stages)
-    t = configs.default_backward(elem, "sm_90", int(kind), 0, REPORT_SUB_CENTERS)
+    t = configs.default_backward(elem, "sm_90", int(kind), 0, REPORT_SUB_CENTERS, fp16=dtype == "fp16")
     yield ("dcos", backward_label(t), dtype, kind.name, dim, product,
            dict(base, **k, KIND=int(kind), FILTER=False, FAST=True, **configs.backward_kernel_tiles(t, "dcos")),
            t.num_warps, t.num_stages)

@@ -60,13 +60,23 @@ def test_readme_block_runs(line, code, skip, tmp_path):
 DISTRIBUTED = [(line, code) for line, code, skip in BLOCKS if "init_process_group" in code and not skip]
 
 
+#: what a gloo rank prints when it aborts at interpreter exit (std::terminate of a still-joinable thread)
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("line,code", DISTRIBUTED, ids=[f"line{line}" for line, _ in DISTRIBUTED])
 def test_readme_distributed_block_runs_on_two_ranks(line, code, tmp_path):
     script = tmp_path / f"readme_line{line}.py"
     script.write_text(code)
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-               tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = _run(command, tmp_path)
+    if out.returncode != 0 and GLOO_TEARDOWN_ABORT in out.stderr:
+        # torch 2.13 + gloo: a rank now and then aborts in interpreter finalisation after the block finished
+        # (its destroy_process_group included; seen in this project's fresh-clone CI, root cause unknown, and
+        # not this package's: no thread of ours). That one signature gets one more run; any other failure, or
+        # the same twice, fails
+        out = _run(command, tmp_path)
     assert out.returncode == 0, f"README.md block at line {line} failed on 2 ranks:\n{out.stderr[-3000:]}"
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p != script)
     assert not left, f"README.md block at line {line} wrote into its working directory: {left}"

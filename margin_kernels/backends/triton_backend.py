@@ -130,7 +130,7 @@ def _backward_layout(x, num_cols: int, acc, product: str, interpret: bool, spec,
     """(tiles, dL/dcos buffer dtype, classes per chunk) of the backward; the forward needs the chunk too, to
     lay out the tiles it keeps (``kept_tiles``) as the backward will read them."""
     tiles = configs.backward_tiles(interpret, x.element_size(), x.device, int(spec.kind), int(spec.reduction),
-                                   sub_centers)
+                                   sub_centers, x.dtype == torch.float16)
     # dL/dcos in the gradient GEMMs' operand dtype: 16-bit storage, or the 16-bit product of fp32 storage
     # (tensor cores); else the accumulation dtype
     buffer_dtype = x.dtype if x.element_size() == 2 else CAST_DTYPES.get(product, acc)

@@ -96,9 +96,12 @@ NARROW_BACKWARD = {"sm_90": BackwardTiles(128, 64, 64, 8, 3, grad_block_d=256, d
 NARROW_BACKWARD_KINDS = (int(NegativeKind.POWER), int(NegativeKind.POWER_ST), int(NegativeKind.CURRICULAR))
 
 
-def narrow_backward(kind: int = 0, reduction: int = 0, sub_centers: int = 1) -> bool:
-    """Whether the dcos epilogue of this loss needs ``NARROW_BACKWARD`` (it spills at 128 x 128)."""
-    return kind in NARROW_BACKWARD_KINDS or sub_centers > 1 or reduction == int(ReductionKind.SOFTPLUS_SUM)
+def narrow_backward(kind: int = 0, reduction: int = 0, sub_centers: int = 1, fp16: bool = False) -> bool:
+    """Whether this loss needs ``NARROW_BACKWARD``: its dcos epilogue spills at 128 x 128, or the storage is fp16
+    (whose dx kernel, W normalised in registers, spills 12 bytes per thread over 128-class K steps into 128 x 256
+    tiles: ``python -m bench kernels``; bf16 does not)."""
+    return (kind in NARROW_BACKWARD_KINDS or sub_centers > 1 or reduction == int(ReductionKind.SOFTPLUS_SUM)
+            or fp16)
 
 
 #: bytes of the backward's B x chunk dL/dcos buffer: large enough that a chunk's three launches cost far
@@ -165,10 +168,10 @@ def backward_kernel_tiles(tiles: BackwardTiles, kernel: str) -> dict:
 
 
 def default_backward(elem_bytes: int, arch: str = "sm_90", kind: int = 0, reduction: int = 0,
-                     sub_centers: int = 1) -> BackwardTiles:
-    """The backward's tiling on a GPU of ``arch`` for storage elements of ``elem_bytes`` and this loss's
-    negative kind, reduction and sub-centers (``narrow_backward``)."""
-    if arch in NARROW_BACKWARD and elem_bytes == 2 and narrow_backward(kind, reduction, sub_centers):
+                     sub_centers: int = 1, fp16: bool = False) -> BackwardTiles:
+    """The backward's tiling on a GPU of ``arch`` for storage elements of ``elem_bytes`` (``fp16``: fp16, not
+    bf16) and this loss's negative kind, reduction and sub-centers (``narrow_backward``)."""
+    if arch in NARROW_BACKWARD and elem_bytes == 2 and narrow_backward(kind, reduction, sub_centers, fp16):
         return NARROW_BACKWARD[arch]
     return BACKWARD_TILES[arch][elem_bytes]
 
@@ -251,12 +254,12 @@ def forward_tiles(interpret: bool, elem_bytes: int, casts_operands: bool = False
 
 
 def backward_tiles(interpret: bool, elem_bytes: int, device=None, kind: int = 0, reduction: int = 0,
-                   sub_centers: int = 1) -> BackwardTiles:
+                   sub_centers: int = 1, fp16: bool = False) -> BackwardTiles:
     if _override.backward is not None:
         return _override.backward
     if interpret:
         return INTERPRETER_BACKWARD
-    return default_backward(elem_bytes, architecture(device), kind, reduction, sub_centers)
+    return default_backward(elem_bytes, architecture(device), kind, reduction, sub_centers, fp16)
 
 
 def class_splits(device: torch.device, interpret: bool, batch: int, num_cols: int, partial_row_bytes: int) -> int:
