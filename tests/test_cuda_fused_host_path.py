@@ -32,25 +32,28 @@ class _FusedOnCpu:
     def __init__(self, inner):
         self._inner = inner
         self.calls = {"forward": 0, "backward": 0, "dw": 0}
+        self.widths = {"forward": [], "backward": []}  # each call's chunk of classes
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
     # on CPU the loop hands fp32 copies of the 16-bit operands (_gemm_operand): their values are 16-bit ones
-    def _check(self, x, w):
+    def _check(self, x, w, row_params, which):
         assert self.storage in DTYPES, "the fused kernels take 16-bit operands"
         assert torch.equal(x, x.to(self.storage).to(x.dtype)) and torch.equal(w, w.to(self.storage).to(w.dtype))
+        # the binding reads row_params as two contiguous columns: the loop hands it column-major once per call
+        assert row_params[:, 0].is_contiguous() and row_params[:, 1].is_contiguous()
+        self.calls[which] += 1
+        self.widths[which].append(w.shape[0])
 
     def fused_forward(self, x, w, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
-        self._check(x, w)
-        self.calls["forward"] += 1
+        self._check(x, w, row_params, "forward")
         cos = _matmul_acc(x, w.t(), row_params.dtype)
         self._inner.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
 
     def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target, shift=None,
                        col_parts=False):
-        self._check(x, w)
-        self.calls["backward"] += 1
+        self._check(x, w, row_params, "backward")
         cos = _matmul_acc(x, w.t(), row_params.dtype)
         tile = self._inner.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
                                          False, grad_dtype=self.storage, shift=shift)
@@ -132,3 +135,52 @@ def test_fused_branch_sums_dx_over_several_groups(fused_torch_backend, name, dty
     kind = make_loss(name).negative_spec().kind
     for ref_dtype, bound in bounds("cuda", dtype, kind).items():
         assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])
+
+
+def test_fused_chunk_widths():
+    """The fused path's default chunks (chunk_loop.fused_chunk_sizes): the backward's 16-bit dL/dcos chunk is
+    FUSED_GRAD_BYTES (32 MiB, in L2) within its bounds; the forward spans C = 1e6 in one launch at B = 512
+    (its partials: 8 bytes per row and 256 columns, 64 MiB at most); Partial FC's forward gathers per chunk."""
+    from margin_kernels.backends.chunk_loop import fused_chunk_sizes
+    assert fused_chunk_sizes(512) == (1 << 22, 32768)  # 512 x 32768 x 2 B = 32 MiB; 512 x 2^22 / 256 x 8 B = 64 MiB
+    assert fused_chunk_sizes(1024) == (1 << 21, 16384)
+    assert fused_chunk_sizes(256)[1] == fused_chunk_sizes(64)[1] == 65536  # FUSED_MAX_CHUNK
+    assert fused_chunk_sizes(8192)[1] == 4096  # FUSED_MIN_CHUNK (the dL/dcos chunk is then 64 MiB)
+    assert fused_chunk_sizes(512, partial_fc=True) == (32768, 32768)
+
+
+def test_default_chunks_are_the_fused_widths(fused_torch_backend, monkeypatch):
+    """Without a chunk_size the fused branch runs the forward in one chunk and the backward in
+    fused_chunk_sizes' chunks (here shrunk to 32 classes: 12 rows x 32 x 2 bytes), each with the call's
+    column-major row_params (checked in _FusedOnCpu._check)."""
+    monkeypatch.setattr(chunk_loop, "FUSED_GRAD_BYTES", 12 * 32 * 2)
+    monkeypatch.setattr(chunk_loop, "FUSED_MIN_CHUNK", 8)
+    errors = compare_with_references("torch", "arcface", torch.bfloat16, chunk_size=None,
+                                     reference_dtypes=(torch.float64,))
+    assert fused_torch_backend.widths == {"forward": [83], "backward": [32, 32, 19]}
+    for ref_dtype, bound in bounds("cuda", torch.bfloat16, make_loss("arcface").negative_spec().kind).items():
+        if ref_dtype in errors:
+            assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["arcface", "cosface", "combined", "curricularface", "adaface"])
+def test_partial_fc_through_the_fused_branch(fused_torch_backend, name, dtype):
+    """Partial FC on the fused path: each chunk's sampled rows gathered (the kernels read the copy), the dW rows
+    scattered back by the sink, against the reference on the same class subset."""
+    errors = compare_with_references("torch", name, dtype, class_index=True, reference_dtypes=(torch.float64, dtype))
+    assert fused_torch_backend.calls["forward"] and fused_torch_backend.calls["dw"]
+    kind = make_loss(name).negative_spec().kind
+    for ref_dtype, bound in bounds("cuda", dtype, kind).items():
+        assert not bound.violations(errors[ref_dtype]), (ref_dtype, errors[ref_dtype])
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.4])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_fused_optimizer_sink_through_the_fused_branch(fused_torch_backend, kind, sample_rate):
+    """A fused optimizer's sink fed by the fused dW GEMM (bf16 weights, fp32 state; Partial FC at 0.4): the
+    trajectory of tests/test_fused_optim.py within its bounds."""
+    from tests.test_fused_optim import ADAMW, SGD_CASES, assert_trajectory
+    options = ADAMW if kind == "adamw" else SGD_CASES["momentum"]
+    assert_trajectory(kind, options, backend="torch", dtype=torch.bfloat16, steps=4, sample_rate=sample_rate)
+    assert fused_torch_backend.calls["dw"] >= 4

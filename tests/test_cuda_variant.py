@@ -36,12 +36,6 @@ def test_options_outside_the_fused_epilogue_take_cublas(options):
     assert select(H100, torch.bfloat16, 512, has_fused=True, **options)[0] == CUBLAS
 
 
-def test_partial_fc_takes_cublas_and_says_why():
-    # the fused kernels do not read the class index: Partial FC stays on cuBLAS (issue 24 asks for the read)
-    chosen, why = select(H100, torch.bfloat16, 512, has_fused=True, partial_fc=True)
-    assert chosen == CUBLAS and "class index" in why
-
-
 def test_fp64_accumulation_or_a_torch_without_mixed_mm_takes_cublas():
     assert select(H100, torch.bfloat16, 512, has_fused=True, acc_dtype=torch.float64)[0] == CUBLAS
     chosen, why = select(H100, torch.bfloat16, 512, has_fused=True, mixed_mm=False)

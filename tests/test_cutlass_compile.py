@@ -1,6 +1,7 @@
 """The cuda backend's CUTLASS sm_90a GEMMs (csrc/cutlass/margin_sm90.cu) against the limits of issue 24: no
 spill, no ptxas C7510 (wgmma serialized), HGMMA in the SASS, shared memory within 227 KiB, and the model's
-estimate of the step within 1.3x the floor (bench/cutlass_check.py). The default run checks the committed
+estimate of the step within 1.3x the floor (bench/cutlass_check.py; an expected failure at 1.44x, guarded
+against regressions at ``GUARD``). The default run checks the committed
 report (bench/data/cutlass_facts.json, re-estimated from its facts); the slow case recompiles every
 instantiation (four nvcc runs of ~1-2 min each on 2 cores) when nvcc and CUTLASS's headers are present."""
 import json
@@ -22,12 +23,31 @@ def test_committed_report_is_within_the_compile_limits():
     assert _compile_problems(facts) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the model puts the step at 1.3004x the floor (3.45 ms): the three fused "
-                   "GEMMs sit at their MMA term (0.79 ms each) plus 31 chunks' launches (0.12 ms for each per-chunk "
-                   "kernel), the cuBLAS dx GEMM 0.79 ms; see README")
+@pytest.mark.xfail(strict=True, reason="the model puts the step at 1.44x the floor (3.82 ms): the one pass over W "
+                   "for the inverse norms (0.39 ms), the three fused GEMMs at their MMA term (0.78 ms each) plus "
+                   "31 chunks' launches (0.12 ms for each per-chunk kernel), the cuBLAS dx GEMM 0.79 ms; see README")
 def test_committed_report_estimate_is_within_the_limit():
     facts = json.loads(cutlass_check.FACTS_PATH.read_text())
     assert cutlass_check.estimate(facts)["ratio"] <= cutlass_check.LIMIT
+
+
+def test_committed_report_estimate_does_not_regress():
+    """Until the issue's 1.3x holds (the xfail above), CI keeps the step where it is: ``GUARD`` x the floor."""
+    facts = json.loads(cutlass_check.FACTS_PATH.read_text())
+    assert cutlass_check.estimate(facts)["ratio"] <= cutlass_check.GUARD
+
+
+def test_the_estimate_follows_the_chunk_loop():
+    """The estimate's chunks are the loop's own (chunk_loop.fused_chunk_sizes): one forward launch and 31
+    backward chunks at B = 512, C = 1e6, the last one short; a change of the loop's widths moves it."""
+    from margin_kernels.backends.chunk_loop import fused_chunk_sizes
+    facts = json.loads(cutlass_check.FACTS_PATH.read_text())
+    e = cutlass_check.estimate(facts)
+    assert (e["forward_chunk"], e["backward_chunk"]) == fused_chunk_sizes(cutlass_check.SHAPE["batch"])
+    assert e["launches"]["fused forward GEMM (EVT log-sum-exp partials)"]["launch"] == pytest.approx(4e-6)
+    assert e["launches"]["fused recompute GEMM (EVT dL/dcos, bf16 chunk)"]["launch"] == pytest.approx(31 * 4e-6)
+    narrow = cutlass_check.estimate(facts, shape=dict(cutlass_check.SHAPE, batch=2048))  # 8192-class chunks
+    assert narrow["backward_chunk"] == 8192 and narrow["host_s"] > 3 * e["host_s"]
 
 
 def test_the_limits_catch_each_failure():

@@ -51,6 +51,18 @@ CPU_MIN_CHUNK, CPU_MAX_CHUNK = 2048, 8192  # below: per-chunk overhead shows; ab
 #: the fused (CUTLASS) backward keeps this many chunks' fp32 dx products in a buffer and adds their sum into dx
 #: once per group (two launches per group instead of one add per chunk; DX_GROUP x B x d fp32 of memory)
 DX_GROUP = 16
+#: the fused backward's chunk: its B x chunk 16-bit dL/dcos (2 bytes per element: no fp32 tile exists) stays in
+#: L2 between the recompute GEMM that writes it and the dx and dW GEMMs that read it (32 MiB: 32768 classes at
+#: B = 512 in H100's 50 MB L2), within [FUSED_MIN_CHUNK, FUSED_MAX_CHUNK]. Each chunk costs three launches and
+#: the loop's host ops, so it is as wide as L2 allows (at 8192, the cuBLAS path's width, the host's ~5 ops per
+#: chunk would take longer than the GPU's work)
+FUSED_GRAD_BYTES = 32 << 20
+FUSED_MIN_CHUNK, FUSED_MAX_CHUNK = 4096, 65536
+#: the fused forward writes nothing B x C: its only per-chunk memory is one 8-byte (max, sum) pair per row and
+#: FUSED_FORWARD_TILE_N-column tile (margin_sm90.cu TileShape), merged after. Its chunk bounds that scratch to
+#: FUSED_FORWARD_PARTS_BYTES (64 MiB: 4 Mi classes at B = 512, so C = 1e6 is one launch)
+FUSED_FORWARD_PARTS_BYTES = 64 << 20
+FUSED_FORWARD_TILE_N = 256
 
 
 def filter_skips_on_host(device: torch.device) -> bool:
@@ -74,6 +86,18 @@ def default_chunk_size(batch: int, device_type: str = "cpu", sub_centers: int = 
     else:
         width = _power_of_two_within(CPU_TILE_ELEMENTS // max(batch, 1), CPU_MIN_CHUNK, CPU_MAX_CHUNK)
     return max(1, width // sub_centers)
+
+
+def fused_chunk_sizes(batch: int, partial_fc: bool = False) -> tuple[int, int]:
+    """(forward, backward) chunk widths of the fused (CUTLASS) path, in classes: the backward's 16-bit dL/dcos
+    chunk sized to L2 (``FUSED_GRAD_BYTES``: 32768 at B = 512, 16384 at 1024, 65536 at B <= 256), the forward
+    as wide as its partials allow (``FUSED_FORWARD_PARTS_BYTES``). With Partial FC the forward takes the
+    backward's width too: each chunk's sampled rows are gathered into a copy that the GEMM then reads from L2."""
+    backward = _power_of_two_within(FUSED_GRAD_BYTES // (2 * max(batch, 1)), FUSED_MIN_CHUNK, FUSED_MAX_CHUNK)
+    if partial_fc:
+        return backward, backward
+    pairs_per_row = FUSED_FORWARD_PARTS_BYTES // (8 * max(batch, 1))
+    return max(backward, _power_of_two_within(pairs_per_row * FUSED_FORWARD_TILE_N, 1, 1 << 30)), backward
 
 
 def _matmul_acc(a: torch.Tensor, b_t: torch.Tensor, acc_dtype: torch.dtype,
@@ -204,11 +228,12 @@ def reduced_negatives(run_max: torch.Tensor, run_sum: torch.Tensor, spec: Negati
     return run_max + torch.log(run_sum)
 
 
-def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: Epilogue, store):
+def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: Epilogue, store, whole=False):
     """1/||w_j|| of every weight row at once into the store when W needs no conversion (one pass, one parallel
-    region, instead of one per chunk); None: the loop computes them per chunk (``_chunk_norms``). The norms are
-    always those of the stored rows (a cast product operand would round them first)."""
-    if not normalize_weight or store is None or class_index is not None or weight.dtype != acc:
+    region, instead of one per chunk), or when ``whole`` (the fused forward: its chunk spans most of W, and the
+    CUDA kernel reads 16-bit rows as they are); None: the loop computes them per chunk (``_chunk_norms``). The
+    norms are always those of the stored rows (a cast product operand would round them first)."""
+    if not normalize_weight or store is None or class_index is not None or (weight.dtype != acc and not whole):
         return None
     store.inv_norm.copy_(epilogue.inv_norms(weight, acc))
     return store.inv_norm
@@ -227,12 +252,21 @@ def _chunk_norms(w_stored, row0: int, row1: int, normalize_weight: bool, acc, ep
     return inv_norm
 
 
-def _unpacked(inputs: OpInputs, config: OpConfig, epilogue: Epilogue):
+def _unpacked(inputs: OpInputs, config: OpConfig, epilogue: Epilogue, fused: bool = False, backward: bool = False):
     """The loop's locals from the call: (x, weight, labels, row_params, class_index, spec, normalise, chunk,
-    epilogue with the sub-center adapter where K > 1)."""
+    epilogue with the sub-center adapter where K > 1). The chunk: the call's, else the default of the path
+    (``fused_chunk_sizes`` for the fused one, forward or ``backward``). The fused kernels read row_params as two
+    contiguous columns: they get a column-major copy once per call, not two copies per chunk."""
     x, weight, labels, row_params, class_index = inputs
     k = config.sub_centers
-    chunk = config.chunk_size or default_chunk_size(x.shape[0], x.device.type, k)
+    if config.chunk_size:
+        chunk = config.chunk_size
+    elif fused:
+        chunk = fused_chunk_sizes(x.shape[0], class_index is not None)[1 if backward else 0]
+    else:
+        chunk = default_chunk_size(x.shape[0], x.device.type, k)
+    if fused:
+        row_params = row_params.t().contiguous().t()
     return (x, weight, labels, row_params, class_index, config.spec, config.normalize_weight, chunk,
             _with_sub_centers(epilogue, k))
 
@@ -247,7 +281,7 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
     ``fused``: the epilogue's ``fused_forward`` forms each chunk's product and epilogue in one kernel (the cuda
     backend's CUTLASS path: 16-bit operands, no sub-centers, no store)."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
-        _unpacked(inputs, config, epilogue)
+        _unpacked(inputs, config, epilogue, fused)
     k, store = config.sub_centers, state.store
     acc = row_params.dtype
     shift = zero_shift(state.shift, row_params)
@@ -257,7 +291,7 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
     num_cols = num_columns(weight, class_index, k)
     x_mm = _gemm_operand(x, acc, operand_dtype)
     scratch = Scratch(x.device, acc)
-    known = _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store)
+    known = _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store, whole=fused)
     if store is not None:
         store.use_chunk(chunk_size * k)
     for col0, col1 in chunks(num_cols, chunk_size):
@@ -292,7 +326,7 @@ def chunked_backward(inputs: OpInputs, config: OpConfig, grads: RowGrads, state:
     runs the dW GEMM with finish_dw in its epilogue straight into the sink's rows (the column sums read from
     the recompute GEMM's per-row-tile partials); the dx GEMM and the sinks are the 16-bit path's."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
-        _unpacked(inputs, config, epilogue)
+        _unpacked(inputs, config, epilogue, fused, backward=True)
     k, store, sink, grad_filter = config.sub_centers, state.store, state.sink, config.grad_filter
     lse, g_lse, g_cos_target = grads
     acc = row_params.dtype

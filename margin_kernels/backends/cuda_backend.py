@@ -20,7 +20,7 @@ _BACKEND = NativeBackend("cuda", "cuda")
 unavailable_reason = _BACKEND.unavailable_reason
 
 
-def choose(x, weight, config, row_params=None, class_index=None) -> tuple[str, str]:
+def choose(x, weight, config, row_params=None) -> tuple[str, str]:
     """(variant, why) of a call: "cutlass-sm90" or "cublas" (cuda_variant.select)."""
     ext, _ = _native.load(with_cuda=True)
     capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
@@ -28,17 +28,17 @@ def choose(x, weight, config, row_params=None, class_index=None) -> tuple[str, s
     return cuda_variant.select(capability, cuda_variant.operand_dtype(x, weight, config.product),
                                x.shape[-1], ext is not None and cuda_variant.has_fused_kernels(ext),
                                config.sub_centers, config.grad_filter, config.keep_cols,
-                               partial_fc=class_index is not None, acc_dtype=acc, mixed_mm=chunk_loop._MIXED_MM)
+                               acc_dtype=acc, mixed_mm=chunk_loop._MIXED_MM)
 
 
-def variant(x, weight, config, row_params=None, class_index=None) -> str:
+def variant(x, weight, config, row_params=None) -> str:
     """The GEMM path a call with these inputs and ``config`` (contract.OpConfig) runs: "cutlass-sm90" or
     "cublas" (``choose`` says why)."""
-    return choose(x, weight, config, row_params, class_index)[0]
+    return choose(x, weight, config, row_params)[0]
 
 
 def _fused(inputs, config) -> bool:
-    return variant(inputs.x, inputs.weight, config, inputs.row_params, inputs.class_index) == cuda_variant.CUTLASS
+    return variant(inputs.x, inputs.weight, config, inputs.row_params) == cuda_variant.CUTLASS
 
 
 def lse_forward(inputs, config, state):

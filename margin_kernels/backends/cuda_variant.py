@@ -24,13 +24,15 @@ DIM_MULTIPLE = 8
 
 
 def select(capability: Optional[tuple], operand_dtype: Optional[torch.dtype], dim: int, has_fused: bool,
-           sub_centers: int = 1, grad_filter: float = 0.0, keep_cols: int = 0, partial_fc: bool = False,
-           acc_dtype: torch.dtype = torch.float32, mixed_mm: bool = True) -> tuple[str, str]:
+           sub_centers: int = 1, grad_filter: float = 0.0, keep_cols: int = 0, acc_dtype: torch.dtype = torch.float32, mixed_mm: bool = True) -> tuple[str, str]:
     """(variant, why): the fused path only on compute capability 9.0 (sm_90a kernels), with 16-bit operands
     (bf16/fp16 storage, or fp32 under a 16-bit product), d a multiple of 8, fp32 accumulation, a torch whose
     mm multiplies 16-bit operands into fp32 (the dx/dW GEMMs on the fused backward's 16-bit dL/dcos), an
     extension built with the fused kernels, and none of the options they do not implement (sub-centers, the
-    gradient filter, kept tiles, Partial FC's class index)."""
+    gradient filter, kept tiles). Partial FC takes the fused path: the chunk loop gathers each chunk's sampled
+    rows (``chunk_loop.fused_chunk_sizes``: a copy sized to stay in L2) and every GEMM of the chunk reads that
+    copy by TMA, with multicast (see the module docstring of bench/cutlass_check.py for why this beats gathering
+    inside the mainloop)."""
     if not has_fused:
         return CUBLAS, "the CUDA extension was built without the CUTLASS kernels (no headers or no sm_90a target)"
     if capability is None or tuple(capability) != (9, 0):
@@ -45,9 +47,6 @@ def select(capability: Optional[tuple], operand_dtype: Optional[torch.dtype], di
         return CUBLAS, "the gradient filter needs each tile's max |dL/dcos| (not in the fused epilogue)"
     if keep_cols:
         return CUBLAS, "kept forward tiles need the B x chunk tile written (the fused forward writes none)"
-    if partial_fc:
-        return CUBLAS, ("Partial FC: the fused kernels do not read the class index (the chunk loop would gather "
-                        "the sampled rows into a copy first)")
     if acc_dtype != torch.float32:
         return CUBLAS, f"the call accumulates in {acc_dtype} (the fused epilogues: fp32)"
     if not mixed_mm:
