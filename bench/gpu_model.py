@@ -15,7 +15,7 @@ A launch of a kernel (``Launch``) takes
 
 * mma = FLOP / (peak x product efficiency x grid fill), the product efficiency by instruction
   (``PRODUCT_EFFICIENCY``: the arch's own tensor-core instruction 1, Triton's kernels ``triton_mma``
-  x that; mma.sync on Hopper about half; FMA the arch's FP32 rate), x (1 + spill bytes / 256);
+  x that, CUTLASS's ``cutlass_mma`` x that; mma.sync on Hopper about half; FMA the arch's FP32 rate), x (1 + spill bytes / 256);
   grid fill = min(1, CTAs / SMs) (a grid smaller than the GPU leaves SMs idle);
 * l2 = the operand bytes every CTA copies from L2 into shared memory (each output tile reads its A and B
   panels: M N K (1/BM + 1/BN) elements for a BM x BN tiling) / ``l2_tbps``;
@@ -71,6 +71,9 @@ GPUS = {
 
 #: the constants that are not vendor figures, what pins each, and how sure it is
 FITTED = {
+    "cutlass_mma": "a CUTLASS/CuTe warp-specialised TMA mainloop against cuBLAS: 1.0, from the two CuTe-DSL rows "
+                   "on H200 (Liger's and QuACK's epilogue-fused linear cross-entropy at d = 4096, where the MMA "
+                   "term is the step: -2 % and -3 % at 1.0, +15 % and +14 % at Triton's 0.85)",
     "triton_mma": "Triton's MMA loop against cuBLAS on the same instruction: 0.85, from CCE's LSE forward on "
                   "A100 (the one deep-K row where MMA is the only large term)",
     "l2_tbps": "L2 -> SM operand bandwidth: A100 4.0, H100/H200 7.0 TB/s (microbenchmarks publish 4-5.5 and "
@@ -82,6 +85,9 @@ FITTED = {
                     "K (grid fill < 1): Liger's grad_input GEMM; unverified, the GPU session times that shape",
 }
 TRITON_MMA = 0.85
+CUTLASS_MMA = 1.0
+#: the MMA-loop efficiency of a kernel by the library that generated it (Facts.library)
+LIBRARY_MMA = {"triton": TRITON_MMA, "cutlass": CUTLASS_MMA}
 LOCK_EFFICIENCY = 0.5
 ELEMENTWISE_EFFICIENCY = 0.9
 ELEMENTWISE_CAST_EFFICIENCY = 0.6
@@ -106,6 +112,8 @@ class Facts:
     num_warps: int = 4
     pipelined: bool = True
     epilogue_instructions: int = 0
+    #: what generated the MMA loop: "triton" or "cutlass" (``LIBRARY_MMA``)
+    library: str = "triton"
 
     @classmethod
     def from_record(cls, record: dict) -> "Facts":
@@ -167,7 +175,7 @@ def launch_terms(launch: Launch, gpu: GPU) -> dict:
         return terms
     f = launch.facts
     resident = ctas_per_sm(f, gpu)
-    eff = product_efficiency(f, gpu) * (TRITON_MMA if f.product != "fma" else 1.0)
+    eff = product_efficiency(f, gpu) * (LIBRARY_MMA[f.library] if f.product != "fma" else 1.0)
     spill = 1.0 + f.spill_bytes / SPILL_BYTES_PER_HALVING
     terms["mma"] = launch.flop / (peak * eff * max(fill, 1e-9)) * spill
     terms["l2"] = launch.l2_bytes / l2_bw

@@ -144,6 +144,23 @@ def test_gpu_model_meets_every_published_calibration_point():
     assert filtered and all(0.0 < r["solved_kept_fraction"] < 1.0 for r in filtered)
 
 
+def test_the_cute_dsl_rows_pin_cutlass_mma(monkeypatch):
+    """The CUTLASS path's MMA efficiency is the one the two CuTe-DSL rows fit: at 1.0 both sit within 5 % of
+    their published times, at Triton's 0.85 both are 10 % or more too slow; the CUTLASS estimate moves with it."""
+    import json
+    from bench import calibration, cutlass_check, gpu_model as gm, kernel_facts
+    records = kernel_facts.load()
+    cute = [r for r in calibration.read_points() if r["program"] == "fused_gemm_peak"]
+    assert len(cute) == 2
+    facts = json.loads(cutlass_check.FACTS_PATH.read_text())
+    fitted = cutlass_check.estimate(facts)["ratio"]
+    assert all(abs(r["error"]) <= 0.05 for r in calibration.evaluate(cute, records))
+    monkeypatch.setattr(gm, "CUTLASS_MMA", gm.TRITON_MMA)
+    monkeypatch.setitem(gm.LIBRARY_MMA, "cutlass", gm.TRITON_MMA)
+    assert all(r["error"] >= 0.10 for r in calibration.evaluate(cute, records))
+    assert cutlass_check.estimate(facts)["ratio"] > fitted
+
+
 def test_gpu_model_terms_move_the_way_the_hardware_does():
     """A kernel's time grows with spills, with an MMA loop that loses its async copies, and with one CTA per SM
     instead of two (the epilogue no longer hides); a vendor GEMM with a grid under the SM count slows down."""

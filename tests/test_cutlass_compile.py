@@ -1,6 +1,6 @@
 """The cuda backend's CUTLASS sm_90a GEMMs (csrc/cutlass/margin_sm90.cu) against the limits of issue 24: no
 spill, no ptxas C7510 (wgmma serialized), HGMMA in the SASS, shared memory within 227 KiB, and the model's
-estimate of the step within 1.3x the floor (bench/cutlass_check.py; an expected failure at 1.44x, guarded
+estimate of the step within 1.3x the floor (bench/cutlass_check.py; an expected failure at 1.39x, guarded
 against regressions at ``GUARD``). The default run checks the committed
 report (bench/data/cutlass_facts.json, re-estimated from its facts); the slow case recompiles every
 instantiation (four nvcc runs of ~1-2 min each on 2 cores) when nvcc and CUTLASS's headers are present."""
@@ -23,9 +23,10 @@ def test_committed_report_is_within_the_compile_limits():
     assert _compile_problems(facts) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the model puts the step at 1.44x the floor (3.82 ms): the one pass over W "
-                   "for the inverse norms (0.39 ms), the three fused GEMMs at their MMA term (0.78 ms each) plus "
-                   "31 chunks' launches (0.12 ms for each per-chunk kernel), the cuBLAS dx GEMM 0.79 ms; see README")
+@pytest.mark.xfail(strict=True, reason="the model puts the step at 1.39x the floor (3.68 ms): the one pass over W "
+                   "for the inverse norms (0.39 ms), the fused GEMMs at their epilogue or HBM term (0.73-0.77 ms) "
+                   "plus 31 chunks' launches (0.12 ms for each per-chunk kernel), the cuBLAS dx GEMM 0.79 ms; see "
+                   "README")
 def test_committed_report_estimate_is_within_the_limit():
     facts = json.loads(cutlass_check.FACTS_PATH.read_text())
     assert cutlass_check.estimate(facts)["ratio"] <= cutlass_check.LIMIT
