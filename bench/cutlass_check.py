@@ -266,6 +266,7 @@ def estimate(facts: dict, gpu_name: str = "H100", shape: Optional[dict] = None) 
         fused("forward", "fused forward GEMM (EVT log-sum-exp partials)", forward_widths),
         gpu_model.Launch("merge of the row partials", hbm_bytes=b * pairs * 8 * 2, count=len(forward_widths)),
         fused("backward", "fused recompute GEMM (EVT dL/dcos, bf16 chunk)", backward_widths),
+        # its B x d output is 16 tiles at B = d = 512: cuBLAS is assumed to split K (FITTED["gemm_split_k"])
         gpu_model.Launch("dx GEMM (cuBLAS)", flop=2.0 * b * c * d, hbm_bytes=c * d * two, count=chunks),
         # reads W again as its C operand (the dx GEMM's read of the 32 MiB chunk does not stay in L2 beside the
         # 32 MiB dL/dcos chunk) and writes bf16 dW; the column partials (8 B per row tile and class) too

@@ -81,8 +81,11 @@ FITTED = {
     "lock_efficiency": "fraction of L2 bandwidth a spin-locked read-modify-write reaches: 0.5 (CCE backward)",
     "elementwise_cast": "HBM efficiency of torch's mixed-dtype elementwise passes (bf16 += fp32, .float()): "
                         "0.6 (Liger's H200 row; the GPU session measures it)",
-    "gemm_split_k": "cuBLAS GEMMs whose output has fewer 128 x 128 tiles than SMs are assumed not split over "
-                    "K (grid fill < 1): Liger's grad_input GEMM; unverified, the GPU session times that shape",
+    "gemm_split_k": "cuBLAS GEMMs whose output has fewer 128 x 128 tiles than SMs: Liger's grad_input GEMM (64 "
+                    "tiles on 108 SMs, 0.6 of a wave) is assumed not split over K (grid fill < 1: its row fits "
+                    "that way); the CUTLASS path's per-chunk dx GEMM (16 tiles on 132 SMs, 0.12 of a wave, K = "
+                    "32768) is assumed split (fill 1: unsplit it would take 8x the MMA time); both unverified, "
+                    "the GPU session times both shapes (bench/gpu_probe.py plain_gemms_ms)",
 }
 TRITON_MMA = 0.85
 CUTLASS_MMA = 1.0

@@ -195,8 +195,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                  torch.device("cuda"), torch.bfloat16, 3)),
              ("step_filter_off", lambda: profile_step(0.0)),
              ("step_filter_on", lambda: profile_step(1e-4)),
+             # the last: the CUTLASS path's per-chunk dx GEMM (16 output tiles, K = 32768), which its estimate
+             # assumes cuBLAS splits over K (bench/gpu_model.py FITTED["gemm_split_k"])
              ("plain_gemms_ms", lambda: {"forward B x C x d": gemm_ms(B, C, D), "dW C x d x B": gemm_ms(C, D, B),
-                                         "dx B x d x C": gemm_ms(B, D, C)}),
+                                         "dx B x d x C": gemm_ms(B, D, C),
+                                         "dx chunk B x d x 32768": gemm_ms(B, D, 32768)}),
              ("peers", peers),
              ("correctness_c_times_d_over_2_31", big_correctness)]
     for name, fn in steps:
