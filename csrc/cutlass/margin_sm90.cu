@@ -1,16 +1,21 @@
 // The cuda backend's epilogue-fused GEMMs for sm_90a (API: margin_sm90.h): CUTLASS 3.x TMA warp-specialized
-// ping-pong persistent GEMMs of x (rows x dim) by w^T whose epilogue visitor tree (EVT) applies the margin math
-// of margin_math.h to the fp32 accumulators in registers, so the rows x cols block of dot products is never
-// written:
-//   forward:  per row and 256-column tile, the (max, sum) log-sum-exp pair of the negatives (the binary family:
-//             the sum of its softplus terms), one 8-byte pair per (row, tile) into a scratch buffer, merged in
-//             tile order by merge_row_parts_kernel (a fixed-order tree within a tile: deterministic);
-//   backward: the recompute GEMM whose EVT writes dL/dcos (times 1/|w_j| and the fp16 factor) in the operand
-//             dtype (the D output, through TMA), and per column and 64-row tile (sum_i dc c, sum_i dz) into a
-//             scratch buffer, summed in row-tile order by sum_col_parts_kernel. The dx and dW GEMMs stay cuBLAS
-//             on that 16-bit chunk (tensor cores, fp32 output) with margin_cuda.cu's finish_dw.
-// Two kernels per operand dtype (fp16, bf16): four in all. The negative kind and its constants are run-time
-// arguments (margin_math.h's *_rt switch), not template parameters.
+// ping-pong persistent GEMMs whose epilogue visitor trees (EVT) apply the margin math of margin_math.h to the
+// fp32 accumulators in registers, so the rows x cols block of dot products is never written:
+//   forward:  flipped (classes are M: A = w, batch rows N: B = x). Its mainloop also forms the inverse norms of
+//             the tile's 64 W rows from the shared-memory stages it multiplies (NormMainloop; no separate pass
+//             over W), stored into the op's saved vector and broadcast along N (Sm90NormNode). Per 64-class
+//             tile and row, the (max, sum) log-sum-exp pair of the negatives (the binary family: the sum of its
+//             softplus terms), one 8-byte pair per (tile, row) into a scratch buffer, merged in tile order by
+//             merge_row_parts_kernel (a fixed-order tree within a tile: deterministic);
+//   backward: the recompute GEMM (x by w) whose EVT writes dL/dcos (times 1/|w_j| and the fp16 factor) in the
+//             operand dtype (the D output, through TMA), and per column and 64-row tile (sum_i dc c, sum_i dz)
+//             into a scratch buffer (summed after in row-tile order by sum_col_parts_kernel, or read in place by
+//             the dW GEMM);
+//   dW:       grad^T x with margin_cuda.cu's finish_dw in its epilogue (the unscale, the tangent projection with
+//             the chunk's stored rows as its C operand, the column partials summed in row-tile order), into the
+//             gradient sink's rows in the operand dtype or fp32. The dx GEMM stays cuBLAS.
+// Eight GEMM instantiations: forward and backward x (fp16, bf16), dW x (fp16, bf16) x (16-bit, fp32 output); the
+// negative kind and its constants are run-time arguments (margin_math.h's *_rt switch), not template parameters.
 //
 // Compiled for sm_90a only in effect: for any other target CUTLASS's sm90 kernels compile to an empty body, and
 // the host (margin_kernels/backends/cuda_backend.py) calls these only on a compute capability 9.0 device.
@@ -35,6 +40,7 @@
 #include "../margin_cuda.h"
 #include "../margin_math.h"
 #include "margin_sm90.h"
+#include "norm_steps.h"
 
 // Which GEMMs this compile instantiates: bit 0 forward bf16, bit 1 forward fp16, bit 2 backward bf16, bit 3
 // backward fp16, bits 4-7 the dW GEMM (bf16 -> bf16, bf16 -> fp32, fp16 -> fp16, fp16 -> fp32). The extension
@@ -221,7 +227,9 @@ struct Sm90ParamsNode {
 // (relative to the thread's first element) and the residue (the problem's (M, N) minus that first element).
 // BACKWARD false: visit(acc, inv_norm_j, thr_i, aux_i, label_i) -> LsePart per element.
 // BACKWARD true:  visit(acc, inv_norm_j, thr_i, aux_i, label_i, lse_i, g_lse_i, g_cos_target_i) -> GradElem.
-template <bool BACKWARD>
+// CLASS_M: the classes are the GEMM's M (the forward: A = W) and the rows its N, so an element's class is its
+// M coordinate and the per-row values are broadcast along M; else (the backward) the classes are N.
+template <bool BACKWARD, bool CLASS_M = false>
 struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
   using Base = Sm90ParamsNode<NegativeParams>;
   using Base::Base;
@@ -233,7 +241,7 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
 
     CTensor tCcD;        // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) coordinates relative to the thread's first element
     ThrResidue residue;  // (M, N) - the thread's first element
-    int64_t first_col;   // the global column of the thread's first element, plus col0
+    int64_t first_col;   // the global class of the thread's first element, plus col0
     Params const& params;
     float shift = 0.0f, factor = 1.0f;
 
@@ -257,7 +265,7 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
         for (int i = 0; i < FragmentSize; ++i) {
           const auto crd = coords(epi_v * FragmentSize + i);
           const bool inside = elem_less(crd, residue);
-          const int64_t col = first_col + get<1>(crd);
+          const int64_t col = first_col + (CLASS_M ? int64_t(get<0>(crd)) : int64_t(get<1>(crd)));
           const float c = static_cast<float>(frg_acc[i]) * inv[i];
           if (!inside || col == label[i]) {
             out[i] = LsePart();
@@ -306,22 +314,226 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
 
   template <bool ReferenceSrc, class... Args>
   CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
-    const int64_t N = get<1>(args.problem_shape_mnkl);
-    const int64_t first_col = N - static_cast<int64_t>(get<1>(args.residue_tCcD)) + params.col0;
+    const int64_t extent =
+        CLASS_M ? int64_t(get<0>(args.problem_shape_mnkl)) : int64_t(get<1>(args.problem_shape_mnkl));
+    const int64_t residue = CLASS_M ? int64_t(get<0>(args.residue_tCcD)) : int64_t(get<1>(args.residue_tCcD));
+    const int64_t first_col = extent - residue + params.col0;
     return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(args.tCcD, args.residue_tCcD,
                                                                                       first_col, params);
   }
 };
 
+// ---- the forward's weight norms, formed from the W tiles the mainloop already holds ----------------------------
+
+// The forward GEMM is flipped (classes are M, A = W K-major; batch rows are N, B = x), so each tile's 64 W rows
+// pass through shared memory with all of K, stage by stage. The consumer warpgroup sums their squares from the
+// stage it waits on (while that stage's wgmma runs; before the stage is released), one 64-float slot per
+// consumer warpgroup; the epilogue's norm node turns the sums into 1/max(|w_j|, eps) (margin_math.h, the
+// overflow rescue reading the row again from global memory when a sum is inf), writes them to the op's store
+// and broadcasts them along N. Static shared memory (1 KiB, counted in the mainloop's carveout): the mainloop
+// and the epilogue visitor reach it without a pointer through the kernel.
+constexpr int kNormRows = 64;                      // the forward tile's M (static_assert below)
+__shared__ float norm_sumsq_slot[2][kNormRows];    // per consumer warpgroup: the mainloop's sums
+__shared__ float norm_inv_slot[2][kNormRows];      // per consumer warpgroup: the epilogue's inverse norms
+constexpr int kNormSlotBytes = 2 * 2 * kNormRows * sizeof(float);
+
+// which of the two consumer warpgroups (ping-pong: warpgroup 0 is the producer) runs this thread: 0 or 1
+CUTLASS_DEVICE int consumer_slot() { return cutlass::canonical_warp_group_idx() - 1; }
+
+// The builder's mainloop with its consumer loop re-stated so the norm work can sit inside it (CUTLASS's
+// CollectiveMma<MainloopSm90TmaGmmaWarpSpecialized>::mma: one wgmma batch in flight, each stage released one
+// iteration later; its mma_tail releases the last). Thread t of the warpgroup takes W row t / 2 and the K
+// half t % 2 (32 entries of each 64-wide stage: four 16-byte loads of the swizzled tile, whose 16-byte groups
+// stay contiguous); the two halves meet in one shuffle: sumsq_j = half_0 + half_1, each half summed in K order.
+// Params.norms 0: the same loop without the norm work (calling the builder's loop from here instead made ptxas
+// serialize the wgmmas: warning C7515).
+template <class Base>
+struct NormMainloop : Base {
+  using BuiltArguments = typename Base::Arguments;
+  struct Arguments : Base::Arguments {
+    int norms = 0;
+  };
+  struct Params : Base::Params {
+    int norms = 0;
+  };
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const& shape, Arguments const& args, void* workspace) {
+    return Params{Base::to_underlying_arguments(shape, args, workspace), args.norms};
+  }
+
+  static_assert(not cutlass::gemm::detail::is_major<0, typename Base::StrideA>(), "A = W must be K-major");
+  static_assert(cute::size<0>(typename Base::TileShape{}) == kNormRows, "one slot entry per tile row");
+  static_assert(cute::size<2>(typename Base::TileShape{}) == 64, "two 32-entry halves per stage");
+
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(typename Base::MainloopPipeline pipeline, typename Base::PipelineState smem_pipe_read,
+                          FrgTensorC& accum, int k_tile_count, int thread_idx,
+                          typename Base::TensorStorage& shared_tensors, Params const& params) {
+    using TiledMma = typename Base::TiledMma;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), typename Base::SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), typename Base::SmemLayoutB{});
+    constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    const int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA,MMA_M,MMA_K,PIPE)
+    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA,MMA_N,MMA_K,PIPE)
+
+    const int row = (thread_idx % cutlass::NumThreadsPerWarpGroup) / 2, k0 = (thread_idx % 2) * 32;
+    // the thread's four 16-byte groups as shared-window offsets within a stage, found once through the layout
+    // (its swizzle): every stage repeats them (a stage is a whole number of 1 KiB swizzle periods)
+    using ElementA = typename Base::ElementA;
+    static_assert(kNormRows * 64 * sizeof(ElementA) % 1024 == 0, "stages of whole swizzle periods");
+    constexpr uint32_t kStageBytes = kNormRows * 64 * sizeof(ElementA);
+    uint32_t group[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) group[j] = cute::cast_smem_ptr_to_uint(&sA(row, k0 + 8 * j, 0));
+    float sumsq = 0.0f;
+    auto smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int k_tile = 0; k_tile < k_tile_count; ++k_tile) {
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      const int read_stage = smem_pipe_read.index();
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, read_stage), tCrB(_, _, k_block, read_stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      // the stage's share of the norms while its wgmma runs (both only read the stage)
+      if (params.norms) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const uint4 v = load_shared16(group[j] + read_stage * kStageBytes);
+          sumsq = square_sum8<cute::is_same_v<ElementA, cutlass::bfloat16_t>>(v, sumsq);
+        }
+      }
+      warpgroup_wait<1>();  // the previous stage's wgmma is done: release that stage
+      warpgroup_fence_operand(accum);
+      if (k_tile > 0) {
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      ++smem_pipe_read;
+    }
+    warpgroup_fence_operand(accum);
+    if (params.norms) {
+      const float other = __shfl_xor_sync(0xFFFFFFFF, sumsq, 1);
+      if (thread_idx % 2 == 0) norm_sumsq_slot[consumer_slot()][row] = sumsq + other;
+    }
+  }
+};
+
+// The epilogue's per-class (M) inverse norm: the mainloop's sums turned into 1/max(|w_j|, eps) (NormArgs.w set),
+// written to out (the n = 0 tiles only: every N tile of a class tile forms the same values) and broadcast along
+// N from the slot; or (w NULL) the given vector read like Sm90ColBroadcast (NULL: 1, raw weights). Loaded once
+// per tile and thread, one register per distinct row of the thread's elements.
+struct NormArgs {
+  const void* w = nullptr;      // W (cols x dim, the operand dtype): the norms are formed here
+  int64_t ld_w = 0, dim = 0;    // for the overflow rescue's second read of a row
+  float* out = nullptr;         // cols entries: the formed norms (NULL: not stored)
+  const float* given = nullptr; // w NULL: the norms as given (NULL: 1)
+};
+
+template <class CtaTileShapeMNK, class Element>
+struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
+  using Base = Sm90ParamsNode<NormArgs>;
+  using Base::Base;
+
+  template <class GTensor, class RTensor, class CTensor, class ThrResidue>
+  struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor tCgCol_, RTensor tCrCol_, CTensor tCcCol_, ThrResidue residue_,
+                                          Params const& params_, int64_t m0_, int64_t rows_, bool store_)
+        : tCgCol(tCgCol_), tCrCol(tCrCol_), tCcCol(tCcCol_), residue(residue_), params(params_), m0(m0_),
+          rows(rows_), store(store_) {}
+
+    GTensor tCgCol;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) each element's class's value (slot or given; N stride 0)
+    RTensor tCrCol;  // the values, one register per distinct class
+    CTensor tCcCol;
+    ThrResidue residue;
+    Params const& params;
+    int64_t m0, rows;  // the tile's first class; its classes in range (<= 64)
+    bool store;
+
+    // 1/max(|w_j|, eps) from the mainloop's sum; an inf sum (|w_j| > ~1.8e19, or an inf entry) takes the
+    // rescue's two passes over the row (margin_math.h, as margin_cpu.cpp's inv_norms_row)
+    CUTLASS_DEVICE float inverse_norm(int64_t j, float sumsq) const {
+      if (!mk::sumsq_overflowed(sumsq)) return mk::inv_norm_from_sumsq(sumsq);
+      const Element* w = static_cast<const Element*>(params.w) + j * params.ld_w;
+      auto get = [w](int64_t k) { return static_cast<float>(w[k]); };
+      const float top = mk::max_abs_strided<float>(get, 0, params.dim, 1);
+      return mk::inv_norm_rescaled(top, mk::unit_sumsq_strided<float>(get, 0, params.dim, 1, top));
+    }
+
+    CUTLASS_DEVICE void begin() {
+      if (params.w != nullptr) {
+        const int slot = consumer_slot();
+        const int t = threadIdx.x % cutlass::NumThreadsPerWarpGroup;
+        // the warpgroup's mainloop wrote the sums; the last tile's epilogue has read the previous values
+        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
+        if (t < rows) {
+          const float inv = inverse_norm(m0 + t, norm_sumsq_slot[slot][t]);
+          norm_inv_slot[slot][t] = inv;
+          if (store && params.out != nullptr) params.out[m0 + t] = inv;
+        }
+        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
+      }
+      Tensor g = filter_zeros(tCgCol);
+      Tensor r = filter_zeros(tCrCol);
+      Tensor c = filter_zeros(tCcCol, tCgCol.stride());
+      const bool unit = params.w == nullptr && params.given == nullptr;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(r); ++i) r(i) = unit ? 1.0f : (elem_less(c(i), residue) ? g(i) : 0.0f);
+    }
+
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
+                                                             int epi_v, int epi_m, int epi_n) {
+      cutlass::Array<float, FragmentSize> out;
+      Tensor r = tCrCol(_, _, _, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    const int64_t m0 = int64_t(get<0>(args.tile_coord_mnkl)) * size<0>(CtaTileShapeMNK{});
+    const int64_t rows = cute::min(int64_t(size<0>(CtaTileShapeMNK{})), int64_t(M) - m0);
+    const bool store = get<1>(args.tile_coord_mnkl) == 0;
+    // the slot holds the tile's classes from m0: a view indexed by the global class (never read outside the tile)
+    float const* base = params.w != nullptr ? &norm_inv_slot[consumer_slot()][0] - m0 : params.given;
+    Tensor mCol = make_tensor(make_gmem_ptr(base), make_layout(make_shape(M, N, L), make_stride(_1{}, _0{}, _0{})));
+    Tensor tCgCol = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
+        mCol, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor tCrCol = make_tensor_like<float>(tCgCol);
+    return ConsumerStoreCallbacks<decltype(tCgCol), decltype(tCrCol), decltype(args.tCcD),
+                                  decltype(args.residue_tCcD)>(tCgCol, tCrCol, args.tCcD, args.residue_tCcD, params,
+                                                               m0, cute::max(rows, int64_t(0)), store);
+  }
+};
+
 // ---- the GEMMs -------------------------------------------------------------------------------------------------
 
-// Ping-pong: two consumer warpgroups on alternate 64 x 256 tiles, so one's epilogue (the margin math, ~1 exp
-// per element) runs under the other's mainloop; persistent over the tiles; 64 x 256 x 64 tiles with the
-// HGMMA 64x256x16 instruction. Clusters of 4 x 1 CTAs on 4 adjacent row tiles of the same columns: TMA
-// multicasts each W tile to the 4, so W crosses L2 -> SM once per 256 rows instead of once per 64 (a 128-row
-// ping-pong tile would need 256 accumulator registers per thread)
-using TileShape = Shape<_64, _256, _64>;
-using ClusterShape = Shape<_4, _1, _1>;
+// Ping-pong: two consumer warpgroups on alternate tiles, so one's epilogue (the margin math, ~1 exp per
+// element) runs under the other's mainloop; persistent over the tiles. The forward is flipped: M = the
+// classes (A = W, K-major), N = the batch rows (B = x), 64 x 128 x 64 tiles (HGMMA 64x128x16), so a tile holds
+// all K of its own 64 W rows and forms their norms (NormMainloop); its log-sum-exp is then a reduction over M
+// per row (column), whose per-thread pairs for 128 columns sit beside the 64 accumulators (at 256 columns:
+// 128 + 128 registers, which spills, as the backward found). Clusters of 4 x 2: each x tile multicast to 4
+// class tiles, each W tile to 2 row tiles (the L2 -> SM traffic of 64 x 256 tiles on 4 x 1 clusters: the
+// panels cross once per 256 classes and once per 256 rows)
+using TileShape = Shape<_64, _128, _64>;
+using ClusterShape = Shape<_4, _2, _1>;
 // the backward's tile is 64 x 128: its column reduction keeps one (dot, dz) pair per column of the thread's
 // share of the tile in registers beside the accumulators (at 256 columns: 128 + 128 registers, which spills).
 // Clusters of 4 x 2: W's tile multicast to 4 row tiles, x's to 2 column tiles (at 64 x 128 each CTA would
@@ -332,16 +544,21 @@ using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
 
 // The persistent ping-pong GEMM around a collective epilogue: the mainloop's stages are what shared memory the
-// epilogue leaves (StageCountAutoCarveout), A and B in 16-byte aligned rows of the same element type.
-template <class CollectiveEpilogue, class Element, class LayoutA, class LayoutB, class Tile, class Cluster>
+// epilogue (and ExtraSmem bytes of static shared memory) leaves (StageCountAutoCarveout), A and B in 16-byte
+// aligned rows of the same element type; Wrap: the builder's mainloop as it is, or NormMainloop around it.
+template <class M>
+using AsBuilt = M;
+
+template <class CollectiveEpilogue, class Element, class LayoutA, class LayoutB, class Tile, class Cluster,
+          template <class> class Wrap = AsBuilt, int ExtraSmem = 0>
 struct PersistentGemm {
   static constexpr int kAlign = 16 / sizeof(Element);
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using CollectiveMainloop = Wrap<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
       float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
+          sizeof(typename CollectiveEpilogue::SharedStorage)) + ExtraSmem>,
+      MainloopSchedule>::CollectiveOp>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -362,24 +579,31 @@ using RowFloat = fusion::Sm90ColBroadcast<0, Tile, float, float, RowVector>;
 template <class Tile>
 using RowLabel = fusion::Sm90ColBroadcast<0, Tile, int64_t, int64_t, RowVector>;
 
-// forward: (max, sum) per row over each tile's columns, not reduced across tiles here (FinalReduction false:
-// the (round(M, 64), ceil(N / 256)) buffer of pairs, merged after in tile order). The tree has no D output; the
-// builder still sizes its (unused) D staging by an element type, which a void D takes from the root's
-// ElementAux: declared here as the operand dtype
-using RowLseReduction = fusion::Sm90ColReduction<LsePush, LseMerge, LseMerge, 0, TileShape, LsePart, LsePart,
-                                                 kRound, RowVector, 128 / 64, true, /*FinalReduction=*/false>;
+// forward: (max, sum) per batch row (N) over each tile's 64 classes, not reduced across tiles here
+// (FinalReduction false: the (ceil(M / 64), round(N, 128)) buffer of pairs, merged after in tile order; the 4
+// warps' partials meet in the D staging buffer). The tree has no D output; the builder still sizes its D
+// staging by an element type, which a void D takes from the root's ElementAux: declared here as the operand
+// dtype
+using RowLseReduction = fusion::Sm90RowReduction<LsePush, LseMerge, LseMerge, 0, TileShape, LsePart, LsePart,
+                                                 kRound, ColVector, 128 / 64, true, /*FinalReduction=*/false>;
 template <class Element>
 struct ForwardRoot : fusion::Sm90Compute<Discard, float, LsePart, kRound> {
   using fusion::Sm90Compute<Discard, float, LsePart, kRound>::Sm90Compute;
   using ElementAux = Element;
 };
 
+// the per-row inputs of the flipped forward: one value per N, broadcast along M
+template <class Tile>
+using RowFloatN = fusion::Sm90RowBroadcast<0, Tile, float, float, ColVector>;
+template <class Tile>
+using RowLabelN = fusion::Sm90RowBroadcast<0, Tile, int64_t, int64_t, ColVector>;
+
 template <class Element>
 using ForwardTree = fusion::Sm90EVT<
     ForwardRoot<Element>,
     fusion::Sm90EVT<RowLseReduction,
-                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, InvNorm<TileShape>, RowFloat<TileShape>,
-                                    RowFloat<TileShape>, RowLabel<TileShape>>>>;
+                    fusion::Sm90EVT<Sm90MarginNode<false, true>, fusion::Sm90AccFetch, Sm90NormNode<TileShape, Element>,
+                                    RowFloatN<TileShape>, RowFloatN<TileShape>, RowLabelN<TileShape>>>>;
 
 // backward: D = dL/dcos in the operand dtype; per column and 64-row tile the ColPart sums (the
 // (ceil(M / 64), round(N, 128)) buffer, summed after in row-tile order)
@@ -393,10 +617,12 @@ using BackwardTree = fusion::Sm90EVT<
                                     RowLabel<BackwardTileShape>, RowFloat<BackwardTileShape>,
                                     RowFloat<BackwardTileShape>, RowFloat<BackwardTileShape>>>>;
 
+// BACKWARD: M = rows (A = x), N = classes (B = w); the forward: M = classes (A = w), N = rows (B = x). Both
+// operands are row-major with K contiguous: as A that is RowMajor, as B (K x N) ColumnMajor.
 template <class Element, bool BACKWARD>
 struct Gemm {
-  using LayoutX = cutlass::layout::RowMajor;     // A: rows x dim, K contiguous
-  using LayoutW = cutlass::layout::ColumnMajor;  // B: dim x cols with K contiguous = w (cols x dim) row-major
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 16 / sizeof(Element);
   // a tree with no D output still declares an element type for the builder's shared-memory and copy choices
@@ -409,7 +635,10 @@ struct Gemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
       kAlign, EpilogueSchedule, Tree>::CollectiveOp;
 
-  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutX, LayoutW, Tile, Cluster>;
+  template <class M>
+  using Wrap = cute::conditional_t<BACKWARD, M, NormMainloop<M>>;
+  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutA, LayoutB, Tile, Cluster, Wrap,
+                                    BACKWARD ? 0 : kNormSlotBytes>;
   using CollectiveMainloop = typename Persistent::CollectiveMainloop;
   using Kernel = typename Persistent::Kernel;
   using Device = typename Persistent::Device;
@@ -629,18 +858,29 @@ int run(typename G::Device::Arguments const& arguments, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <class G>
+// The GEMM's problem and operands: the backward's is x (M = rows) by w (N = cols), the flipped forward's w
+// (M = cols) by x (N = rows); both row-major with K = dim contiguous, row strides as given (TMA: a multiple of
+// 16 bytes). The forward's mainloop arguments take the norm switch after the operands.
+template <class G, bool flipped = false>
 typename G::Device::Arguments gemm_arguments(mk_sm90_gemm const& g) {
   using Element = typename G::CollectiveMainloop::ElementA;
   typename G::Device::Arguments arguments{};
   arguments.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  const int M = static_cast<int>(g.rows), N = static_cast<int>(g.cols), K = static_cast<int>(g.dim);
+  const void* a = flipped ? g.w : g.x;
+  const void* b = flipped ? g.x : g.w;
+  const int M = static_cast<int>(flipped ? g.cols : g.rows), N = static_cast<int>(flipped ? g.rows : g.cols);
+  const int K = static_cast<int>(g.dim);
   arguments.problem_shape = {M, N, K, 1};
-  auto stride_x = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
-  auto stride_w = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
-  get<0>(stride_x) = g.ld_x;  // row strides as given (TMA: a multiple of 16 bytes)
-  get<0>(stride_w) = g.ld_w;
-  arguments.mainloop = {static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
+  auto stride_b = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
+  get<0>(stride_a) = flipped ? g.ld_w : g.ld_x;
+  get<0>(stride_b) = flipped ? g.ld_x : g.ld_w;
+  if constexpr (flipped) {
+    static_cast<typename G::CollectiveMainloop::BuiltArguments&>(arguments.mainloop) = {
+        static_cast<Element const*>(a), stride_a, static_cast<Element const*>(b), stride_b};
+  } else {
+    arguments.mainloop = {static_cast<Element const*>(a), stride_a, static_cast<Element const*>(b), stride_b};
+  }
   return arguments;
 }
 
@@ -659,18 +899,30 @@ NegativeParams negative_params(mk_sm90_epilogue const& ep, const float* factor) 
 }
 
 template <class Element>
-int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* run_max, float* run_sum,
-                cudaStream_t stream) {
+int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* inv_norm_out, float* run_max,
+                float* run_sum, cudaStream_t stream) {
   using G = Gemm<Element, false>;
+  // flipped: class tiles are M, batch rows N; one pair per (class tile, row)
   const int64_t tile_m = size<0>(TileShape{}), tile_n = size<1>(TileShape{});
-  const int64_t padded_rows = round_up(g.rows, tile_m), tiles = (g.cols + tile_n - 1) / tile_n;
+  const int64_t padded_rows = round_up(g.rows, tile_n), tiles = (g.cols + tile_m - 1) / tile_m;
   Scratch parts(stream);
   cudaError_t status = parts.get(sizeof(LsePart) * padded_rows * tiles);
   if (status != cudaSuccess) return static_cast<int>(status);
-  auto arguments = gemm_arguments<G>(g);
+  auto arguments = gemm_arguments<G, /*flipped=*/true>(g);
+  const bool form = inv_norm_out != nullptr;
+  arguments.mainloop.norms = form ? 1 : 0;
+  NormArgs norms;
+  if (form) {
+    norms.w = g.w;
+    norms.ld_w = g.ld_w;
+    norms.dim = g.dim;
+    norms.out = inv_norm_out;
+  } else {
+    norms.given = ep.inv_norm;
+  }
   // {children..., node}: {{{acc, inv_norm, thr, aux, label, margin}, row reduction}, root}
   arguments.epilogue.thread = {{{{},
-                                 {ep.inv_norm, 1.0f, {}},
+                                 norms,
                                  {ep.thr, 0.0f, {}},
                                  {ep.aux, 0.0f, {}},
                                  {ep.labels, int64_t(-1), {}},
@@ -768,17 +1020,18 @@ int check(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep) {
 
 extern "C" {
 
-int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* run_max, float* run_sum,
-                    void* stream) {
+int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* inv_norm_out, float* run_max,
+                    float* run_sum, void* stream) {
   if (gemm->rows <= 0 || gemm->cols <= 0) return 0;
   if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if constexpr ((MK_SM90_KERNELS & 1) != 0) {
     if (gemm->dtype == MK_DTYPE_BF16)
-      return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, run_max, run_sum, s);
+      return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, inv_norm_out, run_max, run_sum, s);
   }
   if constexpr ((MK_SM90_KERNELS & 2) != 0) {
-    if (gemm->dtype == MK_DTYPE_F16) return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, run_max, run_sum, s);
+    if (gemm->dtype == MK_DTYPE_F16)
+      return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, inv_norm_out, run_max, run_sum, s);
   }
   return MK_SM90_ERR_BAD_DTYPE;
 }
@@ -860,10 +1113,11 @@ void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
 
 #ifdef MK_SM90_REPORT_MAIN
 #include <cstdio>
-// the dynamic shared memory of each GEMM (what a launch requests), for bench/cutlass_check.py
+// the shared memory of each GEMM (what a launch requests, plus the forward's static slots), for bench/cutlass_check.py
 int main() {
-  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize));
-  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize));
+  // the forward's static norm slots come on top of what its launch requests
+  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize) + mk_sm90::kNormSlotBytes);
+  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize) + mk_sm90::kNormSlotBytes);
   std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
   std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
   std::printf("dw_bf16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, cutlass::bfloat16_t>::Kernel::SharedStorageSize));
