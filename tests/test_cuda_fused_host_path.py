@@ -185,10 +185,10 @@ def test_fused_branch_sums_dx_over_several_groups(fused_torch_backend, name, dty
 def test_fused_chunk_widths():
     """The fused path's default chunks (chunk_loop.fused_chunk_sizes): the backward's 16-bit dL/dcos chunk is
     FUSED_GRAD_BYTES (32 MiB, in L2) within its bounds; the forward spans C = 1e6 in one launch at B = 512
-    (its partials: 8 bytes per row and 64-class tile, 64 MiB at most); Partial FC's forward gathers per chunk."""
+    (its partials: 8 bytes per row and 256 columns, 64 MiB at most); Partial FC's forward gathers per chunk."""
     from margin_kernels.backends.chunk_loop import fused_chunk_sizes
-    assert fused_chunk_sizes(512) == (1 << 20, 32768)  # 512 x 32768 x 2 B = 32 MiB; 512 x 2^20 / 64 x 8 B = 64 MiB
-    assert fused_chunk_sizes(1024) == (1 << 19, 16384)
+    assert fused_chunk_sizes(512) == (1 << 22, 32768)  # 512 x 32768 x 2 B = 32 MiB; 512 x 2^22 / 256 x 8 B = 64 MiB
+    assert fused_chunk_sizes(1024) == (1 << 21, 16384)
     assert fused_chunk_sizes(256)[1] == fused_chunk_sizes(64)[1] == 65536  # FUSED_MAX_CHUNK
     assert fused_chunk_sizes(8192)[1] == 4096  # FUSED_MIN_CHUNK (the dL/dcos chunk is then 64 MiB)
     assert fused_chunk_sizes(512, partial_fc=True) == (32768, 32768)

@@ -1,12 +1,12 @@
 // The cuda backend's epilogue-fused GEMMs for sm_90a (API: margin_sm90.h): CUTLASS 3.x TMA warp-specialized
 // ping-pong persistent GEMMs whose epilogue visitor trees (EVT) apply the margin math of margin_math.h to the
 // fp32 accumulators in registers, so the rows x cols block of dot products is never written:
-//   forward:  flipped (classes are M: A = w, batch rows N: B = x). Its mainloop also forms the inverse norms of
-//             the tile's 64 W rows from the shared-memory stages it multiplies (NormMainloop; no separate pass
-//             over W), stored into the op's saved vector and broadcast along N (Sm90NormNode). Per 64-class
-//             tile and row, the (max, sum) log-sum-exp pair of the negatives (the binary family: the sum of its
-//             softplus terms), one 8-byte pair per (tile, row) into a scratch buffer, merged in tile order by
-//             merge_row_parts_kernel (a fixed-order tree within a tile: deterministic);
+//   forward:  x by w; per row and 256-column tile, the (max, sum) log-sum-exp pair of the negatives (the binary
+//             family: the sum of its softplus terms), one 8-byte pair per (row, tile) into a scratch buffer,
+//             merged in tile order by merge_row_parts_kernel (a fixed-order tree within a tile:
+//             deterministic). Its mainloop also forms the inverse norms of the tile's W rows from the
+//             shared-memory stages it multiplies, a quarter per CTA of the cluster, exchanged through
+//             distributed shared memory (NormMainloop, Sm90NormNode; no separate pass over W);
 //   backward: the recompute GEMM (x by w) whose EVT writes dL/dcos (times 1/|w_j| and the fp16 factor) in the
 //             operand dtype (the D output, through TMA), and per column and 64-row tile (sum_i dc c, sum_i dz)
 //             into a scratch buffer (summed after in row-tile order by sum_col_parts_kernel, or read in place by
@@ -227,9 +227,7 @@ struct Sm90ParamsNode {
 // (relative to the thread's first element) and the residue (the problem's (M, N) minus that first element).
 // BACKWARD false: visit(acc, inv_norm_j, thr_i, aux_i, label_i) -> LsePart per element.
 // BACKWARD true:  visit(acc, inv_norm_j, thr_i, aux_i, label_i, lse_i, g_lse_i, g_cos_target_i) -> GradElem.
-// CLASS_M: the classes are the GEMM's M (the forward: A = W) and the rows its N, so an element's class is its
-// M coordinate and the per-row values are broadcast along M; else (the backward) the classes are N.
-template <bool BACKWARD, bool CLASS_M = false>
+template <bool BACKWARD>
 struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
   using Base = Sm90ParamsNode<NegativeParams>;
   using Base::Base;
@@ -241,7 +239,7 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
 
     CTensor tCcD;        // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) coordinates relative to the thread's first element
     ThrResidue residue;  // (M, N) - the thread's first element
-    int64_t first_col;   // the global class of the thread's first element, plus col0
+    int64_t first_col;   // the global column of the thread's first element, plus col0
     Params const& params;
     float shift = 0.0f, factor = 1.0f;
 
@@ -265,7 +263,7 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
         for (int i = 0; i < FragmentSize; ++i) {
           const auto crd = coords(epi_v * FragmentSize + i);
           const bool inside = elem_less(crd, residue);
-          const int64_t col = first_col + (CLASS_M ? int64_t(get<0>(crd)) : int64_t(get<1>(crd)));
+          const int64_t col = first_col + get<1>(crd);
           const float c = static_cast<float>(frg_acc[i]) * inv[i];
           if (!inside || col == label[i]) {
             out[i] = LsePart();
@@ -314,10 +312,8 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
 
   template <bool ReferenceSrc, class... Args>
   CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
-    const int64_t extent =
-        CLASS_M ? int64_t(get<0>(args.problem_shape_mnkl)) : int64_t(get<1>(args.problem_shape_mnkl));
-    const int64_t residue = CLASS_M ? int64_t(get<0>(args.residue_tCcD)) : int64_t(get<1>(args.residue_tCcD));
-    const int64_t first_col = extent - residue + params.col0;
+    const int64_t N = get<1>(args.problem_shape_mnkl);
+    const int64_t first_col = N - static_cast<int64_t>(get<1>(args.residue_tCcD)) + params.col0;
     return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(args.tCcD, args.residue_tCcD,
                                                                                       first_col, params);
   }
@@ -325,28 +321,42 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
 
 // ---- the forward's weight norms, formed from the W tiles the mainloop already holds ----------------------------
 
-// The forward GEMM is flipped (classes are M, A = W K-major; batch rows are N, B = x), so each tile's 64 W rows
-// pass through shared memory with all of K, stage by stage. The consumer warpgroup sums their squares from the
-// stage it waits on (while that stage's wgmma runs; before the stage is released), one 64-float slot per
-// consumer warpgroup; the epilogue's norm node turns the sums into 1/max(|w_j|, eps) (margin_math.h, the
-// overflow rescue reading the row again from global memory when a sum is inf), writes them to the op's store
-// and broadcasts them along N. Static shared memory (1 KiB, counted in the mainloop's carveout): the mainloop
-// and the epilogue visitor reach it without a pointer through the kernel.
-constexpr int kNormRows = 64;                      // the forward tile's M (static_assert below)
-__shared__ float norm_sumsq_slot[2][kNormRows];    // per consumer warpgroup: the mainloop's sums
-__shared__ float norm_inv_slot[2][kNormRows];      // per consumer warpgroup: the epilogue's inverse norms
-constexpr int kNormSlotBytes = 2 * 2 * kNormRows * sizeof(float);
+// The forward's W tile (256 classes x 64 K per stage, the B operand) reaches the 4 CTAs of a cluster by
+// multicast, so each CTA sums the squares of its quarter: CTA rank q of the cluster (its M position) takes the
+// tile's classes 64 q .. 64 q + 63, all K, from the stages its consumer warpgroup waits on (while that stage's
+// wgmma runs; before the stage is released). At the end of its K loop it stores the 64 sums into the same
+// slot of all 4 CTAs (st.async into distributed shared memory, each store counted on that CTA's `full`
+// barrier); each CTA's epilogue (Sm90NormNode) expects the 1 KiB of the 4 quarters on its `full` barrier and
+// waits for them, turns the 256 sums into 1/max(|w_j|, eps) (margin_math.h, the
+// overflow rescue reading the row again from global memory when a sum is inf), stores them into the op's
+// vector (the cluster at M tile 0) and broadcasts them along M, then arrives on the 4 CTAs' `empty` barriers so
+// that the next quarters may land. One slot and barrier pair per consumer warpgroup: the ping-pong's two
+// warpgroups take alternate tiles in every CTA of the cluster alike. Static shared memory (counted in the
+// mainloop's carveout); the barriers are initialised where the pipelines' are, before the kernel's cluster sync
+// (NormMainloop::prefetch_tma_descriptors).
+constexpr int kNormCols = 256;   // the forward tile's N (static_assert below)
+constexpr int kNormCtas = 4;     // the cluster's M (static_assert below)
+constexpr int kNormQuarter = kNormCols / kNormCtas;
+__shared__ float norm_sumsq_slot[2][kNormCols];  // per consumer warpgroup: the 4 quarters' sums
+__shared__ float norm_inv_slot[2][kNormCols];    // per consumer warpgroup: the tile's inverse norms
+__shared__ uint64_t norm_full[2];     // one arrival (the reader's, expecting 1 KiB) and 1 KiB of st.async per tile
+__shared__ uint64_t norm_empty[2];    // 4 CTAs x 4 warps of readers arrive per tile
+__shared__ uint32_t norm_parity[2];              // the warpgroup's tile parity, mainloop -> epilogue
+constexpr int kNormFullArrivals = 1;
+constexpr uint32_t kNormTileBytes = kNormCols * sizeof(float);
+constexpr int kNormEmptyArrivals = kNormCtas * 4;
+constexpr int kNormSlotBytes = 2 * 2 * kNormCols * sizeof(float) + 4 * 8 + 2 * 4;
 
 // which of the two consumer warpgroups (ping-pong: warpgroup 0 is the producer) runs this thread: 0 or 1
 CUTLASS_DEVICE int consumer_slot() { return cutlass::canonical_warp_group_idx() - 1; }
 
 // The builder's mainloop with its consumer loop re-stated so the norm work can sit inside it (CUTLASS's
 // CollectiveMma<MainloopSm90TmaGmmaWarpSpecialized>::mma: one wgmma batch in flight, each stage released one
-// iteration later; its mma_tail releases the last). Thread t of the warpgroup takes W row t / 2 and the K
-// half t % 2 (32 entries of each 64-wide stage: four 16-byte loads of the swizzled tile, whose 16-byte groups
-// stay contiguous); the two halves meet in one shuffle: sumsq_j = half_0 + half_1, each half summed in K order.
-// Params.norms 0: the same loop without the norm work (calling the builder's loop from here instead made ptxas
-// serialize the wgmmas: warning C7515).
+// iteration later; its mma_tail releases the last). Thread t of the warpgroup takes the CTA's quarter's class
+// t / 2 and the K half t % 2 (32 entries of each 64-wide stage: four 16-byte loads of the swizzled tile, whose
+// 16-byte groups stay contiguous); the two halves meet in one shuffle: sumsq_j = half_0 + half_1, each half
+// summed in K order. Params.norms 0: the same loop without the norm work (calling the builder's loop from here
+// instead made ptxas serialize the wgmmas: warning C7515).
 template <class Base>
 struct NormMainloop : Base {
   using BuiltArguments = typename Base::Arguments;
@@ -362,9 +372,34 @@ struct NormMainloop : Base {
     return Params{Base::to_underlying_arguments(shape, args, workspace), args.norms};
   }
 
-  static_assert(not cutlass::gemm::detail::is_major<0, typename Base::StrideA>(), "A = W must be K-major");
-  static_assert(cute::size<0>(typename Base::TileShape{}) == kNormRows, "one slot entry per tile row");
+  // one thread, before the kernel's cluster sync (as the pipelines' barriers): the exchange's barriers too
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
+    Base::prefetch_tma_descriptors(params);
+    if (params.norms) {
+      for (int slot = 0; slot < 2; ++slot) {
+        cutlass::arch::ClusterBarrier::init(&norm_full[slot], kNormFullArrivals);
+        cutlass::arch::ClusterBarrier::init(&norm_empty[slot], kNormEmptyArrivals);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+  }
+
+  static_assert(cutlass::gemm::detail::is_major<0, typename Base::StrideB>() == false, "B = W must be K-major");
+  static_assert(cute::size<1>(typename Base::TileShape{}) == kNormCols, "one slot entry per tile column");
   static_assert(cute::size<2>(typename Base::TileShape{}) == 64, "two 32-entry halves per stage");
+  static_assert(cute::size(typename Base::DispatchPolicy::ClusterShape{}) == kNormCtas &&
+                    cute::size<0>(typename Base::DispatchPolicy::ClusterShape{}) == kNormCtas,
+                "the quarters: one per CTA of the cluster's M");
+
+  uint32_t tiles = 0;   // this warpgroup's tiles so far (the barriers' parity)
+  bool formed = false;  // this thread's mainloop sent norm sums
+
+  // A CTA leaves only once every CTA of the cluster has arrived on its `empty` barrier for its last tile: a
+  // remote arrival on the shared memory of a CTA that has exited is undefined (the pipelines' producer_tail
+  // for the same reason). Runs at the kernel's end in every thread; only consumers that sent sums wait.
+  CUTLASS_DEVICE ~NormMainloop() {
+    if (formed && tiles > 0) wait_parity(&norm_empty[consumer_slot()], (tiles - 1) & 1);
+  }
 
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(typename Base::MainloopPipeline pipeline, typename Base::PipelineState smem_pipe_read,
@@ -381,16 +416,19 @@ struct NormMainloop : Base {
     Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA,MMA_M,MMA_K,PIPE)
     Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA,MMA_N,MMA_K,PIPE)
 
-    const int row = (thread_idx % cutlass::NumThreadsPerWarpGroup) / 2, k0 = (thread_idx % 2) * 32;
-    // the thread's four 16-byte groups as shared-window offsets within a stage, found once through the layout
+    const uint32_t rank = cute::block_rank_in_cluster();
+    const int t = thread_idx % cutlass::NumThreadsPerWarpGroup;
+    const int col = int(rank) * kNormQuarter + t / 2, k0 = (t % 2) * 32;
+    // the thread's four 16-byte groups as shared-window addresses in stage 0, found once through the layout
     // (its swizzle): every stage repeats them (a stage is a whole number of 1 KiB swizzle periods)
-    using ElementA = typename Base::ElementA;
-    static_assert(kNormRows * 64 * sizeof(ElementA) % 1024 == 0, "stages of whole swizzle periods");
-    constexpr uint32_t kStageBytes = kNormRows * 64 * sizeof(ElementA);
+    using ElementB = typename Base::ElementB;
+    static_assert(kNormCols * 64 * sizeof(ElementB) % 1024 == 0, "stages of whole swizzle periods");
+    constexpr uint32_t kStageBytes = kNormCols * 64 * sizeof(ElementB);
     uint32_t group[4];
     CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 4; ++j) group[j] = cute::cast_smem_ptr_to_uint(&sA(row, k0 + 8 * j, 0));
+    for (int j = 0; j < 4; ++j) group[j] = cute::cast_smem_ptr_to_uint(&sB(col, k0 + 8 * j, 0));
     float sumsq = 0.0f;
+
     auto smem_pipe_release = smem_pipe_read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
     warpgroup_fence_operand(accum);
@@ -412,7 +450,7 @@ struct NormMainloop : Base {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < 4; ++j) {
           const uint4 v = load_shared16(group[j] + read_stage * kStageBytes);
-          sumsq = square_sum8<cute::is_same_v<ElementA, cutlass::bfloat16_t>>(v, sumsq);
+          sumsq = square_sum8<cute::is_same_v<ElementB, cutlass::bfloat16_t>>(v, sumsq);
         }
       }
       warpgroup_wait<1>();  // the previous stage's wgmma is done: release that stage
@@ -426,15 +464,25 @@ struct NormMainloop : Base {
     warpgroup_fence_operand(accum);
     if (params.norms) {
       const float other = __shfl_xor_sync(0xFFFFFFFF, sumsq, 1);
-      if (thread_idx % 2 == 0) norm_sumsq_slot[consumer_slot()][row] = sumsq + other;
+      const int slot = consumer_slot();
+      const uint32_t parity = tiles & 1;
+      ++tiles;
+      formed = true;
+      if (t == 0) norm_parity[slot] = parity;  // read by this warpgroup's epilogue after its first barrier
+      // every CTA's epilogue has read the previous tile's sums out of its slot (a fresh barrier passes)
+      wait_parity(&norm_empty[slot], parity ^ 1);
+      if (t % 2 == 0) {
+        CUTLASS_PRAGMA_UNROLL
+        for (uint32_t cta = 0; cta < kNormCtas; ++cta)
+          store_async_cluster(&norm_sumsq_slot[slot][col], &norm_full[slot], cta, sumsq + other);
+      }
     }
   }
 };
 
-// The epilogue's per-class (M) inverse norm: the mainloop's sums turned into 1/max(|w_j|, eps) (NormArgs.w set),
-// written to out (the n = 0 tiles only: every N tile of a class tile forms the same values) and broadcast along
-// N from the slot; or (w NULL) the given vector read like Sm90ColBroadcast (NULL: 1, raw weights). Loaded once
-// per tile and thread, one register per distinct row of the thread's elements.
+// The epilogue's per-class (N) inverse norm: the cluster's sums turned into 1/max(|w_j|, eps) (NormArgs.w set),
+// stored into out (by the M tile 0 CTAs: every M tile of a class tile forms the same values) and broadcast
+// along M from the slot, one subtile's columns at a time; or (w NULL) the given vector (NULL: 1, raw weights).
 struct NormArgs {
   const void* w = nullptr;      // W (cols x dim, the operand dtype): the norms are formed here
   int64_t ld_w = 0, dim = 0;    // for the overflow rescue's second read of a row
@@ -442,28 +490,28 @@ struct NormArgs {
   const float* given = nullptr; // w NULL: the norms as given (NULL: 1)
 };
 
-template <class CtaTileShapeMNK, class Element>
+template <class Element>
 struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
   using Base = Sm90ParamsNode<NormArgs>;
   using Base::Base;
 
   template <class GTensor, class RTensor, class CTensor, class ThrResidue>
   struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
-    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor tCgCol_, RTensor tCrCol_, CTensor tCcCol_, ThrResidue residue_,
-                                          Params const& params_, int64_t m0_, int64_t rows_, bool store_)
-        : tCgCol(tCgCol_), tCrCol(tCrCol_), tCcCol(tCcCol_), residue(residue_), params(params_), m0(m0_),
-          rows(rows_), store(store_) {}
+    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor tCgRow_, RTensor tCrRow_, CTensor tCcRow_, ThrResidue residue_,
+                                          Params const& params_, int64_t n0_, int64_t cols_, bool store_)
+        : tCgRow(tCgRow_), tCrRow(tCrRow_), tCcRow(tCcRow_), residue(residue_), params(params_), n0(n0_),
+          cols(cols_), store(store_) {}
 
-    GTensor tCgCol;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) each element's class's value (slot or given; N stride 0)
-    RTensor tCrCol;  // the values, one register per distinct class
-    CTensor tCcCol;
+    GTensor tCgRow;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) each element's class's value (slot or given; M stride 0)
+    RTensor tCrRow;  // the values, one register per distinct class, loaded per subtile
+    CTensor tCcRow;
     ThrResidue residue;
     Params const& params;
-    int64_t m0, rows;  // the tile's first class; its classes in range (<= 64)
+    int64_t n0, cols;  // the tile's first class; its classes in range (<= 256)
     bool store;
 
-    // 1/max(|w_j|, eps) from the mainloop's sum; an inf sum (|w_j| > ~1.8e19, or an inf entry) takes the
-    // rescue's two passes over the row (margin_math.h, as margin_cpu.cpp's inv_norms_row)
+    // 1/max(|w_j|, eps) from the sum; an inf sum (|w_j| > ~1.8e19, or an inf entry) takes the rescue's two
+    // passes over the row (margin_math.h, as margin_cpu.cpp's inv_norms)
     CUTLASS_DEVICE float inverse_norm(int64_t j, float sumsq) const {
       if (!mk::sumsq_overflowed(sumsq)) return mk::inv_norm_from_sumsq(sumsq);
       const Element* w = static_cast<const Element*>(params.w) + j * params.ld_w;
@@ -473,21 +521,33 @@ struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
     }
 
     CUTLASS_DEVICE void begin() {
-      if (params.w != nullptr) {
-        const int slot = consumer_slot();
-        const int t = threadIdx.x % cutlass::NumThreadsPerWarpGroup;
-        // the warpgroup's mainloop wrote the sums; the last tile's epilogue has read the previous values
-        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
-        if (t < rows) {
-          const float inv = inverse_norm(m0 + t, norm_sumsq_slot[slot][t]);
-          norm_inv_slot[slot][t] = inv;
-          if (store && params.out != nullptr) params.out[m0 + t] = inv;
+      if (params.w == nullptr) return;
+      const int slot = consumer_slot();
+      const int t = threadIdx.x % cutlass::NumThreadsPerWarpGroup;
+      // the warpgroup's mainloop wrote the parity; the last tile's epilogue has read the previous inverses
+      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
+      if (t == 0) arrive_expect_tx(&norm_full[slot], kNormTileBytes);
+      wait_parity(&norm_full[slot], norm_parity[slot]);  // the 4 quarters of this tile's sums are in
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = t; c < kNormCols; c += cutlass::NumThreadsPerWarpGroup) {
+        if (c < cols) {
+          const float inv = inverse_norm(n0 + c, norm_sumsq_slot[slot][c]);
+          norm_inv_slot[slot][c] = inv;
+          if (store && params.out != nullptr) params.out[n0 + c] = inv;
         }
-        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
       }
-      Tensor g = filter_zeros(tCgCol);
-      Tensor r = filter_zeros(tCrCol);
-      Tensor c = filter_zeros(tCcCol, tCgCol.stride());
+      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
+      // the sums are read: each warp frees the slot of every CTA of the cluster for the next quarters
+      if (t % cutlass::NumThreadsPerWarp == 0) {
+        CUTLASS_PRAGMA_UNROLL
+        for (uint32_t cta = 0; cta < kNormCtas; ++cta) arrive_cluster(&norm_empty[slot], cta);
+      }
+    }
+
+    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
+      Tensor g = filter_zeros(tCgRow(_, _, _, epi_m, epi_n));
+      Tensor r = filter_zeros(tCrRow(_, _, _, epi_m, epi_n));
+      Tensor c = filter_zeros(tCcRow(_, _, _, epi_m, epi_n), tCgRow(_, _, _, epi_m, epi_n).stride());
       const bool unit = params.w == nullptr && params.given == nullptr;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(r); ++i) r(i) = unit ? 1.0f : (elem_less(c(i), residue) ? g(i) : 0.0f);
@@ -497,7 +557,7 @@ struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
                                                              int epi_v, int epi_m, int epi_n) {
       cutlass::Array<float, FragmentSize> out;
-      Tensor r = tCrCol(_, _, _, epi_m, epi_n);
+      Tensor r = tCrRow(_, _, _, epi_m, epi_n);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
       return out;
@@ -507,33 +567,31 @@ struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
   template <bool ReferenceSrc, class... Args>
   CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
     auto [M, N, K, L] = args.problem_shape_mnkl;
-    const int64_t m0 = int64_t(get<0>(args.tile_coord_mnkl)) * size<0>(CtaTileShapeMNK{});
-    const int64_t rows = cute::min(int64_t(size<0>(CtaTileShapeMNK{})), int64_t(M) - m0);
-    const bool store = get<1>(args.tile_coord_mnkl) == 0;
-    // the slot holds the tile's classes from m0: a view indexed by the global class (never read outside the tile)
-    float const* base = params.w != nullptr ? &norm_inv_slot[consumer_slot()][0] - m0 : params.given;
-    Tensor mCol = make_tensor(make_gmem_ptr(base), make_layout(make_shape(M, N, L), make_stride(_1{}, _0{}, _0{})));
-    Tensor tCgCol = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
-        mCol, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
-    Tensor tCrCol = make_tensor_like<float>(tCgCol);
-    return ConsumerStoreCallbacks<decltype(tCgCol), decltype(tCrCol), decltype(args.tCcD),
-                                  decltype(args.residue_tCcD)>(tCgCol, tCrCol, args.tCcD, args.residue_tCcD, params,
-                                                               m0, cute::max(rows, int64_t(0)), store);
+    const int64_t tile_n = size<1>(args.tile_shape_mnk);
+    const int64_t n0 = int64_t(get<1>(args.tile_coord_mnkl)) * tile_n;
+    const int64_t cols = cute::min(tile_n, int64_t(N) - n0);
+    const bool store = get<0>(args.tile_coord_mnkl) == 0;
+    // the slot holds the tile's classes from n0: a view indexed by the global class (never read outside the tile)
+    float const* base = params.w != nullptr ? &norm_inv_slot[consumer_slot()][0] - n0 : params.given;
+    Tensor mRow = make_tensor(make_gmem_ptr(base), make_layout(make_shape(M, N, L), make_stride(_0{}, _1{}, _0{})));
+    Tensor tCgRow = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
+        mRow, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor tCrRow = make_tensor_like<float>(tCgRow);
+    return ConsumerStoreCallbacks<decltype(tCgRow), decltype(tCrRow), decltype(args.tCcD),
+                                  decltype(args.residue_tCcD)>(tCgRow, tCrRow, args.tCcD, args.residue_tCcD, params,
+                                                               n0, cute::max(cols, int64_t(0)), store);
   }
 };
 
 // ---- the GEMMs -------------------------------------------------------------------------------------------------
 
-// Ping-pong: two consumer warpgroups on alternate tiles, so one's epilogue (the margin math, ~1 exp per
-// element) runs under the other's mainloop; persistent over the tiles. The forward is flipped: M = the
-// classes (A = W, K-major), N = the batch rows (B = x), 64 x 128 x 64 tiles (HGMMA 64x128x16), so a tile holds
-// all K of its own 64 W rows and forms their norms (NormMainloop); its log-sum-exp is then a reduction over M
-// per row (column), whose per-thread pairs for 128 columns sit beside the 64 accumulators (at 256 columns:
-// 128 + 128 registers, which spills, as the backward found). Clusters of 4 x 2: each x tile multicast to 4
-// class tiles, each W tile to 2 row tiles (the L2 -> SM traffic of 64 x 256 tiles on 4 x 1 clusters: the
-// panels cross once per 256 classes and once per 256 rows)
-using TileShape = Shape<_64, _128, _64>;
-using ClusterShape = Shape<_4, _2, _1>;
+// Ping-pong: two consumer warpgroups on alternate 64 x 256 tiles, so one's epilogue (the margin math, ~1 exp
+// per element) runs under the other's mainloop; persistent over the tiles; 64 x 256 x 64 tiles with the
+// HGMMA 64x256x16 instruction. Clusters of 4 x 1 CTAs on 4 adjacent row tiles of the same columns: TMA
+// multicasts each W tile to the 4, so W crosses L2 -> SM once per 256 rows instead of once per 64 (a 128-row
+// ping-pong tile would need 256 accumulator registers per thread)
+using TileShape = Shape<_64, _256, _64>;
+using ClusterShape = Shape<_4, _1, _1>;
 // the backward's tile is 64 x 128: its column reduction keeps one (dot, dz) pair per column of the thread's
 // share of the tile in registers beside the accumulators (at 256 columns: 128 + 128 registers, which spills).
 // Clusters of 4 x 2: W's tile multicast to 4 row tiles, x's to 2 column tiles (at 64 x 128 each CTA would
@@ -579,31 +637,24 @@ using RowFloat = fusion::Sm90ColBroadcast<0, Tile, float, float, RowVector>;
 template <class Tile>
 using RowLabel = fusion::Sm90ColBroadcast<0, Tile, int64_t, int64_t, RowVector>;
 
-// forward: (max, sum) per batch row (N) over each tile's 64 classes, not reduced across tiles here
-// (FinalReduction false: the (ceil(M / 64), round(N, 128)) buffer of pairs, merged after in tile order; the 4
-// warps' partials meet in the D staging buffer). The tree has no D output; the builder still sizes its D
-// staging by an element type, which a void D takes from the root's ElementAux: declared here as the operand
-// dtype
-using RowLseReduction = fusion::Sm90RowReduction<LsePush, LseMerge, LseMerge, 0, TileShape, LsePart, LsePart,
-                                                 kRound, ColVector, 128 / 64, true, /*FinalReduction=*/false>;
+// forward: (max, sum) per row over each tile's columns, not reduced across tiles here (FinalReduction false:
+// the (round(M, 64), ceil(N / 256)) buffer of pairs, merged after in tile order). The tree has no D output; the
+// builder still sizes its (unused) D staging by an element type, which a void D takes from the root's
+// ElementAux: declared here as the operand dtype
+using RowLseReduction = fusion::Sm90ColReduction<LsePush, LseMerge, LseMerge, 0, TileShape, LsePart, LsePart,
+                                                 kRound, RowVector, 128 / 64, true, /*FinalReduction=*/false>;
 template <class Element>
 struct ForwardRoot : fusion::Sm90Compute<Discard, float, LsePart, kRound> {
   using fusion::Sm90Compute<Discard, float, LsePart, kRound>::Sm90Compute;
   using ElementAux = Element;
 };
 
-// the per-row inputs of the flipped forward: one value per N, broadcast along M
-template <class Tile>
-using RowFloatN = fusion::Sm90RowBroadcast<0, Tile, float, float, ColVector>;
-template <class Tile>
-using RowLabelN = fusion::Sm90RowBroadcast<0, Tile, int64_t, int64_t, ColVector>;
-
 template <class Element>
 using ForwardTree = fusion::Sm90EVT<
     ForwardRoot<Element>,
     fusion::Sm90EVT<RowLseReduction,
-                    fusion::Sm90EVT<Sm90MarginNode<false, true>, fusion::Sm90AccFetch, Sm90NormNode<TileShape, Element>,
-                                    RowFloatN<TileShape>, RowFloatN<TileShape>, RowLabelN<TileShape>>>>;
+                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, Sm90NormNode<Element>,
+                                    RowFloat<TileShape>, RowFloat<TileShape>, RowLabel<TileShape>>>>;
 
 // backward: D = dL/dcos in the operand dtype; per column and 64-row tile the ColPart sums (the
 // (ceil(M / 64), round(N, 128)) buffer, summed after in row-tile order)
@@ -617,12 +668,10 @@ using BackwardTree = fusion::Sm90EVT<
                                     RowLabel<BackwardTileShape>, RowFloat<BackwardTileShape>,
                                     RowFloat<BackwardTileShape>, RowFloat<BackwardTileShape>>>>;
 
-// BACKWARD: M = rows (A = x), N = classes (B = w); the forward: M = classes (A = w), N = rows (B = x). Both
-// operands are row-major with K contiguous: as A that is RowMajor, as B (K x N) ColumnMajor.
 template <class Element, bool BACKWARD>
 struct Gemm {
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = cutlass::layout::ColumnMajor;
+  using LayoutX = cutlass::layout::RowMajor;     // A: rows x dim, K contiguous
+  using LayoutW = cutlass::layout::ColumnMajor;  // B: dim x cols with K contiguous = w (cols x dim) row-major
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 16 / sizeof(Element);
   // a tree with no D output still declares an element type for the builder's shared-memory and copy choices
@@ -637,7 +686,7 @@ struct Gemm {
 
   template <class M>
   using Wrap = cute::conditional_t<BACKWARD, M, NormMainloop<M>>;
-  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutA, LayoutB, Tile, Cluster, Wrap,
+  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutX, LayoutW, Tile, Cluster, Wrap,
                                     BACKWARD ? 0 : kNormSlotBytes>;
   using CollectiveMainloop = typename Persistent::CollectiveMainloop;
   using Kernel = typename Persistent::Kernel;
@@ -858,28 +907,22 @@ int run(typename G::Device::Arguments const& arguments, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// The GEMM's problem and operands: the backward's is x (M = rows) by w (N = cols), the flipped forward's w
-// (M = cols) by x (N = rows); both row-major with K = dim contiguous, row strides as given (TMA: a multiple of
-// 16 bytes). The forward's mainloop arguments take the norm switch after the operands.
-template <class G, bool flipped = false>
+template <class G, bool norms = false>
 typename G::Device::Arguments gemm_arguments(mk_sm90_gemm const& g) {
   using Element = typename G::CollectiveMainloop::ElementA;
   typename G::Device::Arguments arguments{};
   arguments.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  const void* a = flipped ? g.w : g.x;
-  const void* b = flipped ? g.x : g.w;
-  const int M = static_cast<int>(flipped ? g.cols : g.rows), N = static_cast<int>(flipped ? g.rows : g.cols);
-  const int K = static_cast<int>(g.dim);
+  const int M = static_cast<int>(g.rows), N = static_cast<int>(g.cols), K = static_cast<int>(g.dim);
   arguments.problem_shape = {M, N, K, 1};
-  auto stride_a = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
-  auto stride_b = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
-  get<0>(stride_a) = flipped ? g.ld_w : g.ld_x;
-  get<0>(stride_b) = flipped ? g.ld_x : g.ld_w;
-  if constexpr (flipped) {
+  auto stride_x = cutlass::make_cute_packed_stride(typename G::Kernel::StrideA{}, make_shape(M, K, 1));
+  auto stride_w = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
+  get<0>(stride_x) = g.ld_x;  // row strides as given (TMA: a multiple of 16 bytes)
+  get<0>(stride_w) = g.ld_w;
+  if constexpr (norms) {  // NormMainloop's arguments: the builder's, then the norm switch
     static_cast<typename G::CollectiveMainloop::BuiltArguments&>(arguments.mainloop) = {
-        static_cast<Element const*>(a), stride_a, static_cast<Element const*>(b), stride_b};
+        static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
   } else {
-    arguments.mainloop = {static_cast<Element const*>(a), stride_a, static_cast<Element const*>(b), stride_b};
+    arguments.mainloop = {static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
   }
   return arguments;
 }
@@ -902,13 +945,12 @@ template <class Element>
 int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* inv_norm_out, float* run_max,
                 float* run_sum, cudaStream_t stream) {
   using G = Gemm<Element, false>;
-  // flipped: class tiles are M, batch rows N; one pair per (class tile, row)
   const int64_t tile_m = size<0>(TileShape{}), tile_n = size<1>(TileShape{});
-  const int64_t padded_rows = round_up(g.rows, tile_n), tiles = (g.cols + tile_m - 1) / tile_m;
+  const int64_t padded_rows = round_up(g.rows, tile_m), tiles = (g.cols + tile_n - 1) / tile_n;
   Scratch parts(stream);
   cudaError_t status = parts.get(sizeof(LsePart) * padded_rows * tiles);
   if (status != cudaSuccess) return static_cast<int>(status);
-  auto arguments = gemm_arguments<G, /*flipped=*/true>(g);
+  auto arguments = gemm_arguments<G, /*norms=*/true>(g);
   const bool form = inv_norm_out != nullptr;
   arguments.mainloop.norms = form ? 1 : 0;
   NormArgs norms;
@@ -1113,11 +1155,12 @@ void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
 
 #ifdef MK_SM90_REPORT_MAIN
 #include <cstdio>
-// the shared memory of each GEMM (what a launch requests, plus the forward's static slots), for bench/cutlass_check.py
+// the shared memory of each GEMM (what a launch requests; the forward's static norm slots added), for
+// bench/cutlass_check.py
 int main() {
-  // the forward's static norm slots come on top of what its launch requests
-  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize) + mk_sm90::kNormSlotBytes);
-  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize) + mk_sm90::kNormSlotBytes);
+  constexpr int kStatic = mk_sm90::kNormSlotBytes;
+  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize) + kStatic);
+  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize) + kStatic);
   std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
   std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
   std::printf("dw_bf16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, cutlass::bfloat16_t>::Kernel::SharedStorageSize));

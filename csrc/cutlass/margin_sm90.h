@@ -45,7 +45,7 @@ typedef struct mk_sm90_gemm {
 
 /* forward: merges the negatives of the rows x cols block x.w^T into run_max/run_sum (rows entries, fp32, in
  * place: the log-sum-exp pair, or the binary reduction's sum in run_sum), without writing the block. The GEMM's
- * epilogue writes one (max, sum) pair per 64-class tile and row into a scratch buffer; a second kernel merges
+ * epilogue writes one (max, sum) pair per row and 256-column tile into a scratch buffer; a second kernel merges
  * them in tile order. inv_norm_out (cols entries, or NULL): the kernel forms the weight norms itself from the W
  * tiles it multiplies, writes them there and uses them (ep->inv_norm is then ignored): inv_norm_out[j] =
  * inv_norm_from_sumsq(s_j) of margin_math.h with s_j = h0 + h1 in fp32, h_b the running sum of w_jk^2 over

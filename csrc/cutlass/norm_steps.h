@@ -1,6 +1,7 @@
-// The fused forward's per-thread norm step (margin_sm90.cu NormMainloop), in a header of its own so that
-// bench/cutlass_check.py compiles the very same code into its instruction-count probe: a 16-byte load of eight
-// 16-bit weight entries from shared memory and their squares added in order to an fp32 running sum.
+// The fused forward's per-thread norm steps (margin_sm90.cu NormMainloop, Sm90NormNode), in a header of its own
+// so that bench/cutlass_check.py compiles the very same code into its instruction-count probes: a 16-byte load
+// of eight 16-bit weight entries from shared memory and their squares added in order to an fp32 running sum;
+// the cluster exchange's asynchronous store, arrivals and wait (distributed shared memory, mbarriers).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,6 +40,54 @@ __device__ __forceinline__ float square_sum8(uint4 v, float s) {
     s = fmaf(hi, hi, s);
   }
   return s;
+}
+
+// a float into CTA `cta`'s copy of a shared variable, asynchronously (st.async: distributed shared memory),
+// its 4 bytes counted on that CTA's copy of the barrier `bar` when they land (complete_tx): no fence
+__device__ __forceinline__ void store_async_cluster(float* local, uint64_t* bar, uint32_t cta, float v) {
+  asm volatile(
+      "{\n\t.reg .b32 dst, mbar;\n\t"
+      "mapa.shared::cluster.u32 dst, %0, %2;\n\t"
+      "mapa.shared::cluster.u32 mbar, %1, %2;\n\t"
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [dst], %3, [mbar];\n\t}"
+      :
+      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))),
+        "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(cta), "r"(__float_as_uint(v))
+      : "memory");
+}
+
+// the local barrier's one arrival of a phase, expecting `bytes` of st.async stores before the phase completes
+__device__ __forceinline__ void arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               :
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(bytes)
+               : "memory");
+}
+
+// arrive on CTA `cta`'s copy of a barrier (as CUTLASS's ClusterBarrier::arrive: a consumer's release)
+__device__ __forceinline__ void arrive_cluster(uint64_t* bar, uint32_t cta) {
+  asm volatile(
+      "{\n\t.reg .b32 remote;\n\t"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n\t"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n\t}"
+      :
+      : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(cta)
+      : "memory");
+}
+
+// wait until the local barrier's phase of this parity has completed
+__device__ __forceinline__ void wait_parity(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  }
 }
 
 }  // namespace mk_sm90

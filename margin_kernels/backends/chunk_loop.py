@@ -59,11 +59,10 @@ DX_GROUP = 16
 FUSED_GRAD_BYTES = 32 << 20
 FUSED_MIN_CHUNK, FUSED_MAX_CHUNK = 4096, 65536
 #: the fused forward writes nothing B x C: its only per-chunk memory is one 8-byte (max, sum) pair per row and
-#: FUSED_FORWARD_TILE_N-class tile (margin_sm90.cu TileShape: the forward's classes are its M), merged after. Its
-#: chunk bounds that scratch to FUSED_FORWARD_PARTS_BYTES (64 MiB: 1 Mi classes at B = 512, so C = 1e6 is one
-#: launch)
+#: FUSED_FORWARD_TILE_N-column tile (margin_sm90.cu TileShape), merged after. Its chunk bounds that scratch to
+#: FUSED_FORWARD_PARTS_BYTES (64 MiB: 4 Mi classes at B = 512, so C = 1e6 is one launch)
 FUSED_FORWARD_PARTS_BYTES = 64 << 20
-FUSED_FORWARD_TILE_N = 64
+FUSED_FORWARD_TILE_N = 256
 #: storage dtypes whose rows the fused forward multiplies as they are stored, so its kernel forms their inverse
 #: norms itself (from the W tiles it already holds: no separate pass over W); fp32 storage under a 16-bit
 #: product keeps the norms of the stored fp32 rows, computed by _forward_norms / _chunk_norms
