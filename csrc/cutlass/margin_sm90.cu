@@ -339,13 +339,14 @@ constexpr int kNormCtas = 4;     // the cluster's M (static_assert below)
 constexpr int kNormQuarter = kNormCols / kNormCtas;
 __shared__ float norm_sumsq_slot[2][kNormCols];  // per consumer warpgroup: the 4 quarters' sums
 __shared__ float norm_inv_slot[2][kNormCols];    // per consumer warpgroup: the tile's inverse norms
-__shared__ uint64_t norm_full[2];     // one arrival (the reader's, expecting 1 KiB) and 1 KiB of st.async per tile
-__shared__ uint64_t norm_empty[2];    // 4 CTAs x 4 warps of readers arrive per tile
-__shared__ uint32_t norm_parity[2];              // the warpgroup's tile parity, mainloop -> epilogue
+__shared__ uint64_t norm_full[2];     // per tile: one arrival (the reader's, expecting 1 KiB), 1 KiB of st.async
+__shared__ uint64_t norm_empty[2];    // per tile: 4 CTAs x 4 warps of readers arrive
+__shared__ uint32_t norm_parity[2];   // the warpgroup's tile parity, mainloop -> epilogue
 constexpr int kNormFullArrivals = 1;
 constexpr uint32_t kNormTileBytes = kNormCols * sizeof(float);
 constexpr int kNormEmptyArrivals = kNormCtas * 4;
-constexpr int kNormSlotBytes = 2 * 2 * kNormCols * sizeof(float) + 4 * 8 + 2 * 4;
+// the slots, barriers and parities as ptxas lays them out (16-byte granules)
+constexpr int kNormSlotBytes = (2 * 2 * kNormCols * sizeof(float) + 4 * 8 + 2 * 4 + 15) / 16 * 16;
 
 // which of the two consumer warpgroups (ping-pong: warpgroup 0 is the producer) runs this thread: 0 or 1
 CUTLASS_DEVICE int consumer_slot() { return cutlass::canonical_warp_group_idx() - 1; }
