@@ -405,18 +405,22 @@ void no_cutlass(const char* fn) {
 }
 
 // forward of one chunk: merges the rows' negatives of x.w^T into run_max/run_sum (fp32, in place); the B x n
-// block is never written
+// block is never written. inv_norm_out (n floats): the kernel forms the inverse norms of w's rows itself, writes
+// them there and uses them (inv_norm must then be None)
 void fused_forward(const Tensor& x, const Tensor& w, const optional<Tensor>& inv_norm, const Tensor& labels,
                    int64_t col0, const Tensor& row_params, int64_t kind, double scale, double a, double b,
                    const Tensor& run_max, const Tensor& run_sum, int64_t stream, int64_t reduction, double clamp,
-                   const optional<Tensor>& shift) {
+                   const optional<Tensor>& shift, const optional<Tensor>& inv_norm_out) {
 #ifdef MK_WITH_CUTLASS
   const FusedCall call = fused_call("fused_forward", x, w, inv_norm, labels, col0, row_params, kind, scale, a, b,
                                     reduction, clamp, shift);
   check_fused_vector("fused_forward", "run_max", run_max, x, x.size(0));
   check_fused_vector("fused_forward", "run_sum", run_sum, x, x.size(0));
-  check_sm90(mk_sm90_forward(&call.gemm, &call.ep, run_max.data_ptr<float>(), run_sum.data_ptr<float>(),
-                             reinterpret_cast<void*>(stream)),
+  TORCH_CHECK(!(inv_norm && inv_norm_out), "margin_kernels.fused_forward: inv_norm and inv_norm_out are exclusive "
+              "(the kernel forms the norms it writes to inv_norm_out)");
+  if (inv_norm_out) check_fused_vector("fused_forward", "inv_norm_out", *inv_norm_out, x, w.size(0));
+  check_sm90(mk_sm90_forward(&call.gemm, &call.ep, inv_norm_out ? inv_norm_out->data_ptr<float>() : nullptr,
+                             run_max.data_ptr<float>(), run_sum.data_ptr<float>(), reinterpret_cast<void*>(stream)),
              "fused_forward");
 #else
   no_cutlass("fused_forward");
@@ -723,7 +727,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_forward", &fused_forward, py::arg("x"), py::arg("w"), py::arg("inv_norm"), py::arg("labels"),
         py::arg("col0"), py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"),
         py::arg("run_max"), py::arg("run_sum"), py::arg("stream") = 0, py::arg("reduction") = 0,
-        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), nogil);
+        py::arg("clamp") = INFINITY, py::arg("shift") = py::none(), py::arg("inv_norm_out") = py::none(), nogil);
   m.def("fused_backward", &fused_backward, py::arg("x"), py::arg("w"), py::arg("inv_norm"), py::arg("labels"),
         py::arg("col0"), py::arg("row_params"), py::arg("kind"), py::arg("scale"), py::arg("a"), py::arg("b"),
         py::arg("lse"), py::arg("g_lse"), py::arg("g_cos_target"), py::arg("col_dot"), py::arg("grad_out"),

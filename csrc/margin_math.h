@@ -50,7 +50,7 @@ constexpr int kNumReductionKinds = 2;
 constexpr double kNormEps = 1e-12;
 
 // bumped whenever an entry point of the compiled extension changes, so a stale build is detected at import
-constexpr int kAbiVersion = 8;
+constexpr int kAbiVersion = 9;
 
 // ---- bit casts --------------------------------------------------------------------------------------------
 // A 32-bit value's bits as the other 32-bit type (float <-> int32): the exp and log polynomials below build and

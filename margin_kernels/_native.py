@@ -21,7 +21,7 @@ from typing import Optional
 from . import native_build
 
 #: must equal mk::kAbiVersion in csrc/margin_math.h; a prebuilt extension from older sources is not used
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _lock = threading.Lock()
 _loaded: dict = {}

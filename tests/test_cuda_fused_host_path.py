@@ -4,7 +4,9 @@ tile epilogue, and the backward continues on the 16-bit dL/dcos path (the dx GEM
 finish_dw and the column sums in its epilogue, the sinks).
 
 No GPU here, so the fused calls are emulated with the kernels' contract (csrc/cutlass/margin_sm90.h): the
-product x.w^T in fp32, then the torch epilogue on it (forward: the rows' pairs merged in place; backward:
+product x.w^T in fp32, then the torch epilogue on it (forward: with 16-bit storage the inverse norms formed from
+the chunk's rows in the kernel's order of summation, written to the store's slice and used; the rows' pairs
+merged in place; backward:
 dL/dcos with 1/|w_j| and the fp16 factor in the operand dtype, per-class sums as per-row-tile partials; dW:
 grad^T x in fp32, the partials summed in tile order, finish_dw into the sink's rows). What this checks is the host
 side the GPU will run around the kernels: the per-chunk inverse norms and labels, the 16-bit path after the
@@ -15,15 +17,44 @@ from __future__ import annotations
 import pytest
 import torch
 
+from margin_kernels import norms
 from margin_kernels.backends import chunk_loop, torch_backend
 from margin_kernels.backends.chunk_loop import _matmul_acc, mixed_mm
 from tests.helpers import LOSS_NAMES, compare_with_references, make_loss
-from tests.tolerances import bounds
+from tests.tolerances import NATIVE_INV_NORM_F32, bounds
 
 DTYPES = (torch.bfloat16, torch.float16)
 SINGLE_ROW = [name for name in LOSS_NAMES if make_loss(name).sub_centers == 1]
 #: the recompute GEMM's partials: one per 64-row tile and class, the classes padded to its 128-column tile
 PART_ROWS, PART_COLS = 64, 128
+#: the fused forward's K steps, each summed in two halves (margin_sm90.h mk_sm90_forward's inv_norm_out)
+NORM_K_STEP, NORM_HALF = 64, 32
+
+
+def kernel_inverse_norms(w: torch.Tensor) -> torch.Tensor:
+    """1/max(||w_j||, eps) as the fused forward forms it (margin_sm90.h, inv_norm_out): in fp32, s_j = h0 + h1
+    with h_b the running sum of w_jk^2 over k = 64 t + 32 b + i (t = 0, 1, .., i = 0 .. 31, in that order; the
+    zero padding of the last step adds nothing), then margin_math.h's inv_norm_from_sumsq; a row whose s_j is
+    inf takes the rescue: inv_norm_rescaled(max |w_jk|, sum_k (w_jk / max)^2 in k order)."""
+    rows, dim = w.shape
+    padded = torch.zeros(rows, -(-dim // NORM_K_STEP) * NORM_K_STEP, dtype=torch.float32)
+    padded[:, :dim] = w.float()
+    halves = padded.view(rows, -1, 2, NORM_HALF).transpose(1, 2).reshape(rows, 2, -1)
+    h = torch.zeros(rows, 2, dtype=torch.float32)
+    for k in range(halves.shape[2]):  # one fp32 add per step, in the kernel's order (each square is exact)
+        h += halves[:, :, k] * halves[:, :, k]
+    sumsq = h[:, 0] + h[:, 1]
+    inv = 1.0 / torch.sqrt(sumsq).clamp_min(norms.NORM_EPS)
+    for j in torch.nonzero(torch.isinf(sumsq)).flatten().tolist():  # the rescue (rare: ||w|| > ~1.8e19)
+        top = w[j].float().abs().max()
+        if torch.isinf(top):
+            inv[j] = 0.0
+            continue
+        unit = torch.zeros((), dtype=torch.float32)
+        for v in w[j].float() / top:
+            unit = unit + v * v
+        inv[j] = (1.0 / torch.sqrt(unit)) / top
+    return inv
 
 
 class _FusedOnCpu:
@@ -33,6 +64,13 @@ class _FusedOnCpu:
         self._inner = inner
         self.calls = {"forward": 0, "backward": 0, "dw": 0}
         self.widths = {"forward": [], "backward": []}  # each call's chunk of classes
+        self.norm_passes = 0  # the epilogue's own inverse-norm passes (inv_norms), whatever the phase
+        self.formed = []  # the forward's inv_norm_out of each chunk (views of the op's store)
+        self.read = []  # the inverse norms each backward chunk was handed (copies)
+
+    def inv_norms(self, weight, acc):
+        self.norm_passes += 1
+        return self._inner.inv_norms(weight, acc)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -46,14 +84,21 @@ class _FusedOnCpu:
         self.calls[which] += 1
         self.widths[which].append(w.shape[0])
 
-    def fused_forward(self, x, w, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None):
+    def fused_forward(self, x, w, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift=None,
+                      inv_norm_out=None):
         self._check(x, w, row_params, "forward")
+        if inv_norm_out is not None:  # the kernel forms the norms of its rows, stores them, then uses them
+            assert inv_norm is None and inv_norm_out.shape == (w.shape[0],)
+            inv_norm_out.copy_(kernel_inverse_norms(w))
+            inv_norm = inv_norm_out
+            self.formed.append(inv_norm_out)
         cos = _matmul_acc(x, w.t(), row_params.dtype)
         self._inner.forward_tile(cos, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)
 
     def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target, shift=None,
                        col_parts=False):
         self._check(x, w, row_params, "backward")
+        self.read.append(None if inv_norm is None else inv_norm.clone())
         cos = _matmul_acc(x, w.t(), row_params.dtype)
         tile = self._inner.backward_tile(cos, inv_norm, labels, col0, row_params, spec, lse, g_lse, g_cos_target,
                                          False, grad_dtype=self.storage, shift=shift)
@@ -184,3 +229,50 @@ def test_fused_optimizer_sink_through_the_fused_branch(fused_torch_backend, kind
     options = ADAMW if kind == "adamw" else SGD_CASES["momentum"]
     assert_trajectory(kind, options, backend="torch", dtype=torch.bfloat16, steps=4, sample_rate=sample_rate)
     assert fused_torch_backend.calls["dw"] >= 4
+
+
+@pytest.mark.parametrize("value", [None, 1e20, 1e30, 3e38], ids=["plain", "1e20", "1e30", "3e38"])
+def test_fused_forward_forms_the_norms_the_backward_reads(fused_torch_backend, value):
+    """16-bit storage: the fused forward's kernel forms each chunk's inverse norms (no separate pass over W, no
+    per-chunk pass either), the op's store holds them (1/||w_j|| within the native fp32 bound, the rescued
+    huge rows included: a bf16 row of norm 1e20 and more sums its squares to inf in fp32), and the backward
+    reads exactly those; loss and gradients against the float64 reference (test_huge_norms' problem and bounds)."""
+    from tests.test_huge_norms import _errors, _problem, _run
+    from tests.tolerances import subnormal_bounds
+    x, w, y, rows = _problem("arcface", "weight", 1.0 if value is None else value, torch.bfloat16)
+    out = _run("torch", "arcface", x, w, y)
+    assert fused_torch_backend.calls["forward"] == 1 and fused_torch_backend.norm_passes == 0
+    (formed,) = fused_torch_backend.formed
+    want = norms.inverse_norms(w.float(), torch.float32)
+    assert torch.all((formed - want).abs() <= NATIVE_INV_NORM_F32 * want.abs()), (formed, want)
+    if value is not None:  # the scaled rows took the rescue: the plain sum is inf
+        assert torch.isinf((w[rows].float() ** 2).sum(1)).all() and torch.all(formed[rows] > 0)
+    assert fused_torch_backend.read and all(torch.equal(r, formed) for r in fused_torch_backend.read)
+    ref = _run("reference", "arcface", x.double(), w.double(), y)
+    margin = make_loss("arcface")
+    bound = bounds("cuda", torch.bfloat16, margin.negative_kind)[torch.float64]
+    extra = subnormal_bounds(torch.bfloat16, 0.0 if value is None else value, margin.s)
+    loss_err, dx_err, dw_err = _errors(out, ref, x.double(), w.double())
+    assert loss_err <= bound.loss + extra[0] and dx_err <= bound.dx + extra[1] and dw_err <= bound.dw + extra[2], \
+        (loss_err, dx_err, dw_err)
+
+
+def test_fp32_storage_keeps_its_norm_pass(fused_torch_backend):
+    """fp32 storage under a 16-bit product: the kernel would see the rounded copy, so the norms stay those of
+    the stored fp32 rows, formed by the loop's own pass and handed to the kernel (no inv_norm_out)."""
+    epilogue = fused_torch_backend
+    epilogue.storage = torch.bfloat16  # the product's dtype (_check: the operands hold its values)
+    torch.manual_seed(0)
+    x = torch.randn(6, 16).bfloat16().float()
+    w = torch.randn(40, 16).bfloat16().float()
+    labels = torch.randint(0, 40, (6,))
+    from margin_kernels.backends.contract import CallState, OpConfig, OpInputs
+    from margin_kernels.backends.kept_tiles import KeptTiles
+    spec = make_loss("arcface").negative_spec()
+    store = KeptTiles.allocate(6, 40, 0, True, torch.float32, "cpu")
+    row_params = torch.zeros(6, 2)
+    config = OpConfig(spec=spec, normalize_weight=True, chunk_size=16)
+    chunk_loop.chunked_forward(OpInputs(x, w, labels, row_params, None), config, CallState(store=store), epilogue,
+                               None, fused=True)
+    assert epilogue.norm_passes >= 1 and not epilogue.formed
+    assert torch.allclose(store.inv_norm, norms.inverse_norms(w, torch.float32), rtol=NATIVE_INV_NORM_F32, atol=0)

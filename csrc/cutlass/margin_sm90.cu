@@ -1,16 +1,21 @@
 // The cuda backend's epilogue-fused GEMMs for sm_90a (API: margin_sm90.h): CUTLASS 3.x TMA warp-specialized
-// ping-pong persistent GEMMs of x (rows x dim) by w^T whose epilogue visitor tree (EVT) applies the margin math
-// of margin_math.h to the fp32 accumulators in registers, so the rows x cols block of dot products is never
-// written:
-//   forward:  per row and 256-column tile, the (max, sum) log-sum-exp pair of the negatives (the binary family:
-//             the sum of its softplus terms), one 8-byte pair per (row, tile) into a scratch buffer, merged in
-//             tile order by merge_row_parts_kernel (a fixed-order tree within a tile: deterministic);
-//   backward: the recompute GEMM whose EVT writes dL/dcos (times 1/|w_j| and the fp16 factor) in the operand
-//             dtype (the D output, through TMA), and per column and 64-row tile (sum_i dc c, sum_i dz) into a
-//             scratch buffer, summed in row-tile order by sum_col_parts_kernel. The dx and dW GEMMs stay cuBLAS
-//             on that 16-bit chunk (tensor cores, fp32 output) with margin_cuda.cu's finish_dw.
-// Two kernels per operand dtype (fp16, bf16): four in all. The negative kind and its constants are run-time
-// arguments (margin_math.h's *_rt switch), not template parameters.
+// ping-pong persistent GEMMs whose epilogue visitor trees (EVT) apply the margin math of margin_math.h to the
+// fp32 accumulators in registers, so the rows x cols block of dot products is never written:
+//   forward:  x by w; per row and 256-column tile, the (max, sum) log-sum-exp pair of the negatives (the binary
+//             family: the sum of its softplus terms), one 8-byte pair per (row, tile) into a scratch buffer,
+//             merged in tile order by merge_row_parts_kernel (a fixed-order tree within a tile:
+//             deterministic). Its mainloop also forms the inverse norms of the tile's W rows from the
+//             shared-memory stages it multiplies, a quarter per CTA of the cluster, exchanged through
+//             distributed shared memory (NormMainloop, Sm90NormNode; no separate pass over W);
+//   backward: the recompute GEMM (x by w) whose EVT writes dL/dcos (times 1/|w_j| and the fp16 factor) in the
+//             operand dtype (the D output, through TMA), and per column and 64-row tile (sum_i dc c, sum_i dz)
+//             into a scratch buffer (summed after in row-tile order by sum_col_parts_kernel, or read in place by
+//             the dW GEMM);
+//   dW:       grad^T x with margin_cuda.cu's finish_dw in its epilogue (the unscale, the tangent projection with
+//             the chunk's stored rows as its C operand, the column partials summed in row-tile order), into the
+//             gradient sink's rows in the operand dtype or fp32. The dx GEMM stays cuBLAS.
+// Eight GEMM instantiations: forward and backward x (fp16, bf16), dW x (fp16, bf16) x (16-bit, fp32 output); the
+// negative kind and its constants are run-time arguments (margin_math.h's *_rt switch), not template parameters.
 //
 // Compiled for sm_90a only in effect: for any other target CUTLASS's sm90 kernels compile to an empty body, and
 // the host (margin_kernels/backends/cuda_backend.py) calls these only on a compute capability 9.0 device.
@@ -35,6 +40,7 @@
 #include "../margin_cuda.h"
 #include "../margin_math.h"
 #include "margin_sm90.h"
+#include "norm_steps.h"
 
 // Which GEMMs this compile instantiates: bit 0 forward bf16, bit 1 forward fp16, bit 2 backward bf16, bit 3
 // backward fp16, bits 4-7 the dW GEMM (bf16 -> bf16, bf16 -> fp32, fp16 -> fp16, fp16 -> fp32). The extension
@@ -313,6 +319,271 @@ struct Sm90MarginNode : Sm90ParamsNode<NegativeParams> {
   }
 };
 
+// ---- the forward's weight norms, formed from the W tiles the mainloop already holds ----------------------------
+
+// The forward's W tile (256 classes x 64 K per stage, the B operand) reaches the 4 CTAs of a cluster by
+// multicast, so each CTA sums the squares of its quarter: CTA rank q of the cluster (its M position) takes the
+// tile's classes 64 q .. 64 q + 63, all K, from the stages its consumer warpgroup waits on (while that stage's
+// wgmma runs; before the stage is released). At the end of its K loop it stores the 64 sums into the same
+// slot of all 4 CTAs (st.async into distributed shared memory, each store counted on that CTA's `full`
+// barrier); each CTA's epilogue (Sm90NormNode) expects the 1 KiB of the 4 quarters on its `full` barrier and
+// waits for them, turns the 256 sums into 1/max(|w_j|, eps) (margin_math.h, the
+// overflow rescue reading the row again from global memory when a sum is inf), stores them into the op's
+// vector (the cluster at M tile 0) and broadcasts them along M, then arrives on the 4 CTAs' `empty` barriers so
+// that the next quarters may land. One slot and barrier pair per consumer warpgroup: the ping-pong's two
+// warpgroups take alternate tiles in every CTA of the cluster alike. Static shared memory (counted in the
+// mainloop's carveout); the barriers are initialised where the pipelines' are, before the kernel's cluster sync
+// (NormMainloop::prefetch_tma_descriptors).
+constexpr int kNormCols = 256;   // the forward tile's N (static_assert below)
+constexpr int kNormCtas = 4;     // the cluster's M (static_assert below)
+constexpr int kNormQuarter = kNormCols / kNormCtas;
+__shared__ float norm_sumsq_slot[2][kNormCols];  // per consumer warpgroup: the 4 quarters' sums
+__shared__ float norm_inv_slot[2][kNormCols];    // per consumer warpgroup: the tile's inverse norms
+__shared__ uint64_t norm_full[2];     // per tile: one arrival (the reader's, expecting 1 KiB), 1 KiB of st.async
+__shared__ uint64_t norm_empty[2];    // per tile: 4 CTAs x 4 warps of readers arrive
+__shared__ uint32_t norm_parity[2];   // the warpgroup's tile parity, mainloop -> epilogue
+constexpr int kNormFullArrivals = 1;
+constexpr uint32_t kNormTileBytes = kNormCols * sizeof(float);
+constexpr int kNormEmptyArrivals = kNormCtas * 4;
+// the slots, barriers and parities as ptxas lays them out (16-byte granules)
+constexpr int kNormSlotBytes = (2 * 2 * kNormCols * sizeof(float) + 4 * 8 + 2 * 4 + 15) / 16 * 16;
+
+// which of the two consumer warpgroups (ping-pong: warpgroup 0 is the producer) runs this thread: 0 or 1
+CUTLASS_DEVICE int consumer_slot() { return cutlass::canonical_warp_group_idx() - 1; }
+
+// The builder's mainloop with its consumer loop re-stated so the norm work can sit inside it (CUTLASS's
+// CollectiveMma<MainloopSm90TmaGmmaWarpSpecialized>::mma: one wgmma batch in flight, each stage released one
+// iteration later; its mma_tail releases the last). Thread t of the warpgroup takes the CTA's quarter's class
+// t / 2 and the K half t % 2 (32 entries of each 64-wide stage: four 16-byte loads of the swizzled tile, whose
+// 16-byte groups stay contiguous); the two halves meet in one shuffle: sumsq_j = half_0 + half_1, each half
+// summed in K order. Params.norms 0: the same loop without the norm work (calling the builder's loop from here
+// instead made ptxas serialize the wgmmas: warning C7515).
+template <class Base>
+struct NormMainloop : Base {
+  using BuiltArguments = typename Base::Arguments;
+  struct Arguments : Base::Arguments {
+    int norms = 0;
+  };
+  struct Params : Base::Params {
+    int norms = 0;
+  };
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const& shape, Arguments const& args, void* workspace) {
+    return Params{Base::to_underlying_arguments(shape, args, workspace), args.norms};
+  }
+
+  // one thread, before the kernel's cluster sync (as the pipelines' barriers): the exchange's barriers too
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
+    Base::prefetch_tma_descriptors(params);
+    if (params.norms) {
+      for (int slot = 0; slot < 2; ++slot) {
+        cutlass::arch::ClusterBarrier::init(&norm_full[slot], kNormFullArrivals);
+        cutlass::arch::ClusterBarrier::init(&norm_empty[slot], kNormEmptyArrivals);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+  }
+
+  static_assert(cutlass::gemm::detail::is_major<0, typename Base::StrideB>() == false, "B = W must be K-major");
+  static_assert(cute::size<1>(typename Base::TileShape{}) == kNormCols, "one slot entry per tile column");
+  static_assert(cute::size<2>(typename Base::TileShape{}) == 64, "two 32-entry halves per stage");
+  static_assert(cute::size(typename Base::DispatchPolicy::ClusterShape{}) == kNormCtas &&
+                    cute::size<0>(typename Base::DispatchPolicy::ClusterShape{}) == kNormCtas,
+                "the quarters: one per CTA of the cluster's M");
+
+  uint32_t tiles = 0;   // this warpgroup's tiles so far (the barriers' parity)
+  bool formed = false;  // this thread's mainloop sent norm sums
+
+  // A CTA leaves only once every CTA of the cluster has arrived on its `empty` barrier for its last tile: a
+  // remote arrival on the shared memory of a CTA that has exited is undefined (the pipelines' producer_tail
+  // for the same reason). Runs at the kernel's end in every thread; only consumers that sent sums wait.
+  CUTLASS_DEVICE ~NormMainloop() {
+    if (formed && tiles > 0) wait_parity(&norm_empty[consumer_slot()], (tiles - 1) & 1);
+  }
+
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(typename Base::MainloopPipeline pipeline, typename Base::PipelineState smem_pipe_read,
+                          FrgTensorC& accum, int k_tile_count, int thread_idx,
+                          typename Base::TensorStorage& shared_tensors, Params const& params) {
+    using TiledMma = typename Base::TiledMma;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), typename Base::SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), typename Base::SmemLayoutB{});
+    constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    const int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA,MMA_M,MMA_K,PIPE)
+    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA,MMA_N,MMA_K,PIPE)
+
+    const uint32_t rank = cute::block_rank_in_cluster();
+    const int t = thread_idx % cutlass::NumThreadsPerWarpGroup;
+    const int col = int(rank) * kNormQuarter + t / 2, k0 = (t % 2) * 32;
+    // the thread's four 16-byte groups as shared-window addresses in stage 0, found once through the layout
+    // (its swizzle): every stage repeats them (a stage is a whole number of 1 KiB swizzle periods)
+    using ElementB = typename Base::ElementB;
+    static_assert(kNormCols * 64 * sizeof(ElementB) % 1024 == 0, "stages of whole swizzle periods");
+    constexpr uint32_t kStageBytes = kNormCols * 64 * sizeof(ElementB);
+    uint32_t group[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) group[j] = cute::cast_smem_ptr_to_uint(&sB(col, k0 + 8 * j, 0));
+    float sumsq = 0.0f;
+
+    auto smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int k_tile = 0; k_tile < k_tile_count; ++k_tile) {
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      const int read_stage = smem_pipe_read.index();
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, read_stage), tCrB(_, _, k_block, read_stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      // the stage's share of the norms while its wgmma runs (both only read the stage)
+      if (params.norms) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const uint4 v = load_shared16(group[j] + read_stage * kStageBytes);
+          sumsq = square_sum8<cute::is_same_v<ElementB, cutlass::bfloat16_t>>(v, sumsq);
+        }
+      }
+      warpgroup_wait<1>();  // the previous stage's wgmma is done: release that stage
+      warpgroup_fence_operand(accum);
+      if (k_tile > 0) {
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      ++smem_pipe_read;
+    }
+    warpgroup_fence_operand(accum);
+    if (params.norms) {
+      const float other = __shfl_xor_sync(0xFFFFFFFF, sumsq, 1);
+      const int slot = consumer_slot();
+      const uint32_t parity = tiles & 1;
+      ++tiles;
+      formed = true;
+      if (t == 0) norm_parity[slot] = parity;  // read by this warpgroup's epilogue after its first barrier
+      // every CTA's epilogue has read the previous tile's sums out of its slot (a fresh barrier passes)
+      wait_parity(&norm_empty[slot], parity ^ 1);
+      if (t % 2 == 0) {
+        CUTLASS_PRAGMA_UNROLL
+        for (uint32_t cta = 0; cta < kNormCtas; ++cta)
+          store_async_cluster(&norm_sumsq_slot[slot][col], &norm_full[slot], cta, sumsq + other);
+      }
+    }
+  }
+};
+
+// The epilogue's per-class (N) inverse norm: the cluster's sums turned into 1/max(|w_j|, eps) (NormArgs.w set),
+// stored into out (by the M tile 0 CTAs: every M tile of a class tile forms the same values) and broadcast
+// along M from the slot, one subtile's columns at a time; or (w NULL) the given vector (NULL: 1, raw weights).
+struct NormArgs {
+  const void* w = nullptr;      // W (cols x dim, the operand dtype): the norms are formed here
+  int64_t ld_w = 0, dim = 0;    // for the overflow rescue's second read of a row
+  float* out = nullptr;         // cols entries: the formed norms (NULL: not stored)
+  const float* given = nullptr; // w NULL: the norms as given (NULL: 1)
+};
+
+template <class Element>
+struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
+  using Base = Sm90ParamsNode<NormArgs>;
+  using Base::Base;
+
+  template <class GTensor, class RTensor, class CTensor, class ThrResidue>
+  struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor tCgRow_, RTensor tCrRow_, CTensor tCcRow_, ThrResidue residue_,
+                                          Params const& params_, int64_t n0_, int64_t cols_, bool store_)
+        : tCgRow(tCgRow_), tCrRow(tCrRow_), tCcRow(tCcRow_), residue(residue_), params(params_), n0(n0_),
+          cols(cols_), store(store_) {}
+
+    GTensor tCgRow;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) each element's class's value (slot or given; M stride 0)
+    RTensor tCrRow;  // the values, one register per distinct class, loaded per subtile
+    CTensor tCcRow;
+    ThrResidue residue;
+    Params const& params;
+    int64_t n0, cols;  // the tile's first class; its classes in range (<= 256)
+    bool store;
+
+    // 1/max(|w_j|, eps) from the sum; an inf sum (|w_j| > ~1.8e19, or an inf entry) takes the rescue's two
+    // passes over the row (margin_math.h, as margin_cpu.cpp's inv_norms)
+    CUTLASS_DEVICE float inverse_norm(int64_t j, float sumsq) const {
+      if (!mk::sumsq_overflowed(sumsq)) return mk::inv_norm_from_sumsq(sumsq);
+      const Element* w = static_cast<const Element*>(params.w) + j * params.ld_w;
+      auto get = [w](int64_t k) { return static_cast<float>(w[k]); };
+      const float top = mk::max_abs_strided<float>(get, 0, params.dim, 1);
+      return mk::inv_norm_rescaled(top, mk::unit_sumsq_strided<float>(get, 0, params.dim, 1, top));
+    }
+
+    CUTLASS_DEVICE void begin() {
+      if (params.w == nullptr) return;
+      const int slot = consumer_slot();
+      const int t = threadIdx.x % cutlass::NumThreadsPerWarpGroup;
+      // the warpgroup's mainloop wrote the parity; the last tile's epilogue has read the previous inverses
+      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
+      if (t == 0) arrive_expect_tx(&norm_full[slot], kNormTileBytes);
+      wait_parity(&norm_full[slot], norm_parity[slot]);  // the 4 quarters of this tile's sums are in
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = t; c < kNormCols; c += cutlass::NumThreadsPerWarpGroup) {
+        if (c < cols) {
+          const float inv = inverse_norm(n0 + c, norm_sumsq_slot[slot][c]);
+          norm_inv_slot[slot][c] = inv;
+          if (store && params.out != nullptr) params.out[n0 + c] = inv;
+        }
+      }
+      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, 1 + slot);
+      // the sums are read: each warp frees the slot of every CTA of the cluster for the next quarters
+      if (t % cutlass::NumThreadsPerWarp == 0) {
+        CUTLASS_PRAGMA_UNROLL
+        for (uint32_t cta = 0; cta < kNormCtas; ++cta) arrive_cluster(&norm_empty[slot], cta);
+      }
+    }
+
+    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
+      Tensor g = filter_zeros(tCgRow(_, _, _, epi_m, epi_n));
+      Tensor r = filter_zeros(tCrRow(_, _, _, epi_m, epi_n));
+      Tensor c = filter_zeros(tCcRow(_, _, _, epi_m, epi_n), tCgRow(_, _, _, epi_m, epi_n).stride());
+      const bool unit = params.w == nullptr && params.given == nullptr;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(r); ++i) r(i) = unit ? 1.0f : (elem_less(c(i), residue) ? g(i) : 0.0f);
+    }
+
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
+                                                             int epi_v, int epi_m, int epi_n) {
+      cutlass::Array<float, FragmentSize> out;
+      Tensor r = tCrRow(_, _, _, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
+      return out;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    const int64_t tile_n = size<1>(args.tile_shape_mnk);
+    const int64_t n0 = int64_t(get<1>(args.tile_coord_mnkl)) * tile_n;
+    const int64_t cols = cute::min(tile_n, int64_t(N) - n0);
+    const bool store = get<0>(args.tile_coord_mnkl) == 0;
+    // the slot holds the tile's classes from n0: a view indexed by the global class (never read outside the tile)
+    float const* base = params.w != nullptr ? &norm_inv_slot[consumer_slot()][0] - n0 : params.given;
+    Tensor mRow = make_tensor(make_gmem_ptr(base), make_layout(make_shape(M, N, L), make_stride(_0{}, _1{}, _0{})));
+    Tensor tCgRow = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
+        mRow, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor tCrRow = make_tensor_like<float>(tCgRow);
+    return ConsumerStoreCallbacks<decltype(tCgRow), decltype(tCrRow), decltype(args.tCcD),
+                                  decltype(args.residue_tCcD)>(tCgRow, tCrRow, args.tCcD, args.residue_tCcD, params,
+                                                               n0, cute::max(cols, int64_t(0)), store);
+  }
+};
+
 // ---- the GEMMs -------------------------------------------------------------------------------------------------
 
 // Ping-pong: two consumer warpgroups on alternate 64 x 256 tiles, so one's epilogue (the margin math, ~1 exp
@@ -332,16 +603,21 @@ using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
 
 // The persistent ping-pong GEMM around a collective epilogue: the mainloop's stages are what shared memory the
-// epilogue leaves (StageCountAutoCarveout), A and B in 16-byte aligned rows of the same element type.
-template <class CollectiveEpilogue, class Element, class LayoutA, class LayoutB, class Tile, class Cluster>
+// epilogue (and ExtraSmem bytes of static shared memory) leaves (StageCountAutoCarveout), A and B in 16-byte
+// aligned rows of the same element type; Wrap: the builder's mainloop as it is, or NormMainloop around it.
+template <class M>
+using AsBuilt = M;
+
+template <class CollectiveEpilogue, class Element, class LayoutA, class LayoutB, class Tile, class Cluster,
+          template <class> class Wrap = AsBuilt, int ExtraSmem = 0>
 struct PersistentGemm {
   static constexpr int kAlign = 16 / sizeof(Element);
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using CollectiveMainloop = Wrap<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
       float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
+          sizeof(typename CollectiveEpilogue::SharedStorage)) + ExtraSmem>,
+      MainloopSchedule>::CollectiveOp>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -378,8 +654,8 @@ template <class Element>
 using ForwardTree = fusion::Sm90EVT<
     ForwardRoot<Element>,
     fusion::Sm90EVT<RowLseReduction,
-                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, InvNorm<TileShape>, RowFloat<TileShape>,
-                                    RowFloat<TileShape>, RowLabel<TileShape>>>>;
+                    fusion::Sm90EVT<Sm90MarginNode<false>, fusion::Sm90AccFetch, Sm90NormNode<Element>,
+                                    RowFloat<TileShape>, RowFloat<TileShape>, RowLabel<TileShape>>>>;
 
 // backward: D = dL/dcos in the operand dtype; per column and 64-row tile the ColPart sums (the
 // (ceil(M / 64), round(N, 128)) buffer, summed after in row-tile order)
@@ -409,7 +685,10 @@ struct Gemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpilogueTile, float, float, void, LayoutD, kAlign, ElementD, LayoutD,
       kAlign, EpilogueSchedule, Tree>::CollectiveOp;
 
-  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutX, LayoutW, Tile, Cluster>;
+  template <class M>
+  using Wrap = cute::conditional_t<BACKWARD, M, NormMainloop<M>>;
+  using Persistent = PersistentGemm<CollectiveEpilogue, Element, LayoutX, LayoutW, Tile, Cluster, Wrap,
+                                    BACKWARD ? 0 : kNormSlotBytes>;
   using CollectiveMainloop = typename Persistent::CollectiveMainloop;
   using Kernel = typename Persistent::Kernel;
   using Device = typename Persistent::Device;
@@ -629,7 +908,7 @@ int run(typename G::Device::Arguments const& arguments, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <class G>
+template <class G, bool norms = false>
 typename G::Device::Arguments gemm_arguments(mk_sm90_gemm const& g) {
   using Element = typename G::CollectiveMainloop::ElementA;
   typename G::Device::Arguments arguments{};
@@ -640,7 +919,12 @@ typename G::Device::Arguments gemm_arguments(mk_sm90_gemm const& g) {
   auto stride_w = cutlass::make_cute_packed_stride(typename G::Kernel::StrideB{}, make_shape(N, K, 1));
   get<0>(stride_x) = g.ld_x;  // row strides as given (TMA: a multiple of 16 bytes)
   get<0>(stride_w) = g.ld_w;
-  arguments.mainloop = {static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
+  if constexpr (norms) {  // NormMainloop's arguments: the builder's, then the norm switch
+    static_cast<typename G::CollectiveMainloop::BuiltArguments&>(arguments.mainloop) = {
+        static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
+  } else {
+    arguments.mainloop = {static_cast<Element const*>(g.x), stride_x, static_cast<Element const*>(g.w), stride_w};
+  }
   return arguments;
 }
 
@@ -659,18 +943,29 @@ NegativeParams negative_params(mk_sm90_epilogue const& ep, const float* factor) 
 }
 
 template <class Element>
-int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* run_max, float* run_sum,
-                cudaStream_t stream) {
+int forward_for(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep, float* inv_norm_out, float* run_max,
+                float* run_sum, cudaStream_t stream) {
   using G = Gemm<Element, false>;
   const int64_t tile_m = size<0>(TileShape{}), tile_n = size<1>(TileShape{});
   const int64_t padded_rows = round_up(g.rows, tile_m), tiles = (g.cols + tile_n - 1) / tile_n;
   Scratch parts(stream);
   cudaError_t status = parts.get(sizeof(LsePart) * padded_rows * tiles);
   if (status != cudaSuccess) return static_cast<int>(status);
-  auto arguments = gemm_arguments<G>(g);
+  auto arguments = gemm_arguments<G, /*norms=*/true>(g);
+  const bool form = inv_norm_out != nullptr;
+  arguments.mainloop.norms = form ? 1 : 0;
+  NormArgs norms;
+  if (form) {
+    norms.w = g.w;
+    norms.ld_w = g.ld_w;
+    norms.dim = g.dim;
+    norms.out = inv_norm_out;
+  } else {
+    norms.given = ep.inv_norm;
+  }
   // {children..., node}: {{{acc, inv_norm, thr, aux, label, margin}, row reduction}, root}
   arguments.epilogue.thread = {{{{},
-                                 {ep.inv_norm, 1.0f, {}},
+                                 norms,
                                  {ep.thr, 0.0f, {}},
                                  {ep.aux, 0.0f, {}},
                                  {ep.labels, int64_t(-1), {}},
@@ -768,17 +1063,18 @@ int check(mk_sm90_gemm const& g, mk_sm90_epilogue const& ep) {
 
 extern "C" {
 
-int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* run_max, float* run_sum,
-                    void* stream) {
+int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* inv_norm_out, float* run_max,
+                    float* run_sum, void* stream) {
   if (gemm->rows <= 0 || gemm->cols <= 0) return 0;
   if (const int bad = mk_sm90::check(*gemm, *ep)) return bad;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if constexpr ((MK_SM90_KERNELS & 1) != 0) {
     if (gemm->dtype == MK_DTYPE_BF16)
-      return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, run_max, run_sum, s);
+      return mk_sm90::forward_for<cutlass::bfloat16_t>(*gemm, *ep, inv_norm_out, run_max, run_sum, s);
   }
   if constexpr ((MK_SM90_KERNELS & 2) != 0) {
-    if (gemm->dtype == MK_DTYPE_F16) return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, run_max, run_sum, s);
+    if (gemm->dtype == MK_DTYPE_F16)
+      return mk_sm90::forward_for<cutlass::half_t>(*gemm, *ep, inv_norm_out, run_max, run_sum, s);
   }
   return MK_SM90_ERR_BAD_DTYPE;
 }
@@ -860,10 +1156,12 @@ void mk_sm90_tile_shape(int backward, int* m, int* n, int* k) {
 
 #ifdef MK_SM90_REPORT_MAIN
 #include <cstdio>
-// the dynamic shared memory of each GEMM (what a launch requests), for bench/cutlass_check.py
+// the shared memory of each GEMM (what a launch requests; the forward's static norm slots added), for
+// bench/cutlass_check.py
 int main() {
-  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize));
-  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize));
+  constexpr int kStatic = mk_sm90::kNormSlotBytes;
+  std::printf("forward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, false>::Kernel::SharedStorageSize) + kStatic);
+  std::printf("forward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, false>::Kernel::SharedStorageSize) + kStatic);
   std::printf("backward_bf16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::bfloat16_t, true>::Kernel::SharedStorageSize));
   std::printf("backward_f16 %d\n", static_cast<int>(mk_sm90::Gemm<cutlass::half_t, true>::Kernel::SharedStorageSize));
   std::printf("dw_bf16 %d\n", static_cast<int>(mk_sm90::DwGemm<cutlass::bfloat16_t, cutlass::bfloat16_t>::Kernel::SharedStorageSize));

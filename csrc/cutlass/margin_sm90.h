@@ -46,9 +46,13 @@ typedef struct mk_sm90_gemm {
 /* forward: merges the negatives of the rows x cols block x.w^T into run_max/run_sum (rows entries, fp32, in
  * place: the log-sum-exp pair, or the binary reduction's sum in run_sum), without writing the block. The GEMM's
  * epilogue writes one (max, sum) pair per row and 256-column tile into a scratch buffer; a second kernel merges
- * them in tile order. */
-int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* run_max, float* run_sum,
-                    void* stream);
+ * them in tile order. inv_norm_out (cols entries, or NULL): the kernel forms the weight norms itself from the W
+ * tiles it multiplies, writes them there and uses them (ep->inv_norm is then ignored): inv_norm_out[j] =
+ * inv_norm_from_sumsq(s_j) of margin_math.h with s_j = h0 + h1 in fp32, h_b the running sum of w_jk^2 over
+ * k = 64 t + 32 b + i (t = 0, 1, .., i = 0 .. 31, in that order), or, when s_j is inf, the rescue's
+ * inv_norm_rescaled(max |w_jk|, sum_k (w_jk / max)^2) summed in k order. NULL: ep->inv_norm as given. */
+int mk_sm90_forward(const mk_sm90_gemm* gemm, const mk_sm90_epilogue* ep, float* inv_norm_out, float* run_max,
+                    float* run_sum, void* stream);
 
 /* backward (the recompute GEMM): grad (rows x cols of the operand dtype, leading dimension ld_grad) =
  * dL/d(x_i.w_j) of margin_cuda.h's backward epilogue times inv_norm[j] times *factor (NULL: 1); col_dot[j] =

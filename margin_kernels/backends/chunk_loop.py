@@ -63,6 +63,10 @@ FUSED_MIN_CHUNK, FUSED_MAX_CHUNK = 4096, 65536
 #: FUSED_FORWARD_PARTS_BYTES (64 MiB: 4 Mi classes at B = 512, so C = 1e6 is one launch)
 FUSED_FORWARD_PARTS_BYTES = 64 << 20
 FUSED_FORWARD_TILE_N = 256
+#: storage dtypes whose rows the fused forward multiplies as they are stored, so its kernel forms their inverse
+#: norms itself (from the W tiles it already holds: no separate pass over W); fp32 storage under a 16-bit
+#: product keeps the norms of the stored fp32 rows, computed by _forward_norms / _chunk_norms
+FUSED_NORM_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def filter_skips_on_host(device: torch.device) -> bool:
@@ -230,9 +234,10 @@ def reduced_negatives(run_max: torch.Tensor, run_sum: torch.Tensor, spec: Negati
 
 def _forward_norms(weight, class_index, normalize_weight: bool, acc, epilogue: Epilogue, store, whole=False):
     """1/||w_j|| of every weight row at once into the store when W needs no conversion (one pass, one parallel
-    region, instead of one per chunk), or when ``whole`` (the fused forward: its chunk spans most of W, and the
-    CUDA kernel reads 16-bit rows as they are); None: the loop computes them per chunk (``_chunk_norms``). The
-    norms are always those of the stored rows (a cast product operand would round them first)."""
+    region, instead of one per chunk), or when ``whole`` (the fused forward of fp32 storage under a 16-bit
+    product: its chunk spans most of W; with 16-bit storage its kernel forms them itself, and this is not
+    called); None: the loop computes them per chunk (``_chunk_norms``). The norms are always those of the stored
+    rows (a cast product operand would round them first)."""
     if not normalize_weight or store is None or class_index is not None or (weight.dtype != acc and not whole):
         return None
     store.inv_norm.copy_(epilogue.inv_norms(weight, acc))
@@ -279,7 +284,9 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
     B x (chunk K). With a ``state.store`` (``kept_tiles``, counting weight rows) its inverse norms are written
     once per call and the tiles of its kept rows are the GEMM's output buffers (the epilogue only reads them).
     ``fused``: the epilogue's ``fused_forward`` forms each chunk's product and epilogue in one kernel (the cuda
-    backend's CUTLASS path: 16-bit operands, no sub-centers, no store)."""
+    backend's CUTLASS path: 16-bit operands, no sub-centers, no kept tiles); with 16-bit storage
+    (``FUSED_NORM_DTYPES``) that kernel also forms the chunk's inverse norms into the store's slice, which the
+    backward then reads: no separate pass over W."""
     x, weight, labels, row_params, class_index, spec, normalize_weight, chunk_size, epilogue = \
         _unpacked(inputs, config, epilogue, fused)
     k, store = config.sub_centers, state.store
@@ -291,12 +298,19 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
     num_cols = num_columns(weight, class_index, k)
     x_mm = _gemm_operand(x, acc, operand_dtype)
     scratch = Scratch(x.device, acc)
-    known = _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store, whole=fused)
+    kernel_norms = fused and normalize_weight and weight.dtype in FUSED_NORM_DTYPES
+    known = None if kernel_norms else _forward_norms(weight, class_index, normalize_weight, acc, epilogue, store,
+                                                     whole=fused)
     if store is not None:
         store.use_chunk(chunk_size * k)
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
+        if fused and kernel_norms:  # the kernel forms the chunk's norms into the store (the backward reads them)
+            out = store.inv_norm[col0:col1] if store is not None else scratch.get("norms", 1, col1 - col0)[0]
+            epilogue.fused_forward(x_mm, w, None, labels, col0, row_params, spec, run_max, run_sum, shift,
+                                   inv_norm_out=out)
+            continue
         if fused:  # no tile to keep; the inverse norms still go to a store (its backward reads them there)
             inv_norm = _chunk_norms(w_stored, col0, col1, normalize_weight, acc, epilogue, store, known)
             epilogue.fused_forward(x_mm, w, inv_norm, labels, col0, row_params, spec, run_max, run_sum, shift)

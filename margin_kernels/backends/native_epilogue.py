@@ -75,10 +75,12 @@ class NativeEpilogue:
     # the cuda backend's epilogue-fused CUTLASS GEMMs (cuda_variant.select chose them): the chunk's product x.w^T
     # and its epilogue in one kernel, the B x chunk fp32 tile never written
     def fused_forward(self, x, w, inv_norm, labels, col0, row_params, spec: NegativeSpec, run_max, run_sum,
-                      shift=None):
+                      shift=None, inv_norm_out=None):
+        """The fused forward GEMM of one chunk. ``inv_norm_out`` (w's rows floats, ``inv_norm`` None): the kernel
+        forms the inverse norms from the W tiles it multiplies (margin_sm90.h), writes them there and uses them."""
         self._ext.fused_forward(_tma_rows(x), _tma_rows(w), inv_norm, labels, col0, row_params, int(spec.kind),
                                 spec.scale, spec.a, spec.b, run_max, run_sum, _stream(x), int(spec.reduction),
-                                spec.clamp, shift)
+                                spec.clamp, shift, inv_norm_out)
 
     def fused_backward(self, x, w, inv_norm, labels, col0, row_params, spec: NegativeSpec, lse, g_lse,
                        g_cos_target, shift=None, col_parts: bool = False) -> TileGrad:
