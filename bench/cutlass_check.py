@@ -291,18 +291,24 @@ def _widths(total: int, chunk: int) -> list[int]:
     return [min(chunk, total - c0) for c0 in range(0, total, chunk)]
 
 
-def estimate(facts: dict, gpu_name: str = "H100", shape: Optional[dict] = None) -> dict:
-    """The model's step (seconds) and its launches' terms; see the module docstring for the assumptions."""
+def estimate(facts: dict, gpu_name: str = "H100", shape: Optional[dict] = None, partial_fc: bool = False) -> dict:
+    """The model's step (seconds) and its launches' terms; see the module docstring for the assumptions.
+    ``partial_fc``: the same step over ``classes`` sampled columns (a class index): per chunk, forward and
+    backward, the loop gathers the sampled rows into a copy (index_select: W's read moves from the GEMMs, where
+    it hid under the MMAs, to the gather, where it does not; the copy is counted as written back), the GEMMs
+    read the copy from L2, and the sink scatters the chunk's dW rows back (index_copy_)."""
     from margin_kernels.backends.chunk_loop import DX_GROUP, fused_chunk_sizes  # the loop's own rules
 
     gpu = gpu_model.GPUS[gpu_name]
     shape = SHAPE if shape is None else shape
     b, c, d = shape["batch"], shape["classes"], shape["dim"]
     two = 2  # bytes of a bf16 element
-    forward_chunk, backward_chunk = fused_chunk_sizes(b)
+    forward_chunk, backward_chunk = fused_chunk_sizes(b, partial_fc)
     forward_widths, backward_widths = _widths(c, forward_chunk), _widths(c, backward_chunk)
     chunks = len(backward_widths)
     per_element = facts["per_element_instructions"]
+
+    w_read = 0 if partial_fc else two  # bytes per W element a GEMM reads from HBM (Partial FC: the L2 copy)
 
     def fused(kind: str, name: str, widths: list[int], extra_hbm: float = 0.0):
         tm, tn = TILES[kind]
@@ -314,7 +320,7 @@ def estimate(facts: dict, gpu_name: str = "H100", shape: Optional[dict] = None) 
         cols = sum(widths)
         # output tiles per launch: (B x width) for the forward/recompute GEMMs, (width x d) for the dW GEMM
         tiles = sum(-(-w // tm) * -(-d // tn) if kind == "dw" else -(-b // tm) * -(-w // tn) for w in widths)
-        return gpu_model.Launch(name, flop=2.0 * b * cols * d, hbm_bytes=cols * d * two + extra_hbm,
+        return gpu_model.Launch(name, flop=2.0 * b * cols * d, hbm_bytes=cols * d * w_read + extra_hbm,
                                 l2_bytes=b * cols * d * (1 / (tm * cm) + 1 / (tn * cn)) * two, tiles=tiles,
                                 ctas=gpu.sms, count=len(widths), facts=f)
 
@@ -328,7 +334,7 @@ def estimate(facts: dict, gpu_name: str = "H100", shape: Optional[dict] = None) 
         gpu_model.Launch("merge of the row partials", hbm_bytes=b * pairs * 8 * 2, count=len(forward_widths)),
         fused("backward", "fused recompute GEMM (EVT dL/dcos, bf16 chunk)", backward_widths),
         # its B x d output is 16 tiles at B = d = 512: cuBLAS is assumed to split K (FITTED["gemm_split_k"])
-        gpu_model.Launch("dx GEMM (cuBLAS)", flop=2.0 * b * c * d, hbm_bytes=c * d * two, count=chunks),
+        gpu_model.Launch("dx GEMM (cuBLAS)", flop=2.0 * b * c * d, hbm_bytes=c * d * w_read, count=chunks),
         # reads W again as its C operand (the dx GEMM's read of the 32 MiB chunk does not stay in L2 beside the
         # 32 MiB dL/dcos chunk) and writes bf16 dW; the column partials (8 B per row tile and class) too
         fused("dw", "fused dW GEMM (EVT finish_dw + column sums, bf16 dW)", backward_widths,
@@ -336,6 +342,13 @@ def estimate(facts: dict, gpu_name: str = "H100", shape: Optional[dict] = None) 
         # the chunks' fp32 dx products DX_GROUP at a time in a buffer, summed into dx once per group
         gpu_model.Launch("dx accumulate", hbm_bytes=b * d * 4 * (chunks + 2 * groups), count=2 * groups),
     ]
+    if partial_fc:
+        launches += [
+            gpu_model.Launch("gather of the sampled rows (forward)", hbm_bytes=2 * c * d * two,
+                             count=len(forward_widths)),
+            gpu_model.Launch("gather of the sampled rows (backward)", hbm_bytes=2 * c * d * two, count=chunks),
+            gpu_model.Launch("dW rows scattered into the dense dW", hbm_bytes=2 * c * d * two, count=chunks),
+        ]
     step = gpu_model.Step(launches=launches, chunks=chunks, host_ops=HOST_OPS_PER_CHUNK)
     result = gpu_model.step_time(step, gpu)
     # ping-pong: the fused GEMMs' epilogue overlaps the other warpgroup's mainloop (module docstring)
@@ -386,6 +399,10 @@ def report(facts: dict) -> str:
                  f"bf16, chunks {e['forward_chunk']} / {e['backward_chunk']}): {e['total_s'] * 1e3:.2f} ms = {e['ratio']:.2f}x "
                  f"the floor {e['floor_s'] * 1e3:.2f} ms (GPU {e['gpu_s'] * 1e3:.2f} ms, host {e['host_s'] * 1e3:.2f} "
                  "ms; model only, no GPU measured it)")
+    if "partial_fc" in facts:
+        p = facts["partial_fc"]
+        lines.append(f"Partial FC (the same C sampled, rows gathered per chunk): {p['total_s'] * 1e3:.2f} ms = "
+                     f"{p['ratio']:.2f}x the floor (the kernels do not read the class index)")
     for name, t in e["launches"].items():
         top = {k: round(v * 1e3, 3) for k, v in t.items() if k in ("mma", "l2", "hbm", "epilogue", "launch", "total")}
         lines.append(f"  {name}: {top} ms")
@@ -401,7 +418,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.facts_only:
         facts = json.loads(Path(args.out).read_text())
-        facts["estimate"] = estimate(facts)
+        facts["estimate"], facts["partial_fc"] = estimate(facts), estimate(facts, partial_fc=True)
     else:
         compiler = nvcc()
         if compiler is None:
@@ -422,7 +439,7 @@ def main(argv=None) -> int:
                                         for name in INSTANTIATIONS},
                      "shared_bytes": shared_bytes(flags, compiler, work),
                      "per_element_instructions": per_element_instructions(compiler, work)}
-        facts["estimate"] = estimate(facts)
+        facts["estimate"], facts["partial_fc"] = estimate(facts), estimate(facts, partial_fc=True)
         Path(args.out).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     print(report(facts))
     found = problems(facts)

@@ -75,3 +75,17 @@ def test_every_instantiation_compiles_within_the_limits(tmp_path):
     facts = json.loads(out.read_text())
     assert set(facts["instantiations"]) == set(cutlass_check.INSTANTIATIONS)
     assert _compile_problems(facts) == []  # the estimate: the committed report's tests above
+
+
+def test_partial_fc_estimate_counts_the_gathers():
+    """Partial FC on the fused path gathers each chunk's sampled rows (forward and backward) and scatters the dW
+    rows back: three passes the dense step does not make, so its estimate is the dense one plus at least the
+    bytes of those passes at HBM speed (the kernels do not read the class index: README)."""
+    from bench import gpu_model
+    facts = json.loads(cutlass_check.FACTS_PATH.read_text())
+    dense, sampled = cutlass_check.estimate(facts), cutlass_check.estimate(facts, partial_fc=True)
+    b, c, d = (cutlass_check.SHAPE[k] for k in ("batch", "classes", "dim"))
+    passes = 3 * 2 * c * d * 2 / (gpu_model.GPUS["H100"].hbm_tbps * 1e12)
+    assert sampled["total_s"] > dense["total_s"] + 0.5 * passes
+    gathers = [n for n in sampled["launches"] if n.startswith("gather")]
+    assert len(gathers) == 2 and sampled["backward_chunk"] == sampled["forward_chunk"] == dense["backward_chunk"]

@@ -29,10 +29,9 @@ def select(capability: Optional[tuple], operand_dtype: Optional[torch.dtype], di
     (bf16/fp16 storage, or fp32 under a 16-bit product), d a multiple of 8, fp32 accumulation, a torch whose
     mm multiplies 16-bit operands into fp32 (the dx/dW GEMMs on the fused backward's 16-bit dL/dcos), an
     extension built with the fused kernels, and none of the options they do not implement (sub-centers, the
-    gradient filter, kept tiles). Partial FC takes the fused path: the chunk loop gathers each chunk's sampled
-    rows (``chunk_loop.fused_chunk_sizes``: a copy sized to stay in L2) and every GEMM of the chunk reads that
-    copy by TMA, with multicast (see the module docstring of bench/cutlass_check.py for why this beats gathering
-    inside the mainloop)."""
+    gradient filter, kept tiles). Partial FC takes the fused path too, though the kernels do not read the class
+    index: the chunk loop gathers each chunk's sampled rows into a copy the chunk's GEMMs read (three exposed
+    passes over the sampled rows per step; bench/cutlass_check.py's ``estimate(partial_fc=True)``)."""
     if not has_fused:
         return CUBLAS, "the CUDA extension was built without the CUTLASS kernels (no headers or no sm_90a target)"
     if capability is None or tuple(capability) != (9, 0):
