@@ -55,6 +55,16 @@ namespace mk_sm90 {
 using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 
+// fragment ``epi_v`` (FragmentSize values) of an epilogue subtile's per-thread register copy ``r``: what a
+// broadcast-like node's visit returns
+template <int FragmentSize, class RegisterTensor>
+CUTLASS_DEVICE cutlass::Array<float, FragmentSize> register_fragment(RegisterTensor const& r, int epi_v) {
+  cutlass::Array<float, FragmentSize> out;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
+  return out;
+}
+
 // ---- the values the visitors reduce ----------------------------------------------------------------------------
 
 // a partial log-sum-exp (max, sum of exp(z - max)); (-inf, 0) is the empty set. 8 bytes: CUTLASS's column
@@ -557,11 +567,7 @@ struct Sm90NormNode : Sm90ParamsNode<NormArgs> {
     template <typename ElementAccumulator, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
                                                              int epi_v, int epi_m, int epi_n) {
-      cutlass::Array<float, FragmentSize> out;
-      Tensor r = tCrRow(_, _, _, epi_m, epi_n);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
-      return out;
+      return register_fragment<FragmentSize>(tCrRow(_, _, _, epi_m, epi_n), epi_v);
     }
   };
 
@@ -784,11 +790,7 @@ struct Sm90RowPartsSum : Sm90ParamsNode<RowPartsArgs> {
     template <typename ElementAccumulator, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
                                                              int epi_v, int epi_m, int epi_n) {
-      cutlass::Array<float, FragmentSize> out;
-      Tensor r = tCrRow(_, _, _, epi_m, epi_n);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) out[i] = r(epi_v * FragmentSize + i);
-      return out;
+      return register_fragment<FragmentSize>(tCrRow(_, _, _, epi_m, epi_n), epi_v);
     }
   };
 
