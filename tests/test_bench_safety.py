@@ -184,6 +184,10 @@ INTERRUPT = r"""
 import multiprocessing, os, signal, sys, threading, time
 from margin_kernels.bench import cli, runner
 
+# Ctrl-C as a terminal delivers it: a process started in the background by a non-interactive shell (a CI
+# script's `cmd &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 real, jobs, pids = runner.run_child, [], []
 
 
