@@ -325,10 +325,10 @@ KEEP_MAX_TILE = 64 * 64
 #: forward's norm also sums the overflow-safe (2^-64 w)^2, ``triton_tiles.cosine_tile``), so they keep 64 x 64
 KEEP_NARROW_KINDS = (int(NegativeKind.CURRICULAR), int(NegativeKind.CIRCLE), int(NegativeKind.MV),
                      int(NegativeKind.AFFINE))
-#: kinds whose log-sum-exp epilogue spills at 128 x 256 (CURRICULAR: 16 bytes per thread, bf16/fp16, d = 128 and
-#: 512, once the forward subtracts its shift before the log2(e) multiply; MV and AFFINE spill 64 bytes with KEEP
-#: at 128 x 128, hence KEEP_NARROW_KINDS above): the fresh-clone CI run's ``python -m bench kernels --check``
-WIDE_SPILL_KINDS = (int(NegativeKind.CURRICULAR),)
+#: CURRICULAR's log-sum-exp epilogue spills at 128 x 256 (16 bytes per thread, bf16/fp16, d = 128 and 512, once
+#: the forward subtracts its shift before the log2(e) multiply; MV and AFFINE spill 64 bytes with KEEP at
+#: 128 x 128, hence KEEP_NARROW_KINDS above): the fresh-clone CI run's ``python -m bench kernels --check``
+CURRICULAR_MAX_TILE = 128 * 128
 
 
 def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
@@ -337,6 +337,8 @@ def max_forward_tile(kind: int, reduction: int) -> Optional[int]:
         return POWER_KINDS_MAX_TILE
     if reduction == int(ReductionKind.SOFTPLUS_SUM):
         return BINARY_MAX_TILE
+    if kind == int(NegativeKind.CURRICULAR):
+        return CURRICULAR_MAX_TILE
     return None
 
 
@@ -361,8 +363,6 @@ def forward_candidate(tiles: ForwardTiles, elem_bytes: int, casts_operands: bool
     if keeps and tiles.block_b * tiles.block_c > KEEP_MAX_TILE and not (
             reduction == 0 and tiles.num_warps == 8 and tiles.block_b * tiles.block_c <= 128 * 128
             and kind not in KEEP_NARROW_KINDS):
-        return False
-    if kind in WIDE_SPILL_KINDS and tiles.block_b * tiles.block_c > 128 * 128:
         return False
     limit = max_forward_tile(kind, reduction)
     if limit is not None and tiles.block_b * tiles.block_c > limit:
