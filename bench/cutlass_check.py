@@ -6,7 +6,7 @@ Per instantiation (forward/backward x bf16/fp16, the dW GEMM x bf16/fp16 x 16-bi
 -Xptxas -v`` (the extension's flags), its wall and CPU time, the GEMM kernel's registers, spill bytes, any
 ptxas C7510 or C7515 warning (wgmma serialized), whether its SASS (Triton's cuobjdump) holds HGMMA; the dynamic shared
 memory each launch requests comes from one host-only compile that prints ``Kernel::SharedStorageSize`` (the
-forward's 1 KiB of static norm slots added). Written
+forward's 4,144 B of static norm slots added). Written
 to bench/data/cutlass_facts.json. ``--check`` exits 1 on a spill, a C7510 or C7515, no HGMMA, shared memory above
 227 KiB, or an estimate above ``LIMIT`` x the floor; ``--facts-only`` checks the committed file's content
 against the same limits without compiling (what the default test run does).

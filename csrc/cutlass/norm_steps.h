@@ -1,7 +1,10 @@
 // The fused forward's per-thread norm steps (margin_sm90.cu NormMainloop, Sm90NormNode), in a header of its own
 // so that bench/cutlass_check.py compiles the very same code into its instruction-count probes: a 16-byte load
 // of eight 16-bit weight entries from shared memory and their squares added in order to an fp32 running sum;
-// the cluster exchange's asynchronous store, arrivals and wait (distributed shared memory, mbarriers).
+// the cluster exchange's asynchronous store, arrivals and wait (distributed shared memory, mbarriers). The
+// barrier steps are CUTLASS's ClusterBarrier / ClusterTransactionBarrier instructions plus a "memory" clobber,
+// which theirs lack: the slots they guard are read and written by plain C++ accesses the compiler must not move
+// across them.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -306,7 +306,7 @@ def chunked_forward(inputs: OpInputs, config: OpConfig, state: CallState, epilog
     for col0, col1 in chunks(num_cols, chunk_size):
         w_stored = _chunk_rows(weight, class_index, col0, col1, k)
         w = _gemm_operand(w_stored, acc, operand_dtype)
-        if fused and kernel_norms:  # the kernel forms the chunk's norms into the store (the backward reads them)
+        if kernel_norms:  # the fused kernel forms the chunk's norms into the store (the backward reads them)
             out = store.inv_norm[col0:col1] if store is not None else scratch.get("norms", 1, col1 - col0)[0]
             epilogue.fused_forward(x_mm, w, None, labels, col0, row_params, spec, run_max, run_sum, shift,
                                    inv_norm_out=out)

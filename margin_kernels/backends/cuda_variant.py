@@ -24,7 +24,8 @@ DIM_MULTIPLE = 8
 
 
 def select(capability: Optional[tuple], operand_dtype: Optional[torch.dtype], dim: int, has_fused: bool,
-           sub_centers: int = 1, grad_filter: float = 0.0, keep_cols: int = 0, acc_dtype: torch.dtype = torch.float32, mixed_mm: bool = True) -> tuple[str, str]:
+           sub_centers: int = 1, grad_filter: float = 0.0, keep_cols: int = 0,
+           acc_dtype: torch.dtype = torch.float32, mixed_mm: bool = True) -> tuple[str, str]:
     """(variant, why): the fused path only on compute capability 9.0 (sm_90a kernels), with 16-bit operands
     (bf16/fp16 storage, or fp32 under a 16-bit product), d a multiple of 8, fp32 accumulation, a torch whose
     mm multiplies 16-bit operands into fp32 (the dx/dW GEMMs on the fused backward's 16-bit dL/dcos), an
